@@ -1,0 +1,187 @@
+//! Key Vault access: credentials, the HTTP transport (CA bundle, timeouts, retries) and the
+//! secret client. Values travel as [`SecretValue`], whose Debug and Display are redacted.
+
+use azure_core::{
+    cloud::{CloudConfiguration, CustomConfiguration},
+    credentials::{Secret, TokenCredential},
+    http::{ClientOptions, ExponentialRetryOptions, RetryOptions, Transport},
+};
+use azure_identity::{
+    ClientSecretCredential, ClientSecretCredentialOptions, ManagedIdentityCredential,
+    ManagedIdentityCredentialOptions, UserAssignedId, WorkloadIdentityCredential,
+    WorkloadIdentityCredentialOptions,
+};
+use azure_security_keyvault_secrets::{SecretClient, SecretClientOptions};
+use std::{fmt, path::PathBuf, sync::Arc, time::Duration};
+
+/// A secret's value. It never prints: Debug and Display show `<redacted>`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretValue(String);
+
+impl SecretValue {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for SecretValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl fmt::Display for SecretValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// Which identity kvinject uses towards Entra ID.
+#[derive(Clone)]
+pub enum CredentialConfig {
+    /// Azure workload identity: AZURE_FEDERATED_TOKEN_FILE, AZURE_CLIENT_ID, AZURE_TENANT_ID.
+    WorkloadIdentity,
+    /// A system-assigned managed identity, or a user-assigned one by client id.
+    ManagedIdentity { client_id: Option<String> },
+    /// A service principal with a client secret.
+    ClientSecret { tenant_id: String, client_id: String, secret: Secret },
+}
+
+impl fmt::Debug for CredentialConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::WorkloadIdentity => f.write_str("WorkloadIdentity"),
+            Self::ManagedIdentity { client_id } => f.debug_struct("ManagedIdentity").field("client_id", client_id).finish(),
+            Self::ClientSecret { tenant_id, client_id, .. } => f
+                .debug_struct("ClientSecret")
+                .field("tenant_id", tenant_id)
+                .field("client_id", client_id)
+                .field("secret", &"<redacted>")
+                .finish(),
+        }
+    }
+}
+
+/// How kvinject reaches Entra ID and Key Vault.
+#[derive(Clone, Debug)]
+pub struct AzureConfig {
+    pub credential: CredentialConfig,
+    /// Extra PEM CA certificates to trust (an emulator, a TLS-inspecting proxy).
+    pub ca_bundle: Option<PathBuf>,
+    /// Entra ID authority host, for sovereign clouds and emulators.
+    pub authority_host: Option<String>,
+    /// Bound on one HTTP attempt, connection included.
+    pub attempt_timeout: Duration,
+    /// Retries after the first attempt; they all fit in the admission budget.
+    pub max_retries: u32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error("cannot read the CA bundle {path}: {source}")]
+    ReadCa { path: PathBuf, #[source] source: std::io::Error },
+    #[error("the CA bundle {path} holds no usable PEM certificate: {source}")]
+    ParseCa { path: PathBuf, #[source] source: reqwest::Error },
+    #[error("cannot build the HTTP client: {0}")]
+    Http(#[source] reqwest::Error),
+    #[error("cannot set up the Azure credential ({what}): {source}")]
+    Credential { what: &'static str, #[source] source: azure_core::Error },
+    #[error("cannot set up a Key Vault client for {url}: {source}")]
+    Client { url: String, #[source] source: azure_core::Error },
+}
+
+impl AzureConfig {
+    fn transport(&self) -> Result<Transport, SetupError> {
+        let mut builder = reqwest::Client::builder()
+            .connect_timeout(self.attempt_timeout)
+            .timeout(self.attempt_timeout)
+            .pool_idle_timeout(Duration::from_secs(60));
+        if let Some(path) = &self.ca_bundle {
+            let pem = std::fs::read(path).map_err(|source| SetupError::ReadCa { path: path.clone(), source })?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|source| SetupError::ParseCa { path: path.clone(), source })?;
+            builder = builder.tls_certs_merge(certs);
+        }
+        Ok(Transport::new(Arc::new(builder.build().map_err(SetupError::Http)?)))
+    }
+
+    fn client_options(&self, transport: &Transport) -> ClientOptions {
+        let mut options = ClientOptions {
+            transport: Some(transport.clone()),
+            // The SDK's default (8 tries within 60 s) outlives any admission timeout.
+            retry: RetryOptions::exponential(ExponentialRetryOptions {
+                initial_delay: azure_core::time::Duration::milliseconds(200),
+                max_retries: self.max_retries,
+                max_total_elapsed: signed(self.attempt_timeout * (self.max_retries + 1)),
+                max_delay: azure_core::time::Duration::seconds(1),
+            }),
+            ..Default::default()
+        };
+        if let Some(host) = &self.authority_host {
+            let mut custom = CustomConfiguration::default();
+            custom.authority_host = host.clone();
+            options.cloud = Some(Arc::new(CloudConfiguration::from(custom)));
+        }
+        options
+    }
+
+    /// Builds the token credential and a factory for per-vault secret clients.
+    pub fn connect(&self) -> Result<Connector, SetupError> {
+        let transport = self.transport()?;
+        let client_options = self.client_options(&transport);
+        let credential: Arc<dyn TokenCredential> = match &self.credential {
+            CredentialConfig::WorkloadIdentity => {
+                let mut o = WorkloadIdentityCredentialOptions::default();
+                o.credential_options.client_options = client_options.clone();
+                WorkloadIdentityCredential::new(Some(o)).map_err(|source| SetupError::Credential { what: "workload identity", source })?
+            }
+            CredentialConfig::ManagedIdentity { client_id } => {
+                let o = ManagedIdentityCredentialOptions {
+                    user_assigned_id: client_id.clone().map(UserAssignedId::ClientId),
+                    client_options: client_options.clone(),
+                };
+                ManagedIdentityCredential::new(Some(o)).map_err(|source| SetupError::Credential { what: "managed identity", source })?
+            }
+            CredentialConfig::ClientSecret { tenant_id, client_id, secret } => {
+                let o = ClientSecretCredentialOptions { client_options: client_options.clone() };
+                ClientSecretCredential::new(tenant_id, client_id.clone(), secret.clone(), Some(o))
+                    .map_err(|source| SetupError::Credential { what: "client secret", source })?
+            }
+        };
+        Ok(Connector { credential, client_options })
+    }
+}
+
+fn signed(d: Duration) -> azure_core::time::Duration {
+    azure_core::time::Duration::try_from(d).unwrap_or(azure_core::time::Duration::MAX)
+}
+
+/// Makes secret clients that share one credential (and its token cache) and one transport.
+#[derive(Clone)]
+pub struct Connector {
+    credential: Arc<dyn TokenCredential>,
+    client_options: ClientOptions,
+}
+
+impl Connector {
+    pub fn secret_client(&self, vault_url: &str) -> Result<SecretClient, SetupError> {
+        let options = SecretClientOptions { client_options: self.client_options.clone(), ..Default::default() };
+        SecretClient::new(vault_url, self.credential.clone(), Some(options))
+            .map_err(|source| SetupError::Client { url: vault_url.to_owned(), source })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secret_values_and_credentials_never_print() {
+        let v = SecretValue::new("hunter2");
+        assert_eq!(format!("{v:?} {v}"), "<redacted> <redacted>");
+        let c = CredentialConfig::ClientSecret { tenant_id: "t".into(), client_id: "c".into(), secret: Secret::new("hunter2") };
+        assert!(!format!("{c:?}").contains("hunter2"));
+    }
+}

@@ -1,0 +1,10 @@
+//! kvinject: Azure Key Vault references in pod specs, materialized as native Kubernetes
+//! Secrets by a mutating admission webhook.
+
+pub mod admin;
+pub mod app;
+pub mod config;
+pub mod keyvault;
+pub mod mutate;
+pub mod telemetry;
+pub mod webhook;

@@ -1,0 +1,7 @@
+//! End-to-end tests against the real test bed (tests/testbed): a kube-apiserver, etcd and
+//! kube-controller-manager built from their Go modules, and the bed's Key Vault endpoint.
+
+#[path = "../support/mod.rs"]
+mod support;
+
+mod skeleton;

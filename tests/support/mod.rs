@@ -1,0 +1,278 @@
+//! Test support: the running test bed, clients for it, and a kvinject process.
+//!
+//! The bed comes from the environment that `eval "$(tests/testbed/testbed up)"` sets (the
+//! test command does that). Without it, the first test starts one, tied to this test
+//! process: its watchdog stops the bed when the process exits, whatever the outcome.
+#![allow(dead_code)]
+
+use k8s_openapi::{
+    ByteString,
+    api::{
+        admissionregistration::v1::{MutatingWebhook, MutatingWebhookConfiguration, RuleWithOperations, WebhookClientConfig},
+        core::v1::{Namespace, ServiceAccount},
+    },
+    apimachinery::pkg::apis::meta::v1::LabelSelector,
+};
+use kube::{
+    Api, Client, Config,
+    api::{DeleteParams, PostParams},
+    config::{KubeConfigOptions, Kubeconfig},
+};
+use kvinject::keyvault::{AzureConfig, CredentialConfig};
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::OnceLock,
+    time::{Duration, Instant},
+};
+
+pub struct TestBed {
+    pub dir: PathBuf,
+    pub kubeconfig: PathBuf,
+    pub ca: PathBuf,
+    pub vault_name: String,
+    pub vault_url: String,
+    pub authority: String,
+    pub webhook_cert: PathBuf,
+    pub webhook_key: PathBuf,
+}
+
+fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn from_exports(vars: &BTreeMap<String, String>) -> TestBed {
+    let get = |k: &str| vars.get(k).cloned().unwrap_or_else(|| panic!("the test bed did not export {k}"));
+    TestBed {
+        dir: get("KVINJECT_TESTBED_DIR").into(),
+        kubeconfig: get("KUBECONFIG").into(),
+        ca: get("KVINJECT_TESTBED_CA").into(),
+        vault_name: get("KVINJECT_VAULT_NAME"),
+        vault_url: get("KVINJECT_VAULT_URL"),
+        authority: get("KVINJECT_VAULT_AUTHORITY"),
+        webhook_cert: get("KVINJECT_TESTBED_WEBHOOK_CERT").into(),
+        webhook_key: get("KVINJECT_TESTBED_WEBHOOK_KEY").into(),
+    }
+}
+
+/// The running test bed, started at most once per test process.
+pub fn testbed() -> &'static TestBed {
+    static BED: OnceLock<TestBed> = OnceLock::new();
+    BED.get_or_init(|| {
+        let keys = ["KVINJECT_TESTBED_DIR", "KUBECONFIG", "KVINJECT_TESTBED_CA", "KVINJECT_VAULT_NAME", "KVINJECT_VAULT_URL", "KVINJECT_VAULT_AUTHORITY", "KVINJECT_TESTBED_WEBHOOK_CERT", "KVINJECT_TESTBED_WEBHOOK_KEY"];
+        let from_env: BTreeMap<String, String> = keys.iter().filter_map(|k| std::env::var(k).ok().map(|v| (k.to_string(), v))).collect();
+        if from_env.len() == keys.len() {
+            return from_exports(&from_env);
+        }
+        let out = Command::new(repo().join("tests/testbed/testbed"))
+            .args(["up", "--owner-pid", &std::process::id().to_string()])
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("running tests/testbed/testbed up");
+        assert!(out.status.success(), "tests/testbed/testbed up failed");
+        let vars = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.strip_prefix("export "))
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        from_exports(&vars)
+    })
+}
+
+/// Runs a test bed command (vault-stop, vault-start, ...).
+pub fn testbed_cmd(arg: &str) {
+    let status = Command::new(repo().join("tests/testbed/testbed"))
+        .arg(arg)
+        .env("KVINJECT_TESTBED_DIR", &testbed().dir)
+        .status()
+        .expect("running tests/testbed/testbed");
+    assert!(status.success(), "tests/testbed/testbed {arg} failed");
+}
+
+pub async fn kube() -> Client {
+    let bed = testbed();
+    let kubeconfig = Kubeconfig::read_from(&bed.kubeconfig).expect("reading the test bed kubeconfig");
+    let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await.expect("kubeconfig");
+    Client::try_from(config).expect("kube client")
+}
+
+/// How kvinject (and the tests) reach the test bed's vault: a service principal against
+/// the bed's token endpoint, trusting the bed's CA.
+pub fn azure_config() -> AzureConfig {
+    let bed = testbed();
+    AzureConfig {
+        credential: CredentialConfig::ClientSecret {
+            tenant_id: "testbed-tenant".into(),
+            client_id: "kvinject-tests".into(),
+            secret: azure_core::credentials::Secret::new("testbed-client-secret"),
+        },
+        ca_bundle: Some(bed.ca.clone()),
+        authority_host: Some(bed.authority.clone()),
+        attempt_timeout: Duration::from_secs(3),
+        max_retries: 1,
+    }
+}
+
+pub fn secret_client() -> azure_security_keyvault_secrets::SecretClient {
+    azure_config().connect().expect("azure setup").secret_client(&testbed().vault_url).expect("secret client")
+}
+
+/// Writes a new version of `name` in the bed's vault and returns that version's id.
+pub async fn seed_secret(name: &str, value: &str) -> String {
+    use azure_security_keyvault_secrets::{ResourceExt, models::SetSecretParameters};
+    let params = SetSecretParameters { value: Some(value.to_owned()), ..Default::default() };
+    let secret = secret_client()
+        .set_secret(name, params.try_into().unwrap(), None)
+        .await
+        .unwrap_or_else(|e| panic!("seeding secret {name}: {e}"))
+        .into_model()
+        .unwrap();
+    secret.resource_id().unwrap().version.expect("a version")
+}
+
+pub fn unique(prefix: &str) -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
+    format!("{prefix}-{:x}{}", nanos % 0xfffff, N.fetch_add(1, Ordering::Relaxed))
+}
+
+/// Creates a namespace with `labels` and waits for its default ServiceAccount, which the
+/// ServiceAccount admission plugin needs before any pod can be created there.
+pub async fn namespace(client: &Client, prefix: &str, labels: &[(&str, &str)]) -> String {
+    let name = unique(prefix);
+    let mut ns = Namespace::default();
+    ns.metadata.name = Some(name.clone());
+    ns.metadata.labels = Some(labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect());
+    Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &ns).await.expect("creating a namespace");
+    let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), &name);
+    eventually(Duration::from_secs(30), "the default ServiceAccount", || async { sas.get_opt("default").await.ok().flatten().is_some() }).await;
+    name
+}
+
+/// Polls `check` until it is true, failing the test after `within`.
+pub async fn eventually<F, Fut>(within: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if check().await {
+            return;
+        }
+        assert!(Instant::now() < deadline, "timed out after {within:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A running `kvinject serve`, killed on drop. Its log goes to the test bed's log folder.
+pub struct Kvinject {
+    child: Child,
+    pub port: u16,
+    pub admin_port: u16,
+    pub log: PathBuf,
+}
+
+impl Kvinject {
+    pub async fn start(extra: &[&str]) -> Kvinject {
+        let bed = testbed();
+        let (port, admin_port) = (free_port(), free_port());
+        let log = bed.dir.join("logs").join(format!("{}.log", unique("kvinject")));
+        let file = std::fs::File::create(&log).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_kvinject"))
+            .arg("serve")
+            .args(["--listen", &format!("127.0.0.1:{port}"), "--admin-listen", &format!("127.0.0.1:{admin_port}")])
+            .arg("--tls-cert").arg(&bed.webhook_cert)
+            .arg("--tls-key").arg(&bed.webhook_key)
+            .args(extra)
+            .env("KUBECONFIG", &bed.kubeconfig)
+            .env("KVINJECT_LOG", "info,kvinject=debug")
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .expect("starting kvinject");
+        let k = Kvinject { child, port, admin_port, log };
+        let url = format!("http://127.0.0.1:{admin_port}/readyz");
+        let http = reqwest::Client::new();
+        eventually(Duration::from_secs(30), &format!("kvinject to be ready (log: {})", k.log.display()), || {
+            let (http, url) = (http.clone(), url.clone());
+            async move { http.get(&url).send().await.map(|r| r.status().is_success()).unwrap_or(false) }
+        })
+        .await;
+        k
+    }
+
+    pub fn url(&self) -> String {
+        format!("https://127.0.0.1:{}/mutate", self.port)
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Kvinject {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Registers `url` for pod CREATE in namespaces labelled `label=value`, as the chart does.
+pub async fn register_webhook(client: &Client, name: &str, url: &str, label: (&str, &str)) -> WebhookGuard {
+    let ca = std::fs::read(&testbed().ca).unwrap();
+    let webhook = MutatingWebhook {
+        name: format!("{name}.kvinject.io"),
+        admission_review_versions: vec!["v1".into()],
+        client_config: WebhookClientConfig { url: Some(url.to_owned()), ca_bundle: Some(ByteString(ca)), service: None },
+        rules: Some(vec![RuleWithOperations {
+            api_groups: Some(vec!["".into()]),
+            api_versions: Some(vec!["v1".into()]),
+            operations: Some(vec!["CREATE".into()]),
+            resources: Some(vec!["pods".into()]),
+            scope: Some("Namespaced".into()),
+        }]),
+        namespace_selector: Some(LabelSelector { match_labels: Some([(label.0.to_owned(), label.1.to_owned())].into()), ..Default::default() }),
+        side_effects: "NoneOnDryRun".into(),
+        failure_policy: Some("Fail".into()),
+        timeout_seconds: Some(8),
+        reinvocation_policy: Some("IfNeeded".into()),
+        ..Default::default()
+    };
+    let mut config = MutatingWebhookConfiguration::default();
+    config.metadata.name = Some(name.to_owned());
+    config.webhooks = Some(vec![webhook]);
+    let api: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+    api.create(&PostParams::default(), &config).await.expect("registering the webhook");
+    WebhookGuard { name: name.to_owned() }
+}
+
+/// Deletes its MutatingWebhookConfiguration when dropped, so one test's webhook never
+/// outlives it.
+pub struct WebhookGuard {
+    name: String,
+}
+
+impl Drop for WebhookGuard {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        // Drop cannot await, and the test's runtime is blocked here: a short-lived thread
+        // with its own runtime and its own client (one tied to the test's runtime would
+        // deadlock) does the delete.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async {
+                let api: Api<MutatingWebhookConfiguration> = Api::all(kube().await);
+                let _ = api.delete(&name, &DeleteParams::default()).await;
+            });
+        })
+        .join();
+    }
+}
