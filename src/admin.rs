@@ -1,6 +1,7 @@
-//! The plaintext admin port: /livez, /readyz.
+//! The plaintext admin port: /livez, /readyz, /metrics.
 
-use axum::{Router, extract::State, http::StatusCode, routing::get};
+use crate::metrics::Metrics;
+use axum::{Router, extract::State, http::{StatusCode, header}, response::IntoResponse, routing::get};
 use std::sync::{
     Arc,
     atomic::{AtomicBool, Ordering},
@@ -22,15 +23,26 @@ impl Readiness {
     }
 }
 
-pub fn router(ready: Readiness) -> Router {
+#[derive(Clone)]
+struct AdminState {
+    ready: Readiness,
+    metrics: Metrics,
+}
+
+pub fn router(ready: Readiness, metrics: Metrics) -> Router {
     Router::new()
         .route("/livez", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
-        .with_state(ready)
+        .route("/metrics", get(metrics_handler))
+        .with_state(AdminState { ready, metrics })
 }
 
-async fn readyz(State(ready): State<Readiness>) -> (StatusCode, &'static str) {
-    if ready.is_ready() { (StatusCode::OK, "ready") } else { (StatusCode::SERVICE_UNAVAILABLE, "not ready") }
+async fn readyz(State(s): State<AdminState>) -> (StatusCode, &'static str) {
+    if s.ready.is_ready() { (StatusCode::OK, "ready") } else { (StatusCode::SERVICE_UNAVAILABLE, "not ready") }
+}
+
+async fn metrics_handler(State(s): State<AdminState>) -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], s.metrics.encode())
 }
 
 #[cfg(test)]
@@ -43,12 +55,12 @@ mod tests {
     async fn readyz_follows_readiness() {
         let ready = Readiness::default();
         let status = |r: Readiness| async move {
-            router(r).oneshot(Request::get("/readyz").body(Body::empty()).unwrap()).await.unwrap().status()
+            router(r, Metrics::default()).oneshot(Request::get("/readyz").body(Body::empty()).unwrap()).await.unwrap().status()
         };
         assert_eq!(status(ready.clone()).await, StatusCode::SERVICE_UNAVAILABLE);
         ready.set_ready();
         assert_eq!(status(ready.clone()).await, StatusCode::OK);
-        let live = router(Readiness::default()).oneshot(Request::get("/livez").body(Body::empty()).unwrap()).await.unwrap();
+        let live = router(Readiness::default(), Metrics::default()).oneshot(Request::get("/livez").body(Body::empty()).unwrap()).await.unwrap();
         assert_eq!(live.status(), StatusCode::OK);
     }
 }

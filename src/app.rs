@@ -1,10 +1,26 @@
-//! Wiring: listeners, background tasks and one shutdown signal. Any task ending is fatal.
+//! Wiring: clients, caches, listeners, background tasks and one shutdown signal. Any task
+//! ending is fatal.
 
-use crate::{admin, config::ServeConfig, webhook};
+use crate::{
+    admin,
+    config::ServeConfig,
+    inject::{Injector, KubeWriter},
+    keyvault::source::KeyVault,
+    materialize,
+    metrics::Metrics,
+    mutate::InjectConfig,
+    webhook::{self, WebhookState},
+};
 use anyhow::Context;
-use std::{future::IntoFuture, time::Duration};
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Secret;
+use kube::{
+    Api,
+    runtime::{WatchStreamExt, reflector, watcher},
+};
+use std::{future::IntoFuture, sync::Arc, time::Duration};
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 /// How long in-flight requests get to finish after SIGTERM.
 const DRAIN: Duration = Duration::from_secs(10);
@@ -12,20 +28,56 @@ const DRAIN: Duration = Duration::from_secs(10);
 pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     let stop = CancellationToken::new();
     let ready = admin::Readiness::default();
+    let metrics = Metrics::default();
 
     let files = webhook::tls::CertFiles { cert: config.tls_cert.clone(), key: config.tls_key.clone() };
     let (tls, hash) = files.load().await.context("loading the webhook's serving certificate")?;
 
+    let client = kube::Client::try_default().await.context("connecting to the Kubernetes API")?;
+    // A watch-backed cache of kvinject's own Secrets: materialized references are admitted
+    // from it with no call at all, and it rebuilds from the apiserver after a restart.
+    let secrets: Api<Secret> = Api::all(client.clone());
+    let (store, writer) = reflector::store();
+    let watch = reflector(writer, watcher(secrets, watcher::Config::default().labels(materialize::SELECTOR)))
+        .default_backoff()
+        .applied_objects()
+        .for_each(|event| async move {
+            if let Err(e) = event {
+                warn!(error = %e, "watching kvinject's Secrets; retrying");
+            }
+        });
+
+    let connector = config.azure.connect().context("setting up Key Vault access")?;
+    let source = KeyVault::new(&connector, &config.vaults, config.keyvault_budget).context("setting up Key Vault clients")?;
+    for (name, url) in &config.vaults {
+        info!(vault = %name, %url, "vault configured");
+    }
+    let inject_config = InjectConfig { vaults: config.vaults.keys().cloned().collect() };
+    let injector = Arc::new(Injector::new(inject_config, source, Arc::new(KubeWriter(client)), store.clone(), config.value_cache_ttl, metrics.clone()));
+
+    let prober = {
+        let (injector, interval) = (injector.clone(), config.vault_probe_interval);
+        async move {
+            let mut tick = tokio::time::interval(interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                injector.probe_vaults().await;
+            }
+        }
+    };
+
     let handle = axum_server::Handle::new();
+    let state = WebhookState { injector, deadline: config.admission_deadline };
     let webhook_server = axum_server::bind_rustls(config.listen, tls.clone())
         .handle(handle.clone())
-        .serve(webhook::router().into_make_service());
+        .serve(webhook::router(state).into_make_service());
 
     let admin_listener = tokio::net::TcpListener::bind(config.admin_listen)
         .await
         .with_context(|| format!("binding the admin port {}", config.admin_listen))?;
     // The admin port outlives the drain, so /readyz can say "not ready" meanwhile.
-    let admin_server = axum::serve(admin_listener, admin::router(ready.clone())).into_future();
+    let admin_server = axum::serve(admin_listener, admin::router(ready.clone(), metrics)).into_future();
 
     let reload = files.watch(tls, hash, config.tls_reload_interval, stop.clone());
 
@@ -40,11 +92,13 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         }
     });
 
+    // Ready once the webhook listens and the Secret cache has synced.
     let mark_ready = {
         let (handle, ready) = (handle.clone(), ready.clone());
         async move {
-            if let Some(addr) = handle.listening().await {
-                info!(%addr, admin = %config.admin_listen, "serving");
+            let addr = handle.listening().await;
+            if store.wait_until_ready().await.is_ok() {
+                info!(addr = ?addr, admin = %config.admin_listen, "serving");
                 ready.set_ready();
             }
             std::future::pending::<()>().await
@@ -57,6 +111,8 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         r = admin_server => r.context("admin server")?,
         _ = reload => {},
         _ = mark_ready => {},
+        _ = watch => {},
+        _ = prober => {},
     }
     if stop.is_cancelled() {
         return Ok(());

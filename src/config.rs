@@ -1,8 +1,10 @@
 //! Command line and environment: every flag has an `env=`, and `validate` turns the raw
 //! arguments into a plain `ServeConfig` that tests can also build directly.
 
-use clap::{Args, Parser, Subcommand};
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use crate::keyvault::{AzureConfig, CredentialConfig};
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, time::Duration};
 
 #[derive(Parser, Debug)]
 #[command(name = "kvinject", version, about = "Azure Key Vault secrets for Kubernetes pods, GitOps-safe")]
@@ -30,6 +32,68 @@ pub struct ServeArgs {
     /// Address of the plaintext admin listener (/livez, /readyz, /metrics).
     #[arg(long, env = "KVINJECT_ADMIN_LISTEN", default_value = "0.0.0.0:8080")]
     pub admin_listen: SocketAddr,
+    /// Answer every admission within this time (keep it below the webhook's timeoutSeconds).
+    #[arg(long, env = "KVINJECT_ADMISSION_DEADLINE", default_value = "6s", value_parser = parse_duration)]
+    pub admission_deadline: Duration,
+    #[command(flatten)]
+    pub vaults: VaultArgs,
+    #[command(flatten)]
+    pub azure: AzureArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct VaultArgs {
+    /// A vault references may name: `NAME` (https://NAME.<dns suffix>/) or `NAME=URL`
+    /// (a private endpoint, another cloud, an emulator). Repeat, or separate with commas.
+    #[arg(long = "vault", env = "KVINJECT_VAULTS", value_delimiter = ',', required = true)]
+    pub vaults: Vec<String>,
+    /// DNS suffix of vaults given by name alone (vault.azure.cn, vault.usgovcloudapi.net, ...).
+    #[arg(long, env = "KVINJECT_VAULT_DNS_SUFFIX", default_value = "vault.azure.net")]
+    pub vault_dns_suffix: String,
+    /// Bound on one Key Vault HTTP attempt.
+    #[arg(long, env = "KVINJECT_KEYVAULT_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
+    pub keyvault_timeout: Duration,
+    /// Retries after a failed Key Vault attempt (all within the admission deadline).
+    #[arg(long, env = "KVINJECT_KEYVAULT_RETRIES", default_value_t = 1)]
+    pub keyvault_retries: u32,
+    /// How long a value read from Key Vault is reused for new materializations.
+    #[arg(long, env = "KVINJECT_VALUE_CACHE_TTL", default_value = "60s", value_parser = parse_duration)]
+    pub value_cache_ttl: Duration,
+    /// How often each vault is asked whether it answers (feeds warnings and keyvault_up).
+    #[arg(long, env = "KVINJECT_VAULT_PROBE_INTERVAL", default_value = "30s", value_parser = parse_duration)]
+    pub vault_probe_interval: Duration,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum CredentialKind {
+    /// Workload identity when AZURE_FEDERATED_TOKEN_FILE is set, a client secret when
+    /// AZURE_CLIENT_SECRET is set, a managed identity otherwise.
+    Auto,
+    WorkloadIdentity,
+    ManagedIdentity,
+    ClientSecret,
+}
+
+#[derive(Args, Debug)]
+pub struct AzureArgs {
+    /// Which Entra ID credential kvinject uses.
+    #[arg(long, env = "KVINJECT_AZURE_CREDENTIAL", value_enum, default_value = "auto")]
+    pub azure_credential: CredentialKind,
+    /// Tenant of the service principal (client-secret) or workload identity.
+    #[arg(long, env = "AZURE_TENANT_ID")]
+    pub azure_tenant_id: Option<String>,
+    /// Client id of the service principal, workload identity or user-assigned identity.
+    #[arg(long, env = "AZURE_CLIENT_ID")]
+    pub azure_client_id: Option<String>,
+    /// The service principal's secret. Prefer the environment over the command line.
+    #[arg(long, env = "AZURE_CLIENT_SECRET", hide_env_values = true)]
+    pub azure_client_secret: Option<String>,
+    /// Extra PEM CA certificates to trust for Entra ID and Key Vault.
+    #[arg(long, env = "KVINJECT_AZURE_CA_BUNDLE")]
+    pub azure_ca_bundle: Option<PathBuf>,
+    /// Entra ID authority host (sovereign clouds, emulators).
+    #[arg(long, env = "AZURE_AUTHORITY_HOST")]
+    pub azure_authority_host: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -53,18 +117,92 @@ pub struct ServeConfig {
     pub tls_cert: PathBuf,
     pub tls_key: PathBuf,
     pub tls_reload_interval: Duration,
+    pub admission_deadline: Duration,
+    /// Vault name -> URL.
+    pub vaults: BTreeMap<String, String>,
+    pub azure: AzureConfig,
+    /// Bound on one Key Vault read, retries included.
+    pub keyvault_budget: Duration,
+    pub value_cache_ttl: Duration,
+    pub vault_probe_interval: Duration,
 }
 
 impl ServeArgs {
     pub fn validate(self) -> anyhow::Result<ServeConfig> {
+        let vaults = parse_vaults(&self.vaults.vaults, &self.vaults.vault_dns_suffix)?;
+        let azure = AzureConfig {
+            credential: credential(&self.azure, std::env::var_os("AZURE_FEDERATED_TOKEN_FILE").is_some())?,
+            ca_bundle: self.azure.azure_ca_bundle,
+            authority_host: self.azure.azure_authority_host,
+            attempt_timeout: self.vaults.keyvault_timeout,
+            max_retries: self.vaults.keyvault_retries,
+        };
+        // The whole Key Vault budget, retries included, must fit in one admission.
+        let budget = self.vaults.keyvault_timeout * (self.vaults.keyvault_retries + 1) + Duration::from_secs(1) * self.vaults.keyvault_retries;
+        if budget >= self.admission_deadline {
+            bail!(
+                "--keyvault-timeout {:?} with {} retries can take {:?}, which does not fit in --admission-deadline {:?}",
+                self.vaults.keyvault_timeout, self.vaults.keyvault_retries, budget, self.admission_deadline
+            );
+        }
         Ok(ServeConfig {
             listen: self.listen,
             admin_listen: self.admin_listen,
             tls_cert: self.tls.tls_cert,
             tls_key: self.tls.tls_key,
             tls_reload_interval: self.tls.tls_reload_interval,
+            admission_deadline: self.admission_deadline,
+            vaults,
+            azure,
+            keyvault_budget: budget,
+            value_cache_ttl: self.vaults.value_cache_ttl,
+            vault_probe_interval: self.vaults.vault_probe_interval,
         })
     }
+}
+
+/// `NAME` or `NAME=URL` entries into name -> URL. URLs must be https: the SDK's bearer
+/// policy refuses to send a token over http.
+pub fn parse_vaults(entries: &[String], dns_suffix: &str) -> anyhow::Result<BTreeMap<String, String>> {
+    let mut vaults = BTreeMap::new();
+    for entry in entries.iter().map(|e| e.trim()).filter(|e| !e.is_empty()) {
+        let (name, url) = match entry.split_once('=') {
+            Some((name, url)) => (name.trim(), url.trim().to_owned()),
+            None => (entry, format!("https://{entry}.{}/", dns_suffix.trim_matches('.'))),
+        };
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+            bail!("--vault `{entry}`: the name may hold only letters, digits and '-'");
+        }
+        let parsed = reqwest::Url::parse(&url).with_context(|| format!("--vault `{entry}`: `{url}` is not a URL"))?;
+        if parsed.scheme() != "https" || parsed.host_str().is_none() {
+            bail!("--vault `{entry}`: `{url}` must be an https:// URL (Key Vault tokens are never sent over http)");
+        }
+        if vaults.insert(name.to_owned(), url).is_some() {
+            bail!("--vault `{name}` is given twice");
+        }
+    }
+    if vaults.is_empty() {
+        bail!("--vault: configure at least one vault");
+    }
+    Ok(vaults)
+}
+
+fn credential(args: &AzureArgs, federated_token_file: bool) -> anyhow::Result<CredentialConfig> {
+    let kind = match args.azure_credential {
+        CredentialKind::Auto if federated_token_file => CredentialKind::WorkloadIdentity,
+        CredentialKind::Auto if args.azure_client_secret.is_some() => CredentialKind::ClientSecret,
+        CredentialKind::Auto => CredentialKind::ManagedIdentity,
+        k => k,
+    };
+    Ok(match kind {
+        CredentialKind::WorkloadIdentity => CredentialConfig::WorkloadIdentity,
+        CredentialKind::ManagedIdentity => CredentialConfig::ManagedIdentity { client_id: args.azure_client_id.clone() },
+        _ => CredentialConfig::ClientSecret {
+            tenant_id: args.azure_tenant_id.clone().context("--azure-credential client-secret needs --azure-tenant-id (AZURE_TENANT_ID)")?,
+            client_id: args.azure_client_id.clone().context("--azure-credential client-secret needs --azure-client-id (AZURE_CLIENT_ID)")?,
+            secret: args.azure_client_secret.clone().context("--azure-credential client-secret needs AZURE_CLIENT_SECRET")?.into(),
+        },
+    })
 }
 
 /// Parses `30s`, `10m`, `2h`, `500ms` or a bare number of seconds.
@@ -85,6 +223,42 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn vaults() {
+        let v = |e: &[&str]| parse_vaults(&e.iter().map(|s| s.to_string()).collect::<Vec<_>>(), "vault.azure.net");
+        let got = v(&["main", "emu=https://kv.example:8443/"]).unwrap();
+        assert_eq!(got["main"], "https://main.vault.azure.net/");
+        assert_eq!(got["emu"], "https://kv.example:8443/");
+        assert_eq!(parse_vaults(&["x".into()], ".vault.azure.cn.").unwrap()["x"], "https://x.vault.azure.cn/");
+        for (bad, want) in [
+            (&["a=http://kv.example/"][..], "must be an https:// URL"),
+            (&["a.b"][..], "only letters, digits"),
+            (&["a", "a=https://x/"][..], "given twice"),
+            (&[""][..], "at least one vault"),
+            (&["a=not a url"][..], "is not a URL"),
+        ] {
+            let err = format!("{:#}", v(bad).unwrap_err());
+            assert!(err.contains(want), "{bad:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn credential_choice() {
+        let args = |kind, secret: Option<&str>| AzureArgs {
+            azure_credential: kind,
+            azure_tenant_id: Some("t".into()),
+            azure_client_id: Some("c".into()),
+            azure_client_secret: secret.map(Into::into),
+            azure_ca_bundle: None,
+            azure_authority_host: None,
+        };
+        assert!(matches!(credential(&args(CredentialKind::Auto, None), true).unwrap(), CredentialConfig::WorkloadIdentity));
+        assert!(matches!(credential(&args(CredentialKind::Auto, Some("s")), false).unwrap(), CredentialConfig::ClientSecret { .. }));
+        assert!(matches!(credential(&args(CredentialKind::Auto, None), false).unwrap(), CredentialConfig::ManagedIdentity { .. }));
+        let err = credential(&args(CredentialKind::ClientSecret, None), false).unwrap_err().to_string();
+        assert!(err.contains("AZURE_CLIENT_SECRET"), "{err}");
+    }
 
     #[test]
     fn durations() {

@@ -4,7 +4,11 @@
 pub mod admin;
 pub mod app;
 pub mod config;
+pub mod inject;
 pub mod keyvault;
+pub mod materialize;
+pub mod metrics;
 pub mod mutate;
+pub mod reference;
 pub mod telemetry;
 pub mod webhook;

@@ -1,6 +1,8 @@
 //! Key Vault access: credentials, the HTTP transport (CA bundle, timeouts, retries) and the
 //! secret client. Values travel as [`SecretValue`], whose Debug and Display are redacted.
 
+pub mod source;
+
 use azure_core::{
     cloud::{CloudConfiguration, CustomConfiguration},
     credentials::{Secret, TokenCredential},

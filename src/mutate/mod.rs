@@ -1,64 +1,389 @@
-//! What a pod becomes: a pure function from the pod to a JSON patch, with no I/O.
+//! What a pod becomes: a pure function from the pod and the configuration to the Secrets it
+//! needs and the JSON patch, or a denial that says what is wrong and where. No I/O: the
+//! materialized names are deterministic, so the patch never depends on a value.
 
 pub mod patch;
 
-use k8s_openapi::api::core::v1::Pod;
+use crate::reference::{self, Reference, ReferenceError};
 use json_patch::Patch;
+use k8s_openapi::api::core::v1::{Container, Pod};
+use serde_json::json;
+use std::collections::{BTreeMap, BTreeSet};
 
-/// Label that marks a pod kvinject has admitted.
+/// Label on pods kvinject rewrote.
 pub const INJECTED_LABEL: &str = "kvinject.io/injected";
+/// Pod annotation: `"false"` leaves the pod alone.
+pub const INJECT_ANNOTATION: &str = "kvinject.io/inject";
+/// Pod annotation: comma-separated references to docker config JSON secrets.
+pub const PULL_SECRETS_ANNOTATION: &str = "kvinject.io/image-pull-secrets";
+/// Pod annotations of the service-principal form of registry credentials.
+pub const PULL_REGISTRY_ANNOTATION: &str = "kvinject.io/image-pull-registry";
+pub const PULL_USERNAME_ANNOTATION: &str = "kvinject.io/image-pull-username";
+pub const PULL_PASSWORD_ANNOTATION: &str = "kvinject.io/image-pull-password";
+/// The key of the value in a materialized env Secret.
+pub const VALUE_KEY: &str = "value";
 
-/// The result of looking at one pod.
+/// What the planner needs to know of the configuration.
+#[derive(Clone, Debug, Default)]
+pub struct InjectConfig {
+    /// Vault names a reference may use.
+    pub vaults: BTreeSet<String>,
+}
+
+/// Where a materialized value comes from, and what kind of Secret holds it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Source {
+    /// An env value: an Opaque Secret with the value under `value`.
+    Env(Reference),
+    /// A Key Vault secret holding a docker config JSON: a `kubernetes.io/dockerconfigjson` Secret.
+    DockerConfig(Reference),
+    /// A registry login built from a registry, a user name and a password in Key Vault.
+    RegistryLogin { registry: String, username: String, password: Reference },
+}
+
+impl Source {
+    /// The Key Vault secret the value is read from.
+    pub fn reference(&self) -> &Reference {
+        match self {
+            Source::Env(r) | Source::DockerConfig(r) => r,
+            Source::RegistryLogin { password, .. } => password,
+        }
+    }
+
+    /// The deterministic name of the Secret this source is materialized as.
+    pub fn secret_name(&self) -> String {
+        let r = self.reference();
+        match self {
+            Source::Env(_) => reference::object_name("kvi", &[&r.vault, &r.name], &r.to_string()),
+            Source::DockerConfig(_) => reference::object_name("kvi-pull", &[&r.vault, &r.name], &r.to_string()),
+            Source::RegistryLogin { registry, username, .. } => {
+                reference::object_name("kvi-pull", &[registry], &format!("{registry}\n{username}\n{r}"))
+            }
+        }
+    }
+}
+
+/// A Secret the pod needs in its namespace.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Needed {
+    pub secret_name: String,
+    pub source: Source,
+}
+
+/// The decision for one pod.
 #[derive(Debug, Default, PartialEq)]
-pub struct Mutation {
+pub struct Plan {
+    /// Distinct Secrets the pod refers to, sorted by name.
+    pub needed: Vec<Needed>,
     /// `None` when the pod needs no change at all.
     pub patch: Option<Patch>,
-    /// Admission warnings shown to the client that created the pod.
+    /// Admission warnings for the client that created the pod.
     pub warnings: Vec<String>,
 }
 
-/// Decides how `pod` is rewritten. Applying the patch twice changes nothing the second time.
-pub fn mutate(pod: &Pod) -> Mutation {
+/// Why a pod is denied; every variant names where the problem is.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Denial {
+    #[error("{location}: {source}")]
+    BadReference { location: String, #[source] source: ReferenceError },
+    #[error("{location}: vault `{vault}` is not configured in kvinject (configured: {known})")]
+    UnknownVault { location: String, vault: String, known: String },
+    #[error("annotation `{annotation}`: {message}")]
+    BadAnnotation { annotation: &'static str, message: String },
+}
+
+/// Plans the rewrite of `pod`. Applying the patch and planning again yields no patch.
+pub fn plan(pod: &Pod, config: &InjectConfig) -> Result<Plan, Denial> {
+    let annotations = pod.metadata.annotations.clone().unwrap_or_default();
+    if annotations.get(INJECT_ANNOTATION).map(String::as_str) == Some("false") {
+        return Ok(Plan::default());
+    }
+    let Some(spec) = pod.spec.as_ref() else { return Ok(Plan::default()) };
+    let mut needed = BTreeMap::<String, Source>::new();
     let mut ops = Vec::new();
+    let mut warnings = Vec::new();
+
+    let groups: [(&str, &str, &[Container]); 2] = [
+        ("initContainers", "init container", spec.init_containers.as_deref().unwrap_or_default()),
+        ("containers", "container", &spec.containers),
+    ];
+    for (field, what, containers) in groups {
+        for (ci, container) in containers.iter().enumerate() {
+            for (ei, env) in container.env.iter().flatten().enumerate() {
+                let Some(value) = env.value.as_deref() else { continue };
+                let location = format!("{what} `{}` env `{}`", container.name, env.name);
+                match Reference::parse(value) {
+                    None if value.contains(reference::SCHEME) => warnings.push(format!(
+                        "{location} contains akv:// but is not a reference (the whole value must be akv://<vault>/<secret>[/<version>]); left unchanged"
+                    )),
+                    None => {}
+                    Some(parsed) => {
+                        let r = parsed.map_err(|source| Denial::BadReference { location: location.clone(), source })?;
+                        check_vault(&r, &location, config)?;
+                        let source = Source::Env(r);
+                        let secret_name = source.secret_name();
+                        let (ci, ei) = (ci.to_string(), ei.to_string());
+                        ops.push(patch::replace(
+                            &["spec", field, &ci, "env", &ei],
+                            json!({"name": env.name, "valueFrom": {"secretKeyRef": {"name": secret_name, "key": VALUE_KEY}}}),
+                        ));
+                        needed.insert(secret_name, source);
+                    }
+                }
+            }
+        }
+    }
+
+    let pull = pull_sources(&annotations, config)?;
+    if !pull.is_empty() {
+        let mut seen: BTreeSet<String> =
+            spec.image_pull_secrets.iter().flatten().map(|r| r.name.clone()).collect();
+        // in annotation order, each name once
+        let missing: Vec<String> = pull.iter().map(Source::secret_name).filter(|n| seen.insert(n.clone())).collect();
+        if !missing.is_empty() {
+            patch::ensure_array(&mut ops, &["spec", "imagePullSecrets"], spec.image_pull_secrets.is_some());
+            for name in missing {
+                ops.push(patch::add(&["spec", "imagePullSecrets", "-"], json!({"name": name})));
+            }
+        }
+        for source in pull {
+            needed.insert(source.secret_name(), source);
+        }
+    }
+
     let labels = pod.metadata.labels.as_ref();
-    if labels.and_then(|l| l.get(INJECTED_LABEL)).map(String::as_str) != Some("true") {
+    if !needed.is_empty() && labels.and_then(|l| l.get(INJECTED_LABEL)).map(String::as_str) != Some("true") {
         patch::ensure_map(&mut ops, &["metadata", "labels"], labels.is_some());
         ops.push(patch::add(&["metadata", "labels", INJECTED_LABEL], "true".into()));
     }
-    Mutation { patch: (!ops.is_empty()).then(|| Patch(ops)), warnings: Vec::new() }
+    Ok(Plan {
+        needed: needed.into_iter().map(|(secret_name, source)| Needed { secret_name, source }).collect(),
+        patch: (!ops.is_empty()).then(|| Patch(ops)),
+        warnings,
+    })
+}
+
+fn check_vault(r: &Reference, location: &str, config: &InjectConfig) -> Result<(), Denial> {
+    if config.vaults.contains(&r.vault) {
+        return Ok(());
+    }
+    Err(Denial::UnknownVault {
+        location: location.to_owned(),
+        vault: r.vault.clone(),
+        known: config.vaults.iter().cloned().collect::<Vec<_>>().join(", "),
+    })
+}
+
+/// The registry credentials a pod asks for through its annotations.
+fn pull_sources(annotations: &BTreeMap<String, String>, config: &InjectConfig) -> Result<Vec<Source>, Denial> {
+    let mut sources = Vec::new();
+    if let Some(list) = annotations.get(PULL_SECRETS_ANNOTATION) {
+        let refs = reference::parse_list(list)
+            .map_err(|e| Denial::BadAnnotation { annotation: PULL_SECRETS_ANNOTATION, message: e.to_string() })?;
+        if refs.is_empty() {
+            return Err(Denial::BadAnnotation { annotation: PULL_SECRETS_ANNOTATION, message: "names no akv:// reference".into() });
+        }
+        for r in refs {
+            check_vault(&r, &format!("annotation `{PULL_SECRETS_ANNOTATION}`"), config)?;
+            sources.push(Source::DockerConfig(r));
+        }
+    }
+    let sp = [PULL_REGISTRY_ANNOTATION, PULL_USERNAME_ANNOTATION, PULL_PASSWORD_ANNOTATION].map(|k| annotations.get(k));
+    match sp {
+        [None, None, None] => {}
+        [Some(registry), Some(username), Some(password)] => {
+            let bad = |annotation, message: String| Denial::BadAnnotation { annotation, message };
+            if registry.trim().is_empty() || registry.contains(['/', ' ', '"']) {
+                return Err(bad(PULL_REGISTRY_ANNOTATION, format!("`{registry}` is not a registry host name")));
+            }
+            if username.trim().is_empty() {
+                return Err(bad(PULL_USERNAME_ANNOTATION, "is empty".into()));
+            }
+            let password = match Reference::parse(password) {
+                Some(Ok(r)) => r,
+                Some(Err(e)) => return Err(bad(PULL_PASSWORD_ANNOTATION, e.to_string())),
+                None => return Err(bad(PULL_PASSWORD_ANNOTATION, "must be an akv:// reference, never the password itself".into())),
+            };
+            check_vault(&password, &format!("annotation `{PULL_PASSWORD_ANNOTATION}`"), config)?;
+            sources.push(Source::RegistryLogin { registry: registry.trim().to_owned(), username: username.trim().to_owned(), password });
+        }
+        _ => {
+            return Err(Denial::BadAnnotation {
+                annotation: PULL_REGISTRY_ANNOTATION,
+                message: format!("{PULL_REGISTRY_ANNOTATION}, {PULL_USERNAME_ANNOTATION} and {PULL_PASSWORD_ANNOTATION} go together; set all three"),
+            });
+        }
+    }
+    Ok(sources)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use serde_json::{Value, json};
 
-    fn pod(v: serde_json::Value) -> Pod {
+    fn config() -> InjectConfig {
+        InjectConfig { vaults: ["main".to_string(), "other".to_string()].into() }
+    }
+
+    fn pod(v: Value) -> Pod {
         serde_json::from_value(v).unwrap()
     }
 
-    fn apply(p: &Pod, m: &Mutation) -> Pod {
+    fn apply(p: &Pod, plan: &Plan) -> Value {
         let mut doc = serde_json::to_value(p).unwrap();
-        if let Some(patch) = &m.patch {
+        if let Some(patch) = &plan.patch {
             json_patch::patch(&mut doc, patch).unwrap();
         }
-        serde_json::from_value(doc).unwrap()
+        doc
+    }
+
+    fn name(source: Source) -> String {
+        source.secret_name()
+    }
+
+    fn env_ref(v: &str, n: &str) -> Source {
+        Source::Env(Reference { vault: v.into(), name: n.into(), version: None })
     }
 
     #[test]
-    fn labels_a_pod_without_labels_and_then_changes_nothing() {
-        let p = pod(json!({"metadata": {"name": "a"}, "spec": {"containers": [{"name": "c"}]}}));
-        let once = apply(&p, &mutate(&p));
-        let want = pod(json!({"metadata": {"name": "a", "labels": {"kvinject.io/injected": "true"}}, "spec": {"containers": [{"name": "c"}]}}));
-        assert_eq!(once, want);
-        assert_eq!(mutate(&once), Mutation::default(), "a second admission must be a no-op");
+    fn rewrites_env_references_in_containers_and_init_containers() {
+        let p = pod(json!({
+            "metadata": {"name": "a", "labels": {"app": "x"}},
+            "spec": {
+                "initContainers": [{"name": "init", "env": [{"name": "DB", "value": "akv://main/db"}]}],
+                "containers": [{"name": "app", "env": [
+                    {"name": "PLAIN", "value": "hello"},
+                    {"name": "DB", "value": "akv://main/db"},
+                    {"name": "API", "value": "akv://other/api-key"},
+                    {"name": "URL", "value": "postgres://u:$(DB)@h/db"}
+                ]}]
+            }
+        }));
+        let plan = plan(&p, &config()).unwrap();
+        let db = name(env_ref("main", "db"));
+        let api = name(env_ref("other", "api-key"));
+        let secret_ref = |n: &str, s: &str| json!({"name": n, "valueFrom": {"secretKeyRef": {"name": s, "key": "value"}}});
+        let want = json!({
+            "metadata": {"name": "a", "labels": {"app": "x", "kvinject.io/injected": "true"}},
+            "spec": {
+                "initContainers": [{"name": "init", "env": [secret_ref("DB", &db)]}],
+                "containers": [{"name": "app", "env": [
+                    {"name": "PLAIN", "value": "hello"},
+                    secret_ref("DB", &db),
+                    secret_ref("API", &api),
+                    {"name": "URL", "value": "postgres://u:$(DB)@h/db"}
+                ]}]
+            }
+        });
+        let got = apply(&p, &plan);
+        assert_eq!(pod(got.clone()), pod(want));
+        // one Secret per distinct reference, shared by both containers
+        let mut names: Vec<_> = plan.needed.iter().map(|n| n.secret_name.clone()).collect();
+        names.sort();
+        let mut want_names = vec![db, api];
+        want_names.sort();
+        assert_eq!(names, want_names);
+        assert!(plan.warnings.is_empty());
+        // mutating again is a no-op
+        assert_eq!(super::plan(&pod(got), &config()).unwrap(), Plan::default());
     }
 
     #[test]
-    fn keeps_existing_labels() {
-        let p = pod(json!({"metadata": {"name": "a", "labels": {"app": "x"}}, "spec": {"containers": []}}));
-        let got = apply(&p, &mutate(&p));
-        let want = pod(json!({"metadata": {"name": "a", "labels": {"app": "x", "kvinject.io/injected": "true"}}, "spec": {"containers": []}}));
-        assert_eq!(got, want);
+    fn a_pod_without_references_gets_no_patch() {
+        let p = pod(json!({"metadata": {"name": "a"}, "spec": {"containers": [{"name": "c", "env": [{"name": "X", "value": "y"}]}]}}));
+        assert_eq!(plan(&p, &config()).unwrap(), Plan::default());
+        let p = pod(json!({"metadata": {"name": "a"}}));
+        assert_eq!(plan(&p, &config()).unwrap(), Plan::default());
+    }
+
+    #[test]
+    fn opt_out_annotation_leaves_the_pod_alone() {
+        let p = pod(json!({"metadata": {"annotations": {"kvinject.io/inject": "false"}}, "spec": {"containers": [{"name": "c", "env": [{"name": "X", "value": "akv://main/db"}]}]}}));
+        assert_eq!(plan(&p, &config()).unwrap(), Plan::default());
+    }
+
+    #[test]
+    fn embedded_scheme_is_left_alone_with_a_warning() {
+        let p = pod(json!({"spec": {"containers": [{"name": "c", "env": [{"name": "X", "value": "see akv://main/db"}]}]}}));
+        let plan = plan(&p, &config()).unwrap();
+        assert_eq!(plan.patch, None);
+        assert_eq!(plan.warnings.len(), 1);
+        assert!(plan.warnings[0].contains("container `c` env `X`"), "{:?}", plan.warnings);
+    }
+
+    #[test]
+    fn denials_name_the_place_and_the_problem() {
+        let env = |v: &str| pod(json!({"spec": {"containers": [{"name": "web", "env": [{"name": "DB", "value": v}]}]}}));
+        let cases = [
+            (env("akv://main/db_pw"), "container `web` env `DB`: secret name `db_pw` must be 1 to 127 characters"),
+            (env("akv://main"), "container `web` env `DB`: `akv://main` has no secret name"),
+            (env("akv://nope/db"), "container `web` env `DB`: vault `nope` is not configured in kvinject (configured: main, other)"),
+            (
+                pod(json!({"metadata": {"annotations": {"kvinject.io/image-pull-secrets": "akv://nope/x"}}, "spec": {"containers": []}})),
+                "annotation `kvinject.io/image-pull-secrets`: vault `nope` is not configured",
+            ),
+            (
+                pod(json!({"metadata": {"annotations": {"kvinject.io/image-pull-secrets": "registry-creds"}}, "spec": {"containers": []}})),
+                "annotation `kvinject.io/image-pull-secrets`: `registry-creds` has no vault",
+            ),
+            (
+                pod(json!({"metadata": {"annotations": {"kvinject.io/image-pull-registry": "r.example"}}, "spec": {"containers": []}})),
+                "go together; set all three",
+            ),
+            (
+                pod(json!({"metadata": {"annotations": {
+                    "kvinject.io/image-pull-registry": "r.example", "kvinject.io/image-pull-username": "u",
+                    "kvinject.io/image-pull-password": "hunter2"}}, "spec": {"containers": []}})),
+                "annotation `kvinject.io/image-pull-password`: must be an akv:// reference",
+            ),
+        ];
+        for (p, want) in cases {
+            let err = plan(&p, &config()).expect_err(want).to_string();
+            assert!(err.contains(want), "got {err:?}, want it to contain {want:?}");
+            assert!(!err.contains("hunter2"), "a denial must not echo a password: {err}");
+        }
+    }
+
+    #[test]
+    fn pull_secrets_are_appended_without_duplicates() {
+        let creds = Source::DockerConfig(Reference { vault: "main".into(), name: "acr".into(), version: None });
+        let login = Source::RegistryLogin {
+            registry: "r.example".into(),
+            username: "app-id".into(),
+            password: Reference { vault: "main".into(), name: "sp-secret".into(), version: None },
+        };
+        let p = pod(json!({
+            "metadata": {"annotations": {
+                "kvinject.io/image-pull-secrets": "akv://main/acr",
+                "kvinject.io/image-pull-registry": "r.example",
+                "kvinject.io/image-pull-username": "app-id",
+                "kvinject.io/image-pull-password": "akv://main/sp-secret"
+            }},
+            "spec": {"containers": [{"name": "c"}], "imagePullSecrets": [{"name": "existing"}, {"name": name(creds.clone())}]}
+        }));
+        let plan = plan(&p, &config()).unwrap();
+        let got = apply(&p, &plan);
+        assert_eq!(got["spec"]["imagePullSecrets"], json!([{"name": "existing"}, {"name": name(creds.clone())}, {"name": name(login.clone())}]));
+        assert_eq!(got["metadata"]["labels"], json!({"kvinject.io/injected": "true"}));
+        let sources: Vec<_> = plan.needed.iter().map(|n| n.source.clone()).collect();
+        assert!(sources.contains(&creds) && sources.contains(&login), "{sources:?}");
+        assert_eq!(super::plan(&pod(got), &config()).unwrap().patch, None, "second admission is a no-op");
+    }
+
+    #[test]
+    fn pull_secrets_create_the_list_when_missing() {
+        let p = pod(json!({"metadata": {"annotations": {"kvinject.io/image-pull-secrets": "akv://main/acr,akv://other/acr"}}, "spec": {"containers": [{"name": "c"}]}}));
+        let got = apply(&p, &plan(&p, &config()).unwrap());
+        assert_eq!(got["spec"]["imagePullSecrets"].as_array().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn pinned_and_unpinned_references_are_different_secrets() {
+        let v = "0123456789abcdef0123456789abcdef";
+        let a = env_ref("main", "db");
+        let b = Source::Env(Reference { vault: "main".into(), name: "db".into(), version: Some(v.into()) });
+        assert_ne!(a.secret_name(), b.secret_name());
+        assert_ne!(a.secret_name(), Source::DockerConfig(a.reference().clone()).secret_name());
     }
 }

@@ -3,32 +3,62 @@
 
 pub mod tls;
 
-use crate::mutate;
-use axum::{Router, body::Bytes, extract::DefaultBodyLimit, http::header, response::IntoResponse, routing::post};
+use crate::{inject::Injector, metrics::ResultLabels};
+use axum::{
+    Router,
+    body::Bytes,
+    extract::{DefaultBodyLimit, State},
+    http::header,
+    response::IntoResponse,
+    routing::post,
+};
 use base64::Engine;
 use k8s_openapi::api::core::v1::Pod;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview};
-use tracing::{Span, field::Empty, info, instrument};
+use std::{sync::Arc, time::{Duration, Instant}};
+use tracing::{Span, field::Empty, info, instrument, warn};
 
 /// AdmissionReviews for pods are bounded by the apiserver's request size (3 MiB by default).
 const MAX_BODY: usize = 8 * 1024 * 1024;
 
-pub fn router() -> Router {
-    Router::new().route("/mutate", post(mutate_handler)).layer(DefaultBodyLimit::max(MAX_BODY))
+#[derive(Clone)]
+pub struct WebhookState {
+    pub injector: Arc<Injector>,
+    /// Answer before the apiserver's timeoutSeconds runs out.
+    pub deadline: Duration,
 }
 
-#[instrument(skip_all, fields(uid = Empty, namespace = Empty, pod = Empty, result = Empty))]
-async fn mutate_handler(body: Bytes) -> impl IntoResponse {
-    let response = review(&body);
+pub fn router(state: WebhookState) -> Router {
+    Router::new().route("/mutate", post(mutate_handler)).layer(DefaultBodyLimit::max(MAX_BODY)).with_state(state)
+}
+
+#[instrument(skip_all, fields(uid = Empty, namespace = Empty, pod = Empty, dry_run = Empty, result = Empty))]
+async fn mutate_handler(State(state): State<WebhookState>, body: Bytes) -> impl IntoResponse {
+    let started = Instant::now();
+    let response = review(&state, &body).await;
+    let result = if response.allowed {
+        if response.patch.is_some() { "patched" } else { "allowed" }
+    } else if response.uid.is_empty() {
+        "invalid"
+    } else {
+        "denied"
+    };
+    let metrics = &state.injector.metrics;
+    metrics.admissions.get_or_create(&ResultLabels { result }).inc();
+    metrics.admission_seconds.observe(started.elapsed().as_secs_f64());
     let span = Span::current();
-    span.record("result", if response.allowed { if response.patch.is_some() { "patched" } else { "allowed" } } else if response.uid.is_empty() { "invalid" } else { "denied" });
-    info!("admission");
+    span.record("result", result);
+    if response.allowed {
+        info!(warnings = response.warnings.as_ref().map_or(0, Vec::len), "admission");
+    } else {
+        warn!(reason = %response.result.message, "admission");
+    }
     ([(header::CONTENT_TYPE, "application/json")], encode_review(response))
 }
 
 /// Parses the body and decides; never fails: a body that is not an AdmissionReview for a
 /// pod gets an `invalid` response naming what is wrong.
-fn review(body: &[u8]) -> AdmissionResponse {
+async fn review(state: &WebhookState, body: &[u8]) -> AdmissionResponse {
     let review: AdmissionReview<Pod> = match serde_json::from_slice(body) {
         Ok(r) => r,
         Err(e) => return AdmissionResponse::invalid(format!("request body is not an AdmissionReview: {e}")),
@@ -39,17 +69,25 @@ fn review(body: &[u8]) -> AdmissionResponse {
     };
     let span = Span::current();
     span.record("uid", request.uid.as_str());
-    span.record("namespace", request.namespace.as_deref().unwrap_or(""));
+    span.record("dry_run", request.dry_run);
+    let namespace = request.namespace.clone().unwrap_or_default();
+    span.record("namespace", namespace.as_str());
+    let response = AdmissionResponse::from(&request);
     let Some(pod) = request.object.as_ref() else {
-        return AdmissionResponse::from(&request).deny("the AdmissionReview has no pod object");
+        return response.deny("the AdmissionReview has no pod object");
     };
     span.record("pod", pod.metadata.name.as_deref().or(pod.metadata.generate_name.as_deref()).unwrap_or(""));
-    let decision = mutate::mutate(pod);
-    let mut response = AdmissionResponse::from(&request);
-    if !decision.warnings.is_empty() {
-        response.warnings = Some(decision.warnings);
+    let decision = tokio::time::timeout(state.deadline, state.injector.admit(&namespace, pod, request.dry_run)).await;
+    let admitted = match decision {
+        Err(_) => return response.deny(format!("kvinject could not decide within {:?}; Key Vault or the apiserver is slow", state.deadline)),
+        Ok(Err(denied)) => return response.deny(denied.to_string()),
+        Ok(Ok(a)) => a,
+    };
+    let mut response = response;
+    if !admitted.warnings.is_empty() {
+        response.warnings = Some(admitted.warnings);
     }
-    match decision.patch {
+    match admitted.patch {
         None => response,
         Some(patch) => match response.clone().with_patch(patch) {
             Ok(r) => r,
@@ -71,52 +109,171 @@ fn encode_review(response: AdmissionResponse) -> Vec<u8> {
 
 #[cfg(test)]
 mod tests {
+    //! Router tests of the HTTP layer. Key Vault and the apiserver are replaced here by
+    //! in-process doubles (a counting SecretSource and a recording SecretWriter): these are
+    //! unit tests of conversion and single-flight; tests/e2e covers the real ones.
     use super::*;
+    use crate::{
+        inject::{SecretWriter, WriteError},
+        keyvault::{SecretValue, source::{FetchError, Fetched, SecretSource}},
+        metrics::Metrics,
+        mutate::InjectConfig,
+        reference::Reference,
+    };
+    use async_trait::async_trait;
     use axum::{body::Body, http::Request};
     use http_body_util::BodyExt;
+    use k8s_openapi::api::core::v1::Secret;
+    use kube::runtime::reflector::store::Writer;
     use serde_json::{Value, json};
+    use std::sync::{Mutex, atomic::{AtomicUsize, Ordering}};
     use tower::ServiceExt;
 
-    async fn post(body: impl Into<Body>) -> (u16, Value) {
+    #[derive(Default)]
+    struct CountingSource(AtomicUsize);
+    #[async_trait]
+    impl SecretSource for CountingSource {
+        async fn fetch(&self, r: &Reference) -> Result<Fetched, FetchError> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            match r.name.as_str() {
+                "missing" => Err(FetchError::NotFound(r.to_string())),
+                _ => Ok(Fetched { value: SecretValue::new("s3cret"), version: "0123456789abcdef0123456789abcdef".into() }),
+            }
+        }
+        async fn probe(&self, _: &str) -> Result<(), FetchError> {
+            Ok(())
+        }
+    }
+
+    #[derive(Default)]
+    struct RecordingWriter(Mutex<Vec<Secret>>);
+    #[async_trait]
+    impl SecretWriter for RecordingWriter {
+        async fn create(&self, secret: Secret) -> Result<(), WriteError> {
+            self.0.lock().unwrap().push(secret);
+            Ok(())
+        }
+    }
+
+    struct Harness {
+        app: Router,
+        source: Arc<CountingSource>,
+        writer: Arc<RecordingWriter>,
+    }
+
+    fn harness() -> Harness {
+        let source = Arc::new(CountingSource::default());
+        let writer = Arc::new(RecordingWriter::default());
+        let store = Writer::<Secret>::default().as_reader();
+        let config = InjectConfig { vaults: ["main".to_string()].into() };
+        let injector = Injector::new(config, source.clone(), writer.clone(), store, Duration::from_secs(60), Metrics::default());
+        let app = router(WebhookState { injector: Arc::new(injector), deadline: Duration::from_secs(5) });
+        Harness { app, source, writer }
+    }
+
+    async fn post(app: &Router, body: impl Into<Body>) -> (u16, Value) {
         let req = Request::post("/mutate").header("content-type", "application/json").body(body.into()).unwrap();
-        let res = router().oneshot(req).await.unwrap();
+        let res = app.clone().oneshot(req).await.unwrap();
         let status = res.status().as_u16();
         let bytes = res.into_body().collect().await.unwrap().to_bytes();
         (status, serde_json::from_slice(&bytes).unwrap())
     }
 
-    fn review_of(pod: Value) -> Value {
+    fn review_of(pod: Value, dry_run: bool) -> Value {
         json!({
             "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
             "request": {
                 "uid": "u-1", "kind": {"group": "", "version": "v1", "kind": "Pod"},
                 "resource": {"group": "", "version": "v1", "resource": "pods"},
-                "operation": "CREATE", "namespace": "ns", "userInfo": {}, "dryRun": false,
+                "operation": "CREATE", "namespace": "ns", "userInfo": {}, "dryRun": dry_run,
                 "object": pod,
             }
         })
     }
 
-    #[tokio::test]
-    async fn patches_a_pod_with_a_base64_json_patch() {
-        let pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"}, "spec": {"containers": [{"name": "c", "image": "i"}]}});
-        let (status, body) = post(review_of(pod.clone()).to_string()).await;
-        assert_eq!(status, 200);
-        let resp = &body["response"];
-        assert_eq!(resp["uid"], "u-1");
-        assert_eq!(resp["allowed"], true);
-        assert_eq!(resp["patchType"], "JSONPatch");
-        let bytes = base64::engine::general_purpose::STANDARD.decode(resp["patch"].as_str().expect("patch is a string")).unwrap();
+    fn pod_with(value: &str) -> Value {
+        json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"},
+               "spec": {"containers": [{"name": "c", "image": "i", "env": [{"name": "DB", "value": value}]}]}})
+    }
+
+    fn patched(pod: &Value, response: &Value) -> Value {
+        let bytes = base64::engine::general_purpose::STANDARD.decode(response["patch"].as_str().expect("patch is a base64 string")).unwrap();
         let patch: json_patch::Patch = serde_json::from_slice(&bytes).unwrap();
-        let mut doc = pod;
+        let mut doc = pod.clone();
         json_patch::patch(&mut doc, &patch).unwrap();
-        assert_eq!(doc["metadata"]["labels"]["kvinject.io/injected"], "true");
+        doc
+    }
+
+    #[tokio::test]
+    async fn a_reference_becomes_a_secret_key_ref_and_a_secret() {
+        let h = harness();
+        let pod = pod_with("akv://main/db");
+        let (status, body) = post(&h.app, review_of(pod.clone(), false).to_string()).await;
+        assert_eq!(status, 200);
+        assert_eq!(body["response"]["allowed"], true, "{body}");
+        assert_eq!(body["response"]["patchType"], "JSONPatch");
+        let doc = patched(&pod, &body["response"]);
+        let secret_name = doc["spec"]["containers"][0]["env"][0]["valueFrom"]["secretKeyRef"]["name"].as_str().unwrap().to_owned();
+        let written = h.writer.0.lock().unwrap().clone();
+        assert_eq!(written.len(), 1);
+        assert_eq!(written[0].metadata.name.as_deref(), Some(secret_name.as_str()));
+        assert_eq!(written[0].data.as_ref().unwrap()["value"].0, b"s3cret");
+        assert!(!body.to_string().contains("s3cret"), "the value must not travel in the admission response");
+    }
+
+    #[tokio::test]
+    async fn a_dry_run_returns_the_same_patch_and_writes_nothing() {
+        let h = harness();
+        let pod = pod_with("akv://main/db");
+        let (_, dry) = post(&h.app, review_of(pod.clone(), true).to_string()).await;
+        assert!(h.writer.0.lock().unwrap().is_empty(), "a dry run wrote a Secret");
+        let (_, real) = post(&h.app, review_of(pod, false).to_string()).await;
+        assert_eq!(dry["response"]["patch"], real["response"]["patch"]);
+        assert_eq!(h.writer.0.lock().unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn concurrent_first_uses_share_one_fetch_and_one_create() {
+        let h = harness();
+        let body = review_of(pod_with("akv://main/shared"), false).to_string();
+        let answers = futures::future::join_all((0..20).map(|_| post(&h.app, body.clone()))).await;
+        assert!(answers.iter().all(|(s, b)| *s == 200 && b["response"]["allowed"] == true));
+        assert_eq!(h.source.0.load(Ordering::SeqCst), 1, "Key Vault reads");
+        assert_eq!(h.writer.0.lock().unwrap().len(), 1, "Secret creates");
+    }
+
+    #[tokio::test]
+    async fn denials_carry_the_reason_and_the_uid() {
+        let h = harness();
+        for (value, want) in [
+            ("akv://elsewhere/db", "container `c` env `DB`: vault `elsewhere` is not configured"),
+            ("akv://main/missing", "Key Vault secret akv://main/missing was not found"),
+            ("akv://main/bad_name", "secret name `bad_name` must be 1 to 127 characters"),
+        ] {
+            let (status, body) = post(&h.app, review_of(pod_with(value), false).to_string()).await;
+            assert_eq!(status, 200);
+            assert_eq!(body["response"]["uid"], "u-1");
+            assert_eq!(body["response"]["allowed"], false);
+            let message = body["response"]["status"]["message"].as_str().unwrap();
+            assert!(message.contains(want), "{message:?} should contain {want:?}");
+        }
+        assert!(h.writer.0.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_pod_without_references_is_allowed_without_a_patch() {
+        let h = harness();
+        let (_, body) = post(&h.app, review_of(pod_with("plain"), false).to_string()).await;
+        assert_eq!(body["response"]["allowed"], true);
+        assert!(body["response"].get("patch").is_none(), "{body}");
     }
 
     #[tokio::test]
     async fn garbage_gets_an_invalid_review_not_an_error_status() {
+        let h = harness();
         for body in ["", "not json", "{}", r#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview"}"#] {
-            let (status, review) = post(body.to_owned()).await;
+            let (status, review) = post(&h.app, body.to_owned()).await;
             assert_eq!(status, 200, "body {body:?}");
             assert_eq!(review["response"]["allowed"], false, "body {body:?}");
             assert_eq!(review["response"]["status"]["reason"], "InvalidRequest", "body {body:?}");
@@ -126,9 +283,10 @@ mod tests {
 
     #[tokio::test]
     async fn a_review_without_a_pod_is_denied_by_uid() {
-        let mut r = review_of(Value::Null);
+        let h = harness();
+        let mut r = review_of(Value::Null, false);
         r["request"].as_object_mut().unwrap().remove("object");
-        let (status, body) = post(r.to_string()).await;
+        let (status, body) = post(&h.app, r.to_string()).await;
         assert_eq!(status, 200);
         assert_eq!(body["response"]["uid"], "u-1");
         assert_eq!(body["response"]["allowed"], false);

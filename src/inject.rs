@@ -1,0 +1,242 @@
+//! The admission shell around the pure planner: for each Secret a pod needs, reuse the
+//! materialized one (no call at all), or read Key Vault once and create it.
+
+use crate::{
+    keyvault::source::{FetchError, Fetched, SecretSource},
+    materialize::{self, ValueError},
+    metrics::{Metrics, VaultLabels},
+    mutate::{self, Denial, InjectConfig, Needed},
+    reference::Reference,
+};
+use async_trait::async_trait;
+use json_patch::Patch;
+use k8s_openapi::api::core::v1::{Pod, Secret};
+use kube::{
+    Api,
+    api::PostParams,
+    runtime::reflector::{ObjectRef, Store},
+};
+use moka::future::Cache;
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+use tracing::{debug, warn};
+
+pub const FIELD_MANAGER: &str = "kvinject";
+
+/// Creates materialized Secrets.
+#[async_trait]
+pub trait SecretWriter: Send + Sync {
+    async fn create(&self, secret: Secret) -> Result<(), WriteError>;
+}
+
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum WriteError {
+    #[error("Secret {namespace}/{name} already exists and was not created by kvinject for {reference}; kvinject never takes over a Secret it did not create")]
+    NotOurs { namespace: String, name: String, reference: String },
+    #[error("creating Secret {namespace}/{name} failed: {detail}")]
+    Api { namespace: String, name: String, detail: String },
+}
+
+/// Why a pod is denied.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum Denied {
+    #[error(transparent)]
+    Plan(#[from] Denial),
+    #[error("{reference} was never materialized in namespace {namespace}, and {source}")]
+    Unavailable { reference: String, namespace: String, #[source] source: FetchError },
+    #[error("{0}")]
+    Fetch(#[source] FetchError),
+    #[error(transparent)]
+    Value(#[from] ValueError),
+    #[error(transparent)]
+    Write(#[from] WriteError),
+}
+
+/// What the webhook answers for an admitted pod.
+#[derive(Debug, Default)]
+pub struct Admitted {
+    pub patch: Option<Patch>,
+    pub warnings: Vec<String>,
+}
+
+/// The last thing each vault told us: `None` when it answered, or why it could not be used.
+#[derive(Clone, Default)]
+pub struct VaultHealth(Arc<Mutex<BTreeMap<String, Option<String>>>>);
+
+impl VaultHealth {
+    pub fn record(&self, vault: &str, outage: Option<String>, metrics: &Metrics) {
+        metrics.vault_up.get_or_create(&VaultLabels { vault: vault.to_owned() }).set(i64::from(outage.is_none()));
+        if let Ok(mut map) = self.0.lock() {
+            map.insert(vault.to_owned(), outage);
+        }
+    }
+    pub fn outage(&self, vault: &str) -> Option<String> {
+        self.0.lock().ok().and_then(|m| m.get(vault).cloned().flatten())
+    }
+}
+
+pub struct Injector {
+    config: InjectConfig,
+    source: Arc<dyn SecretSource>,
+    writer: Arc<dyn SecretWriter>,
+    store: Store<Secret>,
+    /// Resolved values; concurrent first reads of one reference share one Key Vault call.
+    values: Cache<Reference, Fetched>,
+    /// Secrets this process created, until the watch cache shows them; concurrent first
+    /// uses in one namespace share one create.
+    created: Cache<(String, String), ()>,
+    pub metrics: Metrics,
+    pub health: VaultHealth,
+}
+
+impl Injector {
+    pub fn new(
+        config: InjectConfig,
+        source: Arc<dyn SecretSource>,
+        writer: Arc<dyn SecretWriter>,
+        store: Store<Secret>,
+        value_ttl: Duration,
+        metrics: Metrics,
+    ) -> Self {
+        Self {
+            config,
+            source,
+            writer,
+            store,
+            values: Cache::builder().max_capacity(100_000).time_to_live(value_ttl).build(),
+            created: Cache::builder().max_capacity(100_000).time_to_live(Duration::from_secs(600)).build(),
+            metrics,
+            health: VaultHealth::default(),
+        }
+    }
+
+    pub fn source(&self) -> &Arc<dyn SecretSource> {
+        &self.source
+    }
+
+    pub fn vaults(&self) -> impl Iterator<Item = &String> {
+        self.config.vaults.iter()
+    }
+
+    /// Decides for one pod in `namespace`. On a dry run nothing is written, and the
+    /// answer is the same.
+    pub async fn admit(&self, namespace: &str, pod: &Pod, dry_run: bool) -> Result<Admitted, Denied> {
+        let plan = mutate::plan(pod, &self.config)?;
+        let results = futures::future::join_all(plan.needed.iter().map(|n| self.ensure(namespace, n, dry_run))).await;
+        let mut warnings = plan.warnings;
+        for r in results {
+            warnings.extend(r?);
+        }
+        Ok(Admitted { patch: plan.patch, warnings })
+    }
+
+    /// Makes sure the Secret for `needed` exists; returns a warning when it is served from
+    /// what was materialized while its vault is unreachable.
+    async fn ensure(&self, namespace: &str, needed: &Needed, dry_run: bool) -> Result<Option<String>, Denied> {
+        let key = (namespace.to_owned(), needed.secret_name.clone());
+        let reference = needed.source.reference();
+        if let Some(version) = self.materialized(&key) {
+            self.metrics.cache("secret", true);
+            return Ok(self.health.outage(&reference.vault).map(|why| {
+                format!("{reference}: Key Vault is unreachable ({why}); using the materialized Secret {} (version {version})", needed.secret_name)
+            }));
+        }
+        self.metrics.cache("secret", false);
+        let fetched = self.fetch(reference).await.map_err(|e| {
+            if e.is_outage() {
+                Denied::Unavailable { reference: reference.to_string(), namespace: namespace.to_owned(), source: e }
+            } else {
+                Denied::Fetch(e)
+            }
+        })?;
+        let secret = materialize::desired_secret(namespace, needed, &fetched)?;
+        if dry_run {
+            return Ok(None);
+        }
+        let writer = self.writer.clone();
+        let metrics = self.metrics.clone();
+        self.created
+            .try_get_with(key, async move {
+                writer.create(secret).await?;
+                metrics.secrets_created.inc();
+                Ok::<_, WriteError>(())
+            })
+            .await
+            .map_err(|e: Arc<WriteError>| Denied::Write((*e).clone()))?;
+        Ok(None)
+    }
+
+    /// The version of the materialized Secret, from the watch cache or our own creations.
+    fn materialized(&self, key: &(String, String)) -> Option<String> {
+        let object = ObjectRef::<Secret>::new(&key.1).within(&key.0);
+        if let Some(secret) = self.store.get(&object).filter(|s| materialize::is_managed(s)) {
+            let version = secret.metadata.annotations.as_ref().and_then(|a| a.get(materialize::VERSION_ANNOTATION).cloned());
+            return Some(version.unwrap_or_default());
+        }
+        self.created.contains_key(key).then(|| "just created".to_owned())
+    }
+
+    async fn fetch(&self, reference: &Reference) -> Result<Fetched, FetchError> {
+        if let Some(hit) = self.values.get(reference).await {
+            self.metrics.cache("value", true);
+            return Ok(hit);
+        }
+        self.metrics.cache("value", false);
+        let (source, metrics, health) = (self.source.clone(), self.metrics.clone(), self.health.clone());
+        let r = reference.clone();
+        self.values
+            .try_get_with(reference.clone(), async move {
+                let result = source.fetch(&r).await;
+                let label = result.as_ref().map_or_else(FetchError::metric_label, |_| "ok");
+                metrics.keyvault_requests.get_or_create(&crate::metrics::ResultLabels { result: label }).inc();
+                let outage = result.as_ref().err().filter(|e| e.is_outage()).map(ToString::to_string);
+                health.record(&r.vault, outage, &metrics);
+                debug!(reference = %r, result = label, "read Key Vault");
+                result
+            })
+            .await
+            .map_err(|e: Arc<FetchError>| (*e).clone())
+    }
+
+    /// Asks each vault whether it answers, so admissions served from materialized Secrets
+    /// can warn about an outage without calling Key Vault themselves.
+    pub async fn probe_vaults(&self) {
+        for vault in self.config.vaults.iter() {
+            let outage = self.source.probe(vault).await.err().map(|e| e.to_string());
+            if let Some(why) = &outage {
+                warn!(vault = %vault, error = %why, "Key Vault unreachable");
+            }
+            self.health.record(vault, outage, &self.metrics);
+        }
+    }
+}
+
+/// Creates Secrets through the apiserver.
+pub struct KubeWriter(pub kube::Client);
+
+#[async_trait]
+impl SecretWriter for KubeWriter {
+    async fn create(&self, secret: Secret) -> Result<(), WriteError> {
+        let namespace = secret.metadata.namespace.clone().unwrap_or_default();
+        let name = secret.metadata.name.clone().unwrap_or_default();
+        let api: Api<Secret> = Api::namespaced(self.0.clone(), &namespace);
+        let params = PostParams { field_manager: Some(FIELD_MANAGER.to_owned()), ..Default::default() };
+        let api_error = |e: kube::Error| WriteError::Api { namespace: namespace.clone(), name: name.clone(), detail: e.to_string() };
+        match api.create(&params, &secret).await {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(status)) if status.code == 409 => {
+                let existing = api.get(&name).await.map_err(api_error)?;
+                let reference = |s: &Secret| s.metadata.annotations.as_ref().and_then(|a| a.get(materialize::REFERENCE_ANNOTATION).cloned());
+                if materialize::is_managed(&existing) && reference(&existing) == reference(&secret) {
+                    Ok(())
+                } else {
+                    Err(WriteError::NotOurs { namespace, name, reference: reference(&secret).unwrap_or_default() })
+                }
+            }
+            Err(e) => Err(api_error(e)),
+        }
+    }
+}

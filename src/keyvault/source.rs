@@ -1,0 +1,171 @@
+//! Reading one secret from Key Vault, with errors a pod's author can act on.
+
+use super::{Connector, SecretValue, SetupError};
+use crate::reference::Reference;
+use async_trait::async_trait;
+use azure_core::error::ErrorKind;
+use azure_security_keyvault_secrets::{ResourceExt, SecretClient, models::SecretClientGetSecretOptions};
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
+use time::OffsetDateTime;
+
+/// A value read from Key Vault, with the version it came from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Fetched {
+    pub value: SecretValue,
+    pub version: String,
+}
+
+/// Why a secret could not be read. Messages never contain a value.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum FetchError {
+    #[error("Key Vault secret {0} was not found")]
+    NotFound(String),
+    #[error("kvinject's identity may not read Key Vault secret {reference} (403 {code})")]
+    Forbidden { reference: String, code: String },
+    #[error("Key Vault secret {0} is disabled")]
+    Disabled(String),
+    #[error("Key Vault secret {reference} expired at {at}")]
+    Expired { reference: String, at: String },
+    #[error("Key Vault secret {reference} is not valid before {at}")]
+    NotYetValid { reference: String, at: String },
+    #[error("Key Vault `{vault}` could not be reached: {detail}")]
+    Unreachable { vault: String, detail: String },
+    #[error("Key Vault `{vault}` did not answer within {0:?}", .timeout)]
+    Timeout { vault: String, timeout: Duration },
+    #[error("kvinject could not authenticate to Key Vault `{vault}`: {detail}")]
+    Auth { vault: String, detail: String },
+    #[error("Key Vault `{vault}` answered unexpectedly: {detail}")]
+    Other { vault: String, detail: String },
+}
+
+impl FetchError {
+    /// The `result` label of the Key Vault request metric.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            FetchError::NotFound(_) => "not_found",
+            FetchError::Forbidden { .. } => "forbidden",
+            FetchError::Disabled(_) => "disabled",
+            FetchError::Expired { .. } => "expired",
+            FetchError::NotYetValid { .. } => "not_yet_valid",
+            FetchError::Unreachable { .. } => "unreachable",
+            FetchError::Timeout { .. } => "timeout",
+            FetchError::Auth { .. } => "auth",
+            FetchError::Other { .. } => "error",
+        }
+    }
+
+    /// True when the vault itself could not be used, as opposed to an answer about the secret.
+    pub fn is_outage(&self) -> bool {
+        matches!(self, FetchError::Unreachable { .. } | FetchError::Timeout { .. } | FetchError::Auth { .. })
+    }
+}
+
+/// Where values come from: Key Vault in production.
+#[async_trait]
+pub trait SecretSource: Send + Sync {
+    async fn fetch(&self, reference: &Reference) -> Result<Fetched, FetchError>;
+    /// A cheap call that tells whether `vault` answers at all.
+    async fn probe(&self, vault: &str) -> Result<(), FetchError>;
+}
+
+/// Key Vault through the Azure SDK, one client per configured vault.
+pub struct KeyVault {
+    clients: BTreeMap<String, SecretClient>,
+    timeout: Duration,
+}
+
+impl KeyVault {
+    /// `vaults` maps each vault name used in references to its URL.
+    pub fn new(connector: &Connector, vaults: &BTreeMap<String, String>, timeout: Duration) -> Result<Arc<Self>, SetupError> {
+        let clients = vaults
+            .iter()
+            .map(|(name, url)| Ok((name.clone(), connector.secret_client(url)?)))
+            .collect::<Result<_, SetupError>>()?;
+        Ok(Arc::new(Self { clients, timeout }))
+    }
+
+    fn client(&self, vault: &str) -> Result<&SecretClient, FetchError> {
+        self.clients.get(vault).ok_or_else(|| FetchError::Other { vault: vault.to_owned(), detail: "no client for this vault".into() })
+    }
+}
+
+#[async_trait]
+impl SecretSource for KeyVault {
+    async fn fetch(&self, reference: &Reference) -> Result<Fetched, FetchError> {
+        let client = self.client(&reference.vault)?;
+        let options = SecretClientGetSecretOptions { secret_version: reference.version.clone(), ..Default::default() };
+        let call = async {
+            let response = client.get_secret(&reference.name, Some(options)).await?;
+            response.into_model()
+        };
+        let secret = match tokio::time::timeout(self.timeout, call).await {
+            Err(_) => return Err(FetchError::Timeout { vault: reference.vault.clone(), timeout: self.timeout }),
+            Ok(Err(e)) => return Err(classify(&reference.vault, &reference.to_string(), &e)),
+            Ok(Ok(s)) => s,
+        };
+        let r = reference.to_string();
+        if let Some(attrs) = &secret.attributes {
+            let now = OffsetDateTime::now_utc();
+            if attrs.enabled == Some(false) {
+                return Err(FetchError::Disabled(r));
+            }
+            if let Some(exp) = attrs.expires.filter(|exp| *exp <= now) {
+                return Err(FetchError::Expired { reference: r, at: exp.to_string() });
+            }
+            if let Some(nbf) = attrs.not_before.filter(|nbf| *nbf > now) {
+                return Err(FetchError::NotYetValid { reference: r, at: nbf.to_string() });
+            }
+        }
+        let version = secret
+            .resource_id()
+            .ok()
+            .and_then(|id| id.version)
+            .ok_or_else(|| FetchError::Other { vault: reference.vault.clone(), detail: format!("the answer for {r} carries no version id") })?;
+        let value = secret.value.ok_or_else(|| FetchError::Other { vault: reference.vault.clone(), detail: format!("the answer for {r} carries no value") })?;
+        Ok(Fetched { value: SecretValue::new(value), version })
+    }
+
+    async fn probe(&self, vault: &str) -> Result<(), FetchError> {
+        use futures::TryStreamExt;
+        let client = self.client(vault)?;
+        let call = async {
+            let mut pages = client.list_secret_properties(None)?.into_pages();
+            pages.try_next().await.map(|_| ())
+        };
+        match tokio::time::timeout(self.timeout, call).await {
+            Err(_) => Err(FetchError::Timeout { vault: vault.to_owned(), timeout: self.timeout }),
+            Ok(Err(e)) => match classify(vault, "(listing)", &e) {
+                // an answer, even a refusal, means the vault is there
+                FetchError::Forbidden { .. } | FetchError::NotFound(_) => Ok(()),
+                other => Err(other),
+            },
+            Ok(Ok(())) => Ok(()),
+        }
+    }
+}
+
+/// Maps an SDK error to what happened. Only status, error code and the SDK's own message
+/// are used: a response body is never copied into the error.
+fn classify(vault: &str, reference: &str, e: &azure_core::Error) -> FetchError {
+    let vault = vault.to_owned();
+    match e.kind() {
+        ErrorKind::HttpResponse { status, error_code, raw_response } => {
+            let code = error_code.clone().unwrap_or_default();
+            let body_says_disabled = raw_response
+                .as_ref()
+                .map(|r| String::from_utf8_lossy(r.body()).contains("SecretDisabled"))
+                .unwrap_or(false);
+            match u16::from(*status) {
+                404 => FetchError::NotFound(reference.to_owned()),
+                403 if body_says_disabled => FetchError::Disabled(reference.to_owned()),
+                403 => FetchError::Forbidden { reference: reference.to_owned(), code },
+                401 => FetchError::Auth { vault, detail: format!("401 {code}") },
+                s if s >= 500 || s == 429 => FetchError::Unreachable { vault, detail: format!("HTTP {s} {code}") },
+                s => FetchError::Other { vault, detail: format!("HTTP {s} {code}") },
+            }
+        }
+        ErrorKind::Connection | ErrorKind::Io => FetchError::Unreachable { vault, detail: e.to_string() },
+        ErrorKind::Credential => FetchError::Auth { vault, detail: e.to_string() },
+        _ => FetchError::Other { vault, detail: e.to_string() },
+    }
+}

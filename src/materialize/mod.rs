@@ -1,0 +1,153 @@
+//! The Secret a reference is materialized as (pure), and the metadata kvinject recognises
+//! its own Secrets by.
+
+use crate::{
+    keyvault::source::Fetched,
+    mutate::{self, Needed, Source},
+};
+use base64::Engine;
+use k8s_openapi::{ByteString, api::core::v1::Secret};
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+
+pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
+pub const MANAGED_BY: &str = "kvinject";
+/// Label selector for kvinject's own Secrets.
+pub const SELECTOR: &str = "app.kubernetes.io/managed-by=kvinject";
+pub const REFERENCE_ANNOTATION: &str = "kvinject.io/reference";
+pub const VERSION_ANNOTATION: &str = "kvinject.io/version";
+pub const REGISTRY_ANNOTATION: &str = "kvinject.io/registry";
+pub const USERNAME_ANNOTATION: &str = "kvinject.io/username";
+/// Secrets hold at most 1 MiB of data; the rest is left for metadata.
+pub const MAX_VALUE_BYTES: usize = 1024 * 1024 - 16 * 1024;
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ValueError {
+    #[error("the value of {reference} is {size} bytes, more than a Secret can hold ({max} bytes)")]
+    TooLarge { reference: String, size: usize, max: usize },
+    #[error("annotation `{annotation}`: the value of {reference} is not a docker config JSON ({why})")]
+    NotDockerConfig { annotation: &'static str, reference: String, why: String },
+}
+
+/// True when `secret` carries kvinject's managed-by label.
+pub fn is_managed(secret: &Secret) -> bool {
+    secret.metadata.labels.as_ref().and_then(|l| l.get(MANAGED_BY_LABEL)).map(String::as_str) == Some(MANAGED_BY)
+}
+
+/// Builds the Secret `needed` is materialized as in `namespace`, from its fetched value.
+pub fn desired_secret(namespace: &str, needed: &Needed, fetched: &Fetched) -> Result<Secret, ValueError> {
+    let reference = needed.source.reference().to_string();
+    let raw = fetched.value.expose();
+    if raw.len() > MAX_VALUE_BYTES {
+        return Err(ValueError::TooLarge { reference, size: raw.len(), max: MAX_VALUE_BYTES });
+    }
+    let mut annotations = BTreeMap::from([
+        (REFERENCE_ANNOTATION.to_owned(), reference.clone()),
+        (VERSION_ANNOTATION.to_owned(), fetched.version.clone()),
+    ]);
+    let (type_, key, data) = match &needed.source {
+        Source::Env(_) => ("Opaque", mutate::VALUE_KEY, raw.as_bytes().to_vec()),
+        Source::DockerConfig(_) => {
+            check_docker_config(raw).map_err(|why| ValueError::NotDockerConfig { annotation: mutate::PULL_SECRETS_ANNOTATION, reference, why })?;
+            ("kubernetes.io/dockerconfigjson", ".dockerconfigjson", raw.as_bytes().to_vec())
+        }
+        Source::RegistryLogin { registry, username, .. } => {
+            annotations.insert(REGISTRY_ANNOTATION.to_owned(), registry.clone());
+            annotations.insert(USERNAME_ANNOTATION.to_owned(), username.clone());
+            let auth = base64::engine::general_purpose::STANDARD.encode(format!("{username}:{raw}"));
+            let config = json!({"auths": {registry: {"username": username, "password": raw, "auth": auth}}});
+            ("kubernetes.io/dockerconfigjson", ".dockerconfigjson", serde_json::to_vec(&config).unwrap_or_default())
+        }
+    };
+    let mut secret = Secret::default();
+    secret.metadata.name = Some(needed.secret_name.clone());
+    secret.metadata.namespace = Some(namespace.to_owned());
+    secret.metadata.labels = Some(BTreeMap::from([(MANAGED_BY_LABEL.to_owned(), MANAGED_BY.to_owned())]));
+    secret.metadata.annotations = Some(annotations);
+    secret.type_ = Some(type_.to_owned());
+    secret.data = Some(BTreeMap::from([(key.to_owned(), ByteString(data))]));
+    Ok(secret)
+}
+
+/// Checks the shape the kubelet expects: `{"auths": {"<registry>": {...}, ...}}`. The
+/// reasons name positions and fields only, never the content.
+fn check_docker_config(raw: &str) -> Result<(), String> {
+    let doc: Value = serde_json::from_str(raw).map_err(|e| format!("not JSON: syntax error at line {} column {}", e.line(), e.column()))?;
+    let auths = doc.get("auths").ok_or("it has no \"auths\" object")?;
+    let auths = auths.as_object().ok_or("\"auths\" is not an object")?;
+    if auths.is_empty() {
+        return Err("\"auths\" names no registry".into());
+    }
+    for (i, entry) in auths.values().enumerate() {
+        if !entry.is_object() {
+            return Err(format!("entry {} of \"auths\" is not an object", i + 1));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{keyvault::SecretValue, reference::Reference};
+
+    fn r(name: &str) -> Reference {
+        Reference { vault: "main".into(), name: name.into(), version: None }
+    }
+
+    fn needed(source: Source) -> Needed {
+        Needed { secret_name: source.secret_name(), source }
+    }
+
+    fn fetched(v: &str) -> Fetched {
+        Fetched { value: SecretValue::new(v), version: "0123456789abcdef0123456789abcdef".into() }
+    }
+
+    #[test]
+    fn env_secret_holds_only_the_value_and_says_where_it_came_from() {
+        let n = needed(Source::Env(r("db")));
+        let s = desired_secret("team-a", &n, &fetched("s3cret")).unwrap();
+        let want: Secret = serde_json::from_value(json!({
+            "metadata": {
+                "name": n.secret_name, "namespace": "team-a",
+                "labels": {"app.kubernetes.io/managed-by": "kvinject"},
+                "annotations": {"kvinject.io/reference": "akv://main/db", "kvinject.io/version": "0123456789abcdef0123456789abcdef"}
+            },
+            "type": "Opaque",
+            "data": {"value": "czNjcmV0"}
+        }))
+        .unwrap();
+        assert_eq!(s, want);
+        assert!(is_managed(&s));
+    }
+
+    #[test]
+    fn docker_configs_are_checked_without_echoing_them() {
+        let n = needed(Source::DockerConfig(r("acr")));
+        let ok = r#"{"auths":{"r.example":{"auth":"dTpw"}}}"#;
+        let s = desired_secret("ns", &n, &fetched(ok)).unwrap();
+        assert_eq!(s.type_.as_deref(), Some("kubernetes.io/dockerconfigjson"));
+        assert_eq!(s.data.unwrap()[".dockerconfigjson"].0, ok.as_bytes());
+        for bad in ["hunter2-not-json", r#"{"auths":"hunter2"}"#, r#"{"hunter2":{}}"#, r#"{"auths":{}}"#, r#"{"auths":{"r":"hunter2"}}"#] {
+            let err = desired_secret("ns", &n, &fetched(bad)).unwrap_err().to_string();
+            assert!(err.starts_with("annotation `kvinject.io/image-pull-secrets`: the value of akv://main/acr is not a docker config JSON"), "{err}");
+            assert!(!err.contains("hunter2"), "the value leaked into {err}");
+        }
+    }
+
+    #[test]
+    fn registry_logins_become_docker_configs() {
+        let n = needed(Source::RegistryLogin { registry: "r.example".into(), username: "app-id".into(), password: r("sp") });
+        let s = desired_secret("ns", &n, &fetched("pw")).unwrap();
+        let config: Value = serde_json::from_slice(&s.data.unwrap()[".dockerconfigjson"].0).unwrap();
+        assert_eq!(config, json!({"auths": {"r.example": {"username": "app-id", "password": "pw", "auth": "YXBwLWlkOnB3"}}}));
+        assert_eq!(s.metadata.annotations.unwrap()["kvinject.io/registry"], "r.example");
+    }
+
+    #[test]
+    fn oversized_values_are_refused() {
+        let n = needed(Source::Env(r("big")));
+        let err = desired_secret("ns", &n, &fetched(&"x".repeat(MAX_VALUE_BYTES + 1))).unwrap_err();
+        assert!(matches!(err, ValueError::TooLarge { .. }), "{err}");
+    }
+}

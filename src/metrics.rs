@@ -1,0 +1,68 @@
+//! Prometheus metrics, served on the admin port at /metrics. Labels carry results and
+//! vault names, never a value or a secret name.
+
+use prometheus_client::{
+    encoding::{EncodeLabelSet, text::encode},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+use std::sync::Arc;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CacheLabels {
+    pub cache: &'static str,
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VaultLabels {
+    pub vault: String,
+}
+
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Arc<Registry>,
+    pub admissions: Family<ResultLabels, Counter>,
+    pub admission_seconds: Histogram,
+    pub keyvault_requests: Family<ResultLabels, Counter>,
+    pub cache: Family<CacheLabels, Counter>,
+    pub secrets_created: Counter,
+    pub vault_up: Family<VaultLabels, Gauge>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("kvinject");
+        let admissions = Family::<ResultLabels, Counter>::default();
+        registry.register("admissions", "Admission reviews answered, by result (patched, allowed, denied, invalid)", admissions.clone());
+        let admission_seconds = Histogram::new([0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]);
+        registry.register("admission_duration_seconds", "Time to answer one admission review", admission_seconds.clone());
+        let keyvault_requests = Family::<ResultLabels, Counter>::default();
+        registry.register("keyvault_requests", "Key Vault secret reads, by result", keyvault_requests.clone());
+        let cache = Family::<CacheLabels, Counter>::default();
+        registry.register("cache_lookups", "Lookups in the materialized-Secret and value caches, by hit or miss", cache.clone());
+        let secrets_created = Counter::default();
+        registry.register("secrets_created", "Materialized Secrets created", secrets_created.clone());
+        let vault_up = Family::<VaultLabels, Gauge>::default();
+        registry.register("keyvault_up", "1 when the last call to the vault got an answer, 0 when it could not be reached", vault_up.clone());
+        Self { registry: Arc::new(registry), admissions, admission_seconds, keyvault_requests, cache, secrets_created, vault_up }
+    }
+}
+
+impl Metrics {
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+
+    pub fn cache(&self, cache: &'static str, hit: bool) {
+        self.cache.get_or_create(&CacheLabels { cache, result: if hit { "hit" } else { "miss" } }).inc();
+    }
+}
