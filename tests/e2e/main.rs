@@ -4,4 +4,6 @@
 #[path = "../support/mod.rs"]
 mod support;
 
-mod skeleton;
+mod inject;
+mod outage;
+mod vault;

@@ -132,6 +132,22 @@ pub async fn seed_secret(name: &str, value: &str) -> String {
     secret.resource_id().unwrap().version.expect("a version")
 }
 
+/// Writes a new version with explicit attributes (enabled, expiry, not-before).
+pub async fn seed_secret_with(name: &str, value: &str, attributes: azure_security_keyvault_secrets::models::SecretAttributes) -> String {
+    use azure_security_keyvault_secrets::{ResourceExt, models::SetSecretParameters};
+    let params = SetSecretParameters { value: Some(value.to_owned()), secret_attributes: Some(attributes), ..Default::default() };
+    let secret = secret_client().set_secret(name, params.try_into().unwrap(), None).await.expect("seeding").into_model().unwrap();
+    secret.resource_id().unwrap().version.expect("a version")
+}
+
+/// Calls one of the bed vault's test-control endpoints (`forbid/NAME`, `allow/NAME`).
+pub async fn vault_control(path: &str) {
+    let ca = reqwest::Certificate::from_pem(&std::fs::read(&testbed().ca).unwrap()).unwrap();
+    let http = reqwest::Client::builder().tls_certs_merge([ca]).build().unwrap();
+    let res = http.post(format!("{}/_testbed/{path}", testbed().authority)).send().await.expect("vault control");
+    assert!(res.status().is_success(), "vault control {path}: {}", res.status());
+}
+
 pub fn unique(prefix: &str) -> String {
     use std::sync::atomic::{AtomicU32, Ordering};
     static N: AtomicU32 = AtomicU32::new(0);
@@ -172,6 +188,9 @@ pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
+/// Tests that only use the vault hold this shared; a test that stops it holds it alone.
+pub static VAULT: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
 /// A running `kvinject serve`, killed on drop. Its log goes to the test bed's log folder.
 pub struct Kvinject {
     child: Child,
@@ -181,9 +200,13 @@ pub struct Kvinject {
 }
 
 impl Kvinject {
+    /// kvinject configured for the bed's vault, as a service principal.
     pub async fn start(extra: &[&str]) -> Kvinject {
+        Self::start_on(free_port(), free_port(), extra).await
+    }
+
+    pub async fn start_on(port: u16, admin_port: u16, extra: &[&str]) -> Kvinject {
         let bed = testbed();
-        let (port, admin_port) = (free_port(), free_port());
         let log = bed.dir.join("logs").join(format!("{}.log", unique("kvinject")));
         let file = std::fs::File::create(&log).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_kvinject"))
@@ -191,7 +214,12 @@ impl Kvinject {
             .args(["--listen", &format!("127.0.0.1:{port}"), "--admin-listen", &format!("127.0.0.1:{admin_port}")])
             .arg("--tls-cert").arg(&bed.webhook_cert)
             .arg("--tls-key").arg(&bed.webhook_key)
+            .args(["--vault", &format!("{}={}", bed.vault_name, bed.vault_url)])
+            .args(["--azure-credential", "client-secret", "--azure-tenant-id", "testbed-tenant", "--azure-client-id", "kvinject-tests"])
+            .arg("--azure-ca-bundle").arg(&bed.ca)
+            .args(["--azure-authority-host", &bed.authority, "--vault-probe-interval", "1s"])
             .args(extra)
+            .env("AZURE_CLIENT_SECRET", "testbed-client-secret")
             .env("KUBECONFIG", &bed.kubeconfig)
             .env("KVINJECT_LOG", "info,kvinject=debug")
             .stdout(file.try_clone().unwrap())
@@ -216,6 +244,24 @@ impl Kvinject {
     pub fn logs(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+
+    /// The sum of a metric's samples whose line contains every one of `filters`.
+    pub async fn metric(&self, name: &str, filters: &[&str]) -> f64 {
+        let text = reqwest::get(format!("http://127.0.0.1:{}/metrics", self.admin_port)).await.unwrap().text().await.unwrap();
+        text.lines()
+            .filter(|l| l.starts_with(name) && (l[name.len()..].starts_with('{') || l[name.len()..].starts_with(' ')))
+            .filter(|l| filters.iter().all(|f| l.contains(f)))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    /// Kills the process (a crash, as seen from outside) and starts a fresh one on the
+    /// same ports, so the webhook registration stays valid.
+    pub async fn restart(&mut self, extra: &[&str]) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        *self = Kvinject::start_on(self.port, self.admin_port, extra).await;
+    }
 }
 
 impl Drop for Kvinject {
@@ -223,6 +269,62 @@ impl Drop for Kvinject {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Waits until the apiserver calls the webhook for namespace `ns`: a dry-run pod naming a
+/// vault kvinject does not know is denied by kvinject once the registration is live.
+pub async fn wait_for_webhook(client: &Client, ns: &str) {
+    use k8s_openapi::api::core::v1::Pod;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let probe: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "webhook-probe"},
+        "spec": {"containers": [{"name": "c", "image": "registry.invalid/x", "env": [{"name": "X", "value": "akv://not-configured/x"}]}]}
+    }))
+    .unwrap();
+    let dry = PostParams { dry_run: true, ..Default::default() };
+    eventually(Duration::from_secs(20), "the apiserver to call the webhook", || async {
+        matches!(pods.create(&dry, &probe).await, Err(kube::Error::Api(s)) if s.message.contains("not configured in kvinject"))
+    })
+    .await;
+}
+
+/// A namespace opted in through its own label, a kvinject process and a registration
+/// that sends that namespace's pods to it.
+pub struct Setup {
+    pub client: Client,
+    pub ns: String,
+    pub kvinject: Kvinject,
+    pub webhook: WebhookGuard,
+    pub label: String,
+}
+
+pub async fn setup(prefix: &str, extra: &[&str]) -> Setup {
+    let client = kube().await;
+    let kvinject = Kvinject::start(extra).await;
+    let label = unique(prefix);
+    let ns = namespace(&client, prefix, &[("kvinject.test/suite", &label)]).await;
+    let webhook = register_webhook(&client, &label, &kvinject.url(), ("kvinject.test/suite", &label)).await;
+    wait_for_webhook(&client, &ns).await;
+    Setup { client, ns, kvinject, webhook, label }
+}
+
+/// Runs kubectl against the bed, returning (success, stdout, stderr).
+pub fn kubectl(args: &[&str], stdin: Option<&str>) -> (bool, String, String) {
+    use std::io::Write;
+    let mut child = Command::new("kubectl")
+        .args(args)
+        .env("KUBECONFIG", &testbed().kubeconfig)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("running kubectl");
+    if let Some(input) = stdin {
+        child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    }
+    drop(child.stdin.take());
+    let out = child.wait_with_output().unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
 }
 
 /// Registers `url` for pod CREATE in namespaces labelled `label=value`, as the chart does.
