@@ -74,3 +74,75 @@ impl CertFiles {
         Ok(Some(new))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::{os::unix::fs::symlink, path::Path};
+
+    fn cert() -> (String, String) {
+        let c = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+        (c.cert.pem(), c.signing_key.serialize_pem())
+    }
+
+    /// Lays the files out as a Kubernetes Secret volume does: tls.crt -> ..data/tls.crt,
+    /// ..data -> ..<generation>, and a new generation swaps the ..data symlink atomically.
+    fn publish(dir: &Path, generation: u32, cert: &str, key: &str) {
+        let g = dir.join(format!("..gen{generation}"));
+        std::fs::create_dir(&g).unwrap();
+        std::fs::write(g.join("tls.crt"), cert).unwrap();
+        std::fs::write(g.join("tls.key"), key).unwrap();
+        let tmp = dir.join("..data_tmp");
+        symlink(&g, &tmp).unwrap();
+        std::fs::rename(&tmp, dir.join("..data")).unwrap();
+        for f in ["tls.crt", "tls.key"] {
+            if !dir.join(f).exists() {
+                symlink(dir.join("..data").join(f), dir.join(f)).unwrap();
+            }
+        }
+    }
+
+    fn client_trusting(pem: &str) -> reqwest::Client {
+        let ca = reqwest::Certificate::from_pem(pem.as_bytes()).unwrap();
+        // no pooled connections: each request is a new TLS handshake
+        reqwest::Client::builder().tls_certs_only([ca]).pool_max_idle_per_host(0).build().unwrap()
+    }
+
+    #[tokio::test]
+    async fn reloads_on_symlink_swap_and_keeps_the_old_pair_when_the_new_one_is_broken() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert_a, key_a) = cert();
+        let (cert_b, key_b) = cert();
+        publish(dir.path(), 1, &cert_a, &key_a);
+        let files = CertFiles { cert: dir.path().join("tls.crt"), key: dir.path().join("tls.key") };
+        let (config, hash) = files.load().await.unwrap();
+
+        let handle: axum_server::Handle<std::net::SocketAddr> = axum_server::Handle::new();
+        let app = axum::Router::new().route("/", axum::routing::get(|| async { "ok" }));
+        let server = axum_server::bind_rustls("127.0.0.1:0".parse().unwrap(), config.clone()).handle(handle.clone());
+        tokio::spawn(server.serve(app.into_make_service()));
+        let url = format!("https://localhost:{}/", handle.listening().await.unwrap().port());
+        let (a, b) = (client_trusting(&cert_a), client_trusting(&cert_b));
+        assert!(a.get(&url).send().await.is_ok(), "serves A");
+        assert!(b.get(&url).send().await.is_err());
+
+        assert_eq!(files.reload_if_changed(&config, hash).await.unwrap(), None, "unchanged files are not reloaded");
+        publish(dir.path(), 2, &cert_b, &key_b);
+        let hash = files.reload_if_changed(&config, hash).await.unwrap().expect("the swap is seen");
+        assert!(b.get(&url).send().await.is_ok(), "serves B after the swap");
+        assert!(a.get(&url).send().await.is_err());
+
+        publish(dir.path(), 3, "not a certificate", &key_a);
+        let err = files.reload_if_changed(&config, hash).await.unwrap_err();
+        assert!(matches!(err, TlsError::Invalid { .. }), "{err}");
+        assert!(b.get(&url).send().await.is_ok(), "a broken pair keeps the old one");
+        handle.shutdown();
+    }
+
+    #[tokio::test]
+    async fn missing_files_are_named() {
+        let files = CertFiles { cert: "/nonexistent/tls.crt".into(), key: "/nonexistent/tls.key".into() };
+        let err = files.load().await.unwrap_err().to_string();
+        assert!(err.contains("/nonexistent/tls.crt"), "{err}");
+    }
+}
