@@ -6,4 +6,5 @@ mod support;
 
 mod inject;
 mod outage;
+mod serving;
 mod vault;

@@ -140,6 +140,14 @@ pub async fn seed_secret_with(name: &str, value: &str, attributes: azure_securit
     secret.resource_id().unwrap().version.expect("a version")
 }
 
+/// The bed vault's request counters (secrets_get, tokens, assertion_tokens, ...).
+pub async fn vault_counters() -> serde_json::Value {
+    let ca = reqwest::Certificate::from_pem(&std::fs::read(&testbed().ca).unwrap()).unwrap();
+    let http = reqwest::Client::builder().tls_certs_merge([ca]).build().unwrap();
+    let res = http.get(format!("{}/_testbed/counters", testbed().authority)).send().await.expect("vault counters");
+    serde_json::from_slice(&res.bytes().await.unwrap()).unwrap()
+}
+
 /// Calls one of the bed vault's test-control endpoints (`forbid/NAME`, `allow/NAME`).
 pub async fn vault_control(path: &str) {
     let ca = reqwest::Certificate::from_pem(&std::fs::read(&testbed().ca).unwrap()).unwrap();
@@ -205,7 +213,15 @@ impl Kvinject {
         Self::start_on(free_port(), free_port(), extra).await
     }
 
+    /// kvinject for the bed's vault with the service principal credential.
     pub async fn start_on(port: u16, admin_port: u16, extra: &[&str]) -> Kvinject {
+        let mut args = vec!["--azure-credential", "client-secret", "--azure-tenant-id", "testbed-tenant", "--azure-client-id", "kvinject-tests"];
+        args.extend_from_slice(extra);
+        Self::spawn(port, admin_port, &args, &[("AZURE_CLIENT_SECRET", "testbed-client-secret")]).await
+    }
+
+    /// kvinject for the bed's vault and CA; the credential comes from `args` and `env`.
+    pub async fn spawn(port: u16, admin_port: u16, args: &[&str], env: &[(&str, &str)]) -> Kvinject {
         let bed = testbed();
         let log = bed.dir.join("logs").join(format!("{}.log", unique("kvinject")));
         let file = std::fs::File::create(&log).unwrap();
@@ -215,11 +231,11 @@ impl Kvinject {
             .arg("--tls-cert").arg(&bed.webhook_cert)
             .arg("--tls-key").arg(&bed.webhook_key)
             .args(["--vault", &format!("{}={}", bed.vault_name, bed.vault_url)])
-            .args(["--azure-credential", "client-secret", "--azure-tenant-id", "testbed-tenant", "--azure-client-id", "kvinject-tests"])
             .arg("--azure-ca-bundle").arg(&bed.ca)
             .args(["--azure-authority-host", &bed.authority, "--vault-probe-interval", "1s"])
-            .args(extra)
-            .env("AZURE_CLIENT_SECRET", "testbed-client-secret")
+            .args(args)
+            .env_remove("AZURE_FEDERATED_TOKEN_FILE")
+            .envs(env.iter().copied())
             .env("KUBECONFIG", &bed.kubeconfig)
             .env("KVINJECT_LOG", "info,kvinject=debug")
             .stdout(file.try_clone().unwrap())
@@ -253,6 +269,14 @@ impl Kvinject {
             .filter(|l| filters.iter().all(|f| l.contains(f)))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum()
+    }
+
+    /// Sends SIGTERM and waits for the process; returns its exit status and how long it took.
+    pub fn terminate(&mut self) -> (std::process::ExitStatus, Duration) {
+        let started = Instant::now();
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let status = self.child.wait().expect("waiting for kvinject");
+        (status, started.elapsed())
     }
 
     /// Kills the process (a crash, as seen from outside) and starts a fresh one on the
@@ -299,8 +323,12 @@ pub struct Setup {
 }
 
 pub async fn setup(prefix: &str, extra: &[&str]) -> Setup {
+    setup_for(prefix, Kvinject::start(extra).await).await
+}
+
+/// Like `setup`, with a kvinject process the test started itself.
+pub async fn setup_for(prefix: &str, kvinject: Kvinject) -> Setup {
     let client = kube().await;
-    let kvinject = Kvinject::start(extra).await;
     let label = unique(prefix);
     let ns = namespace(&client, prefix, &[("kvinject.test/suite", &label)]).await;
     let webhook = register_webhook(&client, &label, &kvinject.url(), ("kvinject.test/suite", &label)).await;

@@ -41,7 +41,7 @@ NAME_RE = re.compile(r"^[0-9a-zA-Z-]{1,127}$")
 lock = threading.Lock()
 state = {"secrets": {}}  # name -> [version dicts], newest last
 forbidden = set()  # names that answer 403 (an RBAC denial, which Key Vault decides per identity)
-counters = {"secrets_get": 0, "secrets_put": 0, "challenges": 0, "tokens": 0}
+counters = {"secrets_get": 0, "secrets_put": 0, "challenges": 0, "tokens": 0, "assertion_tokens": 0}
 args = None
 
 
@@ -188,6 +188,8 @@ class Handler(BaseHTTPRequestHandler):
             if not form.get("client_id") or not (form.get("client_secret") or form.get("client_assertion")):
                 return self.reply(401, {"error": "invalid_client", "error_description": "client_id and a secret or assertion are required"})
             counters["tokens"] += 1
+            if form.get("client_assertion"):
+                counters["assertion_tokens"] += 1
             return self.reply(200, {"token_type": "Bearer", "expires_in": 3599, "ext_expires_in": 3599,
                                     "access_token": "testbed." + secrets.token_hex(16)})
         if parts[:1] == ["_testbed"]:
