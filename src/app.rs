@@ -9,6 +9,7 @@ use crate::{
     materialize,
     metrics::Metrics,
     mutate::InjectConfig,
+    rotation,
     webhook::{self, WebhookState},
 };
 use anyhow::Context;
@@ -53,7 +54,23 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         info!(vault = %name, %url, "vault configured");
     }
     let inject_config = InjectConfig { vaults: config.vaults.keys().cloned().collect() };
-    let injector = Arc::new(Injector::new(inject_config, source, Arc::new(KubeWriter(client)), store.clone(), config.value_cache_ttl, metrics.clone()));
+    let injector = Arc::new(Injector::new(inject_config.clone(), source.clone(), Arc::new(KubeWriter(client.clone())), store.clone(), config.value_cache_ttl, metrics.clone()));
+
+    // The rotation controller: every replica campaigns; only the Lease holder works.
+    let rotation: futures::future::BoxFuture<'static, ()> = match config.rotation.clone() {
+        None => Box::pin(std::future::pending()),
+        Some(settings) => {
+            let (caches, watches) = rotation::watch_workloads(&client, store.clone());
+            let (leading_tx, leading_rx) = tokio::sync::watch::channel(false);
+            let identity = settings.lease.identity.clone();
+            info!(%identity, lease = %settings.lease.name, namespace = %settings.lease.namespace, "rotation controller campaigning");
+            let controller = rotation::Controller::new(client.clone(), settings.controller, inject_config, source, caches, metrics.clone(), &identity);
+            let lease = rotation::lease::run(client.clone(), settings.lease, leading_tx);
+            Box::pin(async move {
+                tokio::join!(watches, lease, controller.run(leading_rx));
+            })
+        }
+    };
 
     let prober = {
         let (injector, interval) = (injector.clone(), config.vault_probe_interval);
@@ -113,6 +130,7 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         _ = mark_ready => {},
         _ = watch => {},
         _ = prober => {},
+        _ = rotation => {},
     }
     if stop.is_cancelled() {
         return Ok(());

@@ -39,6 +39,37 @@ pub struct ServeArgs {
     pub vaults: VaultArgs,
     #[command(flatten)]
     pub azure: AzureArgs,
+    #[command(flatten)]
+    pub rotation: RotationArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct RotationArgs {
+    /// Run the rotation controller (on the replica holding the Lease).
+    #[arg(long, env = "KVINJECT_ROTATION", default_value_t = true, action = clap::ArgAction::Set)]
+    pub rotation: bool,
+    /// Default interval between version checks of a Secret (pods can ask for less with
+    /// the kvinject.io/refresh-interval annotation).
+    #[arg(long, env = "KVINJECT_REFRESH_INTERVAL", default_value = "5m", value_parser = parse_duration)]
+    pub refresh_interval: Duration,
+    /// Roll workloads that do not say otherwise (kvinject.io/rollout-on-rotation on the
+    /// workload or its namespace wins).
+    #[arg(long, env = "KVINJECT_ROLLOUT_ON_ROTATION", default_value_t = false, action = clap::ArgAction::Set)]
+    pub rollout_on_rotation: bool,
+    /// How often every opted-in workload is compared with the versions it uses.
+    #[arg(long, env = "KVINJECT_RECONCILE_INTERVAL", default_value = "30s", value_parser = parse_duration)]
+    pub reconcile_interval: Duration,
+    /// Namespace of the leader-election Lease (kvinject's own namespace).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "kvinject")]
+    pub lease_namespace: String,
+    #[arg(long, env = "KVINJECT_LEASE_NAME", default_value = "kvinject-rotation")]
+    pub lease_name: String,
+    /// How long a leader may go without renewing before another replica takes over.
+    #[arg(long, env = "KVINJECT_LEASE_DURATION", default_value = "15s", value_parser = parse_duration)]
+    pub lease_duration: Duration,
+    /// This replica's identity in the Lease (its pod name).
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -125,6 +156,14 @@ pub struct ServeConfig {
     pub keyvault_budget: Duration,
     pub value_cache_ttl: Duration,
     pub vault_probe_interval: Duration,
+    /// `None` when the rotation controller is off.
+    pub rotation: Option<RotationSettings>,
+}
+
+#[derive(Debug, Clone)]
+pub struct RotationSettings {
+    pub controller: crate::rotation::RotationConfig,
+    pub lease: crate::rotation::lease::LeaseConfig,
 }
 
 impl ServeArgs {
@@ -157,7 +196,41 @@ impl ServeArgs {
             keyvault_budget: budget,
             value_cache_ttl: self.vaults.value_cache_ttl,
             vault_probe_interval: self.vaults.vault_probe_interval,
+            rotation: self.rotation.validate()?,
         })
+    }
+}
+
+impl RotationArgs {
+    fn validate(self) -> anyhow::Result<Option<RotationSettings>> {
+        if !self.rotation {
+            return Ok(None);
+        }
+        if self.lease_duration < Duration::from_secs(2) {
+            bail!("--lease-duration {:?} is too short; use 2s or more", self.lease_duration);
+        }
+        let identity = match self.identity {
+            Some(id) if !id.is_empty() => id,
+            _ => std::fs::read_to_string("/etc/hostname")
+                .map(|h| h.trim().to_owned())
+                .ok()
+                .filter(|h| !h.is_empty())
+                .map(|h| format!("{h}-{}", std::process::id()))
+                .unwrap_or_else(|| format!("kvinject-{}", std::process::id())),
+        };
+        Ok(Some(RotationSettings {
+            controller: crate::rotation::RotationConfig {
+                refresh_interval: self.refresh_interval,
+                rollout_by_default: self.rollout_on_rotation,
+                reconcile_interval: self.reconcile_interval,
+            },
+            lease: crate::rotation::lease::LeaseConfig {
+                namespace: self.lease_namespace,
+                name: self.lease_name,
+                identity,
+                duration: self.lease_duration,
+            },
+        }))
     }
 }
 

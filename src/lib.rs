@@ -10,5 +10,6 @@ pub mod materialize;
 pub mod metrics;
 pub mod mutate;
 pub mod reference;
+pub mod rotation;
 pub mod telemetry;
 pub mod webhook;

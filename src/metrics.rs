@@ -33,6 +33,9 @@ pub struct Metrics {
     pub cache: Family<CacheLabels, Counter>,
     pub secrets_created: Counter,
     pub vault_up: Family<VaultLabels, Gauge>,
+    pub rotations: Counter,
+    pub rollouts: Counter,
+    pub sync_age_seconds: Gauge,
 }
 
 impl Default for Metrics {
@@ -50,7 +53,13 @@ impl Default for Metrics {
         registry.register("secrets_created", "Materialized Secrets created", secrets_created.clone());
         let vault_up = Family::<VaultLabels, Gauge>::default();
         registry.register("keyvault_up", "1 when the last call to the vault got an answer, 0 when it could not be reached", vault_up.clone());
-        Self { registry: Arc::new(registry), admissions, admission_seconds, keyvault_requests, cache, secrets_created, vault_up }
+        let rotations = Counter::default();
+        registry.register("rotations", "Materialized Secrets updated to a new Key Vault version", rotations.clone());
+        let rollouts = Counter::default();
+        registry.register("rollouts", "Workloads rolled because a Secret they use has a new version", rollouts.clone());
+        let sync_age_seconds = Gauge::default();
+        registry.register("secret_sync_age_seconds", "Age of the oldest successful version check among followed references (staleness)", sync_age_seconds.clone());
+        Self { registry: Arc::new(registry), admissions, admission_seconds, keyvault_requests, cache, secrets_created, vault_up, rotations, rollouts, sync_age_seconds }
     }
 }
 

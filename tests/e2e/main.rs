@@ -6,5 +6,6 @@ mod support;
 
 mod inject;
 mod outage;
+mod rotation;
 mod serving;
 mod vault;

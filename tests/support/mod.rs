@@ -199,6 +199,10 @@ pub fn free_port() -> u16 {
 /// Tests that only use the vault hold this shared; a test that stops it holds it alone.
 pub static VAULT: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
 
+/// A rotation controller acts on the whole cluster: tests that run one hold this, so
+/// their assertions see only their own controllers. Take it after `VAULT`.
+pub static ROTATION: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// A running `kvinject serve`, killed on drop. Its log goes to the test bed's log folder.
 pub struct Kvinject {
     child: Child,
@@ -234,6 +238,9 @@ impl Kvinject {
             .arg("--azure-ca-bundle").arg(&bed.ca)
             .args(["--azure-authority-host", &bed.authority, "--vault-probe-interval", "1s"])
             .args(args)
+            // Each test's kvinject would run a cluster-wide controller: only tests that
+            // are about rotation turn it on.
+            .args(if args.contains(&"--rotation") { &[][..] } else { &["--rotation", "false"][..] })
             .env_remove("AZURE_FEDERATED_TOKEN_FILE")
             .envs(env.iter().copied())
             .env("KUBECONFIG", &bed.kubeconfig)

@@ -1,0 +1,219 @@
+//! Rotation decisions, pure: when a Secret is due, which Secrets a workload consumes, and
+//! whether a workload rolls.
+
+use crate::{
+    config::parse_duration,
+    materialize,
+    mutate::{self, InjectConfig},
+    reference::Reference,
+};
+use k8s_openapi::api::core::v1::{Pod, PodTemplateSpec, Secret};
+use sha2::{Digest, Sha256};
+use std::{collections::BTreeMap, time::Duration};
+
+/// Pod annotation: how often the Secrets it uses are checked for a new version.
+pub const REFRESH_INTERVAL_ANNOTATION: &str = "kvinject.io/refresh-interval";
+/// Workload (or namespace) annotation: `"true"` rolls the workload when a Secret it uses changes.
+pub const ROLLOUT_ANNOTATION: &str = "kvinject.io/rollout-on-rotation";
+/// Workload annotation: `restart` (default) or `evict`.
+pub const STRATEGY_ANNOTATION: &str = "kvinject.io/rollout-strategy";
+/// SHA-256 over the versions a workload consumes: on the workload's metadata, the versions
+/// its running pods were last rolled (or first seen) with; on its pod template, the
+/// versions of the last rollout kvinject made.
+pub const VERSIONS_ANNOTATION: &str = "kvinject.io/secret-versions";
+
+/// The reference a materialized Secret follows, when it follows the current version.
+pub fn followed_reference(secret: &Secret) -> Option<Reference> {
+    let annotation = secret.metadata.annotations.as_ref()?.get(materialize::REFERENCE_ANNOTATION)?;
+    let reference = Reference::parse(annotation)?.ok()?;
+    // A pinned version never changes: nothing to follow.
+    reference.version.is_none().then_some(reference)
+}
+
+pub fn version_of(secret: &Secret) -> Option<&str> {
+    secret.metadata.annotations.as_ref()?.get(materialize::VERSION_ANNOTATION).map(String::as_str)
+}
+
+/// The interval for a Secret: the shortest `kvinject.io/refresh-interval` among the pods
+/// that use it, or `default`. Unparseable annotations are ignored.
+pub fn refresh_interval<'a>(secret_name: &str, pods: impl IntoIterator<Item = &'a Pod>, default: Duration) -> Duration {
+    pods.into_iter()
+        .filter(|p| uses_secret(p, secret_name))
+        .filter_map(|p| p.metadata.annotations.as_ref()?.get(REFRESH_INTERVAL_ANNOTATION))
+        .filter_map(|v| parse_duration(v).ok())
+        .filter(|d| !d.is_zero())
+        .fold(default, Duration::min)
+}
+
+/// True when the pod refers to `secret_name` through an env secretKeyRef or imagePullSecrets.
+pub fn uses_secret(pod: &Pod, secret_name: &str) -> bool {
+    let Some(spec) = &pod.spec else { return false };
+    let env = spec
+        .containers
+        .iter()
+        .chain(spec.init_containers.iter().flatten())
+        .flat_map(|c| c.env.iter().flatten())
+        .filter_map(|e| e.value_from.as_ref()?.secret_key_ref.as_ref())
+        .any(|r| r.name == secret_name);
+    env || spec.image_pull_secrets.iter().flatten().any(|r| r.name == secret_name)
+}
+
+/// A deterministic spread in [0, interval/10): 10,000 Secrets do not fall due together.
+pub fn jitter(secret_key: &str, interval: Duration) -> Duration {
+    let h = Sha256::digest(secret_key.as_bytes());
+    let n = u64::from_le_bytes(h[..8].try_into().unwrap_or_default());
+    let span = (interval.as_millis() / 10).max(1) as u64;
+    Duration::from_millis(n % span)
+}
+
+/// The materialized Secrets a workload's pods will use: the same planning the webhook does.
+pub fn workload_secrets(template: &PodTemplateSpec, config: &InjectConfig) -> Vec<String> {
+    let pod = Pod { metadata: template.metadata.clone().unwrap_or_default(), spec: template.spec.clone(), status: None };
+    mutate::plan(&pod, config).map(|p| p.needed.into_iter().map(|n| n.secret_name).collect()).unwrap_or_default()
+}
+
+/// SHA-256 over `secret name = version` lines, sorted: the same versions, the same hash.
+pub fn versions_hash(versions: &BTreeMap<String, String>) -> String {
+    let mut h = Sha256::new();
+    for (name, version) in versions {
+        h.update(name.as_bytes());
+        h.update(b"=");
+        h.update(version.as_bytes());
+        h.update(b"\n");
+    }
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Strategy {
+    Restart,
+    Evict,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Rollout {
+    /// Nothing to do.
+    None,
+    /// First sight: record the versions on the workload's metadata, roll nothing.
+    Record { hash: String },
+    /// A real version change: roll with `strategy` and record the new versions.
+    Roll { hash: String, strategy: Strategy },
+}
+
+/// Whether a workload rolls. `stored` is its metadata annotation; `opted_in` combines the
+/// workload's annotation with the namespace's and the global default.
+pub fn rollout(stored: Option<&str>, current: &str, opted_in: bool, strategy: Option<&str>) -> Result<Rollout, String> {
+    if !opted_in {
+        return Ok(Rollout::None);
+    }
+    let strategy = match strategy.unwrap_or("restart") {
+        "restart" => Strategy::Restart,
+        "evict" => Strategy::Evict,
+        other => return Err(format!("{STRATEGY_ANNOTATION} `{other}` is neither `restart` nor `evict`")),
+    };
+    Ok(match stored {
+        None => Rollout::Record { hash: current.to_owned() },
+        Some(s) if s == current => Rollout::None,
+        Some(_) => Rollout::Roll { hash: current.to_owned(), strategy },
+    })
+}
+
+/// The workload's own annotation wins; then the namespace's; then the global default.
+pub fn opted_in(workload: Option<&str>, namespace: Option<&str>, global: bool) -> bool {
+    match workload.or(namespace) {
+        Some(v) => v == "true",
+        None => global,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn pod(annotations: serde_json::Value, secret: &str) -> Pod {
+        serde_json::from_value(json!({
+            "metadata": {"annotations": annotations},
+            "spec": {"containers": [{"name": "c", "env": [{"name": "X", "valueFrom": {"secretKeyRef": {"name": secret, "key": "value"}}}]}]}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn the_shortest_interval_of_the_pods_using_a_secret_wins() {
+        let five = Duration::from_secs(300);
+        let pods = [
+            pod(json!({"kvinject.io/refresh-interval": "10m"}), "a"),
+            pod(json!({"kvinject.io/refresh-interval": "30s"}), "a"),
+            pod(json!({"kvinject.io/refresh-interval": "1s"}), "b"),
+            pod(json!({"kvinject.io/refresh-interval": "soon"}), "a"),
+            pod(json!({}), "a"),
+        ];
+        assert_eq!(refresh_interval("a", &pods, five), Duration::from_secs(30));
+        assert_eq!(refresh_interval("c", &pods, five), five);
+        assert_eq!(refresh_interval("a", &pods[3..], five), five, "a bad value is ignored");
+    }
+
+    #[test]
+    fn pinned_references_are_not_followed() {
+        let secret = |r: &str| -> Secret { serde_json::from_value(json!({"metadata": {"annotations": {"kvinject.io/reference": r}}})).unwrap() };
+        assert!(followed_reference(&secret("akv://v/db")).is_some());
+        assert!(followed_reference(&secret("akv://v/db/0123456789abcdef0123456789abcdef")).is_none());
+        assert!(followed_reference(&Secret::default()).is_none());
+    }
+
+    #[test]
+    fn hashes_depend_on_versions_only() {
+        let a = BTreeMap::from([("s1".to_string(), "v1".to_string()), ("s2".to_string(), "v1".to_string())]);
+        let mut b = a.clone();
+        assert_eq!(versions_hash(&a), versions_hash(&b));
+        b.insert("s2".into(), "v2".into());
+        assert_ne!(versions_hash(&a), versions_hash(&b));
+        assert_eq!(versions_hash(&a).len(), 64);
+    }
+
+    #[test]
+    fn rollout_table() {
+        let h = "h1";
+        let cases = [
+            (None, false, None, Ok(Rollout::None)),
+            (None, true, None, Ok(Rollout::Record { hash: h.into() })),
+            (Some("h1"), true, None, Ok(Rollout::None)),
+            (Some("h0"), true, None, Ok(Rollout::Roll { hash: h.into(), strategy: Strategy::Restart })),
+            (Some("h0"), true, Some("evict"), Ok(Rollout::Roll { hash: h.into(), strategy: Strategy::Evict })),
+            (Some("h0"), true, Some("recreate"), Err("kvinject.io/rollout-strategy `recreate` is neither `restart` nor `evict`".to_string())),
+        ];
+        for (stored, opted, strategy, want) in cases {
+            assert_eq!(rollout(stored, h, opted, strategy), want, "{stored:?} {opted} {strategy:?}");
+        }
+    }
+
+    #[test]
+    fn opt_in_precedence() {
+        assert!(opted_in(Some("true"), Some("false"), false));
+        assert!(!opted_in(Some("false"), Some("true"), true));
+        assert!(opted_in(None, Some("true"), false));
+        assert!(opted_in(None, None, true));
+        assert!(!opted_in(None, None, false));
+    }
+
+    #[test]
+    fn workloads_consume_what_the_webhook_would_materialize() {
+        let config = InjectConfig { vaults: ["v".to_string()].into() };
+        let template: PodTemplateSpec = serde_json::from_value(json!({
+            "metadata": {"annotations": {"kvinject.io/image-pull-secrets": "akv://v/acr"}},
+            "spec": {"containers": [{"name": "c", "env": [{"name": "X", "value": "akv://v/db"}]}]}
+        }))
+        .unwrap();
+        let names = workload_secrets(&template, &config);
+        assert_eq!(names.len(), 2);
+        assert!(names.iter().any(|n| n.starts_with("kvi-v-db-")) && names.iter().any(|n| n.starts_with("kvi-pull-v-acr-")), "{names:?}");
+    }
+
+    #[test]
+    fn jitter_is_bounded_and_stable() {
+        let i = Duration::from_secs(300);
+        assert!(jitter("ns/a", i) < Duration::from_secs(30));
+        assert_eq!(jitter("ns/a", i), jitter("ns/a", i));
+    }
+}

@@ -1,0 +1,379 @@
+//! The rotation controller: follows Key Vault versions of materialized Secrets, updates
+//! them, and rolls the workloads that opted in. Runs only on the Lease holder.
+
+pub mod decide;
+pub mod lease;
+
+use crate::{
+    inject::FIELD_MANAGER,
+    keyvault::source::{FetchError, Fetched, SecretSource},
+    materialize,
+    metrics::{Metrics, ResultLabels},
+    mutate::{InjectConfig, Needed, Source},
+    reference::Reference,
+};
+use decide::{Rollout, Strategy};
+use futures::StreamExt;
+use k8s_openapi::{
+    api::{
+        apps::v1::{DaemonSet, Deployment, StatefulSet},
+        core::v1::{Namespace, Pod, PodTemplateSpec, Secret},
+    },
+    serde::de::DeserializeOwned,
+};
+use kube::{
+    Api, Client, Resource, ResourceExt,
+    api::{Patch, PatchParams, PostParams},
+    runtime::{
+        WatchStreamExt,
+        events::{Event, EventType, Recorder, Reporter},
+        reflector::{self, Store},
+        watcher,
+    },
+};
+use serde_json::json;
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    fmt::Debug,
+    future::Future,
+    sync::Arc,
+    time::Duration,
+};
+use tokio::{sync::watch, time::Instant};
+use tracing::{debug, info, warn};
+
+#[derive(Clone, Debug)]
+pub struct RotationConfig {
+    /// Default interval between version checks of one Secret.
+    pub refresh_interval: Duration,
+    /// Roll workloads that say nothing (and whose namespace says nothing).
+    pub rollout_by_default: bool,
+    /// How often every opted-in workload is compared with the versions it consumes.
+    pub reconcile_interval: Duration,
+}
+
+/// Watch-backed caches the controller decides from.
+#[derive(Clone)]
+pub struct Caches {
+    pub secrets: Store<Secret>,
+    pub pods: Store<Pod>,
+    pub deployments: Store<Deployment>,
+    pub statefulsets: Store<StatefulSet>,
+    pub daemonsets: Store<DaemonSet>,
+    pub namespaces: Store<Namespace>,
+}
+
+/// Starts the reflectors the controller needs (besides the Secret store the webhook
+/// shares) and returns them with the future that drives them.
+pub fn watch_workloads(client: &Client, secrets: Store<Secret>) -> (Caches, impl Future<Output = ()> + Send + use<>) {
+    fn reflect<K>(api: Api<K>, config: watcher::Config) -> (Store<K>, futures::future::BoxFuture<'static, ()>)
+    where
+        K: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
+    {
+        let (store, writer) = reflector::store();
+        let fut = reflector::reflector(writer, watcher(api, config))
+            .default_backoff()
+            .applied_objects()
+            .for_each(|e| async move {
+                if let Err(e) = e {
+                    warn!(error = %e, "watch failed; retrying");
+                }
+            });
+        (store, Box::pin(fut))
+    }
+    let (pods, p) = reflect(Api::<Pod>::all(client.clone()), watcher::Config::default().labels(&format!("{}=true", crate::mutate::INJECTED_LABEL)));
+    let (deployments, d) = reflect(Api::<Deployment>::all(client.clone()), watcher::Config::default());
+    let (statefulsets, s) = reflect(Api::<StatefulSet>::all(client.clone()), watcher::Config::default());
+    let (daemonsets, ds) = reflect(Api::<DaemonSet>::all(client.clone()), watcher::Config::default());
+    let (namespaces, n) = reflect(Api::<Namespace>::all(client.clone()), watcher::Config::default());
+    let caches = Caches { secrets, pods, deployments, statefulsets, daemonsets, namespaces };
+    let drive = async move {
+        futures::future::join_all([p, d, s, ds, n]).await;
+    };
+    (caches, drive)
+}
+
+/// Per-reference polling state, kept only in memory: a new leader starts each reference
+/// one interval (plus jitter) from when it first sees it, so leadership moves cause no
+/// burst of Key Vault calls and no rollout.
+struct Poll {
+    next: Instant,
+    failures: u32,
+    last_success: Option<Instant>,
+}
+
+pub struct Controller {
+    client: Client,
+    config: RotationConfig,
+    inject: InjectConfig,
+    source: Arc<dyn SecretSource>,
+    caches: Caches,
+    metrics: Metrics,
+    recorder: Recorder,
+    polls: HashMap<Reference, Poll>,
+    last_full_reconcile: Option<Instant>,
+}
+
+impl Controller {
+    pub fn new(
+        client: Client,
+        config: RotationConfig,
+        inject: InjectConfig,
+        source: Arc<dyn SecretSource>,
+        caches: Caches,
+        metrics: Metrics,
+        identity: &str,
+    ) -> Self {
+        let recorder = Recorder::new(client.clone(), Reporter { controller: "kvinject".into(), instance: Some(identity.to_owned()) });
+        Self { client, config, inject, source, caches, metrics, recorder, polls: HashMap::new(), last_full_reconcile: None }
+    }
+
+    /// Runs while `leading` says so; a replica that loses the lease stops and waits.
+    pub async fn run(mut self, mut leading: watch::Receiver<bool>) {
+        loop {
+            while !*leading.borrow_and_update() {
+                if leading.changed().await.is_err() {
+                    return;
+                }
+            }
+            info!("leading: rotation controller started");
+            // A new term starts from what the apiserver says, not from a previous term.
+            self.polls.clear();
+            self.last_full_reconcile = None;
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            while *leading.borrow() {
+                tokio::select! {
+                    _ = tick.tick() => self.sweep().await,
+                    _ = leading.changed() => {}
+                }
+            }
+            info!("lost the lease: rotation controller stopped");
+        }
+    }
+
+    /// One pass: poll the references that are due, update their Secrets, then roll.
+    async fn sweep(&mut self) {
+        let now = Instant::now();
+        let secrets = self.caches.secrets.state();
+        let mut by_reference: BTreeMap<Reference, Vec<Arc<Secret>>> = BTreeMap::new();
+        for s in secrets.iter().filter(|s| materialize::is_managed(s)) {
+            if let Some(r) = decide::followed_reference(s) {
+                by_reference.entry(r).or_default().push(s.clone());
+            }
+        }
+        self.polls.retain(|r, _| by_reference.contains_key(r));
+        let pods = self.caches.pods.state();
+        let mut dirty: BTreeSet<String> = BTreeSet::new();
+        for (reference, secrets) in &by_reference {
+            let interval = secrets
+                .iter()
+                .map(|s| decide::refresh_interval(&s.name_any(), pods.iter().map(AsRef::as_ref), self.config.refresh_interval))
+                .min()
+                .unwrap_or(self.config.refresh_interval);
+            let key = reference.to_string();
+            let poll = self.polls.entry(reference.clone()).or_insert_with(|| Poll {
+                next: now + interval + decide::jitter(&key, interval),
+                failures: 0,
+                last_success: Some(now),
+            });
+            if poll.next > now {
+                continue;
+            }
+            // One Key Vault read per distinct reference, however many namespaces use it.
+            let result = self.source.fetch(reference).await;
+            let label = result.as_ref().map_or_else(FetchError::metric_label, |_| "ok");
+            self.metrics.keyvault_requests.get_or_create(&ResultLabels { result: label }).inc();
+            let poll = self.polls.get_mut(reference).expect("inserted above");
+            match result {
+                Ok(fetched) => {
+                    poll.failures = 0;
+                    poll.last_success = Some(now);
+                    poll.next = now + interval;
+                    for secret in secrets.iter().filter(|s| decide::version_of(s) != Some(fetched.version.as_str())) {
+                        if self.update(secret, &fetched).await {
+                            dirty.insert(secret.namespace().unwrap_or_default());
+                        }
+                    }
+                }
+                Err(e) => {
+                    // Keep the last values; retry sooner than the interval, backing off.
+                    poll.failures += 1;
+                    let backoff = Duration::from_secs(2u64.saturating_pow(poll.failures.min(8))).min(interval);
+                    poll.next = now + backoff;
+                    warn!(reference = %reference, error = %e, retry_in = ?backoff, "could not check for a new version; keeping the materialized value");
+                    if poll.failures == 1 {
+                        for secret in secrets {
+                            self.event(secret.as_ref(), EventType::Warning, "KeyVaultUnreachable", format!("{reference}: {e}; keeping version {}", decide::version_of(secret).unwrap_or("?"))).await;
+                        }
+                    }
+                }
+            }
+        }
+        let stalest = self.polls.values().filter_map(|p| p.last_success).map(|t| now.duration_since(t).as_secs()).max().unwrap_or(0);
+        self.metrics.sync_age_seconds.set(i64::try_from(stalest).unwrap_or(i64::MAX));
+
+        let full = self.last_full_reconcile.is_none_or(|t| now.duration_since(t) >= self.config.reconcile_interval);
+        if full {
+            self.last_full_reconcile = Some(now);
+        }
+        self.reconcile_workloads(if full { None } else { Some(&dirty) }).await;
+    }
+
+    /// Writes the new value and version into `secret`; true when it was written.
+    async fn update(&self, secret: &Secret, fetched: &Fetched) -> bool {
+        let ns = secret.namespace().unwrap_or_default();
+        let Some(needed) = needed_for(secret) else { return false };
+        let desired = match materialize::desired_secret(&ns, &needed, fetched) {
+            Ok(d) => d,
+            Err(e) => {
+                self.event(secret, EventType::Warning, "RotationRefused", format!("{e}; keeping version {}", decide::version_of(secret).unwrap_or("?"))).await;
+                return false;
+            }
+        };
+        let mut updated = secret.clone();
+        updated.data = desired.data;
+        updated.type_ = desired.type_;
+        updated.metadata.annotations.get_or_insert_with(Default::default).extend(desired.metadata.annotations.unwrap_or_default());
+        updated.metadata.managed_fields = None;
+        let api: Api<Secret> = Api::namespaced(self.client.clone(), &ns);
+        // resourceVersion makes this conditional: a concurrent change wins, and the next
+        // sweep sees it.
+        let params = PostParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() };
+        match api.replace(&secret.name_any(), &params, &updated).await {
+            Ok(_) => {
+                let from = decide::version_of(secret).unwrap_or("?").to_owned();
+                info!(secret = %secret.name_any(), namespace = %ns, reference = %needed.source.reference(), %from, to = %fetched.version, "rotated");
+                self.metrics.rotations.inc();
+                self.event(secret, EventType::Normal, "Rotated", format!("{}: version {from} -> {}", needed.source.reference(), fetched.version)).await;
+                true
+            }
+            Err(e) => {
+                warn!(secret = %secret.name_any(), namespace = %ns, error = %e, "could not update the Secret; retrying next sweep");
+                false
+            }
+        }
+    }
+
+    /// Compares opted-in workloads (in `only` namespaces, or all) with the versions of the
+    /// Secrets they consume, and records or rolls.
+    async fn reconcile_workloads(&self, only: Option<&BTreeSet<String>>) {
+        if only.is_some_and(BTreeSet::is_empty) {
+            return;
+        }
+        let keep = |ns: &str| only.is_none_or(|set| set.contains(ns));
+        for d in self.caches.deployments.state().iter().filter(|d| keep(&d.namespace().unwrap_or_default())) {
+            self.reconcile_one(d.as_ref(), d.spec.as_ref().map(|s| &s.template)).await;
+        }
+        for s in self.caches.statefulsets.state().iter().filter(|d| keep(&d.namespace().unwrap_or_default())) {
+            self.reconcile_one(s.as_ref(), s.spec.as_ref().map(|s| &s.template)).await;
+        }
+        for ds in self.caches.daemonsets.state().iter().filter(|d| keep(&d.namespace().unwrap_or_default())) {
+            self.reconcile_one(ds.as_ref(), ds.spec.as_ref().map(|s| &s.template)).await;
+        }
+    }
+
+    async fn reconcile_one<K>(&self, workload: &K, template: Option<&PodTemplateSpec>)
+    where
+        K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope> + Clone + Debug + DeserializeOwned + k8s_openapi::serde::Serialize,
+    {
+        let Some(template) = template else { return };
+        let names = decide::workload_secrets(template, &self.inject);
+        if names.is_empty() {
+            return;
+        }
+        let ns = workload.meta().namespace.clone().unwrap_or_default();
+        let mut versions = BTreeMap::new();
+        for name in names {
+            let object = reflector::ObjectRef::<Secret>::new(&name).within(&ns);
+            // Not materialized yet: its pods have not been admitted; nothing to compare.
+            let Some(version) = self.caches.secrets.get(&object).and_then(|s| decide::version_of(&s).map(str::to_owned)) else { return };
+            versions.insert(name, version);
+        }
+        let current = decide::versions_hash(&versions);
+        let annotations = workload.meta().annotations.clone().unwrap_or_default();
+        let ns_annotation = self
+            .caches
+            .namespaces
+            .get(&reflector::ObjectRef::new(&ns))
+            .and_then(|n| n.metadata.annotations.as_ref()?.get(decide::ROLLOUT_ANNOTATION).cloned());
+        let opted = decide::opted_in(annotations.get(decide::ROLLOUT_ANNOTATION).map(String::as_str), ns_annotation.as_deref(), self.config.rollout_by_default);
+        let decision = decide::rollout(
+            annotations.get(decide::VERSIONS_ANNOTATION).map(String::as_str),
+            &current,
+            opted,
+            annotations.get(decide::STRATEGY_ANNOTATION).map(String::as_str),
+        );
+        let api: Api<K> = Api::namespaced(self.client.clone(), &ns);
+        let name = workload.meta().name.clone().unwrap_or_default();
+        let kind = K::kind(&());
+        let params = PatchParams::default();
+        let patch = match decision {
+            Ok(Rollout::None) => return,
+            Err(message) => {
+                self.event(workload, EventType::Warning, "RolloutRefused", message).await;
+                // Record so the same refusal is not repeated every sweep.
+                json!({"metadata": {"annotations": {decide::VERSIONS_ANNOTATION: current}}})
+            }
+            Ok(Rollout::Record { hash }) => json!({"metadata": {"annotations": {decide::VERSIONS_ANNOTATION: hash}}}),
+            Ok(Rollout::Roll { hash, strategy: Strategy::Restart }) => {
+                self.metrics.rollouts.inc();
+                info!(%kind, %name, namespace = %ns, "rolling: a Secret it uses has a new version");
+                self.event(workload, EventType::Normal, "RolloutOnRotation", format!("a Key Vault secret it uses has a new version; restarting (versions {hash})")).await;
+                // Pod template and stored hash in one write: rolled once per version set.
+                json!({"metadata": {"annotations": {decide::VERSIONS_ANNOTATION: hash}},
+                       "spec": {"template": {"metadata": {"annotations": {decide::VERSIONS_ANNOTATION: hash}}}}})
+            }
+            Ok(Rollout::Roll { hash, strategy: Strategy::Evict }) => {
+                self.event(workload, EventType::Warning, "RolloutNotSupported", "kvinject.io/rollout-strategy `evict` is not implemented yet; nothing was rolled".into()).await;
+                json!({"metadata": {"annotations": {decide::VERSIONS_ANNOTATION: hash}}})
+            }
+        };
+        if let Err(e) = api.patch(&name, &params, &Patch::Merge(&patch)).await {
+            warn!(%kind, %name, namespace = %ns, error = %e, "could not patch the workload; retrying next reconcile");
+        } else {
+            debug!(%kind, %name, namespace = %ns, "workload reconciled");
+        }
+    }
+
+    async fn event<K: Resource<DynamicType = ()>>(&self, object: &K, type_: EventType, reason: &str, note: String) {
+        let event = Event { type_, reason: reason.into(), note: Some(note), action: "Rotate".into(), secondary: None };
+        if let Err(e) = self.recorder.publish(&event, &object.object_ref(&())).await {
+            warn!(error = %e, reason, "could not record an event");
+        }
+    }
+}
+
+/// Rebuilds what a materialized Secret was made from, out of its own metadata.
+fn needed_for(secret: &Secret) -> Option<Needed> {
+    let annotations = secret.metadata.annotations.as_ref()?;
+    let reference = Reference::parse(annotations.get(materialize::REFERENCE_ANNOTATION)?)?.ok()?;
+    let source = match (secret.type_.as_deref(), annotations.get(materialize::REGISTRY_ANNOTATION), annotations.get(materialize::USERNAME_ANNOTATION)) {
+        (Some("kubernetes.io/dockerconfigjson"), Some(registry), Some(username)) => {
+            Source::RegistryLogin { registry: registry.clone(), username: username.clone(), password: reference }
+        }
+        (Some("kubernetes.io/dockerconfigjson"), _, _) => Source::DockerConfig(reference),
+        _ => Source::Env(reference),
+    };
+    Some(Needed { secret_name: secret.name_any(), source })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keyvault::SecretValue;
+
+    #[test]
+    fn a_secret_rebuilds_into_the_same_secret_for_a_new_value() {
+        for source in [
+            Source::Env(Reference { vault: "v".into(), name: "db".into(), version: None }),
+            Source::DockerConfig(Reference { vault: "v".into(), name: "acr".into(), version: None }),
+            Source::RegistryLogin { registry: "r.example".into(), username: "u".into(), password: Reference { vault: "v".into(), name: "sp".into(), version: None } },
+        ] {
+            let needed = Needed { secret_name: source.secret_name(), source };
+            let value = |v: &str| Fetched { value: SecretValue::new(v), version: format!("{v:0>32}") };
+            let old = materialize::desired_secret("ns", &needed, &value(r#"{"auths":{"a":{}}}"#)).unwrap();
+            assert_eq!(needed_for(&old), Some(needed.clone()));
+        }
+    }
+}

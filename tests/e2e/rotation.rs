@@ -1,0 +1,199 @@
+//! Rotation on the test bed: a new Key Vault version reaches the materialized Secret and
+//! rolls opted-in workloads once; restarts and leadership moves roll nothing.
+
+use crate::{
+    inject::reference,
+    support::{self, Kvinject, Setup},
+};
+use k8s_openapi::api::{
+    apps::v1::{Deployment, ReplicaSet},
+    core::v1::{Event, Pod, Secret},
+};
+use kube::{
+    Api,
+    api::{ListParams, PostParams},
+};
+use serde_json::json;
+use std::time::Duration;
+
+/// Rotation flags for a test: its own Lease, fast reconciles; polling stays at an hour
+/// unless a pod asks for less.
+fn rotation_args(lease: &str) -> Vec<String> {
+    ["--rotation", "true", "--refresh-interval", "1h", "--reconcile-interval", "1s", "--lease-namespace", "default", "--lease-name", lease, "--lease-duration", "3s"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+}
+
+fn deployment(name: &str, secret: &str, annotations: serde_json::Value) -> Deployment {
+    serde_json::from_value(json!({
+        "metadata": {"name": name, "annotations": annotations},
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": {"app": name}},
+            "template": {
+                "metadata": {"labels": {"app": name}, "annotations": {"kvinject.io/refresh-interval": "1s"}},
+                "spec": {"containers": [{"name": "app", "image": "registry.invalid/app:1", "env": [{"name": "X", "value": reference(secret)}]}]}
+            }
+        }
+    }))
+    .unwrap()
+}
+
+fn template_hash(d: &Deployment) -> Option<String> {
+    d.spec.as_ref()?.template.metadata.as_ref()?.annotations.as_ref()?.get("kvinject.io/secret-versions").cloned()
+}
+
+fn stored_hash(d: &Deployment) -> Option<String> {
+    d.metadata.annotations.as_ref()?.get("kvinject.io/secret-versions").cloned()
+}
+
+async fn materialized(s: &Setup, deployment: &str) -> Secret {
+    let pods: Api<Pod> = Api::namespaced(s.client.clone(), &s.ns);
+    let secret_of = |p: &Pod| p.spec.as_ref()?.containers[0].env.as_ref()?[0].value_from.as_ref()?.secret_key_ref.as_ref().map(|r| r.name.clone());
+    let selector = ListParams::default().labels(&format!("app={deployment}"));
+    support::eventually(Duration::from_secs(30), "a pod of the deployment", || async {
+        pods.list(&selector).await.unwrap().items.iter().any(|p| secret_of(p).is_some())
+    })
+    .await;
+    let name = pods.list(&selector).await.unwrap().items.iter().find_map(secret_of).unwrap();
+    Api::<Secret>::namespaced(s.client.clone(), &s.ns).get(&name).await.unwrap()
+}
+
+fn version(secret: &Secret) -> String {
+    secret.metadata.annotations.as_ref().unwrap()["kvinject.io/version"].clone()
+}
+
+async fn replica_sets(s: &Setup, app: &str) -> usize {
+    Api::<ReplicaSet>::namespaced(s.client.clone(), &s.ns).list(&ListParams::default().labels(&format!("app={app}"))).await.unwrap().items.len()
+}
+
+#[tokio::test]
+async fn a_new_version_updates_the_secret_and_restarts_opted_in_deployments_once() {
+    let _vault = support::VAULT.read().await;
+    let _rotation = support::ROTATION.lock().await;
+    let lease = support::unique("lease");
+    let args = rotation_args(&lease);
+    let s = support::setup("rotate", &args.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    let name = support::unique("rotating");
+    let v1 = support::seed_secret(&name, "first").await;
+    let deployments: Api<Deployment> = Api::namespaced(s.client.clone(), &s.ns);
+    deployments.create(&PostParams::default(), &deployment("opted", &name, json!({"kvinject.io/rollout-on-rotation": "true"}))).await.unwrap();
+    deployments.create(&PostParams::default(), &deployment("bystander", &name, json!({}))).await.unwrap();
+    let secret = materialized(&s, "opted").await;
+    assert_eq!(version(&secret), v1);
+
+    // First sight records the versions on the workload's metadata and rolls nothing.
+    support::eventually(Duration::from_secs(20), "the baseline on the opted-in Deployment", || async {
+        stored_hash(&deployments.get("opted").await.unwrap()).is_some()
+    })
+    .await;
+    let before = deployments.get("opted").await.unwrap();
+    assert_eq!(template_hash(&before), None, "recording the baseline must not touch the pod template");
+    assert_eq!(replica_sets(&s, "opted").await, 1);
+
+    let v2 = support::seed_secret(&name, "second").await;
+    let secrets: Api<Secret> = Api::namespaced(s.client.clone(), &s.ns);
+    let secret_name = secret.metadata.name.clone().unwrap();
+    support::eventually(Duration::from_secs(20), "the Secret to follow the new version", || async {
+        let now = secrets.get(&secret_name).await.unwrap();
+        version(&now) == v2 && now.data.as_ref().unwrap()["value"].0 == b"second"
+    })
+    .await;
+    support::eventually(Duration::from_secs(20), "the opted-in Deployment to roll", || async {
+        template_hash(&deployments.get("opted").await.unwrap()).is_some()
+    })
+    .await;
+    support::eventually(Duration::from_secs(30), "a second ReplicaSet", || async { replica_sets(&s, "opted").await == 2 }).await;
+    let rolled = template_hash(&deployments.get("opted").await.unwrap());
+
+    // Several more sweeps and reconciles: the same versions never roll it again.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let after = deployments.get("opted").await.unwrap();
+    assert_eq!(template_hash(&after), rolled, "rolled exactly once");
+    assert_eq!(replica_sets(&s, "opted").await, 2);
+    assert_eq!(s.kvinject.metric("kvinject_rollouts_total", &[]).await, 1.0);
+    let bystander = deployments.get("bystander").await.unwrap();
+    assert_eq!(template_hash(&bystander), None, "a Deployment that did not opt in is not rolled");
+    assert_eq!(stored_hash(&bystander), None);
+
+    // The new ReplicaSet's pods use the Secret, which already holds the new value.
+    let pods: Api<Pod> = Api::namespaced(s.client.clone(), &s.ns);
+    let new_pods = pods.list(&ListParams::default().labels("app=opted")).await.unwrap();
+    assert!(new_pods.items.iter().any(|p| p.metadata.annotations.as_ref().and_then(|a| a.get("kvinject.io/secret-versions")) == rolled.as_ref()));
+
+    let events: Api<Event> = Api::namespaced(s.client.clone(), &s.ns);
+    let reasons: Vec<String> = events.list(&ListParams::default()).await.unwrap().items.into_iter().filter_map(|e| e.reason).collect();
+    assert!(reasons.iter().any(|r| r == "Rotated") && reasons.iter().any(|r| r == "RolloutOnRotation"), "{reasons:?}");
+    let logs = s.kvinject.logs();
+    assert!(!logs.contains("first") && !logs.contains("\"second"), "a value reached the log");
+}
+
+#[tokio::test]
+async fn restarts_and_lease_moves_roll_nothing_and_only_the_holder_polls() {
+    let _vault = support::VAULT.read().await;
+    let _rotation = support::ROTATION.lock().await;
+    let lease = support::unique("lease");
+    let args = rotation_args(&lease);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut s = support::setup("leader", &args).await;
+    let name = support::unique("steady");
+    support::seed_secret(&name, "v").await;
+    let deployments: Api<Deployment> = Api::namespaced(s.client.clone(), &s.ns);
+    deployments.create(&PostParams::default(), &deployment("steady", &name, json!({"kvinject.io/rollout-on-rotation": "true"}))).await.unwrap();
+    materialized(&s, "steady").await;
+    support::eventually(Duration::from_secs(20), "the baseline", || async { stored_hash(&deployments.get("steady").await.unwrap()).is_some() }).await;
+
+    // A second replica on the same Lease: it waits while the first polls.
+    let follower = Kvinject::start(&args).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let leader_reads = s.kvinject.metric("kvinject_keyvault_requests_total", &[]).await;
+    assert!(leader_reads >= 2.0, "the holder polls every second ({leader_reads})");
+    assert_eq!(follower.metric("kvinject_keyvault_requests_total", &[]).await, 0.0, "the follower does not poll");
+
+    // The leader restarts: the follower takes over within the lease duration; nothing rolls.
+    s.kvinject.restart(&args).await;
+    support::eventually(Duration::from_secs(15), "a replica to poll again after the restart", || async {
+        follower.metric("kvinject_keyvault_requests_total", &[]).await + s.kvinject.metric("kvinject_keyvault_requests_total", &[]).await >= 2.0
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let steady = deployments.get("steady").await.unwrap();
+    assert_eq!(template_hash(&steady), None, "no rollout after a restart or a leader change");
+    assert_eq!(replica_sets(&s, "steady").await, 1);
+    assert_eq!(follower.metric("kvinject_rollouts_total", &[]).await + s.kvinject.metric("kvinject_rollouts_total", &[]).await, 0.0);
+}
+
+#[tokio::test]
+async fn with_the_vault_stopped_secrets_stay_and_staleness_rises() {
+    let _vault = support::VAULT.write().await;
+    let _rotation = support::ROTATION.lock().await;
+    let lease = support::unique("lease");
+    let args = rotation_args(&lease);
+    let s = support::setup("stale", &args.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    let name = support::unique("stale");
+    support::seed_secret(&name, "kept").await;
+    let deployments: Api<Deployment> = Api::namespaced(s.client.clone(), &s.ns);
+    deployments.create(&PostParams::default(), &deployment("stale", &name, json!({"kvinject.io/rollout-on-rotation": "true"}))).await.unwrap();
+    let before = materialized(&s, "stale").await;
+
+    struct RestartVault;
+    impl Drop for RestartVault {
+        fn drop(&mut self) {
+            support::testbed_cmd("vault-start");
+        }
+    }
+    support::testbed_cmd("vault-stop");
+    let _restart = RestartVault;
+    support::eventually(Duration::from_secs(20), "staleness above 4 s", || async {
+        s.kvinject.metric("kvinject_secret_sync_age_seconds", &[]).await > 4.0
+    })
+    .await;
+    let after = Api::<Secret>::namespaced(s.client.clone(), &s.ns).get(&before.metadata.name.clone().unwrap()).await.unwrap();
+    assert_eq!(after.data, before.data, "a failed check never blanks or changes the Secret");
+    assert_eq!(version(&after), version(&before));
+    assert!(s.kvinject.metric("kvinject_keyvault_requests_total", &["result=\"unreachable\""]).await >= 1.0);
+    let events: Api<Event> = Api::namespaced(s.client.clone(), &s.ns);
+    let reasons: Vec<String> = events.list(&ListParams::default()).await.unwrap().items.into_iter().filter_map(|e| e.reason).collect();
+    assert!(reasons.iter().any(|r| r == "KeyVaultUnreachable"), "{reasons:?}");
+}
