@@ -39,14 +39,6 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     // from it with no call at all, and it rebuilds from the apiserver after a restart.
     let secrets: Api<Secret> = Api::all(client.clone());
     let (store, writer) = reflector::store();
-    let watch = reflector(writer, watcher(secrets, watcher::Config::default().labels(materialize::SELECTOR)))
-        .default_backoff()
-        .applied_objects()
-        .for_each(|event| async move {
-            if let Err(e) = event {
-                warn!(error = %e, "watching kvinject's Secrets; retrying");
-            }
-        });
 
     let connector = config.azure.connect().context("setting up Key Vault access")?;
     let source = KeyVault::new(&connector, &config.vaults, config.keyvault_budget).context("setting up Key Vault clients")?;
@@ -55,6 +47,22 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     }
     let inject_config = InjectConfig { vaults: config.vaults.keys().cloned().collect() };
     let injector = Arc::new(Injector::new(inject_config.clone(), source.clone(), Arc::new(KubeWriter(client.clone())), store.clone(), config.value_cache_ttl, metrics.clone()));
+    let watch = {
+        let injector = injector.clone();
+        reflector(writer, watcher(secrets, watcher::Config::default().labels(materialize::SELECTOR)))
+            .default_backoff()
+            .for_each(move |event| {
+                let injector = injector.clone();
+                async move {
+                    match event {
+                        // A collected Secret must be created again by the next pod that needs it.
+                        Ok(watcher::Event::Delete(secret)) => injector.forget(&secret).await,
+                        Ok(_) => {}
+                        Err(e) => warn!(error = %e, "watching kvinject's Secrets; retrying"),
+                    }
+                }
+            })
+    };
 
     // The rotation controller: every replica campaigns; only the Lease holder works.
     let rotation: futures::future::BoxFuture<'static, ()> = match config.rotation.clone() {

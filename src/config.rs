@@ -59,6 +59,10 @@ pub struct RotationArgs {
     /// How often every opted-in workload is compared with the versions it uses.
     #[arg(long, env = "KVINJECT_RECONCILE_INTERVAL", default_value = "30s", value_parser = parse_duration)]
     pub reconcile_interval: Duration,
+    /// Delete a materialized Secret that no pod and no workload template in its namespace
+    /// has referred to for this long (`0` never deletes).
+    #[arg(long, env = "KVINJECT_GC_GRACE_PERIOD", default_value = "1h", value_parser = parse_duration)]
+    pub gc_grace_period: Duration,
     /// Namespace of the leader-election Lease (kvinject's own namespace).
     #[arg(long, env = "POD_NAMESPACE", default_value = "kvinject")]
     pub lease_namespace: String,
@@ -223,6 +227,7 @@ impl RotationArgs {
                 refresh_interval: self.refresh_interval,
                 rollout_by_default: self.rollout_on_rotation,
                 reconcile_interval: self.reconcile_interval,
+                gc_grace: (!self.gc_grace_period.is_zero()).then_some(self.gc_grace_period),
             },
             lease: crate::rotation::lease::LeaseConfig {
                 namespace: self.lease_namespace,

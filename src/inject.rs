@@ -107,7 +107,8 @@ impl Injector {
             writer,
             store,
             values: Cache::builder().max_capacity(100_000).time_to_live(value_ttl).build(),
-            created: Cache::builder().max_capacity(100_000).time_to_live(Duration::from_secs(600)).build(),
+            // Only bridges the watch's lag after a create; deletions are forgotten at once.
+            created: Cache::builder().max_capacity(100_000).time_to_live(Duration::from_secs(60)).build(),
             metrics,
             health: VaultHealth::default(),
         }
@@ -167,6 +168,12 @@ impl Injector {
             .await
             .map_err(|e: Arc<WriteError>| Denied::Write((*e).clone()))?;
         Ok(None)
+    }
+
+    /// Forgets that this process created `secret` (it was deleted).
+    pub async fn forget(&self, secret: &Secret) {
+        let key = (secret.metadata.namespace.clone().unwrap_or_default(), secret.metadata.name.clone().unwrap_or_default());
+        self.created.invalidate(&key).await;
     }
 
     /// The version of the materialized Secret, from the watch cache or our own creations.

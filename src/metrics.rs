@@ -36,6 +36,7 @@ pub struct Metrics {
     pub rotations: Counter,
     pub rollouts: Counter,
     pub sync_age_seconds: Gauge,
+    pub secrets_collected: Counter,
 }
 
 impl Default for Metrics {
@@ -59,7 +60,9 @@ impl Default for Metrics {
         registry.register("rollouts", "Workloads rolled because a Secret they use has a new version", rollouts.clone());
         let sync_age_seconds = Gauge::default();
         registry.register("secret_sync_age_seconds", "Age of the oldest successful version check among followed references (staleness)", sync_age_seconds.clone());
-        Self { registry: Arc::new(registry), admissions, admission_seconds, keyvault_requests, cache, secrets_created, vault_up, rotations, rollouts, sync_age_seconds }
+        let secrets_collected = Counter::default();
+        registry.register("secrets_collected", "Materialized Secrets deleted after nothing referred to them for the grace period", secrets_collected.clone());
+        Self { registry: Arc::new(registry), admissions, admission_seconds, keyvault_requests, cache, secrets_created, vault_up, rotations, rollouts, sync_age_seconds, secrets_collected }
     }
 }
 

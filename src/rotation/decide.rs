@@ -47,15 +47,51 @@ pub fn refresh_interval<'a>(secret_name: &str, pods: impl IntoIterator<Item = &'
 
 /// True when the pod refers to `secret_name` through an env secretKeyRef or imagePullSecrets.
 pub fn uses_secret(pod: &Pod, secret_name: &str) -> bool {
-    let Some(spec) = &pod.spec else { return false };
+    pod_secret_names(pod).any(|n| n == secret_name)
+}
+
+/// The Secrets a pod refers to through env secretKeyRefs and imagePullSecrets.
+pub fn pod_secret_names(pod: &Pod) -> impl Iterator<Item = &str> {
+    let spec = pod.spec.as_ref();
     let env = spec
-        .containers
-        .iter()
-        .chain(spec.init_containers.iter().flatten())
+        .into_iter()
+        .flat_map(|s| s.containers.iter().chain(s.init_containers.iter().flatten()))
         .flat_map(|c| c.env.iter().flatten())
         .filter_map(|e| e.value_from.as_ref()?.secret_key_ref.as_ref())
-        .any(|r| r.name == secret_name);
-    env || spec.image_pull_secrets.iter().flatten().any(|r| r.name == secret_name)
+        .map(|r| r.name.as_str());
+    let pull = spec.into_iter().flat_map(|s| s.image_pull_secrets.iter().flatten()).map(|r| r.name.as_str());
+    env.chain(pull)
+}
+
+/// Marks a materialized Secret kvinject may delete once nothing has referred to it for the
+/// grace period: the time it was first seen unreferenced.
+pub const UNREFERENCED_ANNOTATION: &str = "kvinject.io/unreferenced-since";
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Collect {
+    Keep,
+    /// Referenced again: drop the mark.
+    Unmark,
+    /// First seen unreferenced: set the mark.
+    Mark,
+    Delete,
+}
+
+/// What garbage collection does with one of kvinject's Secrets (pure).
+pub fn collect(referenced: bool, marked_at: Option<&str>, now: k8s_openapi::jiff::Timestamp, grace: Duration) -> Collect {
+    match (referenced, marked_at) {
+        (true, None) => Collect::Keep,
+        (true, Some(_)) => Collect::Unmark,
+        (false, None) => Collect::Mark,
+        (false, Some(at)) => match at.parse::<k8s_openapi::jiff::Timestamp>() {
+            // A mark kvinject cannot read is replaced, never trusted.
+            Err(_) => Collect::Mark,
+            Ok(at) => {
+                let elapsed = now.as_millisecond().saturating_sub(at.as_millisecond());
+                if elapsed >= i64::try_from(grace.as_millis()).unwrap_or(i64::MAX) { Collect::Delete } else { Collect::Keep }
+            }
+        },
+    }
 }
 
 /// A deterministic spread in [0, interval/10): 10,000 Secrets do not fall due together.
@@ -208,6 +244,36 @@ mod tests {
         let names = workload_secrets(&template, &config);
         assert_eq!(names.len(), 2);
         assert!(names.iter().any(|n| n.starts_with("kvi-v-db-")) && names.iter().any(|n| n.starts_with("kvi-pull-v-acr-")), "{names:?}");
+    }
+
+    #[test]
+    fn collection_table() {
+        let now: k8s_openapi::jiff::Timestamp = "2026-11-28T12:00:00Z".parse().unwrap();
+        let hour = Duration::from_secs(3600);
+        let cases = [
+            (true, None, Collect::Keep),
+            (true, Some("2026-11-28T10:00:00Z"), Collect::Unmark),
+            (false, None, Collect::Mark),
+            (false, Some("2026-11-28T11:30:00Z"), Collect::Keep),
+            (false, Some("2026-11-28T11:00:00Z"), Collect::Delete),
+            (false, Some("yesterday"), Collect::Mark),
+        ];
+        for (referenced, mark, want) in cases {
+            assert_eq!(collect(referenced, mark, now, hour), want, "{referenced} {mark:?}");
+        }
+    }
+
+    #[test]
+    fn pods_name_the_secrets_they_use() {
+        let p: Pod = serde_json::from_value(json!({"spec": {
+            "initContainers": [{"name": "i", "env": [{"name": "A", "valueFrom": {"secretKeyRef": {"name": "s1", "key": "value"}}}]}],
+            "containers": [{"name": "c", "env": [{"name": "B", "value": "x"}, {"name": "C", "valueFrom": {"secretKeyRef": {"name": "s2", "key": "value"}}}]}],
+            "imagePullSecrets": [{"name": "s3"}]
+        }}))
+        .unwrap();
+        let mut names: Vec<_> = pod_secret_names(&p).collect();
+        names.sort();
+        assert_eq!(names, ["s1", "s2", "s3"]);
     }
 
     #[test]

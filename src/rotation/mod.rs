@@ -50,6 +50,8 @@ pub struct RotationConfig {
     pub rollout_by_default: bool,
     /// How often every opted-in workload is compared with the versions it consumes.
     pub reconcile_interval: Duration,
+    /// Delete a materialized Secret nothing has referred to for this long; `None`: never.
+    pub gc_grace: Option<Duration>,
 }
 
 /// Watch-backed caches the controller decides from.
@@ -218,6 +220,69 @@ impl Controller {
             self.last_full_reconcile = Some(now);
         }
         self.reconcile_workloads(if full { None } else { Some(&dirty) }).await;
+        if full && let Some(grace) = self.config.gc_grace {
+            self.collect_garbage(&secrets, grace).await;
+        }
+    }
+
+    /// Marks, unmarks and deletes kvinject's Secrets by whether any injected pod or any
+    /// workload template in their namespace refers to them. Secrets without kvinject's
+    /// label and reference annotation are never touched.
+    async fn collect_garbage(&self, secrets: &[Arc<Secret>], grace: Duration) {
+        let mut referenced: BTreeSet<(String, String)> = BTreeSet::new();
+        for p in self.caches.pods.state() {
+            let ns = p.namespace().unwrap_or_default();
+            referenced.extend(decide::pod_secret_names(&p).map(|n| (ns.clone(), n.to_owned())));
+        }
+        let templates = self
+            .caches
+            .deployments
+            .state()
+            .iter()
+            .filter_map(|d| Some((d.namespace()?, d.spec.as_ref()?.template.clone())))
+            .chain(self.caches.statefulsets.state().iter().filter_map(|d| Some((d.namespace()?, d.spec.as_ref()?.template.clone()))))
+            .chain(self.caches.daemonsets.state().iter().filter_map(|d| Some((d.namespace()?, d.spec.as_ref()?.template.clone()))))
+            .collect::<Vec<_>>();
+        for (ns, template) in templates {
+            referenced.extend(decide::workload_secrets(&template, &self.inject).into_iter().map(|n| (ns.clone(), n)));
+        }
+        let now = k8s_openapi::jiff::Timestamp::now();
+        for secret in secrets.iter().filter(|s| materialize::is_managed(s) && needed_for(s).is_some()) {
+            let (ns, name) = (secret.namespace().unwrap_or_default(), secret.name_any());
+            let mark = secret.metadata.annotations.as_ref().and_then(|a| a.get(decide::UNREFERENCED_ANNOTATION)).map(String::as_str);
+            let api: Api<Secret> = Api::namespaced(self.client.clone(), &ns);
+            let result = match decide::collect(referenced.contains(&(ns.clone(), name.clone())), mark, now, grace) {
+                decide::Collect::Keep => continue,
+                decide::Collect::Unmark => {
+                    let patch = json!({"metadata": {"annotations": {decide::UNREFERENCED_ANNOTATION: null}}});
+                    api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch)).await.map(|_| ())
+                }
+                decide::Collect::Mark => {
+                    let patch = json!({"metadata": {"annotations": {decide::UNREFERENCED_ANNOTATION: now.to_string()}}});
+                    api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch)).await.map(|_| ())
+                }
+                decide::Collect::Delete => {
+                    // Preconditioned on the version read: a Secret changed since is left for
+                    // the next pass.
+                    let params = kube::api::DeleteParams {
+                        preconditions: Some(kube::api::Preconditions { resource_version: secret.resource_version(), uid: secret.uid() }),
+                        ..Default::default()
+                    };
+                    match api.delete(&name, &params).await {
+                        Ok(_) => {
+                            info!(secret = %name, namespace = %ns, "collected: nothing has referred to it for the grace period");
+                            self.metrics.secrets_collected.inc();
+                            Ok(())
+                        }
+                        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+                        Err(e) => Err(e),
+                    }
+                }
+            };
+            if let Err(e) = result {
+                warn!(secret = %name, namespace = %ns, error = %e, "garbage collection step failed; retrying next pass");
+            }
+        }
     }
 
     /// Writes the new value and version into `secret`; true when it was written.

@@ -197,3 +197,47 @@ async fn with_the_vault_stopped_secrets_stay_and_staleness_rises() {
     let reasons: Vec<String> = events.list(&ListParams::default()).await.unwrap().items.into_iter().filter_map(|e| e.reason).collect();
     assert!(reasons.iter().any(|r| r == "KeyVaultUnreachable"), "{reasons:?}");
 }
+
+#[tokio::test]
+async fn unreferenced_secrets_are_collected_after_the_grace_period_and_foreign_ones_never() {
+    use crate::inject::{create, pod};
+    let _vault = support::VAULT.read().await;
+    let _rotation = support::ROTATION.lock().await;
+    let lease = support::unique("lease");
+    let mut args = rotation_args(&lease);
+    args.extend(["--gc-grace-period".to_string(), "3s".to_string()]);
+    let s = support::setup("gc", &args.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    let (gone, kept) = (support::unique("gc-gone"), support::unique("gc-kept"));
+    support::seed_secret(&gone, "a").await;
+    support::seed_secret(&kept, "b").await;
+    let secret_of = |p: &Pod| p.spec.as_ref().unwrap().containers[0].env.as_ref().unwrap()[0].value_from.as_ref().unwrap().secret_key_ref.as_ref().unwrap().name.clone();
+    let gone_secret = secret_of(&create(&s, &pod("uses-gone", &[("X", &reference(&gone))], json!({}))).await.unwrap());
+    let kept_secret = secret_of(&create(&s, &pod("uses-kept", &[("X", &reference(&kept))], json!({}))).await.unwrap());
+    // A Deployment scaled to zero still refers to `kept` through its template.
+    let mut d = deployment("idle", &kept, json!({}));
+    d.spec.as_mut().unwrap().replicas = Some(0);
+    Api::<Deployment>::namespaced(s.client.clone(), &s.ns).create(&PostParams::default(), &d).await.unwrap();
+    // A Secret kvinject did not create, named like one of its own.
+    let foreign: Secret = serde_json::from_value(json!({"metadata": {"name": "kvi-foreign-0000000000"}, "stringData": {"value": "mine"}})).unwrap();
+    let secrets: Api<Secret> = Api::namespaced(s.client.clone(), &s.ns);
+    secrets.create(&PostParams::default(), &foreign).await.unwrap();
+
+    let pods: Api<Pod> = Api::namespaced(s.client.clone(), &s.ns);
+    for name in ["uses-gone", "uses-kept"] {
+        pods.delete(name, &Default::default()).await.unwrap();
+    }
+    support::eventually(Duration::from_secs(30), "the unreferenced Secret to be collected", || async {
+        secrets.get_opt(&gone_secret).await.unwrap().is_none()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(4)).await; // more than the grace period again
+    let kept_now = secrets.get(&kept_secret).await.expect("a Secret a workload template refers to is kept");
+    assert!(kept_now.metadata.annotations.unwrap().get("kvinject.io/unreferenced-since").is_none());
+    let foreign_now = secrets.get("kvi-foreign-0000000000").await.expect("a foreign Secret is never deleted");
+    assert!(foreign_now.metadata.annotations.unwrap_or_default().is_empty(), "a foreign Secret is never annotated");
+    assert_eq!(s.kvinject.metric("kvinject_secrets_collected_total", &[]).await, 1.0);
+
+    // The next pod that needs the collected Secret gets it created again.
+    create(&s, &pod("uses-gone-again", &[("X", &reference(&gone))], json!({}))).await.unwrap();
+    assert!(secrets.get_opt(&gone_secret).await.unwrap().is_some(), "re-materialized after collection");
+}
