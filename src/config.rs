@@ -63,6 +63,9 @@ pub struct RotationArgs {
     /// has referred to for this long (`0` never deletes).
     #[arg(long, env = "KVINJECT_GC_GRACE_PERIOD", default_value = "1h", value_parser = parse_duration)]
     pub gc_grace_period: Duration,
+    /// `evict` strategy: how long to wait for each replacement pod to become Ready.
+    #[arg(long, env = "KVINJECT_EVICT_READY_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
+    pub evict_ready_timeout: Duration,
     /// Namespace of the leader-election Lease (kvinject's own namespace).
     #[arg(long, env = "POD_NAMESPACE", default_value = "kvinject")]
     pub lease_namespace: String,
@@ -228,6 +231,7 @@ impl RotationArgs {
                 rollout_by_default: self.rollout_on_rotation,
                 reconcile_interval: self.reconcile_interval,
                 gc_grace: (!self.gc_grace_period.is_zero()).then_some(self.gc_grace_period),
+                evict_ready_timeout: self.evict_ready_timeout,
             },
             lease: crate::rotation::lease::LeaseConfig {
                 namespace: self.lease_namespace,

@@ -19,6 +19,7 @@ use k8s_openapi::{
         apps::v1::{DaemonSet, Deployment, StatefulSet},
         core::v1::{Namespace, Pod, PodTemplateSpec, Secret},
     },
+    apimachinery::pkg::apis::meta::v1::LabelSelector,
     serde::de::DeserializeOwned,
 };
 use kube::{
@@ -52,6 +53,8 @@ pub struct RotationConfig {
     pub reconcile_interval: Duration,
     /// Delete a materialized Secret nothing has referred to for this long; `None`: never.
     pub gc_grace: Option<Duration>,
+    /// `evict` strategy: how long to wait for a replacement pod to become Ready.
+    pub evict_ready_timeout: Duration,
 }
 
 /// Watch-backed caches the controller decides from.
@@ -114,6 +117,9 @@ pub struct Controller {
     recorder: Recorder,
     polls: HashMap<Reference, Poll>,
     last_full_reconcile: Option<Instant>,
+    /// Workloads with an eviction rollout under way (`kind/namespace/name`).
+    evicting: Arc<std::sync::Mutex<BTreeSet<String>>>,
+    leading: Option<watch::Receiver<bool>>,
 }
 
 impl Controller {
@@ -127,11 +133,24 @@ impl Controller {
         identity: &str,
     ) -> Self {
         let recorder = Recorder::new(client.clone(), Reporter { controller: "kvinject".into(), instance: Some(identity.to_owned()) });
-        Self { client, config, inject, source, caches, metrics, recorder, polls: HashMap::new(), last_full_reconcile: None }
+        Self {
+            client,
+            config,
+            inject,
+            source,
+            caches,
+            metrics,
+            recorder,
+            polls: HashMap::new(),
+            last_full_reconcile: None,
+            evicting: Default::default(),
+            leading: None,
+        }
     }
 
     /// Runs while `leading` says so; a replica that loses the lease stops and waits.
     pub async fn run(mut self, mut leading: watch::Receiver<bool>) {
+        self.leading = Some(leading.clone());
         loop {
             while !*leading.borrow_and_update() {
                 if leading.changed().await.is_err() {
@@ -328,21 +347,21 @@ impl Controller {
         }
         let keep = |ns: &str| only.is_none_or(|set| set.contains(ns));
         for d in self.caches.deployments.state().iter().filter(|d| keep(&d.namespace().unwrap_or_default())) {
-            self.reconcile_one(d.as_ref(), d.spec.as_ref().map(|s| &s.template)).await;
+            self.reconcile_one(d.as_ref(), d.spec.as_ref().map(|s| (&s.template, &s.selector))).await;
         }
         for s in self.caches.statefulsets.state().iter().filter(|d| keep(&d.namespace().unwrap_or_default())) {
-            self.reconcile_one(s.as_ref(), s.spec.as_ref().map(|s| &s.template)).await;
+            self.reconcile_one(s.as_ref(), s.spec.as_ref().map(|s| (&s.template, &s.selector))).await;
         }
         for ds in self.caches.daemonsets.state().iter().filter(|d| keep(&d.namespace().unwrap_or_default())) {
-            self.reconcile_one(ds.as_ref(), ds.spec.as_ref().map(|s| &s.template)).await;
+            self.reconcile_one(ds.as_ref(), ds.spec.as_ref().map(|s| (&s.template, &s.selector))).await;
         }
     }
 
-    async fn reconcile_one<K>(&self, workload: &K, template: Option<&PodTemplateSpec>)
+    async fn reconcile_one<K>(&self, workload: &K, spec: Option<(&PodTemplateSpec, &LabelSelector)>)
     where
-        K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope> + Clone + Debug + DeserializeOwned + k8s_openapi::serde::Serialize,
+        K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope> + Clone + Debug + DeserializeOwned + k8s_openapi::serde::Serialize + Send + Sync + 'static,
     {
-        let Some(template) = template else { return };
+        let Some((template, selector)) = spec else { return };
         let names = decide::workload_secrets(template, &self.inject);
         if names.is_empty() {
             return;
@@ -390,8 +409,8 @@ impl Controller {
                        "spec": {"template": {"metadata": {"annotations": {decide::VERSIONS_ANNOTATION: hash}}}}})
             }
             Ok(Rollout::Roll { hash, strategy: Strategy::Evict }) => {
-                self.event(workload, EventType::Warning, "RolloutNotSupported", "kvinject.io/rollout-strategy `evict` is not implemented yet; nothing was rolled".into()).await;
-                json!({"metadata": {"annotations": {decide::VERSIONS_ANNOTATION: hash}}})
+                self.start_eviction(workload, selector, hash).await;
+                return;
             }
         };
         if let Err(e) = api.patch(&name, &params, &Patch::Merge(&patch)).await {
@@ -402,11 +421,135 @@ impl Controller {
     }
 
     async fn event<K: Resource<DynamicType = ()>>(&self, object: &K, type_: EventType, reason: &str, note: String) {
-        let event = Event { type_, reason: reason.into(), note: Some(note), action: "Rotate".into(), secondary: None };
-        if let Err(e) = self.recorder.publish(&event, &object.object_ref(&())).await {
-            warn!(error = %e, reason, "could not record an event");
+        publish(&self.recorder, &object.object_ref(&()), type_, reason, note).await;
+    }
+
+    /// The `evict` strategy: the workload's spec is left alone (GitOps tools see no drift);
+    /// its pods are evicted one at a time through the Eviction API, which honours
+    /// PodDisruptionBudgets, each after the previous one's replacement is Ready or a
+    /// bounded wait ran out. The new versions are recorded when all are done, so a lease
+    /// move or a crash mid-way runs the rollout again rather than losing it.
+    async fn start_eviction<K>(&self, workload: &K, selector: &LabelSelector, hash: String)
+    where
+        K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope> + Clone + Debug + DeserializeOwned + k8s_openapi::serde::Serialize + Send + Sync + 'static,
+    {
+        let ns = workload.meta().namespace.clone().unwrap_or_default();
+        let name = workload.meta().name.clone().unwrap_or_default();
+        let key = format!("{}/{ns}/{name}", K::kind(&()));
+        let Some(selector) = selector_string(selector) else {
+            self.event(workload, EventType::Warning, "RolloutRefused", "its selector cannot be used to find its pods; nothing was evicted".into()).await;
+            return;
+        };
+        if !self.evicting.lock().map(|mut set| set.insert(key.clone())).unwrap_or(false) {
+            return; // already under way
+        }
+        info!(workload = %key, "rolling by eviction: a Secret it uses has a new version");
+        let (client, recorder, metrics, evicting) = (self.client.clone(), self.recorder.clone(), self.metrics.clone(), self.evicting.clone());
+        let leading = self.leading.clone();
+        let timeout = self.config.evict_ready_timeout;
+        let regarding = workload.object_ref(&());
+        let workloads: Api<K> = Api::namespaced(client.clone(), &ns);
+        tokio::spawn(async move {
+            let done = evict_pods(&client, &recorder, &regarding, &ns, &selector, timeout, leading).await;
+            if done {
+                let patch = json!({"metadata": {"annotations": {decide::VERSIONS_ANNOTATION: hash}}});
+                match workloads.patch(&name, &PatchParams::default(), &Patch::Merge(&patch)).await {
+                    Ok(_) => {
+                        metrics.rollouts.inc();
+                    }
+                    Err(e) => warn!(workload = %key, error = %e, "could not record the rolled versions"),
+                }
+            }
+            if let Ok(mut set) = evicting.lock() {
+                set.remove(&key);
+            }
+        });
+    }
+}
+
+async fn publish(recorder: &Recorder, regarding: &k8s_openapi::api::core::v1::ObjectReference, type_: EventType, reason: &str, note: String) {
+    let event = Event { type_, reason: reason.into(), note: Some(note), action: "Rotate".into(), secondary: None };
+    if let Err(e) = recorder.publish(&event, regarding).await {
+        warn!(error = %e, reason, "could not record an event");
+    }
+}
+
+fn is_ready(pod: &Pod) -> bool {
+    pod.status.as_ref().and_then(|s| s.conditions.as_ref()).is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+/// Evicts the pods matching `selector` one by one; false when it had to stop.
+async fn evict_pods(
+    client: &Client,
+    recorder: &Recorder,
+    regarding: &k8s_openapi::api::core::v1::ObjectReference,
+    ns: &str,
+    selector: &str,
+    ready_timeout: Duration,
+    leading: Option<watch::Receiver<bool>>,
+) -> bool {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let list_params = kube::api::ListParams::default().labels(selector);
+    let initial: Vec<String> = match pods.list(&list_params).await {
+        Ok(l) => l.items.iter().filter(|p| p.metadata.deletion_timestamp.is_none()).map(|p| p.name_any()).collect(),
+        Err(e) => {
+            warn!(error = %e, "listing pods to evict");
+            return false;
+        }
+    };
+    let still_leading = || leading.as_ref().is_none_or(|l| *l.borrow());
+    for pod in &initial {
+        if !still_leading() {
+            return false;
+        }
+        // A PodDisruptionBudget answers 429 while evicting would break it: wait and retry.
+        let deadline = Instant::now() + ready_timeout.max(Duration::from_secs(30));
+        loop {
+            match pods.evict(pod, &kube::api::EvictParams::default()).await {
+                Ok(_) => break,
+                Err(kube::Error::Api(s)) if s.code == 404 => break,
+                Err(kube::Error::Api(s)) if s.code == 429 && Instant::now() < deadline => tokio::time::sleep(Duration::from_secs(2)).await,
+                Err(e) => {
+                    publish(recorder, regarding, EventType::Warning, "EvictionFailed", format!("evicting pod {pod}: {e}; the rollout will be retried")).await;
+                    return false;
+                }
+            }
+        }
+        publish(recorder, regarding, EventType::Normal, "Evicted", format!("evicted pod {pod}: a Key Vault secret it uses has a new version")).await;
+        // Wait for a replacement (a pod that was not there before) to be Ready.
+        let waited = tokio::time::timeout(ready_timeout, async {
+            loop {
+                if let Ok(list) = pods.list(&list_params).await
+                    && list.items.iter().any(|p| !initial.contains(&p.name_any()) && is_ready(p))
+                {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        })
+        .await;
+        if waited.is_err() {
+            publish(recorder, regarding, EventType::Warning, "ReplacementNotReady", format!("no replacement pod became Ready within {ready_timeout:?} after evicting {pod}; continuing")).await;
         }
     }
+    true
+}
+
+/// A label selector in the list API's string form; `None` for an operator it cannot express.
+fn selector_string(selector: &LabelSelector) -> Option<String> {
+    let mut parts: Vec<String> = selector.match_labels.iter().flatten().map(|(k, v)| format!("{k}={v}")).collect();
+    for e in selector.match_expressions.iter().flatten() {
+        let values = e.values.clone().unwrap_or_default().join(",");
+        parts.push(match e.operator.as_str() {
+            "In" => format!("{} in ({values})", e.key),
+            "NotIn" => format!("{} notin ({values})", e.key),
+            "Exists" => e.key.clone(),
+            "DoesNotExist" => format!("!{}", e.key),
+            _ => return None,
+        });
+    }
+    // An empty selector would select every pod in the namespace: refuse it.
+    (!parts.is_empty()).then(|| parts.join(","))
 }
 
 /// Rebuilds what a materialized Secret was made from, out of its own metadata.
@@ -427,6 +570,17 @@ fn needed_for(secret: &Secret) -> Option<Needed> {
 mod tests {
     use super::*;
     use crate::keyvault::SecretValue;
+
+    #[test]
+    fn selectors() {
+        let sel = |v: serde_json::Value| selector_string(&serde_json::from_value(v).unwrap());
+        assert_eq!(sel(json!({"matchLabels": {"app": "web"}})), Some("app=web".into()));
+        assert_eq!(
+            sel(json!({"matchExpressions": [{"key": "tier", "operator": "In", "values": ["a", "b"]}, {"key": "x", "operator": "DoesNotExist"}]})),
+            Some("tier in (a,b),!x".into())
+        );
+        assert_eq!(sel(json!({})), None, "an empty selector would match every pod");
+    }
 
     #[test]
     fn a_secret_rebuilds_into_the_same_secret_for_a_new_value() {

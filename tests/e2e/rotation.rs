@@ -241,3 +241,48 @@ async fn unreferenced_secrets_are_collected_after_the_grace_period_and_foreign_o
     create(&s, &pod("uses-gone-again", &[("X", &reference(&gone))], json!({}))).await.unwrap();
     assert!(secrets.get_opt(&gone_secret).await.unwrap().is_some(), "re-materialized after collection");
 }
+
+#[tokio::test]
+async fn evict_replaces_pods_without_touching_the_deployment_spec() {
+    let _vault = support::VAULT.read().await;
+    let _rotation = support::ROTATION.lock().await;
+    let lease = support::unique("lease");
+    let mut args = rotation_args(&lease);
+    // No kubelet here: replacements never become Ready, so each wait runs out quickly.
+    args.extend(["--evict-ready-timeout".to_string(), "1s".to_string()]);
+    let s = support::setup("evict", &args.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    let name = support::unique("evicting");
+    support::seed_secret(&name, "first").await;
+    let deployments: Api<Deployment> = Api::namespaced(s.client.clone(), &s.ns);
+    let mut d = deployment("gitops", &name, json!({"kvinject.io/rollout-on-rotation": "true", "kvinject.io/rollout-strategy": "evict"}));
+    d.spec.as_mut().unwrap().replicas = Some(2);
+    deployments.create(&PostParams::default(), &d).await.unwrap();
+    let pods: Api<Pod> = Api::namespaced(s.client.clone(), &s.ns);
+    let selector = ListParams::default().labels("app=gitops");
+    support::eventually(Duration::from_secs(30), "two pods", || async { pods.list(&selector).await.unwrap().items.len() == 2 }).await;
+    let initial: Vec<String> = pods.list(&selector).await.unwrap().items.iter().map(|p| p.metadata.name.clone().unwrap()).collect();
+    support::eventually(Duration::from_secs(20), "the baseline", || async { stored_hash(&deployments.get("gitops").await.unwrap()).is_some() }).await;
+    let before = deployments.get("gitops").await.unwrap();
+
+    support::seed_secret(&name, "second").await;
+    support::eventually(Duration::from_secs(60), "every original pod to be evicted and replaced", || async {
+        let now: Vec<String> = pods.list(&selector).await.unwrap().items.iter().map(|p| p.metadata.name.clone().unwrap()).collect();
+        now.len() == 2 && now.iter().all(|n| !initial.contains(n))
+    })
+    .await;
+    support::eventually(Duration::from_secs(20), "the rolled versions to be recorded", || async {
+        stored_hash(&deployments.get("gitops").await.unwrap()) != stored_hash(&before)
+    })
+    .await;
+    let after = deployments.get("gitops").await.unwrap();
+    assert_eq!(after.spec, before.spec, "the Deployment's spec is untouched: no GitOps drift");
+    // (metadata.generation may move: the apiserver bumps a Deployment's generation when its
+    // annotations change, and the recorded versions are an annotation. No ReplicaSet follows.)
+    assert_eq!(template_hash(&after), None, "the pod template carries no rollout annotation");
+    assert_eq!(replica_sets(&s, "gitops").await, 1, "no new ReplicaSet: pods were evicted, not rolled");
+    let events: Api<Event> = Api::namespaced(s.client.clone(), &s.ns);
+    let reasons: Vec<String> = events.list(&ListParams::default()).await.unwrap().items.into_iter().filter_map(|e| e.reason).collect();
+    // (The recorder folds repeated reasons on one object into a series: one Evicted event.)
+    assert!(reasons.iter().any(|r| r == "Evicted") && reasons.iter().any(|r| r == "ReplacementNotReady"), "{reasons:?}");
+    assert_eq!(s.kvinject.metric("kvinject_rollouts_total", &[]).await, 1.0);
+}
