@@ -186,6 +186,9 @@ impl Controller {
         self.polls.retain(|r, _| by_reference.contains_key(r));
         let pods = self.caches.pods.state();
         let mut dirty: BTreeSet<String> = BTreeSet::new();
+        let mut checked: BTreeSet<Reference> = BTreeSet::new();
+        // Vaults that could not be reached in this sweep: their other references wait too.
+        let mut down: BTreeSet<String> = BTreeSet::new();
         for (reference, secrets) in &by_reference {
             let interval = secrets
                 .iter()
@@ -201,37 +204,29 @@ impl Controller {
             if poll.next > now {
                 continue;
             }
-            // One Key Vault read per distinct reference, however many namespaces use it.
-            let result = self.source.fetch(reference).await;
-            let label = result.as_ref().map_or_else(FetchError::metric_label, |_| "ok");
-            self.metrics.keyvault_requests.get_or_create(&ResultLabels { result: label }).inc();
-            let poll = self.polls.get_mut(reference).expect("inserted above");
-            match result {
-                Ok(fetched) => {
-                    poll.failures = 0;
-                    poll.last_success = Some(now);
-                    poll.next = now + interval;
-                    for secret in secrets.iter().filter(|s| decide::version_of(s) != Some(fetched.version.as_str())) {
-                        if self.update(secret, &fetched).await {
-                            dirty.insert(secret.namespace().unwrap_or_default());
-                        }
-                    }
-                }
-                Err(e) => {
-                    // Keep the last values; retry sooner than the interval, backing off.
-                    poll.failures += 1;
-                    let backoff = Duration::from_secs(2u64.saturating_pow(poll.failures.min(8))).min(interval);
-                    poll.next = now + backoff;
-                    warn!(reference = %reference, error = %e, retry_in = ?backoff, "could not check for a new version; keeping the materialized value");
-                    if poll.failures == 1 {
-                        for secret in secrets {
-                            self.event(secret.as_ref(), EventType::Warning, "KeyVaultUnreachable", format!("{reference}: {e}; keeping version {}", decide::version_of(secret).unwrap_or("?"))).await;
-                        }
-                    }
-                }
+            checked.insert(reference.clone());
+            if down.contains(&reference.vault) {
+                self.postpone(reference, interval, now);
+                continue;
+            }
+            let (changed, outage) = self.check(reference, secrets, interval, now).await;
+            dirty.extend(changed);
+            if outage {
+                down.insert(reference.vault.clone());
             }
         }
-        let stalest = self.polls.values().filter_map(|p| p.last_success).map(|t| now.duration_since(t).as_secs()).max().unwrap_or(0);
+        // Secrets rotated together should roll a workload once: when something changed,
+        // check at once the other references used in the same namespaces.
+        let peers: Vec<(&Reference, &Vec<Arc<Secret>>)> = by_reference
+            .iter()
+            .filter(|(r, secrets)| !checked.contains(*r) && !down.contains(&r.vault) && secrets.iter().any(|s| dirty.contains(&s.namespace().unwrap_or_default())))
+            .collect();
+        for (reference, secrets) in peers {
+            let interval = self.config.refresh_interval;
+            dirty.extend(self.check(reference, secrets, interval, now).await.0);
+        }
+        let end = Instant::now();
+        let stalest = self.polls.values().filter_map(|p| p.last_success).map(|t| end.duration_since(t).as_secs()).max().unwrap_or(0);
         self.metrics.sync_age_seconds.set(i64::try_from(stalest).unwrap_or(i64::MAX));
 
         let full = self.last_full_reconcile.is_none_or(|t| now.duration_since(t) >= self.config.reconcile_interval);
@@ -302,6 +297,55 @@ impl Controller {
                 warn!(secret = %name, namespace = %ns, error = %e, "garbage collection step failed; retrying next pass");
             }
         }
+    }
+
+    /// Counts a check skipped because its vault is down in this sweep as a failure.
+    fn postpone(&mut self, reference: &Reference, interval: Duration, now: Instant) {
+        if let Some(poll) = self.polls.get_mut(reference) {
+            poll.failures += 1;
+            poll.next = now + Duration::from_secs(2u64.saturating_pow(poll.failures.min(8))).min(interval);
+        }
+    }
+
+    /// Reads the current version of `reference` (one Key Vault call) and updates the
+    /// Secrets that follow it; returns the namespaces where a Secret changed, and whether
+    /// the vault itself could not be used.
+    async fn check(&mut self, reference: &Reference, secrets: &[Arc<Secret>], interval: Duration, now: Instant) -> (BTreeSet<String>, bool) {
+        let mut changed = BTreeSet::new();
+        let mut outage = false;
+        let result = self.source.fetch(reference).await;
+        let label = result.as_ref().map_or_else(FetchError::metric_label, |_| "ok");
+        self.metrics.keyvault_requests.get_or_create(&ResultLabels { result: label }).inc();
+        let poll = self.polls.entry(reference.clone()).or_insert(Poll { next: now, failures: 0, last_success: None });
+        match result {
+            Ok(fetched) => {
+                poll.failures = 0;
+                poll.last_success = Some(now);
+                poll.next = now + interval;
+                for secret in secrets.iter().filter(|s| decide::version_of(s) != Some(fetched.version.as_str())) {
+                    if self.update(secret, &fetched).await {
+                        changed.insert(secret.namespace().unwrap_or_default());
+                    }
+                }
+            }
+            Err(e) => {
+                outage = e.is_outage();
+                // Keep the last values; retry sooner than the interval, backing off, or when
+                // Key Vault said to (429 Retry-After).
+                poll.failures += 1;
+                let backoff = Duration::from_secs(2u64.saturating_pow(poll.failures.min(8))).min(interval);
+                let wait = e.retry_after().map_or(backoff, |d| d.max(Duration::from_secs(1)));
+                poll.next = now + wait;
+                let first = poll.failures == 1;
+                warn!(reference = %reference, error = %e, retry_in = ?wait, "could not check for a new version; keeping the materialized value");
+                if first {
+                    for secret in secrets {
+                        self.event(secret.as_ref(), EventType::Warning, "KeyVaultUnreachable", format!("{reference}: {e}; keeping version {}", decide::version_of(secret).unwrap_or("?"))).await;
+                    }
+                }
+            }
+        }
+        (changed, outage)
     }
 
     /// Writes the new value and version into `secret`; true when it was written.

@@ -286,3 +286,45 @@ async fn evict_replaces_pods_without_touching_the_deployment_spec() {
     assert!(reasons.iter().any(|r| r == "Evicted") && reasons.iter().any(|r| r == "ReplacementNotReady"), "{reasons:?}");
     assert_eq!(s.kvinject.metric("kvinject_rollouts_total", &[]).await, 1.0);
 }
+
+#[tokio::test]
+async fn secrets_rotated_together_roll_a_workload_once() {
+    use crate::inject::{create, pod};
+    let _vault = support::VAULT.read().await;
+    let _rotation = support::ROTATION.lock().await;
+    let lease = support::unique("lease");
+    let args = rotation_args(&lease);
+    let s = support::setup("together", &args.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    let (a, b) = (support::unique("pair-a"), support::unique("pair-b"));
+    support::seed_secret(&a, "a1").await;
+    support::seed_secret(&b, "b1").await;
+    // `a` is polled every second (a pod asks for it); `b` only hourly.
+    create(&s, &pod("fast", &[("A", &reference(&a))], json!({"kvinject.io/refresh-interval": "1s"}))).await.unwrap();
+    let d: Deployment = serde_json::from_value(json!({
+        "metadata": {"name": "pair", "annotations": {"kvinject.io/rollout-on-rotation": "true"}},
+        "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "pair"}}, "template": {
+            "metadata": {"labels": {"app": "pair"}},
+            "spec": {"containers": [{"name": "app", "image": "registry.invalid/app:1", "env": [
+                {"name": "A", "value": reference(&a)}, {"name": "B", "value": reference(&b)}]}]}}}
+    }))
+    .unwrap();
+    let deployments: Api<Deployment> = Api::namespaced(s.client.clone(), &s.ns);
+    deployments.create(&PostParams::default(), &d).await.unwrap();
+    support::eventually(Duration::from_secs(30), "the baseline", || async { stored_hash(&deployments.get("pair").await.unwrap()).is_some() }).await;
+
+    support::seed_secret(&a, "a2").await;
+    let b2 = support::seed_secret(&b, "b2").await;
+    support::eventually(Duration::from_secs(20), "the rollout", || async { template_hash(&deployments.get("pair").await.unwrap()).is_some() }).await;
+    let secrets: Api<Secret> = Api::namespaced(s.client.clone(), &s.ns);
+    let b_secret = secrets
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .find(|x| x.metadata.annotations.as_ref().and_then(|a| a.get("kvinject.io/reference")) == Some(&reference(&b)))
+        .expect("b's Secret");
+    assert_eq!(version(&b_secret), b2, "b was checked together with a, long before its hourly interval");
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(s.kvinject.metric("kvinject_rollouts_total", &[]).await, 1.0, "one rollout for two rotations");
+}

@@ -329,6 +329,21 @@ pub struct Setup {
     pub label: String,
 }
 
+impl Drop for Setup {
+    /// Deletes the test's namespace, so later tests' controllers do not see its Secrets.
+    fn drop(&mut self) {
+        let ns = self.ns.clone();
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async {
+                let api: Api<Namespace> = Api::all(kube().await);
+                let _ = api.delete(&ns, &DeleteParams::default()).await;
+            });
+        })
+        .join();
+    }
+}
+
 pub async fn setup(prefix: &str, extra: &[&str]) -> Setup {
     setup_for(prefix, Kvinject::start(extra).await).await
 }
