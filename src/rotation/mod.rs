@@ -174,7 +174,8 @@ impl Controller {
     }
 
     /// One pass: poll the references that are due, update their Secrets, then roll.
-    async fn sweep(&mut self) {
+    /// `run` calls it every second while this replica leads; benchmarks call it directly.
+    pub async fn sweep(&mut self) {
         let now = Instant::now();
         let secrets = self.caches.secrets.state();
         let mut by_reference: BTreeMap<Reference, Vec<Arc<Secret>>> = BTreeMap::new();

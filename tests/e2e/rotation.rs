@@ -25,6 +25,14 @@ fn rotation_args(lease: &str) -> Vec<String> {
         .collect()
 }
 
+/// A namespace, webhook and kvinject running the rotation controller on its own Lease.
+/// The caller holds `VAULT` and `ROTATION`.
+async fn rotation_setup(prefix: &str, extra: &[&str]) -> Setup {
+    let mut args = rotation_args(&support::unique("lease"));
+    args.extend(extra.iter().map(|s| s.to_string()));
+    support::setup(prefix, &args.iter().map(String::as_str).collect::<Vec<_>>()).await
+}
+
 fn deployment(name: &str, secret: &str, annotations: serde_json::Value) -> Deployment {
     serde_json::from_value(json!({
         "metadata": {"name": name, "annotations": annotations},
@@ -72,9 +80,7 @@ async fn replica_sets(s: &Setup, app: &str) -> usize {
 async fn a_new_version_updates_the_secret_and_restarts_opted_in_deployments_once() {
     let _vault = support::VAULT.read().await;
     let _rotation = support::ROTATION.lock().await;
-    let lease = support::unique("lease");
-    let args = rotation_args(&lease);
-    let s = support::setup("rotate", &args.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    let s = rotation_setup("rotate", &[]).await;
     let name = support::unique("rotating");
     let v1 = support::seed_secret(&name, "first").await;
     let deployments: Api<Deployment> = Api::namespaced(s.client.clone(), &s.ns);
@@ -168,9 +174,7 @@ async fn restarts_and_lease_moves_roll_nothing_and_only_the_holder_polls() {
 async fn with_the_vault_stopped_secrets_stay_and_staleness_rises() {
     let _vault = support::VAULT.write().await;
     let _rotation = support::ROTATION.lock().await;
-    let lease = support::unique("lease");
-    let args = rotation_args(&lease);
-    let s = support::setup("stale", &args.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    let s = rotation_setup("stale", &[]).await;
     let name = support::unique("stale");
     support::seed_secret(&name, "kept").await;
     let deployments: Api<Deployment> = Api::namespaced(s.client.clone(), &s.ns);
@@ -203,10 +207,7 @@ async fn unreferenced_secrets_are_collected_after_the_grace_period_and_foreign_o
     use crate::inject::{create, pod};
     let _vault = support::VAULT.read().await;
     let _rotation = support::ROTATION.lock().await;
-    let lease = support::unique("lease");
-    let mut args = rotation_args(&lease);
-    args.extend(["--gc-grace-period".to_string(), "3s".to_string()]);
-    let s = support::setup("gc", &args.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    let s = rotation_setup("gc", &["--gc-grace-period", "3s"]).await;
     let (gone, kept) = (support::unique("gc-gone"), support::unique("gc-kept"));
     support::seed_secret(&gone, "a").await;
     support::seed_secret(&kept, "b").await;
@@ -246,11 +247,8 @@ async fn unreferenced_secrets_are_collected_after_the_grace_period_and_foreign_o
 async fn evict_replaces_pods_without_touching_the_deployment_spec() {
     let _vault = support::VAULT.read().await;
     let _rotation = support::ROTATION.lock().await;
-    let lease = support::unique("lease");
-    let mut args = rotation_args(&lease);
     // No kubelet here: replacements never become Ready, so each wait runs out quickly.
-    args.extend(["--evict-ready-timeout".to_string(), "1s".to_string()]);
-    let s = support::setup("evict", &args.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    let s = rotation_setup("evict", &["--evict-ready-timeout", "1s"]).await;
     let name = support::unique("evicting");
     support::seed_secret(&name, "first").await;
     let deployments: Api<Deployment> = Api::namespaced(s.client.clone(), &s.ns);
@@ -292,9 +290,7 @@ async fn secrets_rotated_together_roll_a_workload_once() {
     use crate::inject::{create, pod};
     let _vault = support::VAULT.read().await;
     let _rotation = support::ROTATION.lock().await;
-    let lease = support::unique("lease");
-    let args = rotation_args(&lease);
-    let s = support::setup("together", &args.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    let s = rotation_setup("together", &[]).await;
     let (a, b) = (support::unique("pair-a"), support::unique("pair-b"));
     support::seed_secret(&a, "a1").await;
     support::seed_secret(&b, "b1").await;

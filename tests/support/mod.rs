@@ -332,16 +332,25 @@ pub struct Setup {
 impl Drop for Setup {
     /// Deletes the test's namespace, so later tests' controllers do not see its Secrets.
     fn drop(&mut self) {
-        let ns = self.ns.clone();
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-            rt.block_on(async {
-                let api: Api<Namespace> = Api::all(kube().await);
-                let _ = api.delete(&ns, &DeleteParams::default()).await;
-            });
-        })
-        .join();
+        delete_from_drop::<Namespace>(self.ns.clone());
     }
+}
+
+/// Deletes a cluster-scoped object from a `Drop`. Drop cannot await, and the test's runtime
+/// is blocked there: a short-lived thread with its own runtime and its own client (one tied
+/// to the test's runtime would deadlock) does the delete.
+fn delete_from_drop<K>(name: String)
+where
+    K: kube::Resource<DynamicType = (), Scope = k8s_openapi::ClusterResourceScope> + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + 'static,
+{
+    let _ = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let api: Api<K> = Api::all(kube().await);
+            let _ = api.delete(&name, &DeleteParams::default()).await;
+        });
+    })
+    .join();
 }
 
 pub async fn setup(prefix: &str, extra: &[&str]) -> Setup {
@@ -414,17 +423,6 @@ pub struct WebhookGuard {
 
 impl Drop for WebhookGuard {
     fn drop(&mut self) {
-        let name = self.name.clone();
-        // Drop cannot await, and the test's runtime is blocked here: a short-lived thread
-        // with its own runtime and its own client (one tied to the test's runtime would
-        // deadlock) does the delete.
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-            rt.block_on(async {
-                let api: Api<MutatingWebhookConfiguration> = Api::all(kube().await);
-                let _ = api.delete(&name, &DeleteParams::default()).await;
-            });
-        })
-        .join();
+        delete_from_drop::<MutatingWebhookConfiguration>(self.name.clone());
     }
 }
