@@ -34,20 +34,28 @@ pub fn version_of(secret: &Secret) -> Option<&str> {
     secret.metadata.annotations.as_ref()?.get(materialize::VERSION_ANNOTATION).map(String::as_str)
 }
 
-/// The interval for a Secret: the shortest `kvinject.io/refresh-interval` among the pods
-/// that use it, or `default`. Unparseable annotations are ignored.
-pub fn refresh_interval<'a>(secret_name: &str, pods: impl IntoIterator<Item = &'a Pod>, default: Duration) -> Duration {
-    pods.into_iter()
-        .filter(|p| uses_secret(p, secret_name))
-        .filter_map(|p| p.metadata.annotations.as_ref()?.get(REFRESH_INTERVAL_ANNOTATION))
-        .filter_map(|v| parse_duration(v).ok())
-        .filter(|d| !d.is_zero())
-        .fold(default, Duration::min)
-}
-
-/// True when the pod refers to `secret_name` through an env secretKeyRef or imagePullSecrets.
-pub fn uses_secret(pod: &Pod, secret_name: &str) -> bool {
-    pod_secret_names(pod).any(|n| n == secret_name)
+/// The intervals pods ask for, per Secret they use (`(namespace, name)`): the shortest
+/// `kvinject.io/refresh-interval` among them. One pass over the pods; unparseable or zero
+/// annotations are ignored, and Secrets no pod asks about are absent (they use the default).
+pub fn requested_intervals<'a>(pods: impl IntoIterator<Item = &'a Pod>) -> BTreeMap<(String, String), Duration> {
+    let mut out = BTreeMap::new();
+    for pod in pods {
+        let Some(asked) = pod
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(REFRESH_INTERVAL_ANNOTATION))
+            .and_then(|v| parse_duration(v).ok())
+            .filter(|d| !d.is_zero())
+        else {
+            continue;
+        };
+        let ns = pod.metadata.namespace.clone().unwrap_or_default();
+        for name in pod_secret_names(pod) {
+            out.entry((ns.clone(), name.to_owned())).and_modify(|d: &mut Duration| *d = (*d).min(asked)).or_insert(asked);
+        }
+    }
+    out
 }
 
 /// The Secrets a pod refers to through env secretKeyRefs and imagePullSecrets.
@@ -169,7 +177,7 @@ mod tests {
 
     fn pod(annotations: serde_json::Value, secret: &str) -> Pod {
         serde_json::from_value(json!({
-            "metadata": {"annotations": annotations},
+            "metadata": {"namespace": "ns", "annotations": annotations},
             "spec": {"containers": [{"name": "c", "env": [{"name": "X", "valueFrom": {"secretKeyRef": {"name": secret, "key": "value"}}}]}]}
         }))
         .unwrap()
@@ -177,7 +185,6 @@ mod tests {
 
     #[test]
     fn the_shortest_interval_of_the_pods_using_a_secret_wins() {
-        let five = Duration::from_secs(300);
         let pods = [
             pod(json!({"kvinject.io/refresh-interval": "10m"}), "a"),
             pod(json!({"kvinject.io/refresh-interval": "30s"}), "a"),
@@ -185,9 +192,12 @@ mod tests {
             pod(json!({"kvinject.io/refresh-interval": "soon"}), "a"),
             pod(json!({}), "a"),
         ];
-        assert_eq!(refresh_interval("a", &pods, five), Duration::from_secs(30));
-        assert_eq!(refresh_interval("c", &pods, five), five);
-        assert_eq!(refresh_interval("a", &pods[3..], five), five, "a bad value is ignored");
+        let asked = requested_intervals(&pods);
+        let key = |n: &str| ("ns".to_string(), n.to_string());
+        assert_eq!(asked.get(&key("a")), Some(&Duration::from_secs(30)));
+        assert_eq!(asked.get(&key("b")), Some(&Duration::from_secs(1)));
+        assert_eq!(asked.get(&key("c")), None, "nobody asked: the default applies");
+        assert_eq!(requested_intervals(&pods[3..]).get(&key("a")), None, "a bad value is ignored");
     }
 
     #[test]

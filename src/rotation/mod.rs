@@ -185,17 +185,17 @@ impl Controller {
             }
         }
         self.polls.retain(|r, _| by_reference.contains_key(r));
-        let pods = self.caches.pods.state();
+        let asked = decide::requested_intervals(self.caches.pods.state().iter().map(AsRef::as_ref));
         let mut dirty: BTreeSet<String> = BTreeSet::new();
         let mut checked: BTreeSet<Reference> = BTreeSet::new();
         // Vaults that could not be reached in this sweep: their other references wait too.
         let mut down: BTreeSet<String> = BTreeSet::new();
         for (reference, secrets) in &by_reference {
+            // For a reference shared by several Secrets and pods, the shortest interval wins.
             let interval = secrets
                 .iter()
-                .map(|s| decide::refresh_interval(&s.name_any(), pods.iter().map(AsRef::as_ref), self.config.refresh_interval))
-                .min()
-                .unwrap_or(self.config.refresh_interval);
+                .filter_map(|s| asked.get(&(s.namespace().unwrap_or_default(), s.name_any())))
+                .fold(self.config.refresh_interval, |a, b| a.min(*b));
             let key = reference.to_string();
             let poll = self.polls.entry(reference.clone()).or_insert_with(|| Poll {
                 next: now + interval + decide::jitter(&key, interval),
