@@ -62,6 +62,14 @@ pub struct Admitted {
     pub warnings: Vec<String>,
 }
 
+/// One needed Secret, before anything is written.
+enum Prepared {
+    /// Already there; with a warning when its vault is unreachable.
+    Materialized { warning: Option<String> },
+    /// To be created.
+    Missing(Secret),
+}
+
 /// The last thing each vault told us: `None` when it answered, or why it could not be used.
 #[derive(Clone, Default)]
 pub struct VaultHealth(Arc<Mutex<BTreeMap<String, Option<String>>>>);
@@ -122,28 +130,36 @@ impl Injector {
         self.config.vaults.iter()
     }
 
-    /// Decides for one pod in `namespace`. On a dry run nothing is written, and the
-    /// answer is the same.
+    /// Decides for one pod in `namespace`. Every Secret the pod needs is resolved and
+    /// checked first; only when all are good are the missing ones created, so a denied pod
+    /// leaves nothing behind. On a dry run nothing is written, and the answer is the same.
     pub async fn admit(&self, namespace: &str, pod: &Pod, dry_run: bool) -> Result<Admitted, Denied> {
         let plan = mutate::plan(pod, &self.config)?;
-        let results = futures::future::join_all(plan.needed.iter().map(|n| self.ensure(namespace, n, dry_run))).await;
+        let prepared = futures::future::join_all(plan.needed.iter().map(|n| self.prepare(namespace, n))).await;
         let mut warnings = plan.warnings;
-        for r in results {
-            warnings.extend(r?);
+        let mut missing = Vec::new();
+        for p in prepared {
+            match p? {
+                Prepared::Materialized { warning } => warnings.extend(warning),
+                Prepared::Missing(secret) => missing.push(secret),
+            }
+        }
+        if !dry_run {
+            futures::future::try_join_all(missing.into_iter().map(|s| self.create(namespace, s))).await?;
         }
         Ok(Admitted { patch: plan.patch, warnings })
     }
 
-    /// Makes sure the Secret for `needed` exists; returns a warning when it is served from
-    /// what was materialized while its vault is unreachable.
-    async fn ensure(&self, namespace: &str, needed: &Needed, dry_run: bool) -> Result<Option<String>, Denied> {
+    /// Finds the Secret for `needed`, or reads Key Vault and builds it. No writes.
+    async fn prepare(&self, namespace: &str, needed: &Needed) -> Result<Prepared, Denied> {
         let key = (namespace.to_owned(), needed.secret_name.clone());
         let reference = needed.source.reference();
         if let Some(version) = self.materialized(&key) {
             self.metrics.cache("secret", true);
-            return Ok(self.health.outage(&reference.vault).map(|why| {
+            let warning = self.health.outage(&reference.vault).map(|why| {
                 format!("{reference}: Key Vault is unreachable ({why}); using the materialized Secret {} (version {version})", needed.secret_name)
-            }));
+            });
+            return Ok(Prepared::Materialized { warning });
         }
         self.metrics.cache("secret", false);
         let fetched = self.fetch(reference).await.map_err(|e| {
@@ -153,12 +169,13 @@ impl Injector {
                 Denied::Fetch(e)
             }
         })?;
-        let secret = materialize::desired_secret(namespace, needed, &fetched)?;
-        if dry_run {
-            return Ok(None);
-        }
-        let writer = self.writer.clone();
-        let metrics = self.metrics.clone();
+        Ok(Prepared::Missing(materialize::desired_secret(namespace, needed, &fetched)?))
+    }
+
+    /// Creates `secret`; concurrent first uses in one namespace share one create.
+    async fn create(&self, namespace: &str, secret: Secret) -> Result<(), Denied> {
+        let key = (namespace.to_owned(), secret.metadata.name.clone().unwrap_or_default());
+        let (writer, metrics) = (self.writer.clone(), self.metrics.clone());
         self.created
             .try_get_with(key, async move {
                 writer.create(secret).await?;
@@ -166,8 +183,7 @@ impl Injector {
                 Ok::<_, WriteError>(())
             })
             .await
-            .map_err(|e: Arc<WriteError>| Denied::Write((*e).clone()))?;
-        Ok(None)
+            .map_err(|e: Arc<WriteError>| Denied::Write((*e).clone()))
     }
 
     /// Forgets that this process created `secret` (it was deleted).

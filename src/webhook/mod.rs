@@ -262,6 +262,18 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_denied_pod_leaves_no_secret_behind() {
+        let h = harness();
+        let pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"},
+            "spec": {"containers": [{"name": "c", "image": "i", "env": [
+                {"name": "GOOD", "value": "akv://main/db"}, {"name": "BAD", "value": "akv://main/missing"}]}]}});
+        let (_, body) = post(&h.app, review_of(pod, false).to_string()).await;
+        assert_eq!(body["response"]["allowed"], false);
+        assert!(body["response"]["status"]["message"].as_str().unwrap().contains("akv://main/missing was not found"), "{body}");
+        assert!(h.writer.0.lock().unwrap().is_empty(), "the good reference's Secret was written for a denied pod");
+    }
+
+    #[tokio::test]
     async fn a_pod_without_references_is_allowed_without_a_patch() {
         let h = harness();
         let (_, body) = post(&h.app, review_of(pod_with("plain"), false).to_string()).await;

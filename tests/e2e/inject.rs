@@ -153,6 +153,12 @@ async fn bad_input_is_denied_with_what_and_where_and_writes_nothing() {
         let err = create(&s, &pod(&format!("bad-{i}"), &[("V", value)], json!({}))).await.expect_err(value);
         assert!(err.contains("kvinject.io") && err.contains(want.as_str()), "{value}: {err}");
     }
+    // One good reference beside a bad one: the pod is denied and the good one is not written.
+    let good = support::unique("good");
+    support::seed_secret(&good, "fine").await;
+    let mixed = pod("mixed", &[("GOOD", &format!("akv://{vault}/{good}")), ("BAD", &format!("akv://{vault}/{}", support::unique("absent")))], json!({}));
+    let err = create(&s, &mixed).await.expect_err("a pod with one missing reference");
+    assert!(err.contains("was not found"), "{err}");
     let err = create(&s, &pod("bad-pull", &[], json!({"kvinject.io/image-pull-secrets": format!("akv://{vault}/{not_docker}")}))).await.unwrap_err();
     assert!(err.contains("annotation `kvinject.io/image-pull-secrets`") && err.contains("is not a docker config JSON"), "{err}");
     assert!(!err.contains("hunter2"), "a denial echoed the value: {err}");
