@@ -68,6 +68,21 @@ pub struct Caches {
     pub namespaces: Store<Namespace>,
 }
 
+impl Caches {
+    /// Waits until every cache has listed once: acting on a partial view would, for one,
+    /// make garbage collection think nothing refers to anything.
+    pub async fn wait_ready(&self) {
+        let _ = futures::join!(
+            self.secrets.wait_until_ready(),
+            self.pods.wait_until_ready(),
+            self.deployments.wait_until_ready(),
+            self.statefulsets.wait_until_ready(),
+            self.daemonsets.wait_until_ready(),
+            self.namespaces.wait_until_ready(),
+        );
+    }
+}
+
 /// Starts the reflectors the controller needs (besides the Secret store the webhook
 /// shares) and returns them with the future that drives them.
 pub fn watch_workloads(client: &Client, secrets: Store<Secret>) -> (Caches, impl Future<Output = ()> + Send + use<>) {
@@ -151,6 +166,7 @@ impl Controller {
     /// Runs while `leading` says so; a replica that loses the lease stops and waits.
     pub async fn run(mut self, mut leading: watch::Receiver<bool>) {
         self.leading = Some(leading.clone());
+        self.caches.wait_ready().await;
         loop {
             while !*leading.borrow_and_update() {
                 if leading.changed().await.is_err() {

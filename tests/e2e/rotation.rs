@@ -147,7 +147,7 @@ async fn restarts_and_lease_moves_roll_nothing_and_only_the_holder_polls() {
     support::seed_secret(&name, "v").await;
     let deployments: Api<Deployment> = Api::namespaced(s.client.clone(), &s.ns);
     deployments.create(&PostParams::default(), &deployment("steady", &name, json!({"kvinject.io/rollout-on-rotation": "true"}))).await.unwrap();
-    materialized(&s, "steady").await;
+    let in_use = materialized(&s, "steady").await.metadata.name.unwrap();
     support::eventually(Duration::from_secs(20), "the baseline", || async { stored_hash(&deployments.get("steady").await.unwrap()).is_some() }).await;
 
     // A second replica on the same Lease: it waits while the first polls.
@@ -168,6 +168,9 @@ async fn restarts_and_lease_moves_roll_nothing_and_only_the_holder_polls() {
     assert_eq!(template_hash(&steady), None, "no rollout after a restart or a leader change");
     assert_eq!(replica_sets(&s, "steady").await, 1);
     assert_eq!(follower.metric("kvinject_rollouts_total", &[]).await + s.kvinject.metric("kvinject_rollouts_total", &[]).await, 0.0);
+    // A new leader acts only on synced caches: a Secret in use is never marked for collection.
+    let secret = Api::<Secret>::namespaced(s.client.clone(), &s.ns).get(&in_use).await.unwrap();
+    assert!(secret.metadata.annotations.unwrap_or_default().get("kvinject.io/unreferenced-since").is_none());
 }
 
 #[tokio::test]
