@@ -206,12 +206,13 @@ impl Controller {
         let mut checked: BTreeSet<Reference> = BTreeSet::new();
         // Vaults that could not be reached in this sweep: their other references wait too.
         let mut down: BTreeSet<String> = BTreeSet::new();
+        // For a reference shared by several Secrets and pods, the shortest interval wins.
+        let default = self.config.refresh_interval;
+        let interval_of = |secrets: &[Arc<Secret>]| {
+            secrets.iter().filter_map(|s| asked.get(&(s.namespace().unwrap_or_default(), s.name_any()))).fold(default, |a, b| a.min(*b))
+        };
         for (reference, secrets) in &by_reference {
-            // For a reference shared by several Secrets and pods, the shortest interval wins.
-            let interval = secrets
-                .iter()
-                .filter_map(|s| asked.get(&(s.namespace().unwrap_or_default(), s.name_any())))
-                .fold(self.config.refresh_interval, |a, b| a.min(*b));
+            let interval = interval_of(secrets);
             let key = reference.to_string();
             let poll = self.polls.entry(reference.clone()).or_insert_with(|| Poll {
                 next: now + interval + decide::jitter(&key, interval),
@@ -239,8 +240,7 @@ impl Controller {
             .filter(|(r, secrets)| !checked.contains(*r) && !down.contains(&r.vault) && secrets.iter().any(|s| dirty.contains(&s.namespace().unwrap_or_default())))
             .collect();
         for (reference, secrets) in peers {
-            let interval = self.config.refresh_interval;
-            dirty.extend(self.check(reference, secrets, interval, now).await.0);
+            dirty.extend(self.check(reference, secrets, interval_of(secrets), now).await.0);
         }
         let end = Instant::now();
         let stalest = self.polls.values().filter_map(|p| p.last_success).map(|t| end.duration_since(t).as_secs()).max().unwrap_or(0);
