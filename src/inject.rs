@@ -213,8 +213,7 @@ impl Injector {
         self.values
             .try_get_with(reference.clone(), async move {
                 let result = source.fetch(&r).await;
-                let label = result.as_ref().map_or_else(FetchError::metric_label, |_| "ok");
-                metrics.keyvault_requests.get_or_create(&crate::metrics::ResultLabels { result: label }).inc();
+                let label = metrics.keyvault_read(&result);
                 let outage = result.as_ref().err().filter(|e| e.is_outage()).map(ToString::to_string);
                 health.record(&r.vault, outage, &metrics);
                 debug!(reference = %r, result = label, "read Key Vault");

@@ -74,6 +74,13 @@ impl Metrics {
         out
     }
 
+    /// Counts one Key Vault read by its result (`ok` or the error's label).
+    pub fn keyvault_read<T>(&self, result: &Result<T, crate::keyvault::source::FetchError>) -> &'static str {
+        let label = result.as_ref().map_or_else(crate::keyvault::source::FetchError::metric_label, |_| "ok");
+        self.keyvault_requests.get_or_create(&ResultLabels { result: label }).inc();
+        label
+    }
+
     pub fn cache(&self, cache: &'static str, hit: bool) {
         self.cache.get_or_create(&CacheLabels { cache, result: if hit { "hit" } else { "miss" } }).inc();
     }

@@ -6,9 +6,9 @@ pub mod lease;
 
 use crate::{
     inject::FIELD_MANAGER,
-    keyvault::source::{FetchError, Fetched, SecretSource},
+    keyvault::source::{Fetched, SecretSource},
     materialize,
-    metrics::{Metrics, ResultLabels},
+    metrics::Metrics,
     mutate::{InjectConfig, Needed, Source},
     reference::Reference,
 };
@@ -331,8 +331,7 @@ impl Controller {
         let mut changed = BTreeSet::new();
         let mut outage = false;
         let result = self.source.fetch(reference).await;
-        let label = result.as_ref().map_or_else(FetchError::metric_label, |_| "ok");
-        self.metrics.keyvault_requests.get_or_create(&ResultLabels { result: label }).inc();
+        self.metrics.keyvault_read(&result);
         let poll = self.polls.entry(reference.clone()).or_insert(Poll { next: now, failures: 0, last_success: None });
         match result {
             Ok(fetched) => {
