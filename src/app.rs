@@ -3,7 +3,8 @@
 
 use crate::{
     admin,
-    config::ServeConfig,
+    certs::bootstrap::Bootstrap,
+    config::{ServeConfig, TlsConfig},
     inject::{Injector, KubeWriter},
     keyvault::source::KeyVault,
     materialize,
@@ -31,10 +32,20 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     let ready = admin::Readiness::default();
     let metrics = Metrics::default();
 
-    let files = webhook::tls::CertFiles { cert: config.tls_cert.clone(), key: config.tls_key.clone() };
-    let (tls, hash) = files.load().await.context("loading the webhook's serving certificate")?;
-
     let client = kube::Client::try_default().await.context("connecting to the Kubernetes API")?;
+    // The serving certificate, and the task that keeps it current.
+    let (tls, reload): (_, futures::future::BoxFuture<'static, ()>) = match config.tls.clone() {
+        TlsConfig::Files { cert, key } => {
+            let files = webhook::tls::CertFiles { cert, key };
+            let (tls, hash) = files.load().await.context("loading the webhook's serving certificate")?;
+            (tls.clone(), Box::pin(files.watch(tls, hash, config.tls_reload_interval, stop.clone(), metrics.clone())))
+        }
+        TlsConfig::Bootstrap(b) => {
+            let (tls, running) = Bootstrap::new(client.clone(), b).start(&metrics).await.context("bootstrapping the webhook's certificates")?;
+            (tls, Box::pin(running.run(metrics.clone(), stop.clone())))
+        }
+    };
+
     // A watch-backed cache of kvinject's own Secrets: materialized references are admitted
     // from it with no call at all, and it rebuilds from the apiserver after a restart.
     let secrets: Api<Secret> = Api::all(client.clone());
@@ -103,8 +114,6 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         .with_context(|| format!("binding the admin port {}", config.admin_listen))?;
     // The admin port outlives the drain, so /readyz can say "not ready" meanwhile.
     let admin_server = axum::serve(admin_listener, admin::router(ready.clone(), metrics)).into_future();
-
-    let reload = files.watch(tls, hash, config.tls_reload_interval, stop.clone());
 
     tokio::spawn({
         let (stop, handle, ready) = (stop.clone(), handle.clone(), ready.clone());

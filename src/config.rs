@@ -20,6 +20,45 @@ pub struct Cli {
 pub enum Command {
     /// Serve the mutating admission webhook (TLS) and the admin port (plaintext).
     Serve(ServeArgs),
+    /// Write a new CA and a serving certificate for the webhook's Service into a directory,
+    /// and print the caBundle (base64) for the MutatingWebhookConfiguration.
+    Certs(CertsArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct CertsArgs {
+    /// Name of the webhook's Service.
+    #[arg(long, default_value = "kvinject")]
+    pub service: String,
+    /// Namespace of the webhook's Service.
+    #[arg(long, default_value = "kvinject")]
+    pub namespace: String,
+    /// Another DNS name or IP address for the certificate (repeat, or separate with commas).
+    #[arg(long = "extra-san", value_delimiter = ',')]
+    pub extra_sans: Vec<String>,
+    /// Directory that receives ca.crt, tls.crt and tls.key (tls.key with mode 0600).
+    #[arg(long)]
+    pub out_dir: PathBuf,
+    /// Lifetime of the serving certificate.
+    #[arg(long, default_value = "8760h", value_parser = parse_duration)]
+    pub validity: Duration,
+    /// Replace existing files.
+    #[arg(long)]
+    pub force: bool,
+}
+
+impl CertsArgs {
+    pub fn run(self) -> anyhow::Result<()> {
+        let names = crate::certs::SubjectNames::for_service(&self.service, &self.namespace, &self.extra_sans)?;
+        let lifetimes = crate::certs::Lifetimes { serving: self.validity, ca: self.validity.max(crate::certs::Lifetimes::default().ca) };
+        let bundle = crate::certs::cli::write(&self.out_dir, &names, lifetimes, self.force)?;
+        let dir = self.out_dir.display();
+        eprintln!("wrote {dir}/ca.crt, {dir}/tls.crt and {dir}/tls.key for {}", names.dns.iter().cloned().chain(names.ips.iter().map(|i| i.to_string())).collect::<Vec<_>>().join(", "));
+        eprintln!("next: kubectl -n {} create secret tls kvinject-tls --cert={dir}/tls.crt --key={dir}/tls.key", self.namespace);
+        eprintln!("      helm ... --set tls.source=secret --set tls.secretName=kvinject-tls --set tls.caBundle=<the line below>");
+        println!("{bundle}");
+        Ok(())
+    }
 }
 
 #[derive(Args, Debug)]
@@ -134,15 +173,51 @@ pub struct AzureArgs {
     pub azure_authority_host: Option<String>,
 }
 
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum TlsSource {
+    /// Read --tls-cert and --tls-key (a mounted Secret: `kvinject certs`, cert-manager).
+    Files,
+    /// Keep a CA and serving certificate in --tls-secret, renew them, and set the caBundle
+    /// of --webhook-configuration.
+    Bootstrap,
+}
+
 #[derive(Args, Debug)]
 pub struct TlsArgs {
+    /// Where the serving certificate comes from.
+    #[arg(long, env = "KVINJECT_TLS_SOURCE", value_enum, default_value = "files")]
+    pub tls_source: TlsSource,
+    /// bootstrap: the Secret (in --tls-namespace) that holds the CA and serving certificate.
+    #[arg(long, env = "KVINJECT_TLS_SECRET", default_value = "kvinject-tls")]
+    pub tls_secret: String,
+    /// bootstrap: kvinject's own namespace (the Service's and the Secret's).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "kvinject")]
+    pub tls_namespace: String,
+    /// bootstrap: the Service the apiserver calls; the certificate covers its DNS names.
+    #[arg(long, env = "KVINJECT_TLS_SERVICE", default_value = "kvinject")]
+    pub tls_service: String,
+    /// bootstrap: more DNS names or IP addresses for the certificate (comma-separated).
+    #[arg(long = "tls-extra-san", env = "KVINJECT_TLS_EXTRA_SANS", value_delimiter = ',')]
+    pub tls_extra_sans: Vec<String>,
+    /// bootstrap: the MutatingWebhookConfiguration whose caBundle kvinject keeps current
+    /// (empty: leave it alone).
+    #[arg(long, env = "KVINJECT_WEBHOOK_CONFIGURATION", default_value = "kvinject")]
+    pub webhook_configuration: String,
+    /// bootstrap: lifetime of the serving certificate (renewed with a third left).
+    #[arg(long, env = "KVINJECT_TLS_SERVING_VALIDITY", default_value = "8760h", value_parser = parse_duration)]
+    pub tls_serving_validity: Duration,
+    /// bootstrap: lifetime of the CA (renewed with a third left; the old one stays trusted
+    /// until it expires).
+    #[arg(long, env = "KVINJECT_TLS_CA_VALIDITY", default_value = "87600h", value_parser = parse_duration)]
+    pub tls_ca_validity: Duration,
     /// PEM certificate chain of the webhook's serving certificate.
     #[arg(long, env = "KVINJECT_TLS_CERT", default_value = "/etc/kvinject/tls/tls.crt")]
     pub tls_cert: PathBuf,
     /// PEM private key of the webhook's serving certificate.
     #[arg(long, env = "KVINJECT_TLS_KEY", default_value = "/etc/kvinject/tls/tls.key")]
     pub tls_key: PathBuf,
-    /// How often the certificate files are re-read (they are swapped in when they change).
+    /// How often the certificate files (or the bootstrap Secret) are re-read; a changed
+    /// pair is swapped in without a restart.
     #[arg(long, env = "KVINJECT_TLS_RELOAD_INTERVAL", default_value = "10s", value_parser = parse_duration)]
     pub tls_reload_interval: Duration,
 }
@@ -152,8 +227,7 @@ pub struct TlsArgs {
 pub struct ServeConfig {
     pub listen: SocketAddr,
     pub admin_listen: SocketAddr,
-    pub tls_cert: PathBuf,
-    pub tls_key: PathBuf,
+    pub tls: TlsConfig,
     pub tls_reload_interval: Duration,
     pub admission_deadline: Duration,
     /// Vault name -> URL.
@@ -165,6 +239,12 @@ pub struct ServeConfig {
     pub vault_probe_interval: Duration,
     /// `None` when the rotation controller is off.
     pub rotation: Option<RotationSettings>,
+}
+
+#[derive(Debug, Clone)]
+pub enum TlsConfig {
+    Files { cert: PathBuf, key: PathBuf },
+    Bootstrap(crate::certs::bootstrap::BootstrapConfig),
 }
 
 #[derive(Debug, Clone)]
@@ -194,8 +274,7 @@ impl ServeArgs {
         Ok(ServeConfig {
             listen: self.listen,
             admin_listen: self.admin_listen,
-            tls_cert: self.tls.tls_cert,
-            tls_key: self.tls.tls_key,
+            tls: self.tls.validate()?,
             tls_reload_interval: self.tls.tls_reload_interval,
             admission_deadline: self.admission_deadline,
             vaults,
@@ -204,6 +283,32 @@ impl ServeArgs {
             value_cache_ttl: self.vaults.value_cache_ttl,
             vault_probe_interval: self.vaults.vault_probe_interval,
             rotation: self.rotation.validate()?,
+        })
+    }
+}
+
+impl TlsArgs {
+    fn validate(&self) -> anyhow::Result<TlsConfig> {
+        Ok(match self.tls_source {
+            TlsSource::Files => TlsConfig::Files { cert: self.tls_cert.clone(), key: self.tls_key.clone() },
+            TlsSource::Bootstrap => {
+                let names = crate::certs::SubjectNames::for_service(&self.tls_service, &self.tls_namespace, &self.tls_extra_sans)
+                    .context("--tls-service, --tls-namespace or --tls-extra-san")?;
+                if self.tls_ca_validity < self.tls_serving_validity {
+                    bail!("--tls-ca-validity {:?} is shorter than --tls-serving-validity {:?}", self.tls_ca_validity, self.tls_serving_validity);
+                }
+                if self.tls_serving_validity < Duration::from_secs(3 * 60) {
+                    bail!("--tls-serving-validity {:?} is too short; use 3m or more", self.tls_serving_validity);
+                }
+                TlsConfig::Bootstrap(crate::certs::bootstrap::BootstrapConfig {
+                    namespace: self.tls_namespace.clone(),
+                    secret: self.tls_secret.clone(),
+                    webhook_configuration: Some(self.webhook_configuration.clone()).filter(|n| !n.is_empty()),
+                    names,
+                    lifetimes: crate::certs::Lifetimes { ca: self.tls_ca_validity, serving: self.tls_serving_validity },
+                    check_interval: self.tls_reload_interval,
+                })
+            }
         })
     }
 }

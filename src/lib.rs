@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod certs;
 pub mod config;
 pub mod inject;
 pub mod keyvault;

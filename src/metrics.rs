@@ -37,6 +37,7 @@ pub struct Metrics {
     pub rollouts: Counter,
     pub sync_age_seconds: Gauge,
     pub secrets_collected: Counter,
+    pub certificate_expiry: Gauge,
 }
 
 impl Default for Metrics {
@@ -62,7 +63,9 @@ impl Default for Metrics {
         registry.register("secret_sync_age_seconds", "Age of the oldest successful version check among followed references (staleness)", sync_age_seconds.clone());
         let secrets_collected = Counter::default();
         registry.register("secrets_collected", "Materialized Secrets deleted after nothing referred to them for the grace period", secrets_collected.clone());
-        Self { registry: Arc::new(registry), admissions, admission_seconds, keyvault_requests, cache, secrets_created, vault_up, rotations, rollouts, sync_age_seconds, secrets_collected }
+        let certificate_expiry = Gauge::default();
+        registry.register("webhook_certificate_expiry_timestamp_seconds", "When the serving certificate in use expires (Unix time)", certificate_expiry.clone());
+        Self { registry: Arc::new(registry), admissions, admission_seconds, keyvault_requests, cache, secrets_created, vault_up, rotations, rollouts, sync_age_seconds, secrets_collected, certificate_expiry }
     }
 }
 

@@ -2,6 +2,7 @@
 //! hash: inotify on single files misses Kubernetes' `..data` symlink swap. A new pair is
 //! swapped in only when both parse; on error the old configuration stays.
 
+use crate::metrics::Metrics;
 use axum_server::tls_rustls::RustlsConfig;
 use sha2::{Digest, Sha256};
 use std::{path::PathBuf, time::Duration};
@@ -45,7 +46,9 @@ impl CertFiles {
     }
 
     /// Re-reads the files every `interval` until `stop` fires, swapping in a changed pair.
-    pub async fn watch(self, config: RustlsConfig, mut hash: [u8; 32], interval: Duration, stop: CancellationToken) {
+    /// The expiry of the certificate in use goes to the `metrics` gauge.
+    pub async fn watch(self, config: RustlsConfig, mut hash: [u8; 32], interval: Duration, stop: CancellationToken, metrics: Metrics) {
+        self.record_expiry(&metrics).await;
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -57,10 +60,17 @@ impl CertFiles {
                 Ok(Some(new)) => {
                     hash = new;
                     info!(cert = %self.cert.display(), "reloaded the serving certificate");
+                    self.record_expiry(&metrics).await;
                 }
                 Ok(None) => {}
                 Err(e) => warn!(error = %e, "kept the previous serving certificate"),
             }
+        }
+    }
+
+    async fn record_expiry(&self, metrics: &Metrics) {
+        if let Some(t) = tokio::fs::read_to_string(&self.cert).await.ok().as_deref().and_then(crate::certs::not_after) {
+            metrics.certificate_expiry.set(t);
         }
     }
 
