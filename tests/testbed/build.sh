@@ -3,6 +3,7 @@
 # modules' content so a version bump rebuilds and a warm cache costs nothing:
 #   kube-apiserver, kube-controller-manager  from k8s.io/kubernetes (go/kube)
 #   etcd                                      from go.etcd.io/etcd/server/v3 (go/etcd)
+#   helm                                      from helm.sh/helm/v3 (go/helm), for the chart tests
 # The Key Vault side is tests/testbed/kvstandin.py (python3 only): Lowkey Vault's app jar
 # (com.github.nagyesta.lowkey-vault:lowkey-vault-app) is not served by this machine's Maven
 # registry; see that file's header.
@@ -35,15 +36,22 @@ kube_ldflags() {
   echo "-s -w -X $p.gitVersion=$v -X $p.gitMajor=1 -X $p.gitMinor=$minor -X $p.gitTreeState=clean -X $p.buildDate=1970-01-01T00:00:00Z -X $p.gitCommit=0000000000000000000000000000000000000000"
 }
 
+helm_ldflags() {
+  local v; v=$(awk '$1=="require" && $2=="helm.sh/helm/v3" {print $3}' "$here/go/helm/go.mod")
+  echo "-s -w -X helm.sh/helm/v3/internal/version.version=$v -X helm.sh/helm/v3/internal/version.gitTreeState=clean"
+}
+
 what=${1:-all}
 case $what in
   etcd) build_go etcd etcd go.etcd.io/etcd/server/v3 "-s -w" ;;
   kube-apiserver) build_go kube kube-apiserver k8s.io/kubernetes/cmd/kube-apiserver "$(kube_ldflags)" ;;
   kube-controller-manager) build_go kube kube-controller-manager k8s.io/kubernetes/cmd/kube-controller-manager "$(kube_ldflags)" ;;
+  helm) build_go helm helm helm.sh/helm/v3/cmd/helm "$(helm_ldflags)" ;;
   all)
     build_go etcd etcd go.etcd.io/etcd/server/v3 "-s -w"
+    build_go helm helm helm.sh/helm/v3/cmd/helm "$(helm_ldflags)"
     build_go kube kube-apiserver k8s.io/kubernetes/cmd/kube-apiserver "$(kube_ldflags)"
     build_go kube kube-controller-manager k8s.io/kubernetes/cmd/kube-controller-manager "$(kube_ldflags)"
     ;;
-  *) echo "usage: $0 [all|etcd|kube-apiserver|kube-controller-manager]" >&2; exit 2 ;;
+  *) echo "usage: $0 [all|etcd|kube-apiserver|kube-controller-manager|helm]" >&2; exit 2 ;;
 esac
