@@ -297,8 +297,12 @@ impl TlsArgs {
                 if self.tls_ca_validity < self.tls_serving_validity {
                     bail!("--tls-ca-validity {:?} is shorter than --tls-serving-validity {:?}", self.tls_ca_validity, self.tls_serving_validity);
                 }
-                if self.tls_serving_validity < Duration::from_secs(3 * 60) {
-                    bail!("--tls-serving-validity {:?} is too short; use 3m or more", self.tls_serving_validity);
+                // Renewal starts with a third of the lifetime left; several checks must fit in it.
+                if self.tls_serving_validity < Duration::from_secs(30) || self.tls_serving_validity < self.tls_reload_interval * 6 {
+                    bail!(
+                        "--tls-serving-validity {:?} is too short; use 30s or more, and at least six --tls-reload-interval ({:?})",
+                        self.tls_serving_validity, self.tls_reload_interval
+                    );
                 }
                 TlsConfig::Bootstrap(crate::certs::bootstrap::BootstrapConfig {
                     namespace: self.tls_namespace.clone(),

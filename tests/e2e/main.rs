@@ -5,6 +5,7 @@
 mod support;
 
 mod inject;
+mod install;
 mod outage;
 mod rotation;
 mod serving;

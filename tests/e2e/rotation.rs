@@ -33,7 +33,7 @@ async fn rotation_setup(prefix: &str, extra: &[&str]) -> Setup {
     support::setup(prefix, &args.iter().map(String::as_str).collect::<Vec<_>>()).await
 }
 
-fn deployment(name: &str, secret: &str, annotations: serde_json::Value) -> Deployment {
+pub(crate) fn deployment(name: &str, secret: &str, annotations: serde_json::Value) -> Deployment {
     serde_json::from_value(json!({
         "metadata": {"name": name, "annotations": annotations},
         "spec": {

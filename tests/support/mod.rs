@@ -219,9 +219,16 @@ impl Kvinject {
 
     /// kvinject for the bed's vault with the service principal credential.
     pub async fn start_on(port: u16, admin_port: u16, extra: &[&str]) -> Kvinject {
+        Self::start_with_env(port, admin_port, extra, &[]).await
+    }
+
+    /// Like `start_on`, with more environment (`KUBECONFIG` replaces the bed's admin one).
+    pub async fn start_with_env(port: u16, admin_port: u16, extra: &[&str], env: &[(&str, &str)]) -> Kvinject {
         let mut args = vec!["--azure-credential", "client-secret", "--azure-tenant-id", "testbed-tenant", "--azure-client-id", "kvinject-tests"];
         args.extend_from_slice(extra);
-        Self::spawn(port, admin_port, &args, &[("AZURE_CLIENT_SECRET", "testbed-client-secret")]).await
+        let mut env = env.to_vec();
+        env.push(("AZURE_CLIENT_SECRET", "testbed-client-secret"));
+        Self::spawn(port, admin_port, &args, &env).await
     }
 
     /// kvinject for the bed's vault and CA; the credential comes from `args` and `env`.
@@ -242,9 +249,9 @@ impl Kvinject {
             // are about rotation turn it on.
             .args(if args.contains(&"--rotation") { &[][..] } else { &["--rotation", "false"][..] })
             .env_remove("AZURE_FEDERATED_TOKEN_FILE")
-            .envs(env.iter().copied())
             .env("KUBECONFIG", &bed.kubeconfig)
             .env("KVINJECT_LOG", "info,kvinject=debug")
+            .envs(env.iter().copied())
             .stdout(file.try_clone().unwrap())
             .stderr(file)
             .spawn()
@@ -339,7 +346,7 @@ impl Drop for Setup {
 /// Deletes a cluster-scoped object from a `Drop`. Drop cannot await, and the test's runtime
 /// is blocked there: a short-lived thread with its own runtime and its own client (one tied
 /// to the test's runtime would deadlock) does the delete.
-fn delete_from_drop<K>(name: String)
+pub fn delete_from_drop<K>(name: String)
 where
     K: kube::Resource<DynamicType = (), Scope = k8s_openapi::ClusterResourceScope> + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + 'static,
 {

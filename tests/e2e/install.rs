@@ -1,0 +1,370 @@
+//! Installing like a platform team: the chart lints and renders, the plain manifests are
+//! in sync with it, a real apiserver accepts them, and kvinject runs through every step
+//! with nothing but the chart's permissions (its ServiceAccount, impersonated).
+//!
+//! The chart's objects are cluster-wide (one MutatingWebhookConfiguration `kvinject`, the
+//! `kvinject` namespace), so these tests take `INSTALL`. Only they use the opt-in label
+//! `kvinject.io/injection`; every other test opts in through its own label.
+
+use crate::{
+    inject::reference,
+    rotation::deployment,
+    support::{self, Kvinject},
+};
+use base64::Engine;
+use k8s_openapi::api::{
+    admissionregistration::v1::MutatingWebhookConfiguration,
+    apps::v1::Deployment,
+    coordination::v1::Lease,
+    core::v1::{Namespace, Pod, Secret, ServiceAccount},
+    events::v1::Event,
+    policy::v1::PodDisruptionBudget,
+};
+use kube::{
+    Api, Client,
+    api::{DeleteParams, ListParams, Patch, PatchParams, PostParams},
+};
+use serde_json::json;
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
+
+static INSTALL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+const NS: &str = "kvinject";
+const NAME: &str = "kvinject";
+const SA: &str = "system:serviceaccount:kvinject:kvinject";
+const OPT_IN: (&str, &str) = ("kvinject.io/injection", "enabled");
+
+fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The bed's helm, built from helm.sh/helm/v3 (a no-op when cached).
+fn helm_bin() -> PathBuf {
+    let ok = Command::new(repo().join("tests/testbed/build.sh")).arg("helm").status().expect("building helm");
+    assert!(ok.success(), "tests/testbed/build.sh helm failed");
+    std::env::var_os("KVINJECT_TESTBED_CACHE").map_or_else(|| repo().join("target/testbed"), PathBuf::from).join("bin/helm")
+}
+
+fn helm(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(helm_bin()).args(args).current_dir(repo()).output().expect("running helm");
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+#[tokio::test]
+async fn chart_lints_renders_and_the_plain_manifests_are_in_sync() {
+    let chart = "deploy/helm/kvinject";
+    let values = "deploy/manifests/values.yaml";
+    for extra in [
+        &[][..],
+        &["--set", "tls.source=certManager", "--set", "serviceMonitor.enabled=true"][..],
+        &["--set", "tls.source=secret", "--set", "tls.caBundle=Zm9v", "--set", "webhook.failurePolicy=Ignore", "--set", "antiAffinity=required"][..],
+    ] {
+        let mut args = vec!["lint", chart, "--strict", "-f", values];
+        args.extend_from_slice(extra);
+        let (ok, out, err) = helm(&args);
+        assert!(ok && out.contains("0 chart(s) failed"), "helm {args:?}:\n{out}\n{err}");
+    }
+    let (ok, out, err) = helm(&["template", "kvinject", chart, "-n", NS, "-f", values, "--set", "tls.source=certManager"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("cert-manager.io/inject-ca-from: kvinject/kvinject") && out.contains("kind: Certificate"), "{out}");
+
+    // Settings that cannot work fail the render and name the value.
+    for (set, want) in [
+        ("vaults=null", "vaults: name at least one vault"),
+        ("webhook.timeoutSeconds=10", "webhook.timeoutSeconds: 10 must be 3..9"),
+        ("webhook.failurePolicy=Sometimes", "webhook.failurePolicy: \"Sometimes\" is not Fail or Ignore"),
+        ("tls.source=secret", "tls.caBundle: tls.source=secret needs the CA"),
+        ("tls.source=vault", "tls.source: \"vault\" is not one of"),
+    ] {
+        let (ok, _, err) = helm(&["template", "kvinject", chart, "-n", NS, "-f", values, "--set", set]);
+        assert!(!ok && err.contains(want), "--set {set}: {err}");
+    }
+
+    let out = Command::new(repo().join("deploy/render")).arg("--check").env("HELM", helm_bin()).output().unwrap();
+    assert!(out.status.success(), "deploy/manifests/kvinject.yaml is not what the chart renders:\n{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+}
+
+/// Applies the committed plain manifests with server-side apply, as a GitOps tool would.
+/// An earlier test's registration (pointed at a local URL) is removed first: `url` and the
+/// chart's `service` cannot both be set.
+fn apply_manifests() {
+    let _ = support::kubectl(&["delete", "mutatingwebhookconfiguration", NAME, "--ignore-not-found"], None);
+    let path = repo().join("deploy/manifests/kvinject.yaml");
+    let (ok, out, err) = support::kubectl(&["apply", "--server-side", "--field-manager=platform-team", "-f", path.to_str().unwrap()], None);
+    assert!(ok, "the apiserver refused the manifests:\n{out}\n{err}");
+}
+
+/// Points the chart's webhook at a local address (the bed has no Service network). The
+/// caBundle goes with the old clientConfig: kvinject's bootstrap must set it again.
+async fn point_webhook_at(client: &Client, port: u16) {
+    let api: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+    let patch: json_patch::Patch = serde_json::from_value(json!([
+        {"op": "test", "path": "/webhooks/0/name", "value": "pods.kvinject.io"},
+        {"op": "replace", "path": "/webhooks/0/clientConfig", "value": {"url": format!("https://127.0.0.1:{port}/mutate")}}
+    ]))
+    .unwrap();
+    api.patch(NAME, &PatchParams::default(), &Patch::Json::<()>(patch)).await.expect("pointing the webhook at the local kvinject");
+}
+
+/// A kubeconfig that acts as the chart's ServiceAccount (admin credentials, impersonating
+/// the ServiceAccount and its groups).
+fn service_account_kubeconfig() -> PathBuf {
+    let bed = support::testbed();
+    let admin = std::fs::read_to_string(&bed.kubeconfig).unwrap();
+    assert!(admin.contains("\n  user:\n"), "unexpected bed kubeconfig layout");
+    let impersonating = admin.replace(
+        "\n  user:\n",
+        &format!("\n  user:\n    as: {SA}\n    as-groups: [system:serviceaccounts, \"system:serviceaccounts:{NS}\", system:authenticated]\n"),
+    );
+    let path = bed.dir.join("kubeconfig-kvinject-sa");
+    std::fs::write(&path, impersonating).unwrap();
+    path
+}
+
+/// kvinject as the chart runs it: bootstrap TLS, its ServiceAccount's permissions only.
+async fn start_as_chart(port: u16, extra: &[&str]) -> Kvinject {
+    let kubeconfig = service_account_kubeconfig();
+    let mut args = vec!["--tls-source", "bootstrap", "--tls-namespace", NS, "--tls-extra-san", "127.0.0.1", "--webhook-configuration", NAME];
+    args.extend_from_slice(extra);
+    Kvinject::start_with_env(port, support::free_port(), &args, &[("KUBECONFIG", kubeconfig.to_str().unwrap())]).await
+}
+
+async fn fresh_bootstrap(client: &Client) {
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), NS);
+    let _ = secrets.delete("kvinject-tls", &DeleteParams::default()).await;
+    support::eventually(Duration::from_secs(10), "the old bootstrap Secret to go", || async { secrets.get_opt("kvinject-tls").await.unwrap().is_none() }).await;
+}
+
+async fn bootstrap_secret(client: &Client) -> (String, String) {
+    let s = Api::<Secret>::namespaced(client.clone(), NS).get("kvinject-tls").await.unwrap();
+    let get = |k: &str| String::from_utf8(s.data.as_ref().unwrap()[k].0.clone()).unwrap();
+    (get("ca.crt"), get("tls.crt"))
+}
+
+async fn ca_bundle(client: &Client) -> Option<String> {
+    let mwc = Api::<MutatingWebhookConfiguration>::all(client.clone()).get(NAME).await.unwrap();
+    mwc.webhooks?[0].client_config.ca_bundle.as_ref().map(|b| String::from_utf8(b.0.clone()).unwrap())
+}
+
+/// The certificate (PEM) kvinject presents on `port`.
+async fn served_certificate(port: u16) -> String {
+    let http = reqwest::Client::builder().tls_danger_accept_invalid_certs(true).tls_info(true).pool_max_idle_per_host(0).build().unwrap();
+    let r = http.get(format!("https://127.0.0.1:{port}/mutate")).send().await.expect("connecting to the webhook");
+    let der = r.extensions().get::<reqwest::tls::TlsInfo>().and_then(|i| i.peer_certificate()).expect("no peer certificate").to_vec();
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let lines: Vec<_> = b64.as_bytes().chunks(64).map(|c| std::str::from_utf8(c).unwrap()).collect();
+    format!("-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n", lines.join("\n"))
+}
+
+fn no_permission_errors(k: &Kvinject) {
+    let logs = k.logs().to_lowercase();
+    assert!(!logs.contains("forbidden") && !logs.contains("403"), "kvinject hit a permission error:\n{}", k.logs());
+}
+
+/// Deletes the test's namespace when dropped.
+struct NsGuard(String);
+impl Drop for NsGuard {
+    fn drop(&mut self) {
+        support::delete_from_drop::<Namespace>(self.0.clone());
+    }
+}
+
+fn pod(name: &str, secret: &str) -> Pod {
+    serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "spec": {"containers": [{"name": "app", "image": "registry.invalid/app:1", "env": [{"name": "X", "value": reference(secret)}]}]}
+    }))
+    .unwrap()
+}
+
+/// The Secret a pod's env was rewritten to.
+async fn secret_of_pod(client: &Client, ns: &str, selector: &str) -> String {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let name_of = |p: &Pod| p.spec.as_ref()?.containers[0].env.as_ref()?[0].value_from.as_ref()?.secret_key_ref.as_ref().map(|r| r.name.clone());
+    let lp = ListParams::default().labels(selector);
+    support::eventually(Duration::from_secs(30), &format!("an injected pod ({selector})"), || async {
+        pods.list(&lp).await.unwrap().items.iter().any(|p| name_of(p).is_some())
+    })
+    .await;
+    pods.list(&lp).await.unwrap().items.iter().find_map(name_of).unwrap()
+}
+
+fn version(s: &Secret) -> String {
+    s.metadata.annotations.as_ref().unwrap()["kvinject.io/version"].clone()
+}
+
+#[tokio::test]
+async fn the_apiserver_accepts_the_manifests_and_kvinject_works_on_the_charts_permissions_alone() {
+    let _vault = support::VAULT.read().await;
+    let _rotation = support::ROTATION.lock().await;
+    let _install = INSTALL.lock().await;
+    let client = support::kube().await;
+    apply_manifests();
+
+    // What the apiserver stored is what the chart promises.
+    let mwc = Api::<MutatingWebhookConfiguration>::all(client.clone()).get(NAME).await.unwrap();
+    let w = &mwc.webhooks.as_ref().unwrap()[0];
+    assert_eq!(w.side_effects, "NoneOnDryRun");
+    assert_eq!(w.admission_review_versions, vec!["v1"]);
+    assert_eq!(w.failure_policy.as_deref(), Some("Fail"));
+    assert!(w.timeout_seconds.unwrap() < 10);
+    assert_eq!(w.reinvocation_policy.as_deref(), Some("IfNeeded"));
+    let rule = &w.rules.as_ref().unwrap()[0];
+    assert_eq!((rule.operations.as_deref(), rule.resources.as_deref()), (Some(&["CREATE".to_owned()][..]), Some(&["pods".to_owned()][..])));
+    let excluded = &w.namespace_selector.as_ref().unwrap().match_expressions.as_ref().unwrap()[0];
+    assert_eq!((excluded.key.as_str(), excluded.operator.as_str()), ("kubernetes.io/metadata.name", "NotIn"));
+    assert!(excluded.values.as_ref().unwrap().iter().any(|v| v == "kube-system") && excluded.values.as_ref().unwrap().iter().any(|v| v == NS));
+    let d = Api::<Deployment>::namespaced(client.clone(), NS).get(NAME).await.unwrap();
+    let spec = d.spec.as_ref().unwrap();
+    assert_eq!(spec.replicas, Some(2));
+    let pod_spec = spec.template.spec.as_ref().unwrap();
+    assert_eq!(pod_spec.security_context.as_ref().unwrap().run_as_non_root, Some(true));
+    let sc = pod_spec.containers[0].security_context.as_ref().unwrap();
+    assert_eq!((sc.read_only_root_filesystem, sc.allow_privilege_escalation), (Some(true), Some(false)));
+    assert_eq!(sc.capabilities.as_ref().unwrap().drop.as_deref(), Some(&["ALL".to_owned()][..]));
+    assert!(pod_spec.containers[0].resources.as_ref().unwrap().limits.as_ref().unwrap().contains_key("memory"));
+    assert!(pod_spec.affinity.as_ref().unwrap().pod_anti_affinity.is_some());
+    assert!(Api::<PodDisruptionBudget>::namespaced(client.clone(), NS).get(NAME).await.is_ok());
+    let sa = Api::<ServiceAccount>::namespaced(client.clone(), NS).get(NAME).await.unwrap();
+    assert_eq!(sa.metadata.labels.as_ref().unwrap().get("azure.workload.identity/use").map(String::as_str), Some("true"));
+    assert!(sa.metadata.annotations.as_ref().unwrap().contains_key("azure.workload.identity/client-id"));
+
+    // kvinject as the chart runs it, pointed at by the chart's registration.
+    fresh_bootstrap(&client).await;
+    let leases: Api<Lease> = Api::namespaced(client.clone(), NS);
+    let _ = leases.delete("kvinject-rotation", &DeleteParams::default()).await;
+    let port = support::free_port();
+    point_webhook_at(&client, port).await;
+    let k = start_as_chart(
+        port,
+        &["--rotation", "true", "--lease-namespace", NS, "--lease-name", "kvinject-rotation", "--lease-duration", "3s", "--refresh-interval", "1h", "--reconcile-interval", "1s", "--gc-grace-period", "2s", "--evict-ready-timeout", "1s", "--identity", "kvinject-sa-test"],
+    )
+    .await;
+
+    // Self-bootstrap: the Secret exists and the registration trusts its CA.
+    let (ca, _) = bootstrap_secret(&client).await;
+    support::eventually(Duration::from_secs(10), "the webhook caBundle to carry the bootstrapped CA", || async { ca_bundle(&client).await.as_deref() == Some(ca.as_str()) }).await;
+
+    let ns = support::namespace(&client, "install", &[OPT_IN]).await;
+    let _guard = NsGuard(ns.clone());
+    support::wait_for_webhook(&client, &ns).await;
+
+    // Inject.
+    let (rolled, evicted, collected) = (support::unique("rolled"), support::unique("evicted"), support::unique("collected"));
+    for s in [&rolled, &evicted, &collected] {
+        support::seed_secret(s, "v1").await;
+    }
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+    let pp = PostParams::default();
+    deployments.create(&pp, &deployment("restart", &rolled, json!({"kvinject.io/rollout-on-rotation": "true"}))).await.unwrap();
+    deployments.create(&pp, &deployment("evict", &evicted, json!({"kvinject.io/rollout-on-rotation": "true", "kvinject.io/rollout-strategy": "evict"}))).await.unwrap();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let mut gc_pod = pod("collected", &collected);
+    gc_pod.metadata.labels = Some([("app".to_owned(), "collected".to_owned())].into());
+    pods.create(&pp, &gc_pod).await.expect("a pod is admitted through the chart's webhook");
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    let rolled_secret = secret_of_pod(&client, &ns, "app=restart").await;
+    let evicted_secret = secret_of_pod(&client, &ns, "app=evict").await;
+    let collected_secret = secret_of_pod(&client, &ns, "app=collected").await;
+    let before = version(&secrets.get(&rolled_secret).await.unwrap());
+
+    // Lease, and the versions each workload runs recorded on it (patching workloads).
+    support::eventually(Duration::from_secs(20), "kvinject to hold the rotation Lease", || async {
+        leases.get_opt("kvinject-rotation").await.unwrap().and_then(|l| l.spec?.holder_identity).as_deref() == Some("kvinject-sa-test")
+    })
+    .await;
+    for name in ["restart", "evict"] {
+        support::eventually(Duration::from_secs(20), &format!("the versions {name} runs to be recorded"), || async {
+            deployments.get(name).await.unwrap().metadata.annotations.unwrap_or_default().contains_key("kvinject.io/secret-versions")
+        })
+        .await;
+    }
+
+    // Rotate and roll (restart, evict).
+    support::seed_secret(&rolled, "v2").await;
+    support::seed_secret(&evicted, "v2").await;
+    support::eventually(Duration::from_secs(30), "the rotated Secret to carry the new version", || async { version(&secrets.get(&rolled_secret).await.unwrap()) != before }).await;
+    support::eventually(Duration::from_secs(30), "the restart strategy to roll the Deployment", || async {
+        let d = deployments.get("restart").await.unwrap();
+        d.spec.unwrap().template.metadata.unwrap().annotations.unwrap_or_default().contains_key("kvinject.io/secret-versions")
+    })
+    .await;
+    let events: Api<Event> = Api::namespaced(client.clone(), &ns);
+    support::eventually(Duration::from_secs(30), "an Evicted event for the evict strategy", || async {
+        events.list(&ListParams::default()).await.unwrap().items.iter().any(|e| e.reason.as_deref() == Some("Evicted"))
+    })
+    .await;
+    assert!(secrets.get_opt(&evicted_secret).await.unwrap().is_some());
+
+    // Garbage collection: the pod goes, its Secret follows after the grace period.
+    pods.delete("collected", &DeleteParams { grace_period_seconds: Some(0), ..Default::default() }).await.unwrap();
+    support::eventually(Duration::from_secs(30), "the unreferenced Secret to be collected", || async { secrets.get_opt(&collected_secret).await.unwrap().is_none() }).await;
+
+    no_permission_errors(&k);
+}
+
+#[tokio::test]
+async fn replicas_starting_together_share_one_bootstrapped_certificate_and_renew_it_in_place() {
+    let _install = INSTALL.lock().await;
+    let client = support::kube().await;
+    apply_manifests();
+    fresh_bootstrap(&client).await;
+    let (a_port, b_port) = (support::free_port(), support::free_port());
+    point_webhook_at(&client, a_port).await;
+    let flags = ["--tls-serving-validity", "30s", "--tls-reload-interval", "1s"];
+    let (a, b) = tokio::join!(start_as_chart(a_port, &flags), start_as_chart(b_port, &flags));
+
+    let writes = |k: &Kvinject| k.logs().matches("wrote new webhook certificates").count();
+    assert_eq!(writes(&a) + writes(&b), 1, "exactly one replica creates the certificates; the other reads them");
+    let (ca, first) = bootstrap_secret(&client).await;
+    assert_eq!(served_certificate(a_port).await, first);
+    assert_eq!(served_certificate(b_port).await, first);
+
+    let ns = support::namespace(&client, "bootstrap", &[OPT_IN]).await;
+    let _guard = NsGuard(ns.clone());
+    support::wait_for_webhook(&client, &ns).await;
+
+    // With a third of its 30 s left, the serving certificate is renewed by the same CA and
+    // both replicas swap it in; the apiserver keeps trusting them throughout.
+    support::eventually(Duration::from_secs(40), "the serving certificate to be renewed", || async { bootstrap_secret(&client).await.1 != first }).await;
+    let (ca_after, renewed) = bootstrap_secret(&client).await;
+    assert_eq!(ca_after, ca, "a serving renewal keeps the CA");
+    for port in [a_port, b_port] {
+        support::eventually(Duration::from_secs(10), "each replica to serve the renewed certificate", || async { served_certificate(port).await == renewed }).await;
+    }
+    assert_eq!(ca_bundle(&client).await.as_deref(), Some(ca.as_str()));
+    support::wait_for_webhook(&client, &ns).await;
+    no_permission_errors(&a);
+    no_permission_errors(&b);
+}
+
+#[tokio::test]
+async fn kvinjects_own_namespace_and_kube_system_are_never_sent_to_the_webhook() {
+    let _install = INSTALL.lock().await;
+    let client = support::kube().await;
+    apply_manifests();
+    // kvinject is stopped: nothing listens where the registration points.
+    point_webhook_at(&client, support::free_port()).await;
+    let opted_in = support::namespace(&client, "stopped", &[OPT_IN]).await;
+    let _guard = NsGuard(opted_in.clone());
+    // Even carrying the opt-in label, kvinject's own namespace stays excluded.
+    let (ok, _, err) = support::kubectl(&["label", "namespace", NS, "kvinject.io/injection=enabled", "--overwrite"], None);
+    assert!(ok, "{err}");
+
+    let name = support::unique("restart-me");
+    for ns in [NS, "kube-system"] {
+        let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+        pods.create(&PostParams::default(), &pod(&name, "x")).await.unwrap_or_else(|e| panic!("a pod in {ns} must not need kvinject: {e}"));
+        pods.delete(&name, &DeleteParams { grace_period_seconds: Some(0), ..Default::default() }).await.unwrap();
+    }
+    // The registration is live: an opted-in namespace's pod is refused (failurePolicy Fail).
+    let refused = Api::<Pod>::namespaced(client.clone(), &opted_in).create(&PostParams::default(), &pod(&name, "x")).await;
+    assert!(matches!(&refused, Err(kube::Error::Api(s)) if s.message.contains("failed calling webhook")), "{refused:?}");
+
+    let (ok, _, err) = support::kubectl(&["label", "namespace", NS, "kvinject.io/injection-"], None);
+    assert!(ok, "{err}");
+}
