@@ -267,6 +267,10 @@ impl Kvinject {
         k
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn url(&self) -> String {
         format!("https://127.0.0.1:{}/mutate", self.port)
     }

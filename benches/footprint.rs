@@ -1,0 +1,114 @@
+//! The resource footprint of one `kvinject serve` process (the release binary, rotation
+//! controller on), for the chart's requests and limits. Same run, side by side: the
+//! process idle after start (baseline), then under a burst of pod admissions through the
+//! real apiserver, then once a large number of materialized Secrets sit in its caches.
+//!
+//! Run with `tests/bench footprint`. Sizes: KVINJECT_BENCH_PODS (default 1000) pods over
+//! KVINJECT_BENCH_REFS (default 100) Key Vault secrets, created KVINJECT_BENCH_PARALLEL
+//! (default 8) at a time; KVINJECT_BENCH_SECRETS (default 5000) extra materialized Secrets.
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use futures::{StreamExt, stream};
+use k8s_openapi::api::core::v1::{Pod, Secret};
+use kube::{Api, api::PostParams};
+use std::time::{Duration, Instant};
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+/// (VmRSS KiB, VmHWM KiB, CPU seconds) of a process.
+fn usage(pid: u32) -> (u64, u64, f64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| status.lines().find(|l| l.starts_with(name)).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()).unwrap_or(0);
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command's closing parenthesis; utime and stime are 14 and 15.
+    let rest: Vec<&str> = stat.rsplit_once(')').map(|(_, r)| r.split_whitespace().collect()).unwrap_or_default();
+    let ticks: f64 = rest.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0) + rest.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (field("VmRSS:"), field("VmHWM:"), ticks / 100.0)
+}
+
+fn mib(kib: u64) -> String {
+    format!("{:.1} MiB", kib as f64 / 1024.0)
+}
+
+#[tokio::main]
+async fn main() {
+    rustls::crypto::aws_lc_rs::default_provider().install_default().unwrap();
+    let pods_total = env_usize("KVINJECT_BENCH_PODS", 1000);
+    let refs = env_usize("KVINJECT_BENCH_REFS", 100).max(1);
+    let parallel = env_usize("KVINJECT_BENCH_PARALLEL", 8).max(1);
+    let extra_secrets = env_usize("KVINJECT_BENCH_SECRETS", 5000);
+    let lease = support::unique("bench-lease");
+    let kvinject = support::Kvinject::start(&["--rotation", "true", "--lease-namespace", "default", "--lease-name", &lease, "--refresh-interval", "1h", "--gc-grace-period", "0"]).await;
+    let s = support::setup_for("footprint", kvinject).await;
+    let pid = s.kvinject.pid();
+    println!("footprint benchmark: {pods_total} pods over {refs} Key Vault secrets, {parallel} at a time; then {extra_secrets} more materialized Secrets");
+
+    let run = support::unique("fp");
+    stream::iter(0..refs).for_each_concurrent(16, |i| { let run = run.clone(); async move { support::seed_secret(&format!("{run}-{i}"), "benchmark-value").await; } }).await;
+
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (idle_rss, _, idle_cpu) = usage(pid);
+
+    // A burst of admissions: each pod has 3 references, so most are cache hits.
+    let pods: Api<Pod> = Api::namespaced(s.client.clone(), &s.ns);
+    let started = Instant::now();
+    let (cpu_before, denied) = (usage(pid).2, std::sync::atomic::AtomicUsize::new(0));
+    stream::iter(0..pods_total)
+        .for_each_concurrent(parallel, |i| {
+            let (pods, run, denied) = (pods.clone(), run.clone(), &denied);
+            async move {
+                let env: Vec<_> = (0..3).map(|j| serde_json::json!({"name": format!("S{j}"), "value": format!("akv://{}/{run}-{}", support::testbed().vault_name, (i + j) % refs)})).collect();
+                let pod: Pod = serde_json::from_value(serde_json::json!({
+                    "metadata": {"name": format!("p{i}")},
+                    "spec": {"containers": [{"name": "app", "image": "registry.invalid/app:1", "env": env}]}
+                }))
+                .unwrap();
+                if pods.create(&PostParams::default(), &pod).await.is_err() {
+                    denied.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+        })
+        .await;
+    let burst = started.elapsed();
+    let (burst_rss, burst_hwm, cpu_after) = usage(pid);
+    let burst_cpu = cpu_after - cpu_before;
+
+    // Many materialized Secrets in its caches (written directly, as if admitted earlier).
+    let secrets: Api<Secret> = Api::namespaced(s.client.clone(), &s.ns);
+    stream::iter(0..extra_secrets)
+        .for_each_concurrent(16, |i| {
+            let secrets = secrets.clone();
+            async move {
+                let secret: Secret = serde_json::from_value(serde_json::json!({
+                    "metadata": {"name": format!("kvinject-bench-{i}"), "labels": {"app.kubernetes.io/managed-by": "kvinject"},
+                                 "annotations": {"kvinject.io/reference": format!("akv://{}/bench-{i}", support::testbed().vault_name), "kvinject.io/version": "0123456789abcdef0123456789abcdef"}},
+                    "stringData": {"value": "benchmark-value-of-a-typical-length-0123456789"}
+                }))
+                .unwrap();
+                secrets.create(&PostParams::default(), &secret).await.expect("creating a Secret");
+            }
+        })
+        .await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let (cached_rss, hwm, _) = usage(pid);
+
+    println!();
+    println!("| measure | idle (baseline) | after the burst | with {extra_secrets} more Secrets cached | ratio to idle |");
+    println!("| --- | --- | --- | --- | --- |");
+    println!("| RSS | {} | {} | {} | {:.2}x |", mib(idle_rss), mib(burst_rss), mib(cached_rss), cached_rss as f64 / idle_rss.max(1) as f64);
+    println!("| peak RSS (VmHWM) | - | {} | {} | {:.2}x |", mib(burst_hwm), mib(hwm), hwm as f64 / idle_rss.max(1) as f64);
+    println!(
+        "| CPU | {idle_cpu:.2} s to start | {burst_cpu:.2} s for {pods_total} admissions in {burst:.1?} ({:.0} admissions/s, {:.2} cores, {:.2} ms CPU each) | - | - |",
+        pods_total as f64 / burst.as_secs_f64(),
+        burst_cpu / burst.as_secs_f64(),
+        burst_cpu * 1000.0 / pods_total as f64
+    );
+    println!("| cache growth per extra Secret | - | - | {:.2} KiB | - |", cached_rss.saturating_sub(burst_rss) as f64 / extra_secrets.max(1) as f64);
+    let denied = denied.into_inner();
+    assert_eq!(denied, 0, "{denied} pods were refused");
+    assert!(s.kvinject.logs().contains("serving"), "kvinject log: {}", s.kvinject.log.display());
+}
