@@ -368,3 +368,24 @@ async fn kvinjects_own_namespace_and_kube_system_are_never_sent_to_the_webhook()
     let (ok, _, err) = support::kubectl(&["label", "namespace", NS, "kvinject.io/injection-"], None);
     assert!(ok, "{err}");
 }
+
+#[tokio::test]
+async fn bootstrap_never_overwrites_a_secret_it_did_not_create() {
+    let client = support::kube().await;
+    let ns = support::namespace(&client, "foreign-tls", &[]).await;
+    let _guard = NsGuard(ns.clone());
+    let foreign: Secret = serde_json::from_value(json!({"metadata": {"name": "kvinject-tls"}, "stringData": {"tls.crt": "someone else's"}})).unwrap();
+    Api::<Secret>::namespaced(client.clone(), &ns).create(&PostParams::default(), &foreign).await.unwrap();
+
+    let bed = support::testbed();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kvinject"));
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--rotation", "false", "--vault", &format!("{}={}", bed.vault_name, bed.vault_url)])
+        .args(["--azure-credential", "managed-identity", "--tls-source", "bootstrap", "--tls-namespace", &ns, "--webhook-configuration", ""])
+        .env("KUBECONFIG", &bed.kubeconfig);
+    let out = tokio::time::timeout(Duration::from_secs(30), tokio::task::spawn_blocking(move || cmd.output())).await.expect("kvinject must exit, not hang").unwrap().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains(&format!("Secret {ns}/kvinject-tls exists but was not created by kvinject")), "{stderr}");
+    let kept = Api::<Secret>::namespaced(client.clone(), &ns).get("kvinject-tls").await.unwrap();
+    assert_eq!(kept.data.unwrap()["tls.crt"].0, b"someone else's", "the foreign Secret was changed");
+}
