@@ -451,6 +451,35 @@ mod tests {
         assert!(err.contains("AZURE_CLIENT_SECRET"), "{err}");
     }
 
+    fn serve(args: &[&str]) -> anyhow::Result<ServeConfig> {
+        let mut argv = vec!["kvinject", "serve", "--vault", "main", "--azure-credential", "managed-identity"];
+        argv.extend_from_slice(args);
+        match Cli::try_parse_from(argv)?.command {
+            Command::Serve(a) => a.validate(),
+            Command::Certs(_) => unreachable!("parsed serve"),
+        }
+    }
+
+    #[test]
+    fn tls_sources() {
+        assert!(matches!(serve(&[]).unwrap().tls, TlsConfig::Files { .. }));
+        let boot = serve(&["--tls-source", "bootstrap", "--tls-namespace", "platform", "--tls-extra-san", "10.0.0.5,hooks.example.com"]).unwrap();
+        let TlsConfig::Bootstrap(b) = boot.tls else { panic!("not bootstrap") };
+        assert!(b.names.dns.contains("kvinject.platform.svc") && b.names.dns.contains("hooks.example.com"));
+        assert_eq!(b.webhook_configuration.as_deref(), Some("kvinject"));
+        for (args, want) in [
+            (&["--tls-serving-validity", "20s"][..], "--tls-serving-validity 20s is too short"),
+            (&["--tls-serving-validity", "1m", "--tls-reload-interval", "20s"][..], "at least six --tls-reload-interval"),
+            (&["--tls-ca-validity", "1h", "--tls-serving-validity", "2h"][..], "shorter than --tls-serving-validity"),
+            (&["--tls-extra-san", "not a name"][..], "`not a name` is neither a DNS name nor an IP address"),
+        ] {
+            let mut all = vec!["--tls-source", "bootstrap"];
+            all.extend_from_slice(args);
+            let err = format!("{:#}", serve(&all).unwrap_err());
+            assert!(err.contains(want), "{args:?}: {err}");
+        }
+    }
+
     #[test]
     fn durations() {
         for (input, want) in [("30s", Some(30)), ("10m", Some(600)), ("1h", Some(3600)), ("45", Some(45)), ("", None), ("5d", None), ("m", None), ("-1s", None)] {
