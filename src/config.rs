@@ -105,6 +105,10 @@ pub struct RotationArgs {
     /// `evict` strategy: how long to wait for each replacement pod to become Ready.
     #[arg(long, env = "KVINJECT_EVICT_READY_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
     pub evict_ready_timeout: Duration,
+    /// Key Vault reads in flight at once during a rotation sweep, per vault (after a first
+    /// read showed the vault answers).
+    #[arg(long, env = "KVINJECT_KEYVAULT_CONCURRENCY", default_value_t = 8)]
+    pub keyvault_concurrency: usize,
     /// Namespace of the leader-election Lease (kvinject's own namespace).
     #[arg(long, env = "POD_NAMESPACE", default_value = "kvinject")]
     pub lease_namespace: String,
@@ -341,6 +345,7 @@ impl RotationArgs {
                 reconcile_interval: self.reconcile_interval,
                 gc_grace: (!self.gc_grace_period.is_zero()).then_some(self.gc_grace_period),
                 evict_ready_timeout: self.evict_ready_timeout,
+                keyvault_concurrency: self.keyvault_concurrency,
             },
             lease: crate::rotation::lease::LeaseConfig {
                 namespace: self.lease_namespace,

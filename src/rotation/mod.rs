@@ -55,6 +55,9 @@ pub struct RotationConfig {
     pub gc_grace: Option<Duration>,
     /// `evict` strategy: how long to wait for a replacement pod to become Ready.
     pub evict_ready_timeout: Duration,
+    /// Key Vault reads in flight at once during a sweep (per vault, after a first read
+    /// showed the vault answers).
+    pub keyvault_concurrency: usize,
 }
 
 /// Watch-backed caches the controller decides from.
@@ -211,6 +214,7 @@ impl Controller {
         let interval_of = |secrets: &[Arc<Secret>]| {
             secrets.iter().filter_map(|s| asked.get(&(s.namespace().unwrap_or_default(), s.name_any()))).fold(default, |a, b| a.min(*b))
         };
+        let mut due: Vec<(&Reference, &[Arc<Secret>], Duration)> = Vec::new();
         for (reference, secrets) in &by_reference {
             let interval = interval_of(secrets);
             let key = reference.to_string();
@@ -219,29 +223,20 @@ impl Controller {
                 failures: 0,
                 last_success: Some(now),
             });
-            if poll.next > now {
-                continue;
-            }
-            checked.insert(reference.clone());
-            if down.contains(&reference.vault) {
-                self.postpone(reference, interval, now);
-                continue;
-            }
-            let (changed, outage) = self.check(reference, secrets, interval, now).await;
-            dirty.extend(changed);
-            if outage {
-                down.insert(reference.vault.clone());
+            if poll.next <= now {
+                checked.insert(reference.clone());
+                due.push((reference, secrets.as_slice(), interval));
             }
         }
+        self.check_all(due, &mut down, &mut dirty, now).await;
         // Secrets rotated together should roll a workload once: when something changed,
         // check at once the other references used in the same namespaces.
-        let peers: Vec<(&Reference, &Vec<Arc<Secret>>)> = by_reference
+        let peers: Vec<(&Reference, &[Arc<Secret>], Duration)> = by_reference
             .iter()
             .filter(|(r, secrets)| !checked.contains(*r) && !down.contains(&r.vault) && secrets.iter().any(|s| dirty.contains(&s.namespace().unwrap_or_default())))
+            .map(|(r, secrets)| (r, secrets.as_slice(), interval_of(secrets)))
             .collect();
-        for (reference, secrets) in peers {
-            dirty.extend(self.check(reference, secrets, interval_of(secrets), now).await.0);
-        }
+        self.check_all(peers, &mut down, &mut dirty, now).await;
         let end = Instant::now();
         let stalest = self.polls.values().filter_map(|p| p.last_success).map(|t| end.duration_since(t).as_secs()).max().unwrap_or(0);
         self.metrics.sync_age_seconds.set(i64::try_from(stalest).unwrap_or(i64::MAX));
@@ -324,13 +319,64 @@ impl Controller {
         }
     }
 
-    /// Reads the current version of `reference` (one Key Vault call) and updates the
+    /// Checks `due` references, vault by vault. A vault's first reference is read alone:
+    /// when the vault cannot be reached, its other references wait (one failed call per
+    /// vault per sweep); otherwise they are read `keyvault_concurrency` at a time. Updates
+    /// are written one by one afterwards. Adds to `down` and `dirty`.
+    async fn check_all(&mut self, due: Vec<(&Reference, &[Arc<Secret>], Duration)>, down: &mut BTreeSet<String>, dirty: &mut BTreeSet<String>, now: Instant) {
+        let mut by_vault: BTreeMap<&str, Vec<(&Reference, &[Arc<Secret>], Duration)>> = BTreeMap::new();
+        for d in due {
+            by_vault.entry(d.0.vault.as_str()).or_default().push(d);
+        }
+        for (vault, refs) in by_vault {
+            let mut refs = refs.into_iter();
+            let Some((first, secrets, interval)) = refs.next() else { continue };
+            if down.contains(vault) {
+                for (r, _, interval) in std::iter::once((first, secrets, interval)).chain(refs) {
+                    self.postpone(r, interval, now);
+                }
+                continue;
+            }
+            let result = self.source.fetch(first).await;
+            let (changed, outage) = self.apply(first, secrets, interval, now, result).await;
+            dirty.extend(changed);
+            if outage {
+                down.insert(vault.to_owned());
+                for (r, _, interval) in refs {
+                    self.postpone(r, interval, now);
+                }
+                continue;
+            }
+            // Owned inputs: the futures must not borrow from the sweep's state.
+            let rest: Vec<(Reference, Vec<Arc<Secret>>, Duration)> = refs.map(|(r, s, i)| (r.clone(), s.to_vec(), i)).collect();
+            let source = self.source.clone();
+            let fetched: Vec<_> = futures::stream::iter(rest)
+                .map(move |(r, secrets, interval)| {
+                    let source = source.clone();
+                    async move {
+                        let result = source.fetch(&r).await;
+                        (r, secrets, interval, result)
+                    }
+                })
+                .buffer_unordered(self.config.keyvault_concurrency.max(1))
+                .collect()
+                .await;
+            for (r, secrets, interval, result) in fetched {
+                let (changed, outage) = self.apply(&r, &secrets, interval, now, result).await;
+                dirty.extend(changed);
+                if outage {
+                    down.insert(vault.to_owned());
+                }
+            }
+        }
+    }
+
+    /// Records the result of reading `reference` (one Key Vault call) and updates the
     /// Secrets that follow it; returns the namespaces where a Secret changed, and whether
     /// the vault itself could not be used.
-    async fn check(&mut self, reference: &Reference, secrets: &[Arc<Secret>], interval: Duration, now: Instant) -> (BTreeSet<String>, bool) {
+    async fn apply(&mut self, reference: &Reference, secrets: &[Arc<Secret>], interval: Duration, now: Instant, result: Result<Fetched, crate::keyvault::source::FetchError>) -> (BTreeSet<String>, bool) {
         let mut changed = BTreeSet::new();
         let mut outage = false;
-        let result = self.source.fetch(reference).await;
         self.metrics.keyvault_read(&result);
         let poll = self.polls.entry(reference.clone()).or_insert(Poll { next: now, failures: 0, last_success: None });
         match result {
@@ -629,7 +675,122 @@ fn needed_for(secret: &Secret) -> Option<Needed> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::keyvault::SecretValue;
+    use crate::keyvault::{SecretValue, source::FetchError};
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    /// A Key Vault double: this tests the sweep's scheduling, which the real vault cannot
+    /// show deterministically (how many reads are in flight, and which reads an outage
+    /// prevents). Every read takes 20 ms; it fails as unreachable while `down`.
+    #[derive(Default)]
+    struct CountingVault {
+        down: AtomicBool,
+        calls: AtomicUsize,
+        in_flight: AtomicUsize,
+        max_in_flight: AtomicUsize,
+    }
+
+    const VERSION: &str = "0123456789abcdef0123456789abcdef";
+
+    #[async_trait::async_trait]
+    impl SecretSource for CountingVault {
+        async fn fetch(&self, reference: &Reference) -> Result<Fetched, FetchError> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+            self.max_in_flight.fetch_max(now, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            self.in_flight.fetch_sub(1, Ordering::SeqCst);
+            if self.down.load(Ordering::SeqCst) {
+                return Err(FetchError::Unreachable { vault: reference.vault.clone(), detail: "stopped".into() });
+            }
+            Ok(Fetched { value: SecretValue::new("unchanged"), version: VERSION.into() })
+        }
+        async fn probe(&self, _: &str) -> Result<(), FetchError> {
+            Ok(())
+        }
+    }
+
+    fn store_of<K>(items: Vec<K>) -> Store<K>
+    where
+        K: Resource<DynamicType = ()> + Clone,
+    {
+        let (store, mut writer) = reflector::store();
+        writer.apply_watcher_event(&watcher::Event::Init);
+        for i in items {
+            writer.apply_watcher_event(&watcher::Event::InitApply(i));
+        }
+        writer.apply_watcher_event(&watcher::Event::InitDone);
+        store
+    }
+
+    /// A controller over materialized Secrets for `refs` (vault, name), all due at once,
+    /// whose apiserver is an address nothing listens on (no write is expected).
+    fn controller(refs: &[(&str, &str)], source: Arc<CountingVault>, concurrency: usize) -> Controller {
+        let secrets = refs
+            .iter()
+            .map(|(vault, name)| {
+                let source = Source::Env(Reference { vault: (*vault).into(), name: (*name).into(), version: None });
+                let needed = Needed { secret_name: source.secret_name(), source };
+                materialize::desired_secret("ns", &needed, &Fetched { value: SecretValue::new("unchanged"), version: VERSION.into() }).unwrap()
+            })
+            .collect();
+        let caches = Caches {
+            secrets: store_of(secrets),
+            pods: store_of(vec![]),
+            deployments: store_of(vec![]),
+            statefulsets: store_of(vec![]),
+            daemonsets: store_of(vec![]),
+            namespaces: store_of(vec![]),
+        };
+        let client = Client::try_from(kube::Config::new("http://127.0.0.1:1".parse().unwrap())).unwrap();
+        let config = RotationConfig {
+            refresh_interval: Duration::from_millis(1),
+            rollout_by_default: false,
+            reconcile_interval: Duration::from_secs(3600),
+            gc_grace: None,
+            evict_ready_timeout: Duration::from_secs(1),
+            keyvault_concurrency: concurrency,
+        };
+        let inject = InjectConfig { vaults: ["v".to_owned(), "w".to_owned()].into() };
+        Controller::new(client, config, inject, source, caches, Metrics::default(), "test")
+    }
+
+    #[tokio::test]
+    async fn a_sweep_reads_a_vault_concurrently_after_a_first_read_alone() {
+        let vault = Arc::new(CountingVault::default());
+        let refs: Vec<(&str, String)> = (0..6).map(|i| ("v", format!("s{i}"))).collect();
+        let refs: Vec<(&str, &str)> = refs.iter().map(|(v, n)| (*v, n.as_str())).collect();
+        let mut c = controller(&refs, vault.clone(), 4);
+        c.sweep().await; // first sight schedules
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        c.sweep().await;
+        assert_eq!(vault.calls.load(Ordering::SeqCst), 6, "one read per reference");
+        assert_eq!(vault.max_in_flight.load(Ordering::SeqCst), 4, "the five after the first, four at a time");
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_vault_costs_one_read_per_sweep_until_it_answers() {
+        let vault = Arc::new(CountingVault::default());
+        vault.down.store(true, Ordering::SeqCst);
+        let refs: Vec<(&str, String)> = (0..6).map(|i| ("v", format!("s{i}"))).chain((0..3).map(|i| ("w", format!("t{i}")))).collect();
+        let refs: Vec<(&str, &str)> = refs.iter().map(|(v, n)| (*v, n.as_str())).collect();
+        let mut c = controller(&refs, vault.clone(), 8);
+        c.sweep().await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        c.sweep().await;
+        assert_eq!(vault.calls.load(Ordering::SeqCst), 2, "one failed read per vault; the rest wait");
+        assert!(c.polls.values().all(|p| p.failures == 1), "every reference of a down vault backs off");
+        // Backoff is capped at the (here 1 ms) interval: the next sweep tries again, still
+        // once per vault.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        c.sweep().await;
+        assert_eq!(vault.calls.load(Ordering::SeqCst), 4);
+        // The vault answers again: every reference is read in the next sweep.
+        vault.down.store(false, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        c.sweep().await;
+        assert_eq!(vault.calls.load(Ordering::SeqCst), 4 + 9);
+        assert!(c.polls.values().all(|p| p.failures == 0));
+    }
 
     #[test]
     fn selectors() {
