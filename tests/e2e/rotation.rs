@@ -352,3 +352,50 @@ async fn secrets_rotated_together_roll_a_workload_once() {
     tokio::time::sleep(Duration::from_secs(4)).await;
     assert_eq!(s.kvinject.metric("kvinject_rollouts_total", &[]).await, 1.0, "one rollout for two rotations");
 }
+
+/// `kind` (StatefulSet or DaemonSet) opted in to rollouts, with one env reference.
+fn workload<K: serde::de::DeserializeOwned>(kind_extra: serde_json::Value, name: &str, secret: &str) -> K {
+    let mut spec = json!({
+        "selector": {"matchLabels": {"app": name}},
+        "template": {
+            "metadata": {"labels": {"app": name}, "annotations": {"kvinject.io/refresh-interval": "1s"}},
+            "spec": {"containers": [{"name": "app", "image": "registry.invalid/app:1", "env": [{"name": "X", "value": reference(secret)}]}]}
+        }
+    });
+    spec.as_object_mut().unwrap().extend(kind_extra.as_object().unwrap().clone());
+    serde_json::from_value(json!({"metadata": {"name": name, "annotations": {"kvinject.io/rollout-on-rotation": "true"}}, "spec": spec})).unwrap()
+}
+
+#[tokio::test]
+async fn statefulsets_and_daemonsets_roll_like_deployments() {
+    use k8s_openapi::api::apps::v1::{DaemonSet, StatefulSet};
+    let _vault = support::VAULT.read().await;
+    let _rotation = support::ROTATION.lock().await;
+    let s = rotation_setup("kinds", &[]).await;
+    let name = support::unique("kinds");
+    support::seed_secret(&name, "first").await;
+    let statefulsets: Api<StatefulSet> = Api::namespaced(s.client.clone(), &s.ns);
+    let daemonsets: Api<DaemonSet> = Api::namespaced(s.client.clone(), &s.ns);
+    statefulsets.create(&PostParams::default(), &workload(json!({"replicas": 1, "serviceName": "db"}), "db", &name)).await.unwrap();
+    // The bed has no nodes, so the DaemonSet has no pods; its template still names the
+    // Secret the StatefulSet's pod materialized.
+    daemonsets.create(&PostParams::default(), &workload(json!({}), "agent", &name)).await.unwrap();
+    let secret = materialized(&s, "db").await;
+
+    let recorded = |a: Option<&std::collections::BTreeMap<String, String>>| a.is_some_and(|a| a.contains_key("kvinject.io/secret-versions"));
+    support::eventually(Duration::from_secs(20), "the baselines on both workloads", || async {
+        recorded(statefulsets.get("db").await.unwrap().metadata.annotations.as_ref()) && recorded(daemonsets.get("agent").await.unwrap().metadata.annotations.as_ref())
+    })
+    .await;
+
+    let v2 = support::seed_secret(&name, "second").await;
+    let secrets: Api<Secret> = Api::namespaced(s.client.clone(), &s.ns);
+    support::eventually(Duration::from_secs(20), "the Secret to follow the new version", || async { version(&secrets.get(&secret.metadata.name.clone().unwrap()).await.unwrap()) == v2 }).await;
+    support::eventually(Duration::from_secs(20), "both pod templates to roll", || async {
+        let sts = statefulsets.get("db").await.unwrap().spec.unwrap().template.metadata.unwrap();
+        let ds = daemonsets.get("agent").await.unwrap().spec.unwrap().template.metadata.unwrap();
+        recorded(sts.annotations.as_ref()) && recorded(ds.annotations.as_ref())
+    })
+    .await;
+    assert_eq!(s.kvinject.metric("kvinject_rollouts_total", &[]).await, 2.0);
+}
