@@ -160,9 +160,11 @@ async fn served_certificate(port: u16) -> String {
     format!("-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n", lines.join("\n"))
 }
 
+/// The apiserver words every RBAC refusal "... is forbidden: User ... cannot ...". (A bare
+/// "403" is no sign: it turns up inside Key Vault version ids.)
 fn no_permission_errors(k: &Kvinject) {
     let logs = k.logs().to_lowercase();
-    assert!(!logs.contains("forbidden") && !logs.contains("403"), "kvinject hit a permission error:\n{}", k.logs());
+    assert!(!logs.contains("forbidden"), "kvinject hit a permission error:\n{}", k.logs());
 }
 
 /// Deletes the test's namespace when dropped.
