@@ -17,7 +17,10 @@ use kube::{
     Api, Client,
     api::{Patch, PatchParams, PostParams},
 };
-use std::time::Duration;
+use std::{
+    sync::atomic::{AtomicBool, Ordering},
+    time::Duration,
+};
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -54,6 +57,8 @@ pub struct Bootstrap {
     config: BootstrapConfig,
     secrets: Api<Secret>,
     webhooks: Api<MutatingWebhookConfiguration>,
+    /// The configuration was missing at the last check (and that was logged).
+    missing: AtomicBool,
 }
 
 fn material(secret: &Secret) -> Material {
@@ -89,7 +94,7 @@ pub enum Published {
 
 impl Bootstrap {
     pub fn new(client: Client, config: BootstrapConfig) -> Self {
-        Bootstrap { secrets: Api::namespaced(client.clone(), &config.namespace), webhooks: Api::all(client), config }
+        Bootstrap { secrets: Api::namespaced(client.clone(), &config.namespace), webhooks: Api::all(client), config, missing: AtomicBool::new(false) }
     }
 
     fn api_err(&self, source: kube::Error) -> BootstrapError {
@@ -155,21 +160,27 @@ impl Bootstrap {
         if ops.is_empty() {
             return Ok(Published::Unchanged);
         }
-        let patch: json_patch::Patch = serde_json::from_value(serde_json::Value::Array(ops.clone())).map_err(|e| err(kube::Error::SerdeError(e)))?;
+        let patched = ops.len() / 2;
+        let patch: json_patch::Patch = serde_json::from_value(serde_json::Value::Array(ops)).map_err(|e| err(kube::Error::SerdeError(e)))?;
         self.webhooks.patch(name, &PatchParams { field_manager: Some(FIELD_MANAGER.to_owned()), ..Default::default() }, &Patch::Json::<()>(patch)).await.map_err(err)?;
-        Ok(Published::Patched(ops.len() / 2))
+        Ok(Published::Patched(patched))
     }
 
     /// One round: ensure the Secret, publish its CA, and return the pair to serve. Errors
     /// in publishing keep the caller on its current pair.
     async fn round(&self, now: OffsetDateTime) -> Result<Material, BootstrapError> {
         let m = self.ensure_secret(now).await?;
-        match self.publish_ca(&m.ca_bundle).await? {
-            Published::Patched(n) => info!(webhooks = n, configuration = ?self.config.webhook_configuration, "published the webhook CA bundle"),
-            Published::NoConfiguration if self.config.webhook_configuration.is_some() => {
-                warn!(configuration = ?self.config.webhook_configuration, "the MutatingWebhookConfiguration does not exist yet; its caBundle will be set once it does")
-            }
-            _ => {}
+        let published = self.publish_ca(&m.ca_bundle).await?;
+        let missing = published == Published::NoConfiguration && self.config.webhook_configuration.is_some();
+        // Said once, not every check, until the configuration shows up.
+        if missing && !self.missing.swap(true, Ordering::Relaxed) {
+            warn!(configuration = ?self.config.webhook_configuration, "the MutatingWebhookConfiguration does not exist yet; its caBundle will be set once it does");
+        }
+        if !missing {
+            self.missing.store(false, Ordering::Relaxed);
+        }
+        if let Published::Patched(n) = published {
+            info!(webhooks = n, configuration = ?self.config.webhook_configuration, "published the webhook CA bundle");
         }
         Ok(m)
     }
