@@ -305,7 +305,8 @@ pub fn not_after(pem: &str) -> Option<i64> {
     parse_first(pem, "certificate").ok().map(|c| c.not_after.unix_timestamp())
 }
 
-fn pem_cert(der: &[u8]) -> String {
+/// One DER certificate as PEM, 64 characters a line (as rcgen writes it).
+pub fn pem_cert(der: &[u8]) -> String {
     use base64::Engine;
     let b64 = base64::engine::general_purpose::STANDARD.encode(der);
     let mut out = String::from("-----BEGIN CERTIFICATE-----\n");

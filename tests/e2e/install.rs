@@ -11,7 +11,6 @@ use crate::{
     rotation::deployment,
     support::{self, Kvinject},
 };
-use base64::Engine;
 use k8s_openapi::api::{
     admissionregistration::v1::MutatingWebhookConfiguration,
     apps::v1::Deployment,
@@ -154,10 +153,8 @@ async fn ca_bundle(client: &Client) -> Option<String> {
 async fn served_certificate(port: u16) -> String {
     let http = reqwest::Client::builder().tls_danger_accept_invalid_certs(true).tls_info(true).pool_max_idle_per_host(0).build().unwrap();
     let r = http.get(format!("https://127.0.0.1:{port}/mutate")).send().await.expect("connecting to the webhook");
-    let der = r.extensions().get::<reqwest::tls::TlsInfo>().and_then(|i| i.peer_certificate()).expect("no peer certificate").to_vec();
-    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
-    let lines: Vec<_> = b64.as_bytes().chunks(64).map(|c| std::str::from_utf8(c).unwrap()).collect();
-    format!("-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n", lines.join("\n"))
+    let der = r.extensions().get::<reqwest::tls::TlsInfo>().and_then(|i| i.peer_certificate()).expect("no peer certificate");
+    kvinject::certs::pem_cert(der)
 }
 
 /// The apiserver words every RBAC refusal "... is forbidden: User ... cannot ...". (A bare
