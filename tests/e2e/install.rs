@@ -388,3 +388,27 @@ async fn bootstrap_never_overwrites_a_secret_it_did_not_create() {
     let kept = Api::<Secret>::namespaced(client.clone(), &ns).get("kvinject-tls").await.unwrap();
     assert_eq!(kept.data.unwrap()["tls.crt"].0, b"someone else's", "the foreign Secret was changed");
 }
+
+#[tokio::test]
+async fn certificates_from_kvinject_certs_are_trusted_by_the_apiserver() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_kvinject"))
+        .args(["certs", "--service", "kvinject", "--namespace", "platform", "--extra-san", "127.0.0.1", "--out-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let ca_bundle = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    let (cert, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+    let k = Kvinject::start(&["--tls-cert", cert.to_str().unwrap(), "--tls-key", key.to_str().unwrap()]).await;
+
+    // A registration whose caBundle is exactly the line `kvinject certs` printed.
+    let client = support::kube().await;
+    let label = support::unique("certs");
+    let ns = support::namespace(&client, "certs", &[("kvinject.test/suite", &label)]).await;
+    let _guard = NsGuard(ns.clone());
+    let _webhook = support::register_webhook(&client, &label, &k.url(), ("kvinject.test/suite", &label)).await;
+    let patch: json_patch::Patch = serde_json::from_value(json!([{"op": "replace", "path": "/webhooks/0/clientConfig/caBundle", "value": ca_bundle}])).unwrap();
+    Api::<MutatingWebhookConfiguration>::all(client.clone()).patch(&label, &PatchParams::default(), &Patch::Json::<()>(patch)).await.unwrap();
+    support::wait_for_webhook(&client, &ns).await;
+}

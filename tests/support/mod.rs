@@ -239,8 +239,8 @@ impl Kvinject {
         let child = Command::new(env!("CARGO_BIN_EXE_kvinject"))
             .arg("serve")
             .args(["--listen", &format!("127.0.0.1:{port}"), "--admin-listen", &format!("127.0.0.1:{admin_port}")])
-            .arg("--tls-cert").arg(&bed.webhook_cert)
-            .arg("--tls-key").arg(&bed.webhook_key)
+            // The bed's serving certificate, unless the test brings its own.
+            .args(if args.contains(&"--tls-cert") { vec![] } else { vec!["--tls-cert".as_ref(), bed.webhook_cert.as_os_str(), "--tls-key".as_ref(), bed.webhook_key.as_os_str()] })
             .args(["--vault", &format!("{}={}", bed.vault_name, bed.vault_url)])
             .arg("--azure-ca-bundle").arg(&bed.ca)
             .args(["--azure-authority-host", &bed.authority, "--vault-probe-interval", "1s"])
