@@ -412,3 +412,46 @@ async fn certificates_from_kvinject_certs_are_trusted_by_the_apiserver() {
     Api::<MutatingWebhookConfiguration>::all(client.clone()).patch(&label, &PatchParams::default(), &Patch::Json::<()>(patch)).await.unwrap();
     support::wait_for_webhook(&client, &ns).await;
 }
+
+/// The chart's optional objects (cert-manager's Issuer and Certificates, the
+/// ServiceMonitor) against the real CustomResourceDefinitions, taken from the
+/// cert-manager and prometheus-operator modules. Neither controller runs on the bed, so
+/// this checks the objects, not issuance; a server-side dry run validates them against
+/// each CRD's schema without creating a second live webhook registration.
+#[tokio::test]
+async fn optional_cert_manager_and_service_monitor_objects_match_their_crds() {
+    let ok = Command::new(repo().join("tests/testbed/build.sh")).arg("crds").status().unwrap();
+    assert!(ok.success(), "tests/testbed/build.sh crds failed");
+    let crds = std::env::var_os("KVINJECT_TESTBED_CACHE").map_or_else(|| repo().join("target/testbed"), PathBuf::from).join("crds/current");
+    // kubectl reads a symlink as a file: give it the directory itself.
+    let crds = crds.canonicalize().unwrap();
+    let (ok, out, err) = support::kubectl(&["apply", "--server-side", "--field-manager=platform-team", "-f", crds.to_str().unwrap()], None);
+    assert!(ok, "{out}{err}");
+    let names = ["certificates.cert-manager.io", "issuers.cert-manager.io", "servicemonitors.monitoring.coreos.com"].map(|c| format!("crd/{c}"));
+    let mut wait = vec!["wait", "--for", "condition=Established", "--timeout=60s"];
+    wait.extend(names.iter().map(String::as_str));
+    let (ok, out, err) = support::kubectl(&wait, None);
+    assert!(ok, "{out}{err}");
+
+    let client = support::kube().await;
+    let ns = support::namespace(&client, "optional", &[]).await;
+    let _guard = NsGuard(ns.clone());
+    for extra in [&[][..], &["--set", "tls.certManager.issuerRef.name=corp-ca", "--set", "tls.certManager.issuerRef.kind=ClusterIssuer"][..]] {
+        // Its own release name: the cluster-scoped objects must not meet the other tests'.
+        let mut args = vec!["template", "kvinject-cm", "deploy/helm/kvinject", "-n", &ns, "-f", "deploy/manifests/values.yaml", "--set", "createNamespace=false", "--set", "tls.source=certManager", "--set", "serviceMonitor.enabled=true"];
+        args.extend_from_slice(extra);
+        let (ok, rendered, err) = helm(&args);
+        assert!(ok, "{err}");
+        let kinds = ["kind: Certificate", "kind: ServiceMonitor"];
+        assert!(kinds.iter().all(|k| rendered.contains(k)), "{rendered}");
+        let (ok, out, err) = support::kubectl(&["apply", "--server-side", "--dry-run=server", "--field-manager=platform-team", "-f", "-"], Some(&rendered));
+        assert!(ok, "the apiserver refused the cert-manager rendering ({extra:?}):\n{out}\n{err}");
+        assert!(out.contains("certificate.cert-manager.io/kvinject-cm serverside-applied (server dry run)"), "{out}");
+        assert!(out.contains("servicemonitor.monitoring.coreos.com/kvinject-cm serverside-applied (server dry run)"), "{out}");
+    }
+
+    // The dry run does check the schema: a misspelled field is refused.
+    let typo = format!("apiVersion: cert-manager.io/v1\nkind: Certificate\nmetadata: {{name: typo, namespace: {ns}}}\nspec:\n  secretName: x\n  dnsNamez: [a]\n  issuerRef: {{name: x}}\n");
+    let (ok, _, err) = support::kubectl(&["apply", "--server-side", "--dry-run=server", "-f", "-"], Some(&typo));
+    assert!(!ok && err.contains("dnsNamez"), "{err}");
+}

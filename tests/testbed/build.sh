@@ -4,6 +4,10 @@
 #   kube-apiserver, kube-controller-manager  from k8s.io/kubernetes (go/kube)
 #   etcd                                      from go.etcd.io/etcd/server/v3 (go/etcd)
 #   helm                                      from helm.sh/helm/v3 (go/helm), for the chart tests
+#   crds/current/  cert-manager and ServiceMonitor CustomResourceDefinitions, copied from the
+#                  modules github.com/cert-manager/cert-manager and
+#                  github.com/prometheus-operator/prometheus-operator (only their CRDs: the
+#                  chart's optional objects are validated against them)
 # The Key Vault side is tests/testbed/kvstandin.py (python3 only): Lowkey Vault's app jar
 # (com.github.nagyesta.lowkey-vault:lowkey-vault-app) is not served by this machine's Maven
 # registry; see that file's header.
@@ -36,6 +40,29 @@ kube_ldflags() {
   echo "-s -w -X $p.gitVersion=$v -X $p.gitMajor=1 -X $p.gitMinor=$minor -X $p.gitTreeState=clean -X $p.buildDate=1970-01-01T00:00:00Z -X $p.gitCommit=0000000000000000000000000000000000000000"
 }
 
+CERT_MANAGER_VERSION=v1.21.2
+PROMETHEUS_OPERATOR_VERSION=v0.85.0
+
+module_dir() { # module@version -> its directory in the module cache
+  (cd "$out" && go mod download -json "$1" | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')
+}
+
+fetch_crds() {
+  local dst="$out/crds/cm-$CERT_MANAGER_VERSION-po-$PROMETHEUS_OPERATOR_VERSION"
+  if [[ ! -d $dst ]]; then
+    echo "testbed: fetching the cert-manager and ServiceMonitor CRDs" >&2
+    local cm po
+    cm=$(module_dir "github.com/cert-manager/cert-manager@$CERT_MANAGER_VERSION")
+    po=$(module_dir "github.com/prometheus-operator/prometheus-operator@$PROMETHEUS_OPERATOR_VERSION")
+    [[ -n $cm && -n $po ]] || { echo "testbed: could not download the CRD modules" >&2; exit 1; }
+    rm -rf "$dst.tmp" && mkdir -p "$dst.tmp"
+    cp "$cm"/deploy/crds/cert-manager.io_{certificates,certificaterequests,issuers,clusterissuers}.yaml "$dst.tmp/"
+    cp "$po"/example/prometheus-operator-crd/monitoring.coreos.com_servicemonitors.yaml "$dst.tmp/"
+    chmod -R u+w "$dst.tmp" && mv "$dst.tmp" "$dst"
+  fi
+  ln -sfn "$(basename "$dst")" "$out/crds/current"
+}
+
 helm_ldflags() {
   local v; v=$(awk '$1=="require" && $2=="helm.sh/helm/v3" {print $3}' "$here/go/helm/go.mod")
   echo "-s -w -X helm.sh/helm/v3/internal/version.version=$v -X helm.sh/helm/v3/internal/version.gitTreeState=clean"
@@ -47,11 +74,13 @@ case $what in
   kube-apiserver) build_go kube kube-apiserver k8s.io/kubernetes/cmd/kube-apiserver "$(kube_ldflags)" ;;
   kube-controller-manager) build_go kube kube-controller-manager k8s.io/kubernetes/cmd/kube-controller-manager "$(kube_ldflags)" ;;
   helm) build_go helm helm helm.sh/helm/v3/cmd/helm "$(helm_ldflags)" ;;
+  crds) fetch_crds ;;
   all)
     build_go etcd etcd go.etcd.io/etcd/server/v3 "-s -w"
     build_go helm helm helm.sh/helm/v3/cmd/helm "$(helm_ldflags)"
+    fetch_crds
     build_go kube kube-apiserver k8s.io/kubernetes/cmd/kube-apiserver "$(kube_ldflags)"
     build_go kube kube-controller-manager k8s.io/kubernetes/cmd/kube-controller-manager "$(kube_ldflags)"
     ;;
-  *) echo "usage: $0 [all|etcd|kube-apiserver|kube-controller-manager|helm]" >&2; exit 2 ;;
+  *) echo "usage: $0 [all|etcd|kube-apiserver|kube-controller-manager|helm|crds]" >&2; exit 2 ;;
 esac
