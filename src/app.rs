@@ -116,11 +116,14 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     let admin_server = axum::serve(admin_listener, admin::router(ready.clone(), metrics)).into_future();
 
     tokio::spawn({
-        let (stop, handle, ready) = (stop.clone(), handle.clone(), ready.clone());
+        let (stop, handle, ready, delay) = (stop.clone(), handle.clone(), ready.clone(), config.shutdown_delay);
         async move {
             wait_for_signal().await;
-            info!("shutting down");
+            // Not ready at once, but still serving while the Service's endpoints drop this
+            // replica: the apiserver may still send it admissions meanwhile.
+            info!(delay = ?delay, "shutting down: not ready, still serving for the delay");
             ready.set_not_ready();
+            tokio::time::sleep(delay).await;
             stop.cancel();
             handle.graceful_shutdown(Some(DRAIN));
         }

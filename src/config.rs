@@ -74,6 +74,10 @@ pub struct ServeArgs {
     /// Answer every admission within this time (keep it below the webhook's timeoutSeconds).
     #[arg(long, env = "KVINJECT_ADMISSION_DEADLINE", default_value = "6s", value_parser = parse_duration)]
     pub admission_deadline: Duration,
+    /// After SIGTERM: report not ready but keep serving this long (while the Service stops
+    /// routing to this replica), then drain for up to 10 s and exit.
+    #[arg(long, env = "KVINJECT_SHUTDOWN_DELAY", default_value = "5s", value_parser = parse_duration)]
+    pub shutdown_delay: Duration,
     #[command(flatten)]
     pub vaults: VaultArgs,
     #[command(flatten)]
@@ -234,6 +238,7 @@ pub struct ServeConfig {
     pub tls: TlsConfig,
     pub tls_reload_interval: Duration,
     pub admission_deadline: Duration,
+    pub shutdown_delay: Duration,
     /// Vault name -> URL.
     pub vaults: BTreeMap<String, String>,
     pub azure: AzureConfig,
@@ -281,6 +286,7 @@ impl ServeArgs {
             tls: self.tls.validate()?,
             tls_reload_interval: self.tls.tls_reload_interval,
             admission_deadline: self.admission_deadline,
+            shutdown_delay: self.shutdown_delay,
             vaults,
             azure,
             keyvault_budget: budget,

@@ -82,3 +82,23 @@ async fn sigterm_shuts_down_gracefully() {
     assert!(took < Duration::from_secs(12), "shutdown took {took:?}");
     assert!(kvinject.logs().contains("shutting down"));
 }
+
+#[tokio::test]
+async fn after_sigterm_it_is_not_ready_but_keeps_answering_for_the_shutdown_delay() {
+    let mut s = support::setup("shutdown", &["--shutdown-delay", "3s"]).await;
+    let started = std::time::Instant::now();
+    s.kvinject.send_sigterm();
+    support::eventually(Duration::from_secs(2), "/readyz to say not ready", || async { !s.kvinject.ready().await }).await;
+    // The apiserver still reaches it: kvinject itself answers (and denies) this probe.
+    support::wait_for_webhook(&s.client, &s.ns).await;
+    assert!(s.kvinject.exited().is_none() && started.elapsed() < Duration::from_secs(3), "the probe was answered within the delay");
+    let mut status = None;
+    support::eventually(Duration::from_secs(15), "kvinject to exit after the delay", || {
+        status = s.kvinject.exited();
+        let done = status.is_some();
+        async move { done }
+    })
+    .await;
+    assert!(status.unwrap().success());
+    assert!(started.elapsed() >= Duration::from_secs(3), "exited before the delay: {:?}", started.elapsed());
+}

@@ -292,9 +292,24 @@ impl Kvinject {
     /// Sends SIGTERM and waits for the process; returns its exit status and how long it took.
     pub fn terminate(&mut self) -> (std::process::ExitStatus, Duration) {
         let started = Instant::now();
-        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        self.send_sigterm();
         let status = self.child.wait().expect("waiting for kvinject");
         (status, started.elapsed())
+    }
+
+    /// Sends SIGTERM and returns at once.
+    pub fn send_sigterm(&self) {
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+    }
+
+    /// The exit status, once the process has exited.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().expect("checking on kvinject")
+    }
+
+    pub async fn ready(&self) -> bool {
+        let url = format!("http://127.0.0.1:{}/readyz", self.admin_port);
+        reqwest::get(url).await.map(|r| r.status().is_success()).unwrap_or(false)
     }
 
     /// Kills the process (a crash, as seen from outside) and starts a fresh one on the
