@@ -84,6 +84,13 @@ impl Metrics {
         label
     }
 
+    /// Sets the expiry gauge from the serving certificate in use (PEM); unreadable: unchanged.
+    pub fn serving_certificate(&self, pem: &str) {
+        if let Some(t) = crate::certs::not_after(pem) {
+            self.certificate_expiry.set(t);
+        }
+    }
+
     pub fn cache(&self, cache: &'static str, hit: bool) {
         self.cache.get_or_create(&CacheLabels { cache, result: if hit { "hit" } else { "miss" } }).inc();
     }

@@ -191,7 +191,7 @@ impl Bootstrap {
         let tls = RustlsConfig::from_pem(m.cert.clone().into_bytes(), m.key.clone().into_bytes())
             .await
             .map_err(|_| CertError::BadCert { what: "the bootstrapped serving certificate" })?;
-        record_expiry(metrics, &m.cert);
+        metrics.serving_certificate(&m.cert);
         Ok((tls.clone(), Running { bootstrap: self, tls, serving: m }))
     }
 }
@@ -226,17 +226,11 @@ impl Running {
             match self.tls.reload_from_pem(m.cert.clone().into_bytes(), m.key.clone().into_bytes()).await {
                 Ok(()) => {
                     info!("serving the renewed webhook certificate");
-                    record_expiry(&metrics, &m.cert);
+                    metrics.serving_certificate(&m.cert);
                     self.serving = m;
                 }
                 Err(_) => warn!("the renewed webhook certificate does not load; keeping the current one"),
             }
         }
-    }
-}
-
-fn record_expiry(metrics: &Metrics, cert: &str) {
-    if let Some(t) = super::not_after(cert) {
-        metrics.certificate_expiry.set(t);
     }
 }

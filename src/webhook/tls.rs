@@ -69,8 +69,8 @@ impl CertFiles {
     }
 
     async fn record_expiry(&self, metrics: &Metrics) {
-        if let Some(t) = tokio::fs::read_to_string(&self.cert).await.ok().as_deref().and_then(crate::certs::not_after) {
-            metrics.certificate_expiry.set(t);
+        if let Ok(pem) = tokio::fs::read_to_string(&self.cert).await {
+            metrics.serving_certificate(&pem);
         }
     }
 
