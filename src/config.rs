@@ -47,20 +47,6 @@ pub struct CertsArgs {
     pub force: bool,
 }
 
-impl CertsArgs {
-    pub fn run(self) -> anyhow::Result<()> {
-        let names = crate::certs::SubjectNames::for_service(&self.service, &self.namespace, &self.extra_sans)?;
-        let lifetimes = crate::certs::Lifetimes { serving: self.validity, ca: self.validity.max(crate::certs::Lifetimes::default().ca) };
-        let bundle = crate::certs::cli::write(&self.out_dir, &names, lifetimes, self.force)?;
-        let dir = self.out_dir.display();
-        eprintln!("wrote {dir}/ca.crt, {dir}/tls.crt and {dir}/tls.key for {}", names.dns.iter().cloned().chain(names.ips.iter().map(|i| i.to_string())).collect::<Vec<_>>().join(", "));
-        eprintln!("next: kubectl -n {} create secret tls kvinject-tls --cert={dir}/tls.crt --key={dir}/tls.key", self.namespace);
-        eprintln!("      helm ... --set tls.source=secret --set tls.secretName=kvinject-tls --set tls.caBundle=<the line below>");
-        println!("{bundle}");
-        Ok(())
-    }
-}
-
 #[derive(Args, Debug)]
 pub struct ServeArgs {
     #[command(flatten)]

@@ -13,6 +13,6 @@ async fn main() -> anyhow::Result<()> {
     telemetry::init(&cli.log);
     match cli.command {
         config::Command::Serve(args) => app::serve(args.validate()?).await,
-        config::Command::Certs(args) => args.run(),
+        config::Command::Certs(args) => kvinject::certs::cli::run(args),
     }
 }

@@ -3,10 +3,24 @@
 //! issue more certificates under this CA, and renewing means running the command again.
 
 use super::{Lifetimes, SubjectNames, generate};
+use crate::config::CertsArgs;
 use anyhow::{Context, bail};
 use base64::Engine;
 use std::{io::Write, os::unix::fs::OpenOptionsExt, path::Path};
 use time::OffsetDateTime;
+
+/// `kvinject certs`: writes the files and prints the caBundle on stdout (hints on stderr).
+pub fn run(args: CertsArgs) -> anyhow::Result<()> {
+    let names = SubjectNames::for_service(&args.service, &args.namespace, &args.extra_sans)?;
+    let lifetimes = Lifetimes { serving: args.validity, ca: args.validity.max(Lifetimes::default().ca) };
+    let bundle = write(&args.out_dir, &names, lifetimes, args.force)?;
+    let dir = args.out_dir.display();
+    eprintln!("wrote {dir}/ca.crt, {dir}/tls.crt and {dir}/tls.key for {}", names.dns.iter().cloned().chain(names.ips.iter().map(|i| i.to_string())).collect::<Vec<_>>().join(", "));
+    eprintln!("next: kubectl -n {} create secret tls kvinject-tls --cert={dir}/tls.crt --key={dir}/tls.key", args.namespace);
+    eprintln!("      helm ... --set tls.source=secret --set tls.secretName=kvinject-tls --set tls.caBundle=<the line below>");
+    println!("{bundle}");
+    Ok(())
+}
 
 pub const FILES: [&str; 3] = ["ca.crt", "tls.crt", "tls.key"];
 
