@@ -7,8 +7,8 @@
 //! `kvinject.io/injection`; every other test opts in through its own label.
 
 use crate::{
-    inject::reference,
-    rotation::deployment,
+    inject::{self, reference},
+    rotation::{deployment, secret_of_pod, version},
     support::{self, Kvinject},
 };
 use k8s_openapi::api::{
@@ -41,11 +41,16 @@ fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// The test bed's cache of built tools (tests/testbed/build.sh).
+fn bed_cache() -> PathBuf {
+    std::env::var_os("KVINJECT_TESTBED_CACHE").map_or_else(|| repo().join("target/testbed"), PathBuf::from)
+}
+
 /// The bed's helm, built from helm.sh/helm/v3 (a no-op when cached).
 fn helm_bin() -> PathBuf {
     let ok = Command::new(repo().join("tests/testbed/build.sh")).arg("helm").status().expect("building helm");
     assert!(ok.success(), "tests/testbed/build.sh helm failed");
-    std::env::var_os("KVINJECT_TESTBED_CACHE").map_or_else(|| repo().join("target/testbed"), PathBuf::from).join("bin/helm")
+    bed_cache().join("bin/helm")
 }
 
 fn helm(args: &[&str]) -> (bool, String, String) {
@@ -172,30 +177,6 @@ impl Drop for NsGuard {
     }
 }
 
-fn pod(name: &str, secret: &str) -> Pod {
-    serde_json::from_value(json!({
-        "metadata": {"name": name},
-        "spec": {"containers": [{"name": "app", "image": "registry.invalid/app:1", "env": [{"name": "X", "value": reference(secret)}]}]}
-    }))
-    .unwrap()
-}
-
-/// The Secret a pod's env was rewritten to.
-async fn secret_of_pod(client: &Client, ns: &str, selector: &str) -> String {
-    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
-    let name_of = |p: &Pod| p.spec.as_ref()?.containers[0].env.as_ref()?[0].value_from.as_ref()?.secret_key_ref.as_ref().map(|r| r.name.clone());
-    let lp = ListParams::default().labels(selector);
-    support::eventually(Duration::from_secs(30), &format!("an injected pod ({selector})"), || async {
-        pods.list(&lp).await.unwrap().items.iter().any(|p| name_of(p).is_some())
-    })
-    .await;
-    pods.list(&lp).await.unwrap().items.iter().find_map(name_of).unwrap()
-}
-
-fn version(s: &Secret) -> String {
-    s.metadata.annotations.as_ref().unwrap()["kvinject.io/version"].clone()
-}
-
 #[tokio::test]
 async fn the_apiserver_accepts_the_manifests_and_kvinject_works_on_the_charts_permissions_alone() {
     let _vault = support::VAULT.read().await;
@@ -262,7 +243,7 @@ async fn the_apiserver_accepts_the_manifests_and_kvinject_works_on_the_charts_pe
     deployments.create(&pp, &deployment("restart", &rolled, json!({"kvinject.io/rollout-on-rotation": "true"}))).await.unwrap();
     deployments.create(&pp, &deployment("evict", &evicted, json!({"kvinject.io/rollout-on-rotation": "true", "kvinject.io/rollout-strategy": "evict"}))).await.unwrap();
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
-    let mut gc_pod = pod("collected", &collected);
+    let mut gc_pod = inject::pod("collected", &[("X", &reference(&collected))], json!({}));
     gc_pod.metadata.labels = Some([("app".to_owned(), "collected".to_owned())].into());
     pods.create(&pp, &gc_pod).await.expect("a pod is admitted through the chart's webhook");
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
@@ -357,11 +338,11 @@ async fn kvinjects_own_namespace_and_kube_system_are_never_sent_to_the_webhook()
     let name = support::unique("restart-me");
     for ns in [NS, "kube-system"] {
         let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
-        pods.create(&PostParams::default(), &pod(&name, "x")).await.unwrap_or_else(|e| panic!("a pod in {ns} must not need kvinject: {e}"));
+        pods.create(&PostParams::default(), &inject::pod(&name, &[("X", &reference("x"))], json!({}))).await.unwrap_or_else(|e| panic!("a pod in {ns} must not need kvinject: {e}"));
         pods.delete(&name, &DeleteParams { grace_period_seconds: Some(0), ..Default::default() }).await.unwrap();
     }
     // The registration is live: an opted-in namespace's pod is refused (failurePolicy Fail).
-    let refused = Api::<Pod>::namespaced(client.clone(), &opted_in).create(&PostParams::default(), &pod(&name, "x")).await;
+    let refused = Api::<Pod>::namespaced(client.clone(), &opted_in).create(&PostParams::default(), &inject::pod(&name, &[("X", &reference("x"))], json!({}))).await;
     assert!(matches!(&refused, Err(kube::Error::Api(s)) if s.message.contains("failed calling webhook")), "{refused:?}");
 
     let (ok, _, err) = support::kubectl(&["label", "namespace", NS, "kvinject.io/injection-"], None);
@@ -422,7 +403,7 @@ async fn certificates_from_kvinject_certs_are_trusted_by_the_apiserver() {
 async fn optional_cert_manager_and_service_monitor_objects_match_their_crds() {
     let ok = Command::new(repo().join("tests/testbed/build.sh")).arg("crds").status().unwrap();
     assert!(ok.success(), "tests/testbed/build.sh crds failed");
-    let crds = std::env::var_os("KVINJECT_TESTBED_CACHE").map_or_else(|| repo().join("target/testbed"), PathBuf::from).join("crds/current");
+    let crds = bed_cache().join("crds/current");
     // kubectl reads a symlink as a file: give it the directory itself.
     let crds = crds.canonicalize().unwrap();
     let (ok, out, err) = support::kubectl(&["apply", "--server-side", "--field-manager=platform-team", "-f", crds.to_str().unwrap()], None);

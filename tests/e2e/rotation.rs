@@ -2,7 +2,7 @@
 //! rolls opted-in workloads once; restarts and leadership moves roll nothing.
 
 use crate::{
-    inject::reference,
+    inject::{pod, reference},
     support::{self, Kvinject, Setup},
 };
 use k8s_openapi::api::{
@@ -34,18 +34,21 @@ async fn rotation_setup(prefix: &str, extra: &[&str]) -> Setup {
 }
 
 pub(crate) fn deployment(name: &str, secret: &str, annotations: serde_json::Value) -> Deployment {
-    serde_json::from_value(json!({
-        "metadata": {"name": name, "annotations": annotations},
-        "spec": {
-            "replicas": 1,
-            "selector": {"matchLabels": {"app": name}},
-            "template": {
-                "metadata": {"labels": {"app": name}, "annotations": {"kvinject.io/refresh-interval": "1s"}},
-                "spec": {"containers": [{"name": "app", "image": "registry.invalid/app:1", "env": [{"name": "X", "value": reference(secret)}]}]}
-            }
+    workload(name, secret, annotations, json!({"replicas": 1}))
+}
+
+/// A Deployment, StatefulSet or DaemonSet (`spec_extra` adds to its spec) whose pods refer
+/// to `secret` in one env entry and ask for a check every second.
+fn workload<K: serde::de::DeserializeOwned>(name: &str, secret: &str, annotations: serde_json::Value, spec_extra: serde_json::Value) -> K {
+    let mut spec = json!({
+        "selector": {"matchLabels": {"app": name}},
+        "template": {
+            "metadata": {"labels": {"app": name}, "annotations": {"kvinject.io/refresh-interval": "1s"}},
+            "spec": {"containers": [{"name": "app", "image": "registry.invalid/app:1", "env": [{"name": "X", "value": reference(secret)}]}]}
         }
-    }))
-    .unwrap()
+    });
+    spec.as_object_mut().unwrap().extend(spec_extra.as_object().unwrap().clone());
+    serde_json::from_value(json!({"metadata": {"name": name, "annotations": annotations}, "spec": spec})).unwrap()
 }
 
 fn template_hash(d: &Deployment) -> Option<String> {
@@ -57,18 +60,24 @@ fn stored_hash(d: &Deployment) -> Option<String> {
 }
 
 async fn materialized(s: &Setup, deployment: &str) -> Secret {
-    let pods: Api<Pod> = Api::namespaced(s.client.clone(), &s.ns);
-    let secret_of = |p: &Pod| p.spec.as_ref()?.containers[0].env.as_ref()?[0].value_from.as_ref()?.secret_key_ref.as_ref().map(|r| r.name.clone());
-    let selector = ListParams::default().labels(&format!("app={deployment}"));
-    support::eventually(Duration::from_secs(30), "a pod of the deployment", || async {
-        pods.list(&selector).await.unwrap().items.iter().any(|p| secret_of(p).is_some())
-    })
-    .await;
-    let name = pods.list(&selector).await.unwrap().items.iter().find_map(secret_of).unwrap();
+    let name = secret_of_pod(&s.client, &s.ns, &format!("app={deployment}")).await;
     Api::<Secret>::namespaced(s.client.clone(), &s.ns).get(&name).await.unwrap()
 }
 
-fn version(secret: &Secret) -> String {
+/// The Secret the first env entry of a pod matching `selector` was rewritten to, once
+/// such a pod exists.
+pub(crate) async fn secret_of_pod(client: &kube::Client, ns: &str, selector: &str) -> String {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let secret_of = |p: &Pod| p.spec.as_ref()?.containers[0].env.as_ref()?[0].value_from.as_ref()?.secret_key_ref.as_ref().map(|r| r.name.clone());
+    let selector = ListParams::default().labels(selector);
+    support::eventually(Duration::from_secs(30), "an injected pod", || async {
+        pods.list(&selector).await.unwrap().items.iter().any(|p| secret_of(p).is_some())
+    })
+    .await;
+    pods.list(&selector).await.unwrap().items.iter().find_map(secret_of).unwrap()
+}
+
+pub(crate) fn version(secret: &Secret) -> String {
     secret.metadata.annotations.as_ref().unwrap()["kvinject.io/version"].clone()
 }
 
@@ -189,12 +198,9 @@ async fn with_the_vault_stopped_secrets_stay_and_staleness_rises() {
     for o in &others {
         support::seed_secret(o, "kept").await;
     }
-    let env: Vec<_> = others.iter().enumerate().map(|(i, o)| json!({"name": format!("O{i}"), "value": reference(o)})).collect();
-    let many: Pod = serde_json::from_value(json!({
-        "metadata": {"name": "many", "annotations": {"kvinject.io/refresh-interval": "1s"}},
-        "spec": {"containers": [{"name": "app", "image": "registry.invalid/app:1", "env": env}]}
-    }))
-    .unwrap();
+    let (env_names, refs): (Vec<String>, Vec<String>) = others.iter().enumerate().map(|(i, o)| (format!("O{i}"), reference(o))).unzip();
+    let env: Vec<(&str, &str)> = env_names.iter().map(String::as_str).zip(refs.iter().map(String::as_str)).collect();
+    let many = pod("many", &env, json!({"kvinject.io/refresh-interval": "1s"}));
     let many = Api::<Pod>::namespaced(s.client.clone(), &s.ns).create(&PostParams::default(), &many).await.unwrap();
     let secrets: Api<Secret> = Api::namespaced(s.client.clone(), &s.ns);
     let mut kept = Vec::new();
@@ -353,19 +359,6 @@ async fn secrets_rotated_together_roll_a_workload_once() {
     assert_eq!(s.kvinject.metric("kvinject_rollouts_total", &[]).await, 1.0, "one rollout for two rotations");
 }
 
-/// `kind` (StatefulSet or DaemonSet) opted in to rollouts, with one env reference.
-fn workload<K: serde::de::DeserializeOwned>(kind_extra: serde_json::Value, name: &str, secret: &str) -> K {
-    let mut spec = json!({
-        "selector": {"matchLabels": {"app": name}},
-        "template": {
-            "metadata": {"labels": {"app": name}, "annotations": {"kvinject.io/refresh-interval": "1s"}},
-            "spec": {"containers": [{"name": "app", "image": "registry.invalid/app:1", "env": [{"name": "X", "value": reference(secret)}]}]}
-        }
-    });
-    spec.as_object_mut().unwrap().extend(kind_extra.as_object().unwrap().clone());
-    serde_json::from_value(json!({"metadata": {"name": name, "annotations": {"kvinject.io/rollout-on-rotation": "true"}}, "spec": spec})).unwrap()
-}
-
 #[tokio::test]
 async fn statefulsets_and_daemonsets_roll_like_deployments() {
     use k8s_openapi::api::apps::v1::{DaemonSet, StatefulSet};
@@ -376,10 +369,10 @@ async fn statefulsets_and_daemonsets_roll_like_deployments() {
     support::seed_secret(&name, "first").await;
     let statefulsets: Api<StatefulSet> = Api::namespaced(s.client.clone(), &s.ns);
     let daemonsets: Api<DaemonSet> = Api::namespaced(s.client.clone(), &s.ns);
-    statefulsets.create(&PostParams::default(), &workload(json!({"replicas": 1, "serviceName": "db"}), "db", &name)).await.unwrap();
+    statefulsets.create(&PostParams::default(), &workload("db", &name, json!({"kvinject.io/rollout-on-rotation": "true"}), json!({"replicas": 1, "serviceName": "db"}))).await.unwrap();
     // The bed has no nodes, so the DaemonSet has no pods; its template still names the
     // Secret the StatefulSet's pod materialized.
-    daemonsets.create(&PostParams::default(), &workload(json!({}), "agent", &name)).await.unwrap();
+    daemonsets.create(&PostParams::default(), &workload("agent", &name, json!({"kvinject.io/rollout-on-rotation": "true"}), json!({}))).await.unwrap();
     let secret = materialized(&s, "db").await;
 
     let recorded = |a: Option<&std::collections::BTreeMap<String, String>>| a.is_some_and(|a| a.contains_key("kvinject.io/secret-versions"));
