@@ -16,17 +16,30 @@ use kube::{Api, api::PostParams};
 use std::time::{Duration, Instant};
 
 fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 /// (VmRSS KiB, VmHWM KiB, CPU seconds) of a process.
 fn usage(pid: u32) -> (u64, u64, f64) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let field = |name: &str| status.lines().find(|l| l.starts_with(name)).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()).unwrap_or(0);
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+            .unwrap_or(0)
+    };
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // Fields after the command's closing parenthesis; utime and stime are 14 and 15.
-    let rest: Vec<&str> = stat.rsplit_once(')').map(|(_, r)| r.split_whitespace().collect()).unwrap_or_default();
-    let ticks: f64 = rest.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0) + rest.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    let rest: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks: f64 = rest.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0)
+        + rest.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
     (field("VmRSS:"), field("VmHWM:"), ticks / 100.0)
 }
 
@@ -36,19 +49,42 @@ fn mib(kib: u64) -> String {
 
 #[tokio::main]
 async fn main() {
-    rustls::crypto::aws_lc_rs::default_provider().install_default().unwrap();
+    rustls::crypto::aws_lc_rs::default_provider()
+        .install_default()
+        .unwrap();
     let pods_total = env_usize("KVINJECT_BENCH_PODS", 1000);
     let refs = env_usize("KVINJECT_BENCH_REFS", 100).max(1);
     let parallel = env_usize("KVINJECT_BENCH_PARALLEL", 8).max(1);
     let extra_secrets = env_usize("KVINJECT_BENCH_SECRETS", 5000);
     let lease = support::unique("bench-lease");
-    let kvinject = support::Kvinject::start(&["--rotation", "true", "--lease-namespace", "default", "--lease-name", &lease, "--refresh-interval", "1h", "--gc-grace-period", "0"]).await;
+    let kvinject = support::Kvinject::start(&[
+        "--rotation",
+        "true",
+        "--lease-namespace",
+        "default",
+        "--lease-name",
+        &lease,
+        "--refresh-interval",
+        "1h",
+        "--gc-grace-period",
+        "0",
+    ])
+    .await;
     let s = support::setup_for("footprint", kvinject).await;
     let pid = s.kvinject.pid();
-    println!("footprint benchmark: {pods_total} pods over {refs} Key Vault secrets, {parallel} at a time; then {extra_secrets} more materialized Secrets");
+    println!(
+        "footprint benchmark: {pods_total} pods over {refs} Key Vault secrets, {parallel} at a time; then {extra_secrets} more materialized Secrets"
+    );
 
     let run = support::unique("fp");
-    stream::iter(0..refs).for_each_concurrent(16, |i| { let run = run.clone(); async move { support::seed_secret(&format!("{run}-{i}"), "benchmark-value").await; } }).await;
+    stream::iter(0..refs)
+        .for_each_concurrent(16, |i| {
+            let run = run.clone();
+            async move {
+                support::seed_secret(&format!("{run}-{i}"), "benchmark-value").await;
+            }
+        })
+        .await;
 
     tokio::time::sleep(Duration::from_secs(3)).await;
     let (idle_rss, _, idle_cpu) = usage(pid);
@@ -97,18 +133,38 @@ async fn main() {
     let (cached_rss, hwm, _) = usage(pid);
 
     println!();
-    println!("| measure | idle (baseline) | after the burst | with {extra_secrets} more Secrets cached | ratio to idle |");
+    println!(
+        "| measure | idle (baseline) | after the burst | with {extra_secrets} more Secrets cached | ratio to idle |"
+    );
     println!("| --- | --- | --- | --- | --- |");
-    println!("| RSS | {} | {} | {} | {:.2}x |", mib(idle_rss), mib(burst_rss), mib(cached_rss), cached_rss as f64 / idle_rss.max(1) as f64);
-    println!("| peak RSS (VmHWM) | - | {} | {} | {:.2}x |", mib(burst_hwm), mib(hwm), hwm as f64 / idle_rss.max(1) as f64);
+    println!(
+        "| RSS | {} | {} | {} | {:.2}x |",
+        mib(idle_rss),
+        mib(burst_rss),
+        mib(cached_rss),
+        cached_rss as f64 / idle_rss.max(1) as f64
+    );
+    println!(
+        "| peak RSS (VmHWM) | - | {} | {} | {:.2}x |",
+        mib(burst_hwm),
+        mib(hwm),
+        hwm as f64 / idle_rss.max(1) as f64
+    );
     println!(
         "| CPU | {idle_cpu:.2} s to start | {burst_cpu:.2} s for {pods_total} admissions in {burst:.1?} ({:.0} admissions/s, {:.2} cores, {:.2} ms CPU each) | - | - |",
         pods_total as f64 / burst.as_secs_f64(),
         burst_cpu / burst.as_secs_f64(),
         burst_cpu * 1000.0 / pods_total as f64
     );
-    println!("| cache growth per extra Secret | - | - | {:.2} KiB | - |", cached_rss.saturating_sub(burst_rss) as f64 / extra_secrets.max(1) as f64);
+    println!(
+        "| cache growth per extra Secret | - | - | {:.2} KiB | - |",
+        cached_rss.saturating_sub(burst_rss) as f64 / extra_secrets.max(1) as f64
+    );
     let denied = denied.into_inner();
     assert_eq!(denied, 0, "{denied} pods were refused");
-    assert!(s.kvinject.logs().contains("serving"), "kvinject log: {}", s.kvinject.log.display());
+    assert!(
+        s.kvinject.logs().contains("serving"),
+        "kvinject log: {}",
+        s.kvinject.log.display()
+    );
 }

@@ -11,7 +11,11 @@ mod support;
 
 use futures::{StreamExt, TryStreamExt, stream};
 use k8s_openapi::api::core::v1::{Namespace, Secret};
-use kube::{Api, api::PostParams, runtime::{WatchStreamExt, reflector, watcher}};
+use kube::{
+    Api,
+    api::PostParams,
+    runtime::{WatchStreamExt, reflector, watcher},
+};
 use kvinject::{
     keyvault::{
         SecretValue,
@@ -23,33 +27,55 @@ use kvinject::{
     reference::Reference,
     rotation::{self, RotationConfig},
 };
-use std::{collections::BTreeMap, time::{Duration, Instant}};
+use std::{
+    collections::BTreeMap,
+    time::{Duration, Instant},
+};
 
 fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 fn rss_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok())
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))?
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()
+        })
         .unwrap_or(0)
 }
 
 fn counter(metrics: &Metrics, name: &str) -> f64 {
-    metrics.encode().lines().filter(|l| l.starts_with(name)).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
+    metrics
+        .encode()
+        .lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 #[tokio::main]
 async fn main() {
-    rustls::crypto::aws_lc_rs::default_provider().install_default().unwrap();
+    rustls::crypto::aws_lc_rs::default_provider()
+        .install_default()
+        .unwrap();
     let total = env_usize("KVINJECT_BENCH_SECRETS", 10_000);
     let namespaces = env_usize("KVINJECT_BENCH_NAMESPACES", 10).max(1);
     let distinct = (total / namespaces).max(1);
     let concurrency = env_usize("KVINJECT_BENCH_CONCURRENCY", 8).max(1);
     let bed = support::testbed();
     let client = support::kube().await;
-    println!("rotation sweep benchmark: {total} materialized Secrets = {distinct} Key Vault secrets x {namespaces} namespaces, {concurrency} reads in flight");
+    println!(
+        "rotation sweep benchmark: {total} materialized Secrets = {distinct} Key Vault secrets x {namespaces} namespaces, {concurrency} reads in flight"
+    );
 
     // Key Vault: `distinct` secrets.
     let run = support::unique("bench");
@@ -62,7 +88,10 @@ async fn main() {
         .buffer_unordered(16)
         .collect()
         .await;
-    println!("setup: seeded {distinct} Key Vault secrets in {:.1?}", started.elapsed());
+    println!(
+        "setup: seeded {distinct} Key Vault secrets in {:.1?}",
+        started.elapsed()
+    );
 
     // The apiserver: `total` materialized Secrets, as the webhook would have written them.
     let started = Instant::now();
@@ -71,23 +100,43 @@ async fn main() {
         let name = format!("{run}-ns{n}");
         let mut ns = Namespace::default();
         ns.metadata.name = Some(name.clone());
-        Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &ns).await.unwrap();
+        Api::<Namespace>::all(client.clone())
+            .create(&PostParams::default(), &ns)
+            .await
+            .unwrap();
         ns_names.push(name);
     }
     let work: Vec<(String, String, String)> = ns_names
         .iter()
-        .flat_map(|ns| versions.iter().map(move |(name, v)| (ns.clone(), name.clone(), v.clone())))
+        .flat_map(|ns| {
+            versions
+                .iter()
+                .map(move |(name, v)| (ns.clone(), name.clone(), v.clone()))
+        })
         .collect();
     stream::iter(work)
         .map(|(ns, name, version)| {
             let client = client.clone();
             let vault = bed.vault_name.clone();
             async move {
-                let source = Source::Env(Reference { vault, name, version: None });
-                let needed = Needed { secret_name: source.secret_name(), source };
-                let fetched = Fetched { value: SecretValue::new("benchmark-value"), version };
+                let source = Source::Env(Reference {
+                    vault,
+                    name,
+                    version: None,
+                });
+                let needed = Needed {
+                    secret_name: source.secret_name(),
+                    source,
+                };
+                let fetched = Fetched {
+                    value: SecretValue::new("benchmark-value"),
+                    version,
+                };
                 let secret = materialize::desired_secret(&ns, &needed, &fetched).unwrap();
-                Api::<Secret>::namespaced(client, &ns).create(&PostParams::default(), &secret).await.map(|_| ())
+                Api::<Secret>::namespaced(client, &ns)
+                    .create(&PostParams::default(), &secret)
+                    .await
+                    .map(|_| ())
             }
         })
         .buffer_unordered(32)
@@ -99,9 +148,15 @@ async fn main() {
     // kvinject's controller, with its caches synced.
     let rss_before = rss_kib();
     let (store, writer) = reflector::store();
-    let watch = reflector(writer, watcher(Api::<Secret>::all(client.clone()), watcher::Config::default().labels(materialize::SELECTOR)))
-        .default_backoff()
-        .for_each(|_| async {});
+    let watch = reflector(
+        writer,
+        watcher(
+            Api::<Secret>::all(client.clone()),
+            watcher::Config::default().labels(materialize::SELECTOR),
+        ),
+    )
+    .default_backoff()
+    .for_each(|_| async {});
     tokio::spawn(watch);
     let (caches, drive) = rotation::watch_workloads(&client, store.clone());
     tokio::spawn(drive);
@@ -121,16 +176,37 @@ async fn main() {
         evict_ready_timeout: Duration::from_secs(1),
         keyvault_concurrency: concurrency,
     };
-    let inject = InjectConfig { vaults: [bed.vault_name.clone()].into() };
-    let mut controller = rotation::Controller::new(client.clone(), config.clone(), inject.clone(), source.clone(), caches.clone(), metrics.clone(), "bench");
+    let inject = InjectConfig {
+        vaults: [bed.vault_name.clone()].into(),
+    };
+    let mut controller = rotation::Controller::new(
+        client.clone(),
+        config.clone(),
+        inject.clone(),
+        source.clone(),
+        caches.clone(),
+        metrics.clone(),
+        "bench",
+    );
     controller.sweep().await; // first sight: schedules every reference
     tokio::time::sleep(Duration::from_millis(10)).await;
     let rss_cached = rss_kib();
 
     // The same sweep with one Key Vault read at a time (the previous behaviour).
     let serial_metrics = Metrics::default();
-    let serial_config = RotationConfig { keyvault_concurrency: 1, ..config };
-    let mut serial = rotation::Controller::new(client.clone(), serial_config, inject, source.clone(), caches, serial_metrics.clone(), "bench-serial");
+    let serial_config = RotationConfig {
+        keyvault_concurrency: 1,
+        ..config
+    };
+    let mut serial = rotation::Controller::new(
+        client.clone(),
+        serial_config,
+        inject,
+        source.clone(),
+        caches,
+        serial_metrics.clone(),
+        "bench-serial",
+    );
     serial.sweep().await;
     tokio::time::sleep(Duration::from_millis(10)).await;
     let started = Instant::now();
@@ -143,12 +219,17 @@ async fn main() {
     controller.sweep().await;
     let sweep_time = started.elapsed();
     let reads = counter(&metrics, "kvinject_keyvault_requests_total") - reads_before;
-    let writes = counter(&metrics, "kvinject_rotations_total") + counter(&metrics, "kvinject_rollouts_total") + counter(&metrics, "kvinject_secrets_collected_total");
+    let writes = counter(&metrics, "kvinject_rotations_total")
+        + counter(&metrics, "kvinject_rollouts_total")
+        + counter(&metrics, "kvinject_secrets_collected_total");
 
     // Baseline, same run, same vault: one Key Vault read per Secret.
     let started = Instant::now();
     for s in store.state() {
-        let r = Reference::parse(&s.metadata.annotations.as_ref().unwrap()[materialize::REFERENCE_ANNOTATION]).unwrap().unwrap();
+        let r =
+            Reference::parse(&s.metadata.annotations.as_ref().unwrap()[materialize::REFERENCE_ANNOTATION])
+                .unwrap()
+                .unwrap();
         source.fetch(&r).await.expect("baseline read");
     }
     let baseline_time = started.elapsed();
@@ -157,19 +238,37 @@ async fn main() {
     println!();
     println!("| measure | kvinject sweep | baseline (per-Secret polling) | ratio |");
     println!("| --- | --- | --- | --- |");
-    println!("| Key Vault requests per sweep | {reads:.0} | {baseline_reads:.0} | {:.1}x fewer |", baseline_reads / reads.max(1.0));
-    println!("| sweep time | {:.2?} | {:.2?} | {:.1}x faster |", sweep_time, baseline_time, baseline_time.as_secs_f64() / sweep_time.as_secs_f64().max(1e-9));
-    println!("| sweep time, one read at a time | {:.2?} | {:.2?} | {:.1}x faster |", serial_time, baseline_time, baseline_time.as_secs_f64() / serial_time.as_secs_f64().max(1e-9));
+    println!(
+        "| Key Vault requests per sweep | {reads:.0} | {baseline_reads:.0} | {:.1}x fewer |",
+        baseline_reads / reads.max(1.0)
+    );
+    println!(
+        "| sweep time | {:.2?} | {:.2?} | {:.1}x faster |",
+        sweep_time,
+        baseline_time,
+        baseline_time.as_secs_f64() / sweep_time.as_secs_f64().max(1e-9)
+    );
+    println!(
+        "| sweep time, one read at a time | {:.2?} | {:.2?} | {:.1}x faster |",
+        serial_time,
+        baseline_time,
+        baseline_time.as_secs_f64() / serial_time.as_secs_f64().max(1e-9)
+    );
     println!("| apiserver writes, nothing changed | {writes:.0} | - | - |");
     println!(
         "| controller cache memory (RSS growth) | {} KiB for {total} Secrets ({:.2} KiB per Secret) | - | - |",
         rss_cached.saturating_sub(rss_before),
         rss_cached.saturating_sub(rss_before) as f64 / total as f64
     );
-    assert_eq!(reads as usize, distinct, "one Key Vault request per distinct secret");
+    assert_eq!(
+        reads as usize, distinct,
+        "one Key Vault request per distinct secret"
+    );
     assert_eq!(writes, 0.0, "no apiserver writes when nothing changed");
 
     for ns in ns_names {
-        let _ = Api::<Namespace>::all(client.clone()).delete(&ns, &Default::default()).await;
+        let _ = Api::<Namespace>::all(client.clone())
+            .delete(&ns, &Default::default())
+            .await;
     }
 }

@@ -1,7 +1,13 @@
 //! The plaintext admin port: /livez, /readyz, /metrics.
 
 use crate::metrics::Metrics;
-use axum::{Router, extract::State, http::{StatusCode, header}, response::IntoResponse, routing::get};
+use axum::{
+    Router,
+    extract::State,
+    http::{StatusCode, header},
+    response::IntoResponse,
+    routing::get,
+};
 use std::sync::{
     Arc,
     atomic::{AtomicBool, Ordering},
@@ -38,11 +44,21 @@ pub fn router(ready: Readiness, metrics: Metrics) -> Router {
 }
 
 async fn readyz(State(s): State<AdminState>) -> (StatusCode, &'static str) {
-    if s.ready.is_ready() { (StatusCode::OK, "ready") } else { (StatusCode::SERVICE_UNAVAILABLE, "not ready") }
+    if s.ready.is_ready() {
+        (StatusCode::OK, "ready")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready")
+    }
 }
 
 async fn metrics_handler(State(s): State<AdminState>) -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], s.metrics.encode())
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        s.metrics.encode(),
+    )
 }
 
 #[cfg(test)]
@@ -55,12 +71,19 @@ mod tests {
     async fn readyz_follows_readiness() {
         let ready = Readiness::default();
         let status = |r: Readiness| async move {
-            router(r, Metrics::default()).oneshot(Request::get("/readyz").body(Body::empty()).unwrap()).await.unwrap().status()
+            router(r, Metrics::default())
+                .oneshot(Request::get("/readyz").body(Body::empty()).unwrap())
+                .await
+                .unwrap()
+                .status()
         };
         assert_eq!(status(ready.clone()).await, StatusCode::SERVICE_UNAVAILABLE);
         ready.set_ready();
         assert_eq!(status(ready.clone()).await, StatusCode::OK);
-        let live = router(Readiness::default(), Metrics::default()).oneshot(Request::get("/livez").body(Body::empty()).unwrap()).await.unwrap();
+        let live = router(Readiness::default(), Metrics::default())
+            .oneshot(Request::get("/livez").body(Body::empty()).unwrap())
+            .await
+            .unwrap();
         assert_eq!(live.status(), StatusCode::OK);
     }
 }

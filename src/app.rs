@@ -32,16 +32,33 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     let ready = admin::Readiness::default();
     let metrics = Metrics::default();
 
-    let client = kube::Client::try_default().await.context("connecting to the Kubernetes API")?;
+    let client = kube::Client::try_default()
+        .await
+        .context("connecting to the Kubernetes API")?;
     // The serving certificate, and the task that keeps it current.
     let (tls, reload): (_, futures::future::BoxFuture<'static, ()>) = match config.tls.clone() {
         TlsConfig::Files { cert, key } => {
             let files = webhook::tls::CertFiles { cert, key };
-            let (tls, hash) = files.load().await.context("loading the webhook's serving certificate")?;
-            (tls.clone(), Box::pin(files.watch(tls, hash, config.tls_reload_interval, stop.clone(), metrics.clone())))
+            let (tls, hash) = files
+                .load()
+                .await
+                .context("loading the webhook's serving certificate")?;
+            (
+                tls.clone(),
+                Box::pin(files.watch(
+                    tls,
+                    hash,
+                    config.tls_reload_interval,
+                    stop.clone(),
+                    metrics.clone(),
+                )),
+            )
         }
         TlsConfig::Bootstrap(b) => {
-            let (tls, running) = Bootstrap::new(client.clone(), b).start(&metrics).await.context("bootstrapping the webhook's certificates")?;
+            let (tls, running) = Bootstrap::new(client.clone(), b)
+                .start(&metrics)
+                .await
+                .context("bootstrapping the webhook's certificates")?;
             (tls, Box::pin(running.run(metrics.clone(), stop.clone())))
         }
     };
@@ -52,27 +69,40 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     let (store, writer) = reflector::store();
 
     let connector = config.azure.connect().context("setting up Key Vault access")?;
-    let source = KeyVault::new(&connector, &config.vaults, config.keyvault_budget).context("setting up Key Vault clients")?;
+    let source = KeyVault::new(&connector, &config.vaults, config.keyvault_budget)
+        .context("setting up Key Vault clients")?;
     for (name, url) in &config.vaults {
         info!(vault = %name, %url, "vault configured");
     }
-    let inject_config = InjectConfig { vaults: config.vaults.keys().cloned().collect() };
-    let injector = Arc::new(Injector::new(inject_config.clone(), source.clone(), Arc::new(KubeWriter(client.clone())), store.clone(), config.value_cache_ttl, metrics.clone()));
+    let inject_config = InjectConfig {
+        vaults: config.vaults.keys().cloned().collect(),
+    };
+    let injector = Arc::new(Injector::new(
+        inject_config.clone(),
+        source.clone(),
+        Arc::new(KubeWriter(client.clone())),
+        store.clone(),
+        config.value_cache_ttl,
+        metrics.clone(),
+    ));
     let watch = {
         let injector = injector.clone();
-        reflector(writer, watcher(secrets, watcher::Config::default().labels(materialize::SELECTOR)))
-            .default_backoff()
-            .for_each(move |event| {
-                let injector = injector.clone();
-                async move {
-                    match event {
-                        // A collected Secret must be created again by the next pod that needs it.
-                        Ok(watcher::Event::Delete(secret)) => injector.forget(&secret).await,
-                        Ok(_) => {}
-                        Err(e) => warn!(error = %e, "watching kvinject's Secrets; retrying"),
-                    }
+        reflector(
+            writer,
+            watcher(secrets, watcher::Config::default().labels(materialize::SELECTOR)),
+        )
+        .default_backoff()
+        .for_each(move |event| {
+            let injector = injector.clone();
+            async move {
+                match event {
+                    // A collected Secret must be created again by the next pod that needs it.
+                    Ok(watcher::Event::Delete(secret)) => injector.forget(&secret).await,
+                    Ok(_) => {}
+                    Err(e) => warn!(error = %e, "watching kvinject's Secrets; retrying"),
                 }
-            })
+            }
+        })
     };
 
     // The rotation controller: every replica campaigns; only the Lease holder works.
@@ -83,7 +113,15 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
             let (leading_tx, leading_rx) = tokio::sync::watch::channel(false);
             let identity = settings.lease.identity.clone();
             info!(%identity, lease = %settings.lease.name, namespace = %settings.lease.namespace, "rotation controller campaigning");
-            let controller = rotation::Controller::new(client.clone(), settings.controller, inject_config, source, caches, metrics.clone(), &identity);
+            let controller = rotation::Controller::new(
+                client.clone(),
+                settings.controller,
+                inject_config,
+                source,
+                caches,
+                metrics.clone(),
+                &identity,
+            );
             let lease = rotation::lease::run(client.clone(), settings.lease, leading_tx);
             Box::pin(async move {
                 tokio::join!(watches, lease, controller.run(leading_rx));
@@ -104,7 +142,10 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     };
 
     let handle = axum_server::Handle::new();
-    let state = WebhookState { injector, deadline: config.admission_deadline };
+    let state = WebhookState {
+        injector,
+        deadline: config.admission_deadline,
+    };
     let webhook_server = axum_server::bind_rustls(config.listen, tls.clone())
         .handle(handle.clone())
         .serve(webhook::router(state).into_make_service());
@@ -116,7 +157,8 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     let admin_server = axum::serve(admin_listener, admin::router(ready.clone(), metrics)).into_future();
 
     tokio::spawn({
-        let (stop, handle, ready, delay) = (stop.clone(), handle.clone(), ready.clone(), config.shutdown_delay);
+        let (stop, handle, ready, delay) =
+            (stop.clone(), handle.clone(), ready.clone(), config.shutdown_delay);
         async move {
             wait_for_signal().await;
             // Not ready at once, but still serving while the Service's endpoints drop this

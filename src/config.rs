@@ -7,7 +7,11 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, time::Duration};
 
 #[derive(Parser, Debug)]
-#[command(name = "kvinject", version, about = "Azure Key Vault secrets for Kubernetes pods, GitOps-safe")]
+#[command(
+    name = "kvinject",
+    version,
+    about = "Azure Key Vault secrets for Kubernetes pods, GitOps-safe"
+)]
 pub struct Cli {
     /// Log filter (tracing EnvFilter syntax); RUST_LOG wins when set.
     #[arg(long, env = "KVINJECT_LOG", default_value = "info", global = true)]
@@ -116,7 +120,12 @@ pub struct RotationArgs {
 pub struct VaultArgs {
     /// A vault references may name: `NAME` (https://NAME.<dns suffix>/) or `NAME=URL`
     /// (a private endpoint, another cloud, an emulator). Repeat, or separate with commas.
-    #[arg(long = "vault", env = "KVINJECT_VAULTS", value_delimiter = ',', required = true)]
+    #[arg(
+        long = "vault",
+        env = "KVINJECT_VAULTS",
+        value_delimiter = ',',
+        required = true
+    )]
     pub vaults: Vec<String>,
     /// DNS suffix of vaults given by name alone (vault.azure.cn, vault.usgovcloudapi.net, ...).
     #[arg(long, env = "KVINJECT_VAULT_DNS_SUFFIX", default_value = "vault.azure.net")]
@@ -191,7 +200,11 @@ pub struct TlsArgs {
     #[arg(long, env = "KVINJECT_TLS_SERVICE", default_value = "kvinject")]
     pub tls_service: String,
     /// bootstrap: more DNS names or IP addresses for the certificate (comma-separated).
-    #[arg(long = "tls-extra-san", env = "KVINJECT_TLS_EXTRA_SANS", value_delimiter = ',')]
+    #[arg(
+        long = "tls-extra-san",
+        env = "KVINJECT_TLS_EXTRA_SANS",
+        value_delimiter = ','
+    )]
     pub tls_extra_sans: Vec<String>,
     /// bootstrap: the MutatingWebhookConfiguration whose caBundle kvinject keeps current
     /// (empty: leave it alone).
@@ -252,18 +265,25 @@ impl ServeArgs {
     pub fn validate(self) -> anyhow::Result<ServeConfig> {
         let vaults = parse_vaults(&self.vaults.vaults, &self.vaults.vault_dns_suffix)?;
         let azure = AzureConfig {
-            credential: credential(&self.azure, std::env::var_os("AZURE_FEDERATED_TOKEN_FILE").is_some())?,
+            credential: credential(
+                &self.azure,
+                std::env::var_os("AZURE_FEDERATED_TOKEN_FILE").is_some(),
+            )?,
             ca_bundle: self.azure.azure_ca_bundle,
             authority_host: self.azure.azure_authority_host,
             attempt_timeout: self.vaults.keyvault_timeout,
             max_retries: self.vaults.keyvault_retries,
         };
         // The whole Key Vault budget, retries included, must fit in one admission.
-        let budget = self.vaults.keyvault_timeout * (self.vaults.keyvault_retries + 1) + Duration::from_secs(1) * self.vaults.keyvault_retries;
+        let budget = self.vaults.keyvault_timeout * (self.vaults.keyvault_retries + 1)
+            + Duration::from_secs(1) * self.vaults.keyvault_retries;
         if budget >= self.admission_deadline {
             bail!(
                 "--keyvault-timeout {:?} with {} retries can take {:?}, which does not fit in --admission-deadline {:?}",
-                self.vaults.keyvault_timeout, self.vaults.keyvault_retries, budget, self.admission_deadline
+                self.vaults.keyvault_timeout,
+                self.vaults.keyvault_retries,
+                budget,
+                self.admission_deadline
             );
         }
         Ok(ServeConfig {
@@ -286,18 +306,32 @@ impl ServeArgs {
 impl TlsArgs {
     fn validate(&self) -> anyhow::Result<TlsConfig> {
         Ok(match self.tls_source {
-            TlsSource::Files => TlsConfig::Files { cert: self.tls_cert.clone(), key: self.tls_key.clone() },
+            TlsSource::Files => TlsConfig::Files {
+                cert: self.tls_cert.clone(),
+                key: self.tls_key.clone(),
+            },
             TlsSource::Bootstrap => {
-                let names = crate::certs::SubjectNames::for_service(&self.tls_service, &self.tls_namespace, &self.tls_extra_sans)
-                    .context("--tls-service, --tls-namespace or --tls-extra-san")?;
+                let names = crate::certs::SubjectNames::for_service(
+                    &self.tls_service,
+                    &self.tls_namespace,
+                    &self.tls_extra_sans,
+                )
+                .context("--tls-service, --tls-namespace or --tls-extra-san")?;
                 if self.tls_ca_validity < self.tls_serving_validity {
-                    bail!("--tls-ca-validity {:?} is shorter than --tls-serving-validity {:?}", self.tls_ca_validity, self.tls_serving_validity);
+                    bail!(
+                        "--tls-ca-validity {:?} is shorter than --tls-serving-validity {:?}",
+                        self.tls_ca_validity,
+                        self.tls_serving_validity
+                    );
                 }
                 // Renewal starts with a third of the lifetime left; several checks must fit in it.
-                if self.tls_serving_validity < Duration::from_secs(30) || self.tls_serving_validity < self.tls_reload_interval * 6 {
+                if self.tls_serving_validity < Duration::from_secs(30)
+                    || self.tls_serving_validity < self.tls_reload_interval * 6
+                {
                     bail!(
                         "--tls-serving-validity {:?} is too short; use 30s or more, and at least six --tls-reload-interval ({:?})",
-                        self.tls_serving_validity, self.tls_reload_interval
+                        self.tls_serving_validity,
+                        self.tls_reload_interval
                     );
                 }
                 TlsConfig::Bootstrap(crate::certs::bootstrap::BootstrapConfig {
@@ -305,7 +339,10 @@ impl TlsArgs {
                     secret: self.tls_secret.clone(),
                     webhook_configuration: Some(self.webhook_configuration.clone()).filter(|n| !n.is_empty()),
                     names,
-                    lifetimes: crate::certs::Lifetimes { ca: self.tls_ca_validity, serving: self.tls_serving_validity },
+                    lifetimes: crate::certs::Lifetimes {
+                        ca: self.tls_ca_validity,
+                        serving: self.tls_serving_validity,
+                    },
                     check_interval: self.tls_reload_interval,
                 })
             }
@@ -319,7 +356,10 @@ impl RotationArgs {
             return Ok(None);
         }
         if self.lease_duration < Duration::from_secs(2) {
-            bail!("--lease-duration {:?} is too short; use 2s or more", self.lease_duration);
+            bail!(
+                "--lease-duration {:?} is too short; use 2s or more",
+                self.lease_duration
+            );
         }
         let identity = match self.identity {
             Some(id) if !id.is_empty() => id,
@@ -356,14 +396,20 @@ pub fn parse_vaults(entries: &[String], dns_suffix: &str) -> anyhow::Result<BTre
     for entry in entries.iter().map(|e| e.trim()).filter(|e| !e.is_empty()) {
         let (name, url) = match entry.split_once('=') {
             Some((name, url)) => (name.trim(), url.trim().to_owned()),
-            None => (entry, format!("https://{entry}.{}/", dns_suffix.trim_matches('.'))),
+            None => (
+                entry,
+                format!("https://{entry}.{}/", dns_suffix.trim_matches('.')),
+            ),
         };
         if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
             bail!("--vault `{entry}`: the name may hold only letters, digits and '-'");
         }
-        let parsed = reqwest::Url::parse(&url).with_context(|| format!("--vault `{entry}`: `{url}` is not a URL"))?;
+        let parsed =
+            reqwest::Url::parse(&url).with_context(|| format!("--vault `{entry}`: `{url}` is not a URL"))?;
         if parsed.scheme() != "https" || parsed.host_str().is_none() {
-            bail!("--vault `{entry}`: `{url}` must be an https:// URL (Key Vault tokens are never sent over http)");
+            bail!(
+                "--vault `{entry}`: `{url}` must be an https:// URL (Key Vault tokens are never sent over http)"
+            );
         }
         if vaults.insert(name.to_owned(), url).is_some() {
             bail!("--vault `{name}` is given twice");
@@ -384,11 +430,23 @@ fn credential(args: &AzureArgs, federated_token_file: bool) -> anyhow::Result<Cr
     };
     Ok(match kind {
         CredentialKind::WorkloadIdentity => CredentialConfig::WorkloadIdentity,
-        CredentialKind::ManagedIdentity => CredentialConfig::ManagedIdentity { client_id: args.azure_client_id.clone() },
+        CredentialKind::ManagedIdentity => CredentialConfig::ManagedIdentity {
+            client_id: args.azure_client_id.clone(),
+        },
         _ => CredentialConfig::ClientSecret {
-            tenant_id: args.azure_tenant_id.clone().context("--azure-credential client-secret needs --azure-tenant-id (AZURE_TENANT_ID)")?,
-            client_id: args.azure_client_id.clone().context("--azure-credential client-secret needs --azure-client-id (AZURE_CLIENT_ID)")?,
-            secret: args.azure_client_secret.clone().context("--azure-credential client-secret needs AZURE_CLIENT_SECRET")?.into(),
+            tenant_id: args
+                .azure_tenant_id
+                .clone()
+                .context("--azure-credential client-secret needs --azure-tenant-id (AZURE_TENANT_ID)")?,
+            client_id: args
+                .azure_client_id
+                .clone()
+                .context("--azure-credential client-secret needs --azure-client-id (AZURE_CLIENT_ID)")?,
+            secret: args
+                .azure_client_secret
+                .clone()
+                .context("--azure-credential client-secret needs AZURE_CLIENT_SECRET")?
+                .into(),
         },
     })
 }
@@ -396,8 +454,12 @@ fn credential(args: &AzureArgs, federated_token_file: bool) -> anyhow::Result<Cr
 /// Parses `30s`, `10m`, `2h`, `500ms` or a bare number of seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    let (num, unit) = s.find(|c: char| !c.is_ascii_digit()).map_or((s, ""), |i| s.split_at(i));
-    let n: u64 = num.parse().map_err(|_| format!("`{s}` is not a duration like 30s, 10m or 1h"))?;
+    let (num, unit) = s
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or((s, ""), |i| s.split_at(i));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a duration like 30s, 10m or 1h"))?;
     let d = match unit {
         "" | "s" => Duration::from_secs(n),
         "ms" => Duration::from_millis(n),
@@ -414,11 +476,19 @@ mod tests {
 
     #[test]
     fn vaults() {
-        let v = |e: &[&str]| parse_vaults(&e.iter().map(|s| s.to_string()).collect::<Vec<_>>(), "vault.azure.net");
+        let v = |e: &[&str]| {
+            parse_vaults(
+                &e.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+                "vault.azure.net",
+            )
+        };
         let got = v(&["main", "emu=https://kv.example:8443/"]).unwrap();
         assert_eq!(got["main"], "https://main.vault.azure.net/");
         assert_eq!(got["emu"], "https://kv.example:8443/");
-        assert_eq!(parse_vaults(&["x".into()], ".vault.azure.cn.").unwrap()["x"], "https://x.vault.azure.cn/");
+        assert_eq!(
+            parse_vaults(&["x".into()], ".vault.azure.cn.").unwrap()["x"],
+            "https://x.vault.azure.cn/"
+        );
         for (bad, want) in [
             (&["a=http://kv.example/"][..], "must be an https:// URL"),
             (&["a.b"][..], "only letters, digits"),
@@ -441,15 +511,33 @@ mod tests {
             azure_ca_bundle: None,
             azure_authority_host: None,
         };
-        assert!(matches!(credential(&args(CredentialKind::Auto, None), true).unwrap(), CredentialConfig::WorkloadIdentity));
-        assert!(matches!(credential(&args(CredentialKind::Auto, Some("s")), false).unwrap(), CredentialConfig::ClientSecret { .. }));
-        assert!(matches!(credential(&args(CredentialKind::Auto, None), false).unwrap(), CredentialConfig::ManagedIdentity { .. }));
-        let err = credential(&args(CredentialKind::ClientSecret, None), false).unwrap_err().to_string();
+        assert!(matches!(
+            credential(&args(CredentialKind::Auto, None), true).unwrap(),
+            CredentialConfig::WorkloadIdentity
+        ));
+        assert!(matches!(
+            credential(&args(CredentialKind::Auto, Some("s")), false).unwrap(),
+            CredentialConfig::ClientSecret { .. }
+        ));
+        assert!(matches!(
+            credential(&args(CredentialKind::Auto, None), false).unwrap(),
+            CredentialConfig::ManagedIdentity { .. }
+        ));
+        let err = credential(&args(CredentialKind::ClientSecret, None), false)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("AZURE_CLIENT_SECRET"), "{err}");
     }
 
     fn serve(args: &[&str]) -> anyhow::Result<ServeConfig> {
-        let mut argv = vec!["kvinject", "serve", "--vault", "main", "--azure-credential", "managed-identity"];
+        let mut argv = vec![
+            "kvinject",
+            "serve",
+            "--vault",
+            "main",
+            "--azure-credential",
+            "managed-identity",
+        ];
         argv.extend_from_slice(args);
         match Cli::try_parse_from(argv)?.command {
             Command::Serve(a) => a.validate(),
@@ -460,15 +548,37 @@ mod tests {
     #[test]
     fn tls_sources() {
         assert!(matches!(serve(&[]).unwrap().tls, TlsConfig::Files { .. }));
-        let boot = serve(&["--tls-source", "bootstrap", "--tls-namespace", "platform", "--tls-extra-san", "10.0.0.5,hooks.example.com"]).unwrap();
-        let TlsConfig::Bootstrap(b) = boot.tls else { panic!("not bootstrap") };
+        let boot = serve(&[
+            "--tls-source",
+            "bootstrap",
+            "--tls-namespace",
+            "platform",
+            "--tls-extra-san",
+            "10.0.0.5,hooks.example.com",
+        ])
+        .unwrap();
+        let TlsConfig::Bootstrap(b) = boot.tls else {
+            panic!("not bootstrap")
+        };
         assert!(b.names.dns.contains("kvinject.platform.svc") && b.names.dns.contains("hooks.example.com"));
         assert_eq!(b.webhook_configuration.as_deref(), Some("kvinject"));
         for (args, want) in [
-            (&["--tls-serving-validity", "20s"][..], "--tls-serving-validity 20s is too short"),
-            (&["--tls-serving-validity", "1m", "--tls-reload-interval", "20s"][..], "at least six --tls-reload-interval"),
-            (&["--tls-ca-validity", "1h", "--tls-serving-validity", "2h"][..], "shorter than --tls-serving-validity"),
-            (&["--tls-extra-san", "not a name"][..], "`not a name` is neither a DNS name nor an IP address"),
+            (
+                &["--tls-serving-validity", "20s"][..],
+                "--tls-serving-validity 20s is too short",
+            ),
+            (
+                &["--tls-serving-validity", "1m", "--tls-reload-interval", "20s"][..],
+                "at least six --tls-reload-interval",
+            ),
+            (
+                &["--tls-ca-validity", "1h", "--tls-serving-validity", "2h"][..],
+                "shorter than --tls-serving-validity",
+            ),
+            (
+                &["--tls-extra-san", "not a name"][..],
+                "`not a name` is neither a DNS name nor an IP address",
+            ),
         ] {
             let mut all = vec!["--tls-source", "bootstrap"];
             all.extend_from_slice(args);
@@ -479,8 +589,21 @@ mod tests {
 
     #[test]
     fn durations() {
-        for (input, want) in [("30s", Some(30)), ("10m", Some(600)), ("1h", Some(3600)), ("45", Some(45)), ("", None), ("5d", None), ("m", None), ("-1s", None)] {
-            assert_eq!(parse_duration(input).ok().map(|d| d.as_secs()), want, "input {input:?}");
+        for (input, want) in [
+            ("30s", Some(30)),
+            ("10m", Some(600)),
+            ("1h", Some(3600)),
+            ("45", Some(45)),
+            ("", None),
+            ("5d", None),
+            ("m", None),
+            ("-1s", None),
+        ] {
+            assert_eq!(
+                parse_duration(input).ok().map(|d| d.as_secs()),
+                want,
+                "input {input:?}"
+            );
         }
         assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
     }

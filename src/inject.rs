@@ -34,10 +34,20 @@ pub trait SecretWriter: Send + Sync {
 
 #[derive(Clone, Debug, thiserror::Error)]
 pub enum WriteError {
-    #[error("Secret {namespace}/{name} already exists and was not created by kvinject for {reference}; kvinject never takes over a Secret it did not create")]
-    NotOurs { namespace: String, name: String, reference: String },
+    #[error(
+        "Secret {namespace}/{name} already exists and was not created by kvinject for {reference}; kvinject never takes over a Secret it did not create"
+    )]
+    NotOurs {
+        namespace: String,
+        name: String,
+        reference: String,
+    },
     #[error("creating Secret {namespace}/{name} failed: {detail}")]
-    Api { namespace: String, name: String, detail: String },
+    Api {
+        namespace: String,
+        name: String,
+        detail: String,
+    },
 }
 
 /// Why a pod is denied.
@@ -46,7 +56,12 @@ pub enum Denied {
     #[error(transparent)]
     Plan(#[from] Denial),
     #[error("{reference} was never materialized in namespace {namespace}, and {source}")]
-    Unavailable { reference: String, namespace: String, #[source] source: FetchError },
+    Unavailable {
+        reference: String,
+        namespace: String,
+        #[source]
+        source: FetchError,
+    },
     #[error("{0}")]
     Fetch(#[source] FetchError),
     #[error(transparent)]
@@ -76,7 +91,12 @@ pub struct VaultHealth(Arc<Mutex<BTreeMap<String, Option<String>>>>);
 
 impl VaultHealth {
     pub fn record(&self, vault: &str, outage: Option<String>, metrics: &Metrics) {
-        metrics.vault_up.get_or_create(&VaultLabels { vault: vault.to_owned() }).set(i64::from(outage.is_none()));
+        metrics
+            .vault_up
+            .get_or_create(&VaultLabels {
+                vault: vault.to_owned(),
+            })
+            .set(i64::from(outage.is_none()));
         if let Ok(mut map) = self.0.lock() {
             map.insert(vault.to_owned(), outage);
         }
@@ -114,9 +134,15 @@ impl Injector {
             source,
             writer,
             store,
-            values: Cache::builder().max_capacity(100_000).time_to_live(value_ttl).build(),
+            values: Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(value_ttl)
+                .build(),
             // Only bridges the watch's lag after a create; deletions are forgotten at once.
-            created: Cache::builder().max_capacity(100_000).time_to_live(Duration::from_secs(60)).build(),
+            created: Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(Duration::from_secs(60))
+                .build(),
             metrics,
             health: VaultHealth::default(),
         }
@@ -135,7 +161,8 @@ impl Injector {
     /// leaves nothing behind. On a dry run nothing is written, and the answer is the same.
     pub async fn admit(&self, namespace: &str, pod: &Pod, dry_run: bool) -> Result<Admitted, Denied> {
         let plan = mutate::plan(pod, &self.config)?;
-        let prepared = futures::future::join_all(plan.needed.iter().map(|n| self.prepare(namespace, n))).await;
+        let prepared =
+            futures::future::join_all(plan.needed.iter().map(|n| self.prepare(namespace, n))).await;
         let mut warnings = plan.warnings;
         let mut missing = Vec::new();
         for p in prepared {
@@ -147,7 +174,10 @@ impl Injector {
         if !dry_run {
             futures::future::try_join_all(missing.into_iter().map(|s| self.create(namespace, s))).await?;
         }
-        Ok(Admitted { patch: plan.patch, warnings })
+        Ok(Admitted {
+            patch: plan.patch,
+            warnings,
+        })
     }
 
     /// Finds the Secret for `needed`, or reads Key Vault and builds it. No writes.
@@ -164,17 +194,26 @@ impl Injector {
         self.metrics.cache("secret", false);
         let fetched = self.fetch(reference).await.map_err(|e| {
             if e.is_outage() {
-                Denied::Unavailable { reference: reference.to_string(), namespace: namespace.to_owned(), source: e }
+                Denied::Unavailable {
+                    reference: reference.to_string(),
+                    namespace: namespace.to_owned(),
+                    source: e,
+                }
             } else {
                 Denied::Fetch(e)
             }
         })?;
-        Ok(Prepared::Missing(materialize::desired_secret(namespace, needed, &fetched)?))
+        Ok(Prepared::Missing(materialize::desired_secret(
+            namespace, needed, &fetched,
+        )?))
     }
 
     /// Creates `secret`; concurrent first uses in one namespace share one create.
     async fn create(&self, namespace: &str, secret: Secret) -> Result<(), Denied> {
-        let key = (namespace.to_owned(), secret.metadata.name.clone().unwrap_or_default());
+        let key = (
+            namespace.to_owned(),
+            secret.metadata.name.clone().unwrap_or_default(),
+        );
         let (writer, metrics) = (self.writer.clone(), self.metrics.clone());
         self.created
             .try_get_with(key, async move {
@@ -188,7 +227,10 @@ impl Injector {
 
     /// Forgets that this process created `secret` (it was deleted).
     pub async fn forget(&self, secret: &Secret) {
-        let key = (secret.metadata.namespace.clone().unwrap_or_default(), secret.metadata.name.clone().unwrap_or_default());
+        let key = (
+            secret.metadata.namespace.clone().unwrap_or_default(),
+            secret.metadata.name.clone().unwrap_or_default(),
+        );
         self.created.invalidate(&key).await;
     }
 
@@ -196,7 +238,11 @@ impl Injector {
     fn materialized(&self, key: &(String, String)) -> Option<String> {
         let object = ObjectRef::<Secret>::new(&key.1).within(&key.0);
         if let Some(secret) = self.store.get(&object).filter(|s| materialize::is_managed(s)) {
-            let version = secret.metadata.annotations.as_ref().and_then(|a| a.get(materialize::VERSION_ANNOTATION).cloned());
+            let version = secret
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(materialize::VERSION_ANNOTATION).cloned());
             return Some(version.unwrap_or_default());
         }
         self.created.contains_key(key).then(|| "just created".to_owned())
@@ -214,7 +260,11 @@ impl Injector {
             .try_get_with(reference.clone(), async move {
                 let result = source.fetch(&r).await;
                 let label = metrics.keyvault_read(&result);
-                let outage = result.as_ref().err().filter(|e| e.is_outage()).map(ToString::to_string);
+                let outage = result
+                    .as_ref()
+                    .err()
+                    .filter(|e| e.is_outage())
+                    .map(ToString::to_string);
                 health.record(&r.vault, outage, &metrics);
                 debug!(reference = %r, result = label, "read Key Vault");
                 result
@@ -245,17 +295,33 @@ impl SecretWriter for KubeWriter {
         let namespace = secret.metadata.namespace.clone().unwrap_or_default();
         let name = secret.metadata.name.clone().unwrap_or_default();
         let api: Api<Secret> = Api::namespaced(self.0.clone(), &namespace);
-        let params = PostParams { field_manager: Some(FIELD_MANAGER.to_owned()), ..Default::default() };
-        let api_error = |e: kube::Error| WriteError::Api { namespace: namespace.clone(), name: name.clone(), detail: e.to_string() };
+        let params = PostParams {
+            field_manager: Some(FIELD_MANAGER.to_owned()),
+            ..Default::default()
+        };
+        let api_error = |e: kube::Error| WriteError::Api {
+            namespace: namespace.clone(),
+            name: name.clone(),
+            detail: e.to_string(),
+        };
         match api.create(&params, &secret).await {
             Ok(_) => Ok(()),
             Err(kube::Error::Api(status)) if status.code == 409 => {
                 let existing = api.get(&name).await.map_err(api_error)?;
-                let reference = |s: &Secret| s.metadata.annotations.as_ref().and_then(|a| a.get(materialize::REFERENCE_ANNOTATION).cloned());
+                let reference = |s: &Secret| {
+                    s.metadata
+                        .annotations
+                        .as_ref()
+                        .and_then(|a| a.get(materialize::REFERENCE_ANNOTATION).cloned())
+                };
                 if materialize::is_managed(&existing) && reference(&existing) == reference(&secret) {
                     Ok(())
                 } else {
-                    Err(WriteError::NotOurs { namespace, name, reference: reference(&secret).unwrap_or_default() })
+                    Err(WriteError::NotOurs {
+                        namespace,
+                        name,
+                        reference: reference(&secret).unwrap_or_default(),
+                    })
                 }
             }
             Err(e) => Err(api_error(e)),

@@ -44,28 +44,86 @@ impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("kvinject");
         let admissions = Family::<ResultLabels, Counter>::default();
-        registry.register("admissions", "Admission reviews answered, by result (patched, allowed, denied, invalid)", admissions.clone());
-        let admission_seconds = Histogram::new([0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]);
-        registry.register("admission_duration_seconds", "Time to answer one admission review", admission_seconds.clone());
+        registry.register(
+            "admissions",
+            "Admission reviews answered, by result (patched, allowed, denied, invalid)",
+            admissions.clone(),
+        );
+        let admission_seconds =
+            Histogram::new([0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]);
+        registry.register(
+            "admission_duration_seconds",
+            "Time to answer one admission review",
+            admission_seconds.clone(),
+        );
         let keyvault_requests = Family::<ResultLabels, Counter>::default();
-        registry.register("keyvault_requests", "Key Vault secret reads, by result", keyvault_requests.clone());
+        registry.register(
+            "keyvault_requests",
+            "Key Vault secret reads, by result",
+            keyvault_requests.clone(),
+        );
         let cache = Family::<CacheLabels, Counter>::default();
-        registry.register("cache_lookups", "Lookups in the materialized-Secret and value caches, by hit or miss", cache.clone());
+        registry.register(
+            "cache_lookups",
+            "Lookups in the materialized-Secret and value caches, by hit or miss",
+            cache.clone(),
+        );
         let secrets_created = Counter::default();
-        registry.register("secrets_created", "Materialized Secrets created", secrets_created.clone());
+        registry.register(
+            "secrets_created",
+            "Materialized Secrets created",
+            secrets_created.clone(),
+        );
         let vault_up = Family::<VaultLabels, Gauge>::default();
-        registry.register("keyvault_up", "1 when the last call to the vault got an answer, 0 when it could not be reached", vault_up.clone());
+        registry.register(
+            "keyvault_up",
+            "1 when the last call to the vault got an answer, 0 when it could not be reached",
+            vault_up.clone(),
+        );
         let rotations = Counter::default();
-        registry.register("rotations", "Materialized Secrets updated to a new Key Vault version", rotations.clone());
+        registry.register(
+            "rotations",
+            "Materialized Secrets updated to a new Key Vault version",
+            rotations.clone(),
+        );
         let rollouts = Counter::default();
-        registry.register("rollouts", "Workloads rolled because a Secret they use has a new version", rollouts.clone());
+        registry.register(
+            "rollouts",
+            "Workloads rolled because a Secret they use has a new version",
+            rollouts.clone(),
+        );
         let sync_age_seconds = Gauge::default();
-        registry.register("secret_sync_age_seconds", "Age of the oldest successful version check among followed references (staleness)", sync_age_seconds.clone());
+        registry.register(
+            "secret_sync_age_seconds",
+            "Age of the oldest successful version check among followed references (staleness)",
+            sync_age_seconds.clone(),
+        );
         let secrets_collected = Counter::default();
-        registry.register("secrets_collected", "Materialized Secrets deleted after nothing referred to them for the grace period", secrets_collected.clone());
+        registry.register(
+            "secrets_collected",
+            "Materialized Secrets deleted after nothing referred to them for the grace period",
+            secrets_collected.clone(),
+        );
         let certificate_expiry = Gauge::default();
-        registry.register("webhook_certificate_expiry_timestamp_seconds", "When the serving certificate in use expires (Unix time)", certificate_expiry.clone());
-        Self { registry: Arc::new(registry), admissions, admission_seconds, keyvault_requests, cache, secrets_created, vault_up, rotations, rollouts, sync_age_seconds, secrets_collected, certificate_expiry }
+        registry.register(
+            "webhook_certificate_expiry_timestamp_seconds",
+            "When the serving certificate in use expires (Unix time)",
+            certificate_expiry.clone(),
+        );
+        Self {
+            registry: Arc::new(registry),
+            admissions,
+            admission_seconds,
+            keyvault_requests,
+            cache,
+            secrets_created,
+            vault_up,
+            rotations,
+            rollouts,
+            sync_age_seconds,
+            secrets_collected,
+            certificate_expiry,
+        }
     }
 }
 
@@ -79,8 +137,12 @@ impl Metrics {
 
     /// Counts one Key Vault read by its result (`ok` or the error's label).
     pub fn keyvault_read<T>(&self, result: &Result<T, crate::keyvault::source::FetchError>) -> &'static str {
-        let label = result.as_ref().map_or_else(crate::keyvault::source::FetchError::metric_label, |_| "ok");
-        self.keyvault_requests.get_or_create(&ResultLabels { result: label }).inc();
+        let label = result
+            .as_ref()
+            .map_or_else(crate::keyvault::source::FetchError::metric_label, |_| "ok");
+        self.keyvault_requests
+            .get_or_create(&ResultLabels { result: label })
+            .inc();
         label
     }
 
@@ -92,6 +154,11 @@ impl Metrics {
     }
 
     pub fn cache(&self, cache: &'static str, hit: bool) {
-        self.cache.get_or_create(&CacheLabels { cache, result: if hit { "hit" } else { "miss" } }).inc();
+        self.cache
+            .get_or_create(&CacheLabels {
+                cache,
+                result: if hit { "hit" } else { "miss" },
+            })
+            .inc();
     }
 }

@@ -64,7 +64,11 @@ impl Reference {
             Some(v) if v.len() == 32 && v.chars().all(|c| c.is_ascii_hexdigit()) => Some(v.to_owned()),
             Some(v) => return Err(ReferenceError::BadVersion(v.to_owned())),
         };
-        Ok(Reference { vault: vault.to_owned(), name: name.to_owned(), version })
+        Ok(Reference {
+            vault: vault.to_owned(),
+            name: name.to_owned(),
+            version,
+        })
     }
 }
 
@@ -98,7 +102,12 @@ pub fn object_name(prefix: &str, readable: &[&str], identity: &str) -> String {
     let hash: String = hash.iter().take(5).map(|b| format!("{b:02x}")).collect();
     let mut body: String = readable
         .iter()
-        .map(|p| p.to_ascii_lowercase().chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '-' }).collect::<String>())
+        .map(|p| {
+            p.to_ascii_lowercase()
+                .chars()
+                .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+                .collect::<String>()
+        })
         .collect::<Vec<_>>()
         .join("-");
     let room = MAX - prefix.len() - hash.len() - 2;
@@ -128,7 +137,11 @@ mod tests {
     use super::*;
 
     fn r(v: &str, n: &str, ver: Option<&str>) -> Reference {
-        Reference { vault: v.into(), name: n.into(), version: ver.map(Into::into) }
+        Reference {
+            vault: v.into(),
+            name: n.into(),
+            version: ver.map(Into::into),
+        }
     }
 
     #[test]
@@ -141,24 +154,64 @@ mod tests {
             ("akv://main/db/", Some(Ok(r("main", "db", None)))),
             ("plain", None),
             ("see akv://main/db", None),
-            ("akv://", Some(Err(ReferenceError::MissingSecret("akv://".into())))),
-            ("akv://main", Some(Err(ReferenceError::MissingSecret("akv://main".into())))),
-            ("akv://main/", Some(Err(ReferenceError::MissingSecret("akv://main/".into())))),
-            ("akv:///db", Some(Err(ReferenceError::MissingVault("akv:///db".into())))),
-            ("akv://main/db/v/x", Some(Err(ReferenceError::TooManyParts("akv://main/db/v/x".into())))),
-            ("akv://ma.in/db", Some(Err(ReferenceError::BadVault("ma.in".into())))),
-            ("akv://main/db_password", Some(Err(ReferenceError::BadSecretName("db_password".into())))),
-            ("akv://main/..", Some(Err(ReferenceError::BadSecretName("..".into())))),
-            ("akv://main/a%2Fb", Some(Err(ReferenceError::BadSecretName("a%2Fb".into())))),
-            ("akv://main/db?x=1", Some(Err(ReferenceError::BadSecretName("db?x=1".into())))),
-            ("akv://main/db/latest", Some(Err(ReferenceError::BadVersion("latest".into())))),
+            (
+                "akv://",
+                Some(Err(ReferenceError::MissingSecret("akv://".into()))),
+            ),
+            (
+                "akv://main",
+                Some(Err(ReferenceError::MissingSecret("akv://main".into()))),
+            ),
+            (
+                "akv://main/",
+                Some(Err(ReferenceError::MissingSecret("akv://main/".into()))),
+            ),
+            (
+                "akv:///db",
+                Some(Err(ReferenceError::MissingVault("akv:///db".into()))),
+            ),
+            (
+                "akv://main/db/v/x",
+                Some(Err(ReferenceError::TooManyParts("akv://main/db/v/x".into()))),
+            ),
+            (
+                "akv://ma.in/db",
+                Some(Err(ReferenceError::BadVault("ma.in".into()))),
+            ),
+            (
+                "akv://main/db_password",
+                Some(Err(ReferenceError::BadSecretName("db_password".into()))),
+            ),
+            (
+                "akv://main/..",
+                Some(Err(ReferenceError::BadSecretName("..".into()))),
+            ),
+            (
+                "akv://main/a%2Fb",
+                Some(Err(ReferenceError::BadSecretName("a%2Fb".into()))),
+            ),
+            (
+                "akv://main/db?x=1",
+                Some(Err(ReferenceError::BadSecretName("db?x=1".into()))),
+            ),
+            (
+                "akv://main/db/latest",
+                Some(Err(ReferenceError::BadVersion("latest".into()))),
+            ),
         ];
         for (input, want) in cases {
             assert_eq!(Reference::parse(input), want, "input {input:?}");
         }
         let long = "a".repeat(128);
-        assert_eq!(Reference::parse(&format!("akv://v/{long}")), Some(Err(ReferenceError::BadSecretName(long))));
-        assert!(Reference::parse(&format!("akv://v/{}", "a".repeat(127))).unwrap().is_ok());
+        assert_eq!(
+            Reference::parse(&format!("akv://v/{long}")),
+            Some(Err(ReferenceError::BadSecretName(long)))
+        );
+        assert!(
+            Reference::parse(&format!("akv://v/{}", "a".repeat(127)))
+                .unwrap()
+                .is_ok()
+        );
     }
 
     #[test]
@@ -170,15 +223,22 @@ mod tests {
 
     #[test]
     fn parses_lists() {
-        assert_eq!(parse_list("akv://a/x, akv://b/y,").unwrap(), vec![r("a", "x", None), r("b", "y", None)]);
-        assert_eq!(parse_list("akv://a/x,nope"), Err(ReferenceError::MissingVault("nope".into())));
+        assert_eq!(
+            parse_list("akv://a/x, akv://b/y,").unwrap(),
+            vec![r("a", "x", None), r("b", "y", None)]
+        );
+        assert_eq!(
+            parse_list("akv://a/x,nope"),
+            Err(ReferenceError::MissingVault("nope".into()))
+        );
     }
 
     #[test]
     fn object_names_are_dns_1123_bounded_and_distinct() {
         let is_dns1123 = |s: &str| {
             s.len() <= 63
-                && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+                && s.chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
                 && !s.starts_with('-')
                 && !s.ends_with('-')
                 && !s.contains("--")
@@ -196,7 +256,11 @@ mod tests {
         }
         let unique: std::collections::HashSet<_> = names.iter().collect();
         assert_eq!(unique.len(), names.len(), "{names:?}");
-        assert_eq!(names[1], object_name("kvi", &["main", "db-password"], "akv://main/db-password"), "deterministic");
+        assert_eq!(
+            names[1],
+            object_name("kvi", &["main", "db-password"], "akv://main/db-password"),
+            "deterministic"
+        );
         assert!(names[1].starts_with("kvi-main-db-password-"), "{}", names[1]);
     }
 }

@@ -41,14 +41,25 @@ pub struct BootstrapConfig {
 
 #[derive(Debug, thiserror::Error)]
 pub enum BootstrapError {
-    #[error("Secret {namespace}/{name} exists but was not created by kvinject (no {TLS_LABEL} label); delete it or choose another --tls-secret")]
+    #[error(
+        "Secret {namespace}/{name} exists but was not created by kvinject (no {TLS_LABEL} label); delete it or choose another --tls-secret"
+    )]
     Foreign { namespace: String, name: String },
     #[error("Secret {namespace}/{name}: {source}")]
-    Api { namespace: String, name: String, #[source] source: kube::Error },
+    Api {
+        namespace: String,
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
     #[error("Secret {namespace}/{name} kept changing under us; giving up for now")]
     Contended { namespace: String, name: String },
     #[error("MutatingWebhookConfiguration {name}: {source}")]
-    Webhook { name: String, #[source] source: kube::Error },
+    Webhook {
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
     #[error(transparent)]
     Cert(#[from] CertError),
 }
@@ -63,9 +74,19 @@ pub struct Bootstrap {
 
 fn material(secret: &Secret) -> Material {
     let get = |k: &str| {
-        secret.data.as_ref().and_then(|d| d.get(k)).map(|b| String::from_utf8_lossy(&b.0).into_owned()).unwrap_or_default()
+        secret
+            .data
+            .as_ref()
+            .and_then(|d| d.get(k))
+            .map(|b| String::from_utf8_lossy(&b.0).into_owned())
+            .unwrap_or_default()
     };
-    Material { ca_bundle: get("ca.crt"), ca_key: get("ca.key"), cert: get("tls.crt"), key: get("tls.key") }
+    Material {
+        ca_bundle: get("ca.crt"),
+        ca_key: get("ca.key"),
+        cert: get("tls.crt"),
+        key: get("tls.key"),
+    }
 }
 
 fn to_secret(config: &BootstrapConfig, m: &Material, resource_version: Option<String>) -> Secret {
@@ -73,13 +94,24 @@ fn to_secret(config: &BootstrapConfig, m: &Material, resource_version: Option<St
     s.metadata.name = Some(config.secret.clone());
     s.metadata.namespace = Some(config.namespace.clone());
     s.metadata.resource_version = resource_version;
-    s.metadata.labels = Some([(TLS_LABEL.to_owned(), "true".to_owned()), ("app.kubernetes.io/name".to_owned(), "kvinject".to_owned())].into());
+    s.metadata.labels = Some(
+        [
+            (TLS_LABEL.to_owned(), "true".to_owned()),
+            ("app.kubernetes.io/name".to_owned(), "kvinject".to_owned()),
+        ]
+        .into(),
+    );
     s.type_ = Some("kubernetes.io/tls".into());
     s.data = Some(
-        [("ca.crt", &m.ca_bundle), ("ca.key", &m.ca_key), ("tls.crt", &m.cert), ("tls.key", &m.key)]
-            .into_iter()
-            .map(|(k, v)| (k.to_owned(), ByteString(v.clone().into_bytes())))
-            .collect(),
+        [
+            ("ca.crt", &m.ca_bundle),
+            ("ca.key", &m.ca_key),
+            ("tls.crt", &m.cert),
+            ("tls.key", &m.key),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), ByteString(v.clone().into_bytes())))
+        .collect(),
     );
     s
 }
@@ -94,32 +126,68 @@ pub enum Published {
 
 impl Bootstrap {
     pub fn new(client: Client, config: BootstrapConfig) -> Self {
-        Bootstrap { secrets: Api::namespaced(client.clone(), &config.namespace), webhooks: Api::all(client), config, missing: AtomicBool::new(false) }
+        Bootstrap {
+            secrets: Api::namespaced(client.clone(), &config.namespace),
+            webhooks: Api::all(client),
+            config,
+            missing: AtomicBool::new(false),
+        }
     }
 
     fn api_err(&self, source: kube::Error) -> BootstrapError {
-        BootstrapError::Api { namespace: self.config.namespace.clone(), name: self.config.secret.clone(), source }
+        BootstrapError::Api {
+            namespace: self.config.namespace.clone(),
+            name: self.config.secret.clone(),
+            source,
+        }
     }
 
     /// Returns usable certificates from the Secret, creating or renewing them as needed.
     pub async fn ensure_secret(&self, now: OffsetDateTime) -> Result<Material, BootstrapError> {
         for _ in 0..5 {
-            let current = self.secrets.get_opt(&self.config.secret).await.map_err(|e| self.api_err(e))?;
+            let current = self
+                .secrets
+                .get_opt(&self.config.secret)
+                .await
+                .map_err(|e| self.api_err(e))?;
             if let Some(s) = &current
-                && s.metadata.labels.as_ref().and_then(|l| l.get(TLS_LABEL)).is_none()
+                && s.metadata
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get(TLS_LABEL))
+                    .is_none()
             {
-                return Err(BootstrapError::Foreign { namespace: self.config.namespace.clone(), name: self.config.secret.clone() });
+                return Err(BootstrapError::Foreign {
+                    namespace: self.config.namespace.clone(),
+                    name: self.config.secret.clone(),
+                });
             }
             let existing = current.as_ref().map(material);
-            let (new, reason) = match plan(existing.as_ref(), &self.config.names, now, self.config.lifetimes)? {
+            let (new, reason) = match plan(existing.as_ref(), &self.config.names, now, self.config.lifetimes)?
+            {
                 // plan() keeps only what exists
                 Plan::Keep => return existing.ok_or_else(|| self.contended()),
                 Plan::Replace(m, r) => (m, r),
             };
-            let params = PostParams { field_manager: Some(FIELD_MANAGER.to_owned()), ..Default::default() };
+            let params = PostParams {
+                field_manager: Some(FIELD_MANAGER.to_owned()),
+                ..Default::default()
+            };
             let written = match current {
-                None => self.secrets.create(&params, &to_secret(&self.config, &new, None)).await,
-                Some(s) => self.secrets.replace(&self.config.secret, &params, &to_secret(&self.config, &new, s.metadata.resource_version)).await,
+                None => {
+                    self.secrets
+                        .create(&params, &to_secret(&self.config, &new, None))
+                        .await
+                }
+                Some(s) => {
+                    self.secrets
+                        .replace(
+                            &self.config.secret,
+                            &params,
+                            &to_secret(&self.config, &new, s.metadata.resource_version),
+                        )
+                        .await
+                }
             };
             match written {
                 Ok(_) => {
@@ -135,7 +203,10 @@ impl Bootstrap {
     }
 
     fn contended(&self) -> BootstrapError {
-        BootstrapError::Contended { namespace: self.config.namespace.clone(), name: self.config.secret.clone() }
+        BootstrapError::Contended {
+            namespace: self.config.namespace.clone(),
+            name: self.config.secret.clone(),
+        }
     }
 
     /// Makes every webhook of the configuration trust `bundle`. Each replaced entry is
@@ -145,7 +216,10 @@ impl Bootstrap {
         let Some(name) = &self.config.webhook_configuration else {
             return Ok(Published::NoConfiguration);
         };
-        let err = |source| BootstrapError::Webhook { name: name.clone(), source };
+        let err = |source| BootstrapError::Webhook {
+            name: name.clone(),
+            source,
+        };
         let Some(current) = self.webhooks.get_opt(name).await.map_err(err)? else {
             return Ok(Published::NoConfiguration);
         };
@@ -153,7 +227,9 @@ impl Bootstrap {
         let mut ops = Vec::new();
         for (i, w) in current.webhooks.iter().flatten().enumerate() {
             if w.client_config.ca_bundle.as_ref().map(|b| b.0.as_slice()) != Some(bundle.as_bytes()) {
-                ops.push(serde_json::json!({"op": "test", "path": format!("/webhooks/{i}/name"), "value": w.name}));
+                ops.push(
+                    serde_json::json!({"op": "test", "path": format!("/webhooks/{i}/name"), "value": w.name}),
+                );
                 ops.push(serde_json::json!({"op": "add", "path": format!("/webhooks/{i}/clientConfig/caBundle"), "value": encoded}));
             }
         }
@@ -161,8 +237,19 @@ impl Bootstrap {
             return Ok(Published::Unchanged);
         }
         let patched = ops.len() / 2;
-        let patch: json_patch::Patch = serde_json::from_value(serde_json::Value::Array(ops)).map_err(|e| err(kube::Error::SerdeError(e)))?;
-        self.webhooks.patch(name, &PatchParams { field_manager: Some(FIELD_MANAGER.to_owned()), ..Default::default() }, &Patch::Json::<()>(patch)).await.map_err(err)?;
+        let patch: json_patch::Patch = serde_json::from_value(serde_json::Value::Array(ops))
+            .map_err(|e| err(kube::Error::SerdeError(e)))?;
+        self.webhooks
+            .patch(
+                name,
+                &PatchParams {
+                    field_manager: Some(FIELD_MANAGER.to_owned()),
+                    ..Default::default()
+                },
+                &Patch::Json::<()>(patch),
+            )
+            .await
+            .map_err(err)?;
         Ok(Published::Patched(patched))
     }
 
@@ -190,9 +277,18 @@ impl Bootstrap {
         let m = self.round(OffsetDateTime::now_utc()).await?;
         let tls = RustlsConfig::from_pem(m.cert.clone().into_bytes(), m.key.clone().into_bytes())
             .await
-            .map_err(|_| CertError::BadCert { what: "the bootstrapped serving certificate" })?;
+            .map_err(|_| CertError::BadCert {
+                what: "the bootstrapped serving certificate",
+            })?;
         metrics.serving_certificate(&m.cert);
-        Ok((tls.clone(), Running { bootstrap: self, tls, serving: m }))
+        Ok((
+            tls.clone(),
+            Running {
+                bootstrap: self,
+                tls,
+                serving: m,
+            },
+        ))
     }
 }
 
@@ -223,7 +319,11 @@ impl Running {
             if m.cert == self.serving.cert && m.key == self.serving.key {
                 continue;
             }
-            match self.tls.reload_from_pem(m.cert.clone().into_bytes(), m.key.clone().into_bytes()).await {
+            match self
+                .tls
+                .reload_from_pem(m.cert.clone().into_bytes(), m.key.clone().into_bytes())
+                .await
+            {
                 Ok(()) => {
                     info!("serving the renewed webhook certificate");
                     metrics.serving_certificate(&m.cert);

@@ -10,7 +10,10 @@
 pub mod bootstrap;
 pub mod cli;
 
-use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, PublicKeyData, SanType};
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, PublicKeyData, SanType,
+};
 use std::{collections::BTreeSet, fmt, net::IpAddr, time::Duration};
 use time::OffsetDateTime;
 use x509_parser::{extensions::GeneralName, pem::Pem};
@@ -41,7 +44,10 @@ impl SubjectNames {
     /// The names the apiserver uses for a Service `service` in `namespace`, plus `extra`
     /// DNS names or IP addresses (a `url:` registration, a LoadBalancer).
     pub fn for_service(service: &str, namespace: &str, extra: &[String]) -> Result<Self, CertError> {
-        let mut names = SubjectNames { dns: BTreeSet::new(), ips: BTreeSet::new() };
+        let mut names = SubjectNames {
+            dns: BTreeSet::new(),
+            ips: BTreeSet::new(),
+        };
         for label in [service, namespace] {
             if !is_dns_label(label) {
                 return Err(CertError::BadName(label.to_owned()));
@@ -68,8 +74,13 @@ impl SubjectNames {
     }
 
     fn sans(&self) -> Vec<SanType> {
-        let dns = self.dns.iter().filter_map(|d| d.clone().try_into().ok()).map(SanType::DnsName);
-        dns.chain(self.ips.iter().map(|ip| SanType::IpAddress(*ip))).collect()
+        let dns = self
+            .dns
+            .iter()
+            .filter_map(|d| d.clone().try_into().ok())
+            .map(SanType::DnsName);
+        dns.chain(self.ips.iter().map(|ip| SanType::IpAddress(*ip)))
+            .collect()
     }
 }
 
@@ -92,7 +103,10 @@ pub struct Lifetimes {
 impl Default for Lifetimes {
     fn default() -> Self {
         const DAY: u64 = 24 * 3600;
-        Lifetimes { ca: Duration::from_secs(10 * 365 * DAY), serving: Duration::from_secs(365 * DAY) }
+        Lifetimes {
+            ca: Duration::from_secs(10 * 365 * DAY),
+            serving: Duration::from_secs(365 * DAY),
+        }
     }
 }
 
@@ -108,7 +122,12 @@ pub struct Material {
 
 impl fmt::Debug for Material {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Material").field("ca_bundle", &self.ca_bundle).field("ca_key", &"<redacted>").field("cert", &self.cert).field("key", &"<redacted>").finish()
+        f.debug_struct("Material")
+            .field("ca_bundle", &self.ca_bundle)
+            .field("ca_key", &"<redacted>")
+            .field("cert", &self.cert)
+            .field("key", &"<redacted>")
+            .finish()
     }
 }
 
@@ -129,7 +148,9 @@ impl fmt::Display for Reason {
             Reason::Missing => f.write_str("no certificates yet"),
             Reason::Unreadable(e) => write!(f, "the stored certificates are unusable ({e})"),
             Reason::CaExpiring => f.write_str("the CA is in the last third of its lifetime"),
-            Reason::ServingExpiring => f.write_str("the serving certificate is in the last third of its lifetime"),
+            Reason::ServingExpiring => {
+                f.write_str("the serving certificate is in the last third of its lifetime")
+            }
             Reason::NamesChanged => f.write_str("the serving certificate's names differ from the Service's"),
             Reason::NotSignedByCa => f.write_str("the serving certificate is not signed by the current CA"),
         }
@@ -143,18 +164,34 @@ pub enum Plan {
 }
 
 /// A new CA and a serving certificate it signed.
-pub fn generate(names: &SubjectNames, now: OffsetDateTime, lifetimes: Lifetimes) -> Result<Material, CertError> {
+pub fn generate(
+    names: &SubjectNames,
+    now: OffsetDateTime,
+    lifetimes: Lifetimes,
+) -> Result<Material, CertError> {
     let (ca_cert, ca_key) = new_ca(now, lifetimes.ca)?;
     let (cert, key) = issue(&ca_cert, &ca_key, names, now, lifetimes.serving)?;
-    Ok(Material { ca_bundle: ca_cert, ca_key, cert, key })
+    Ok(Material {
+        ca_bundle: ca_cert,
+        ca_key,
+        cert,
+        key,
+    })
 }
 
 fn new_ca(now: OffsetDateTime, lifetime: Duration) -> Result<(String, String), CertError> {
     let key = KeyPair::generate()?;
     let mut params = CertificateParams::default();
-    params.distinguished_name.push(DnType::CommonName, format!("kvinject webhook CA {}", now.unix_timestamp()));
+    params.distinguished_name.push(
+        DnType::CommonName,
+        format!("kvinject webhook CA {}", now.unix_timestamp()),
+    );
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
     params.not_before = now - BACKDATE;
     params.not_after = now + lifetime;
     let cert = params.self_signed(&key)?;
@@ -162,15 +199,34 @@ fn new_ca(now: OffsetDateTime, lifetime: Duration) -> Result<(String, String), C
 }
 
 /// A serving certificate for `names` signed by the CA; it never outlives the CA.
-fn issue(ca_cert: &str, ca_key: &str, names: &SubjectNames, now: OffsetDateTime, lifetime: Duration) -> Result<(String, String), CertError> {
+fn issue(
+    ca_cert: &str,
+    ca_key: &str,
+    names: &SubjectNames,
+    now: OffsetDateTime,
+    lifetime: Duration,
+) -> Result<(String, String), CertError> {
     let ca_key = KeyPair::from_pem(ca_key).map_err(|_| CertError::BadKey { what: "the CA key" })?;
     let ca_not_after = parse_first(ca_cert, "the CA certificate")?.not_after;
-    let issuer = Issuer::from_ca_cert_pem(ca_cert, ca_key).map_err(|_| CertError::BadCert { what: "the CA certificate" })?;
+    let issuer = Issuer::from_ca_cert_pem(ca_cert, ca_key).map_err(|_| CertError::BadCert {
+        what: "the CA certificate",
+    })?;
     let key = KeyPair::generate()?;
     let mut params = CertificateParams::default();
-    params.distinguished_name.push(DnType::CommonName, names.dns.iter().next().cloned().unwrap_or_else(|| "kvinject".into()));
+    params.distinguished_name.push(
+        DnType::CommonName,
+        names
+            .dns
+            .iter()
+            .next()
+            .cloned()
+            .unwrap_or_else(|| "kvinject".into()),
+    );
     params.subject_alt_names = names.sans();
-    params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+    params.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     params.not_before = now - BACKDATE;
     params.not_after = (now + lifetime).min(ca_not_after);
@@ -191,7 +247,9 @@ struct Inspected {
 fn inspect(der: &[u8], what: &'static str) -> Result<Inspected, CertError> {
     let bad = || CertError::BadCert { what };
     let (_, x) = x509_parser::parse_x509_certificate(der).map_err(|_| bad())?;
-    let t = |a: x509_parser::time::ASN1Time| OffsetDateTime::from_unix_timestamp(a.timestamp()).map_err(|_| bad());
+    let t = |a: x509_parser::time::ASN1Time| {
+        OffsetDateTime::from_unix_timestamp(a.timestamp()).map_err(|_| bad())
+    };
     let mut dns = BTreeSet::new();
     let mut ips = BTreeSet::new();
     if let Ok(Some(san)) = x.subject_alternative_name() {
@@ -240,7 +298,10 @@ fn parse_first(pem: &str, what: &'static str) -> Result<Inspected, CertError> {
 }
 
 fn verified_by(cert: &Inspected, ca: &Inspected) -> bool {
-    let (Ok((_, c)), Ok((_, a))) = (x509_parser::parse_x509_certificate(&cert.der), x509_parser::parse_x509_certificate(&ca.der)) else {
+    let (Ok((_, c)), Ok((_, a))) = (
+        x509_parser::parse_x509_certificate(&cert.der),
+        x509_parser::parse_x509_certificate(&ca.der),
+    ) else {
         return false;
     };
     c.verify_signature(Some(a.public_key())).is_ok()
@@ -261,7 +322,12 @@ fn expiring(c: &Inspected, now: OffsetDateTime, lifetime: Duration) -> bool {
 }
 
 /// Decides whether `existing` can stay, or what replaces it and why.
-pub fn plan(existing: Option<&Material>, names: &SubjectNames, now: OffsetDateTime, lifetimes: Lifetimes) -> Result<Plan, CertError> {
+pub fn plan(
+    existing: Option<&Material>,
+    names: &SubjectNames,
+    now: OffsetDateTime,
+    lifetimes: Lifetimes,
+) -> Result<Plan, CertError> {
     let Some(m) = existing else {
         return Ok(Plan::Replace(generate(names, now, lifetimes)?, Reason::Missing));
     };
@@ -274,17 +340,34 @@ pub fn plan(existing: Option<&Material>, names: &SubjectNames, now: OffsetDateTi
     })();
     let (cas, serving) = match checked {
         Ok(v) => v,
-        Err(e) => return Ok(Plan::Replace(generate(names, now, lifetimes)?, Reason::Unreadable(e.to_string()))),
+        Err(e) => {
+            return Ok(Plan::Replace(
+                generate(names, now, lifetimes)?,
+                Reason::Unreadable(e.to_string()),
+            ));
+        }
     };
     // Older CAs stay trusted while they are valid: replicas may still serve their certificates.
     let keep_old = |from: usize| -> String {
-        cas.iter().skip(from).filter(|c| c.not_after > now).map(|c| pem_cert(&c.der)).collect()
+        cas.iter()
+            .skip(from)
+            .filter(|c| c.not_after > now)
+            .map(|c| pem_cert(&c.der))
+            .collect()
     };
     if expiring(&cas[0], now, lifetimes.ca) {
         let (ca_cert, ca_key) = new_ca(now, lifetimes.ca)?;
         let (cert, key) = issue(&ca_cert, &ca_key, names, now, lifetimes.serving)?;
         let ca_bundle = format!("{ca_cert}{}", keep_old(0));
-        return Ok(Plan::Replace(Material { ca_bundle, ca_key, cert, key }, Reason::CaExpiring));
+        return Ok(Plan::Replace(
+            Material {
+                ca_bundle,
+                ca_key,
+                cert,
+                key,
+            },
+            Reason::CaExpiring,
+        ));
     }
     let reason = if serving.dns != names.dns || serving.ips != names.ips {
         Reason::NamesChanged
@@ -297,12 +380,22 @@ pub fn plan(existing: Option<&Material>, names: &SubjectNames, now: OffsetDateTi
     };
     let (cert, key) = issue(&m.ca_bundle, &m.ca_key, names, now, lifetimes.serving)?;
     let ca_bundle = format!("{}{}", pem_cert(&cas[0].der), keep_old(1));
-    Ok(Plan::Replace(Material { ca_bundle, ca_key: m.ca_key.clone(), cert, key }, reason))
+    Ok(Plan::Replace(
+        Material {
+            ca_bundle,
+            ca_key: m.ca_key.clone(),
+            cert,
+            key,
+        },
+        reason,
+    ))
 }
 
 /// Expiry (Unix seconds) of the first certificate in `pem`, for the expiry gauge.
 pub fn not_after(pem: &str) -> Option<i64> {
-    parse_first(pem, "certificate").ok().map(|c| c.not_after.unix_timestamp())
+    parse_first(pem, "certificate")
+        .ok()
+        .map(|c| c.not_after.unix_timestamp())
 }
 
 /// One DER certificate as PEM, 64 characters a line (as rcgen writes it).
@@ -342,20 +435,39 @@ mod tests {
             roots.add(c.unwrap()).unwrap();
         }
         let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(roots.into(), provider).build().unwrap();
-        let chain: Vec<_> = CertificateDer::pem_slice_iter(m.cert.as_bytes()).map(|c| c.unwrap()).collect();
+        let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(roots.into(), provider)
+            .build()
+            .unwrap();
+        let chain: Vec<_> = CertificateDer::pem_slice_iter(m.cert.as_bytes())
+            .map(|c| c.unwrap())
+            .collect();
         let t = UnixTime::since_unix_epoch(Duration::from_secs(at.unix_timestamp() as u64));
-        verifier.verify_server_cert(&chain[0], &chain[1..], &ServerName::try_from(name.to_owned()).unwrap(), &[], t).is_ok()
+        verifier
+            .verify_server_cert(
+                &chain[0],
+                &chain[1..],
+                &ServerName::try_from(name.to_owned()).unwrap(),
+                &[],
+                t,
+            )
+            .is_ok()
     }
 
     #[test]
     fn names_cover_the_service_and_reject_garbage() {
         let n = names();
-        assert!(n.dns.contains("kvinject.kvinject.svc") && n.dns.contains("kvinject.kvinject.svc.cluster.local"));
+        assert!(
+            n.dns.contains("kvinject.kvinject.svc") && n.dns.contains("kvinject.kvinject.svc.cluster.local")
+        );
         assert!(n.ips.contains(&"127.0.0.1".parse().unwrap()));
         for bad in ["bad name", "a/b", "-x.example", ""] {
-            let extra = if bad.is_empty() { vec![] } else { vec![bad.to_owned()] };
-            let r = SubjectNames::for_service(if bad.is_empty() { "Bad_Svc" } else { "kvinject" }, "ns", &extra);
+            let extra = if bad.is_empty() {
+                vec![]
+            } else {
+                vec![bad.to_owned()]
+            };
+            let r =
+                SubjectNames::for_service(if bad.is_empty() { "Bad_Svc" } else { "kvinject" }, "ns", &extra);
             assert!(matches!(r, Err(CertError::BadName(_))), "{bad:?}: {r:?}");
         }
     }
@@ -363,44 +475,82 @@ mod tests {
     #[test]
     fn generated_pair_verifies_for_every_service_name_and_keeps() {
         let m = generate(&names(), now(), Lifetimes::default()).unwrap();
-        for name in ["kvinject.kvinject.svc", "kvinject.kvinject.svc.cluster.local", "127.0.0.1"] {
+        for name in [
+            "kvinject.kvinject.svc",
+            "kvinject.kvinject.svc.cluster.local",
+            "127.0.0.1",
+        ] {
             assert!(verifies(&m.ca_bundle, &m, name, now()), "{name}");
         }
         assert!(!verifies(&m.ca_bundle, &m, "other.kvinject.svc", now()));
-        assert!(matches!(plan(Some(&m), &names(), now() + 200 * DAY, Lifetimes::default()).unwrap(), Plan::Keep));
+        assert!(matches!(
+            plan(Some(&m), &names(), now() + 200 * DAY, Lifetimes::default()).unwrap(),
+            Plan::Keep
+        ));
     }
 
     #[test]
     fn serving_certificate_is_renewed_in_its_last_third_by_the_same_ca() {
         let m = generate(&names(), now(), Lifetimes::default()).unwrap();
         let later = now() + 250 * DAY;
-        let Plan::Replace(r, reason) = plan(Some(&m), &names(), later, Lifetimes::default()).unwrap() else { panic!("not renewed") };
+        let Plan::Replace(r, reason) = plan(Some(&m), &names(), later, Lifetimes::default()).unwrap() else {
+            panic!("not renewed")
+        };
         assert_eq!(reason, Reason::ServingExpiring);
-        assert_eq!(r.ca_bundle, m.ca_bundle, "same CA, so the caBundle does not change");
+        assert_eq!(
+            r.ca_bundle, m.ca_bundle,
+            "same CA, so the caBundle does not change"
+        );
         assert_eq!(r.ca_key, m.ca_key);
         assert_ne!(r.cert, m.cert);
         assert!(verifies(&m.ca_bundle, &r, "kvinject.kvinject.svc", later));
-        assert!(matches!(plan(Some(&r), &names(), later, Lifetimes::default()).unwrap(), Plan::Keep));
+        assert!(matches!(
+            plan(Some(&r), &names(), later, Lifetimes::default()).unwrap(),
+            Plan::Keep
+        ));
     }
 
     #[test]
     fn ca_rotation_keeps_the_old_ca_trusted_until_it_expires() {
         let m = generate(&names(), now(), Lifetimes::default()).unwrap();
         let later = now() + 7 * 365 * DAY;
-        let Plan::Replace(r, reason) = plan(Some(&m), &names(), later, Lifetimes::default()).unwrap() else { panic!("not renewed") };
+        let Plan::Replace(r, reason) = plan(Some(&m), &names(), later, Lifetimes::default()).unwrap() else {
+            panic!("not renewed")
+        };
         assert_eq!(reason, Reason::CaExpiring);
         assert_ne!(r.ca_key, m.ca_key);
         // The new bundle trusts both the new certificate and one a slower replica still
         // serves (signed by the old CA a few days ago).
         assert!(verifies(&r.ca_bundle, &r, "kvinject.kvinject.svc", later));
-        let (cert, key) = issue(&m.ca_bundle, &m.ca_key, &names(), later - 5 * DAY, Lifetimes::default().serving).unwrap();
-        let slow = Material { cert, key, ..m.clone() };
+        let (cert, key) = issue(
+            &m.ca_bundle,
+            &m.ca_key,
+            &names(),
+            later - 5 * DAY,
+            Lifetimes::default().serving,
+        )
+        .unwrap();
+        let slow = Material {
+            cert,
+            key,
+            ..m.clone()
+        };
         assert!(verifies(&r.ca_bundle, &slow, "kvinject.kvinject.svc", later));
-        assert!(!verifies(&r.ca_bundle[..r.ca_bundle.find("-----END CERTIFICATE-----").unwrap() + 26], &slow, "kvinject.kvinject.svc", later), "the new CA alone must not trust it");
+        assert!(
+            !verifies(
+                &r.ca_bundle[..r.ca_bundle.find("-----END CERTIFICATE-----").unwrap() + 26],
+                &slow,
+                "kvinject.kvinject.svc",
+                later
+            ),
+            "the new CA alone must not trust it"
+        );
         assert_eq!(parse_all(&r.ca_bundle, "b").unwrap().len(), 2);
         // Once the old CA has expired it leaves the bundle.
         let much_later = now() + 11 * 365 * DAY;
-        let Plan::Replace(r2, _) = plan(Some(&r), &names(), much_later, Lifetimes::default()).unwrap() else { panic!("not renewed") };
+        let Plan::Replace(r2, _) = plan(Some(&r), &names(), much_later, Lifetimes::default()).unwrap() else {
+            panic!("not renewed")
+        };
         assert_eq!(parse_all(&r2.ca_bundle, "b").unwrap().len(), 1);
     }
 
@@ -408,21 +558,43 @@ mod tests {
     fn changed_names_foreign_certs_and_broken_material_are_replaced() {
         let m = generate(&names(), now(), Lifetimes::default()).unwrap();
         let other = SubjectNames::for_service("kvinject", "platform", &[]).unwrap();
-        let Plan::Replace(r, reason) = plan(Some(&m), &other, now(), Lifetimes::default()).unwrap() else { panic!() };
+        let Plan::Replace(r, reason) = plan(Some(&m), &other, now(), Lifetimes::default()).unwrap() else {
+            panic!()
+        };
         assert_eq!(reason, Reason::NamesChanged);
         assert!(verifies(&r.ca_bundle, &r, "kvinject.platform.svc", now()));
 
         let foreign = generate(&names(), now(), Lifetimes::default()).unwrap();
-        let mixed = Material { cert: foreign.cert.clone(), key: foreign.key.clone(), ..m.clone() };
-        let Plan::Replace(_, reason) = plan(Some(&mixed), &names(), now(), Lifetimes::default()).unwrap() else { panic!() };
+        let mixed = Material {
+            cert: foreign.cert.clone(),
+            key: foreign.key.clone(),
+            ..m.clone()
+        };
+        let Plan::Replace(_, reason) = plan(Some(&mixed), &names(), now(), Lifetimes::default()).unwrap()
+        else {
+            panic!()
+        };
         assert_eq!(reason, Reason::NotSignedByCa);
 
         for broken in [
-            Material { cert: "junk".into(), ..m.clone() },
-            Material { key: foreign.key.clone(), ..m.clone() },
-            Material { ca_key: String::new(), ..m.clone() },
+            Material {
+                cert: "junk".into(),
+                ..m.clone()
+            },
+            Material {
+                key: foreign.key.clone(),
+                ..m.clone()
+            },
+            Material {
+                ca_key: String::new(),
+                ..m.clone()
+            },
         ] {
-            let Plan::Replace(r, reason) = plan(Some(&broken), &names(), now(), Lifetimes::default()).unwrap() else { panic!() };
+            let Plan::Replace(r, reason) =
+                plan(Some(&broken), &names(), now(), Lifetimes::default()).unwrap()
+            else {
+                panic!()
+            };
             assert!(matches!(reason, Reason::Unreadable(_)), "{reason:?}");
             assert!(verifies(&r.ca_bundle, &r, "kvinject.kvinject.svc", now()));
         }

@@ -49,15 +49,24 @@ pub enum CredentialConfig {
     /// A system-assigned managed identity, or a user-assigned one by client id.
     ManagedIdentity { client_id: Option<String> },
     /// A service principal with a client secret.
-    ClientSecret { tenant_id: String, client_id: String, secret: Secret },
+    ClientSecret {
+        tenant_id: String,
+        client_id: String,
+        secret: Secret,
+    },
 }
 
 impl fmt::Debug for CredentialConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::WorkloadIdentity => f.write_str("WorkloadIdentity"),
-            Self::ManagedIdentity { client_id } => f.debug_struct("ManagedIdentity").field("client_id", client_id).finish(),
-            Self::ClientSecret { tenant_id, client_id, .. } => f
+            Self::ManagedIdentity { client_id } => f
+                .debug_struct("ManagedIdentity")
+                .field("client_id", client_id)
+                .finish(),
+            Self::ClientSecret {
+                tenant_id, client_id, ..
+            } => f
                 .debug_struct("ClientSecret")
                 .field("tenant_id", tenant_id)
                 .field("client_id", client_id)
@@ -84,15 +93,31 @@ pub struct AzureConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum SetupError {
     #[error("cannot read the CA bundle {path}: {source}")]
-    ReadCa { path: PathBuf, #[source] source: std::io::Error },
+    ReadCa {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("the CA bundle {path} holds no usable PEM certificate: {source}")]
-    ParseCa { path: PathBuf, #[source] source: reqwest::Error },
+    ParseCa {
+        path: PathBuf,
+        #[source]
+        source: reqwest::Error,
+    },
     #[error("cannot build the HTTP client: {0}")]
     Http(#[source] reqwest::Error),
     #[error("cannot set up the Azure credential ({what}): {source}")]
-    Credential { what: &'static str, #[source] source: azure_core::Error },
+    Credential {
+        what: &'static str,
+        #[source]
+        source: azure_core::Error,
+    },
     #[error("cannot set up a Key Vault client for {url}: {source}")]
-    Client { url: String, #[source] source: azure_core::Error },
+    Client {
+        url: String,
+        #[source]
+        source: azure_core::Error,
+    },
 }
 
 impl AzureConfig {
@@ -102,11 +127,20 @@ impl AzureConfig {
             .timeout(self.attempt_timeout)
             .pool_idle_timeout(Duration::from_secs(60));
         if let Some(path) = &self.ca_bundle {
-            let pem = std::fs::read(path).map_err(|source| SetupError::ReadCa { path: path.clone(), source })?;
-            let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|source| SetupError::ParseCa { path: path.clone(), source })?;
+            let pem = std::fs::read(path).map_err(|source| SetupError::ReadCa {
+                path: path.clone(),
+                source,
+            })?;
+            let certs =
+                reqwest::Certificate::from_pem_bundle(&pem).map_err(|source| SetupError::ParseCa {
+                    path: path.clone(),
+                    source,
+                })?;
             builder = builder.tls_certs_merge(certs);
         }
-        Ok(Transport::new(Arc::new(builder.build().map_err(SetupError::Http)?)))
+        Ok(Transport::new(Arc::new(
+            builder.build().map_err(SetupError::Http)?,
+        )))
     }
 
     fn client_options(&self, transport: &Transport) -> ClientOptions {
@@ -137,22 +171,41 @@ impl AzureConfig {
             CredentialConfig::WorkloadIdentity => {
                 let mut o = WorkloadIdentityCredentialOptions::default();
                 o.credential_options.client_options = client_options.clone();
-                WorkloadIdentityCredential::new(Some(o)).map_err(|source| SetupError::Credential { what: "workload identity", source })?
+                WorkloadIdentityCredential::new(Some(o)).map_err(|source| SetupError::Credential {
+                    what: "workload identity",
+                    source,
+                })?
             }
             CredentialConfig::ManagedIdentity { client_id } => {
                 let o = ManagedIdentityCredentialOptions {
                     user_assigned_id: client_id.clone().map(UserAssignedId::ClientId),
                     client_options: client_options.clone(),
                 };
-                ManagedIdentityCredential::new(Some(o)).map_err(|source| SetupError::Credential { what: "managed identity", source })?
+                ManagedIdentityCredential::new(Some(o)).map_err(|source| SetupError::Credential {
+                    what: "managed identity",
+                    source,
+                })?
             }
-            CredentialConfig::ClientSecret { tenant_id, client_id, secret } => {
-                let o = ClientSecretCredentialOptions { client_options: client_options.clone() };
-                ClientSecretCredential::new(tenant_id, client_id.clone(), secret.clone(), Some(o))
-                    .map_err(|source| SetupError::Credential { what: "client secret", source })?
+            CredentialConfig::ClientSecret {
+                tenant_id,
+                client_id,
+                secret,
+            } => {
+                let o = ClientSecretCredentialOptions {
+                    client_options: client_options.clone(),
+                };
+                ClientSecretCredential::new(tenant_id, client_id.clone(), secret.clone(), Some(o)).map_err(
+                    |source| SetupError::Credential {
+                        what: "client secret",
+                        source,
+                    },
+                )?
             }
         };
-        Ok(Connector { credential, client_options })
+        Ok(Connector {
+            credential,
+            client_options,
+        })
     }
 }
 
@@ -169,9 +222,16 @@ pub struct Connector {
 
 impl Connector {
     pub fn secret_client(&self, vault_url: &str) -> Result<SecretClient, SetupError> {
-        let options = SecretClientOptions { client_options: self.client_options.clone(), ..Default::default() };
-        SecretClient::new(vault_url, self.credential.clone(), Some(options))
-            .map_err(|source| SetupError::Client { url: vault_url.to_owned(), source })
+        let options = SecretClientOptions {
+            client_options: self.client_options.clone(),
+            ..Default::default()
+        };
+        SecretClient::new(vault_url, self.credential.clone(), Some(options)).map_err(|source| {
+            SetupError::Client {
+                url: vault_url.to_owned(),
+                source,
+            }
+        })
     }
 }
 
@@ -183,7 +243,11 @@ mod tests {
     fn secret_values_and_credentials_never_print() {
         let v = SecretValue::new("hunter2");
         assert_eq!(format!("{v:?} {v}"), "<redacted> <redacted>");
-        let c = CredentialConfig::ClientSecret { tenant_id: "t".into(), client_id: "c".into(), secret: Secret::new("hunter2") };
+        let c = CredentialConfig::ClientSecret {
+            tenant_id: "t".into(),
+            client_id: "c".into(),
+            secret: Secret::new("hunter2"),
+        };
         assert!(!format!("{c:?}").contains("hunter2"));
     }
 }

@@ -35,7 +35,10 @@ pub enum FetchError {
     #[error("kvinject could not authenticate to Key Vault `{vault}`: {detail}")]
     Auth { vault: String, detail: String },
     #[error("Key Vault `{vault}` is throttling kvinject (429){}", .retry_after.map(|d| format!("; retry after {d:?}")).unwrap_or_default())]
-    Throttled { vault: String, retry_after: Option<Duration> },
+    Throttled {
+        vault: String,
+        retry_after: Option<Duration>,
+    },
     #[error("Key Vault `{vault}` answered unexpectedly: {detail}")]
     Other { vault: String, detail: String },
 }
@@ -67,7 +70,13 @@ impl FetchError {
 
     /// True when the vault itself could not be used, as opposed to an answer about the secret.
     pub fn is_outage(&self) -> bool {
-        matches!(self, FetchError::Unreachable { .. } | FetchError::Timeout { .. } | FetchError::Auth { .. } | FetchError::Throttled { .. })
+        matches!(
+            self,
+            FetchError::Unreachable { .. }
+                | FetchError::Timeout { .. }
+                | FetchError::Auth { .. }
+                | FetchError::Throttled { .. }
+        )
     }
 }
 
@@ -87,7 +96,11 @@ pub struct KeyVault {
 
 impl KeyVault {
     /// `vaults` maps each vault name used in references to its URL.
-    pub fn new(connector: &Connector, vaults: &BTreeMap<String, String>, timeout: Duration) -> Result<Arc<Self>, SetupError> {
+    pub fn new(
+        connector: &Connector,
+        vaults: &BTreeMap<String, String>,
+        timeout: Duration,
+    ) -> Result<Arc<Self>, SetupError> {
         let clients = vaults
             .iter()
             .map(|(name, url)| Ok((name.clone(), connector.secret_client(url)?)))
@@ -96,7 +109,10 @@ impl KeyVault {
     }
 
     fn client(&self, vault: &str) -> Result<&SecretClient, FetchError> {
-        self.clients.get(vault).ok_or_else(|| FetchError::Other { vault: vault.to_owned(), detail: "no client for this vault".into() })
+        self.clients.get(vault).ok_or_else(|| FetchError::Other {
+            vault: vault.to_owned(),
+            detail: "no client for this vault".into(),
+        })
     }
 }
 
@@ -104,13 +120,21 @@ impl KeyVault {
 impl SecretSource for KeyVault {
     async fn fetch(&self, reference: &Reference) -> Result<Fetched, FetchError> {
         let client = self.client(&reference.vault)?;
-        let options = SecretClientGetSecretOptions { secret_version: reference.version.clone(), ..Default::default() };
+        let options = SecretClientGetSecretOptions {
+            secret_version: reference.version.clone(),
+            ..Default::default()
+        };
         let call = async {
             let response = client.get_secret(&reference.name, Some(options)).await?;
             response.into_model()
         };
         let secret = match tokio::time::timeout(self.timeout, call).await {
-            Err(_) => return Err(FetchError::Timeout { vault: reference.vault.clone(), timeout: self.timeout }),
+            Err(_) => {
+                return Err(FetchError::Timeout {
+                    vault: reference.vault.clone(),
+                    timeout: self.timeout,
+                });
+            }
             Ok(Err(e)) => return Err(classify(&reference.vault, &reference.to_string(), &e)),
             Ok(Ok(s)) => s,
         };
@@ -121,19 +145,34 @@ impl SecretSource for KeyVault {
                 return Err(FetchError::Disabled(r));
             }
             if let Some(exp) = attrs.expires.filter(|exp| *exp <= now) {
-                return Err(FetchError::Expired { reference: r, at: exp.to_string() });
+                return Err(FetchError::Expired {
+                    reference: r,
+                    at: exp.to_string(),
+                });
             }
             if let Some(nbf) = attrs.not_before.filter(|nbf| *nbf > now) {
-                return Err(FetchError::NotYetValid { reference: r, at: nbf.to_string() });
+                return Err(FetchError::NotYetValid {
+                    reference: r,
+                    at: nbf.to_string(),
+                });
             }
         }
         let version = secret
             .resource_id()
             .ok()
             .and_then(|id| id.version)
-            .ok_or_else(|| FetchError::Other { vault: reference.vault.clone(), detail: format!("the answer for {r} carries no version id") })?;
-        let value = secret.value.ok_or_else(|| FetchError::Other { vault: reference.vault.clone(), detail: format!("the answer for {r} carries no value") })?;
-        Ok(Fetched { value: SecretValue::new(value), version })
+            .ok_or_else(|| FetchError::Other {
+                vault: reference.vault.clone(),
+                detail: format!("the answer for {r} carries no version id"),
+            })?;
+        let value = secret.value.ok_or_else(|| FetchError::Other {
+            vault: reference.vault.clone(),
+            detail: format!("the answer for {r} carries no value"),
+        })?;
+        Ok(Fetched {
+            value: SecretValue::new(value),
+            version,
+        })
     }
 
     async fn probe(&self, vault: &str) -> Result<(), FetchError> {
@@ -144,7 +183,10 @@ impl SecretSource for KeyVault {
             pages.try_next().await.map(|_| ())
         };
         match tokio::time::timeout(self.timeout, call).await {
-            Err(_) => Err(FetchError::Timeout { vault: vault.to_owned(), timeout: self.timeout }),
+            Err(_) => Err(FetchError::Timeout {
+                vault: vault.to_owned(),
+                timeout: self.timeout,
+            }),
             Ok(Err(e)) => match classify(vault, "(listing)", &e) {
                 // an answer, even a refusal, means the vault is there
                 FetchError::Forbidden { .. } | FetchError::NotFound(_) => Ok(()),
@@ -160,7 +202,11 @@ impl SecretSource for KeyVault {
 fn classify(vault: &str, reference: &str, e: &azure_core::Error) -> FetchError {
     let vault = vault.to_owned();
     match e.kind() {
-        ErrorKind::HttpResponse { status, error_code, raw_response } => {
+        ErrorKind::HttpResponse {
+            status,
+            error_code,
+            raw_response,
+        } => {
             let code = error_code.clone().unwrap_or_default();
             let body_says_disabled = raw_response
                 .as_ref()
@@ -169,23 +215,47 @@ fn classify(vault: &str, reference: &str, e: &azure_core::Error) -> FetchError {
             match u16::from(*status) {
                 404 => FetchError::NotFound(reference.to_owned()),
                 403 if body_says_disabled => FetchError::Disabled(reference.to_owned()),
-                403 => FetchError::Forbidden { reference: reference.to_owned(), code },
-                401 => FetchError::Auth { vault, detail: format!("401 {code}") },
+                403 => FetchError::Forbidden {
+                    reference: reference.to_owned(),
+                    code,
+                },
+                401 => FetchError::Auth {
+                    vault,
+                    detail: format!("401 {code}"),
+                },
                 429 => FetchError::Throttled {
                     vault,
                     retry_after: raw_response
                         .as_ref()
-                        .and_then(|r| r.headers().get_optional_str(&azure_core::http::headers::RETRY_AFTER))
+                        .and_then(|r| {
+                            r.headers()
+                                .get_optional_str(&azure_core::http::headers::RETRY_AFTER)
+                        })
                         .and_then(|v| v.trim().parse::<u64>().ok())
                         .map(Duration::from_secs),
                 },
-                s if s >= 500 => FetchError::Unreachable { vault, detail: format!("HTTP {s} {code}") },
-                s => FetchError::Other { vault, detail: format!("HTTP {s} {code}") },
+                s if s >= 500 => FetchError::Unreachable {
+                    vault,
+                    detail: format!("HTTP {s} {code}"),
+                },
+                s => FetchError::Other {
+                    vault,
+                    detail: format!("HTTP {s} {code}"),
+                },
             }
         }
-        ErrorKind::Connection | ErrorKind::Io => FetchError::Unreachable { vault, detail: e.to_string() },
-        ErrorKind::Credential => FetchError::Auth { vault, detail: e.to_string() },
-        _ => FetchError::Other { vault, detail: e.to_string() },
+        ErrorKind::Connection | ErrorKind::Io => FetchError::Unreachable {
+            vault,
+            detail: e.to_string(),
+        },
+        ErrorKind::Credential => FetchError::Auth {
+            vault,
+            detail: e.to_string(),
+        },
+        _ => FetchError::Other {
+            vault,
+            detail: e.to_string(),
+        },
     }
 }
 
@@ -194,12 +264,22 @@ mod tests {
     //! Classification of SDK errors. Key Vault's 429, 5xx and disabled answers are built
     //! here as the SDK reports them: the test bed's vault does not throttle.
     use super::*;
-    use azure_core::http::{RawResponse, StatusCode, headers::{Headers, RETRY_AFTER}};
+    use azure_core::http::{
+        RawResponse, StatusCode,
+        headers::{Headers, RETRY_AFTER},
+    };
 
     fn http_error(status: u16, headers: Headers, body: &str) -> azure_core::Error {
         let status = StatusCode::from(status);
         let raw = RawResponse::from_bytes(status, headers, body.to_owned());
-        azure_core::Error::with_message(ErrorKind::HttpResponse { status, error_code: Some("Code".into()), raw_response: Some(Box::new(raw)) }, "failed")
+        azure_core::Error::with_message(
+            ErrorKind::HttpResponse {
+                status,
+                error_code: Some("Code".into()),
+                raw_response: Some(Box::new(raw)),
+            },
+            "failed",
+        )
     }
 
     #[test]
@@ -208,12 +288,25 @@ mod tests {
         retry.insert(RETRY_AFTER, "7");
         let cases = [
             (http_error(404, Headers::new(), "{}"), "not_found"),
-            (http_error(403, Headers::new(), r#"{"error":{"code":"Forbidden","innererror":{"code":"SecretDisabled"}}}"#), "disabled"),
-            (http_error(403, Headers::new(), r#"{"error":{"code":"Forbidden"}}"#), "forbidden"),
+            (
+                http_error(
+                    403,
+                    Headers::new(),
+                    r#"{"error":{"code":"Forbidden","innererror":{"code":"SecretDisabled"}}}"#,
+                ),
+                "disabled",
+            ),
+            (
+                http_error(403, Headers::new(), r#"{"error":{"code":"Forbidden"}}"#),
+                "forbidden",
+            ),
             (http_error(401, Headers::new(), "{}"), "auth"),
             (http_error(503, Headers::new(), "{}"), "unreachable"),
             (http_error(429, retry, "{}"), "throttled"),
-            (azure_core::Error::with_message(ErrorKind::Connection, "refused"), "unreachable"),
+            (
+                azure_core::Error::with_message(ErrorKind::Connection, "refused"),
+                "unreachable",
+            ),
         ];
         for (error, want) in cases {
             assert_eq!(classify("v", "akv://v/s", &error).metric_label(), want, "{error}");
@@ -223,6 +316,9 @@ mod tests {
         let throttled = classify("v", "akv://v/s", &http_error(429, retry, "{}"));
         assert_eq!(throttled.retry_after(), Some(Duration::from_secs(7)));
         assert!(throttled.is_outage());
-        assert_eq!(throttled.to_string(), "Key Vault `v` is throttling kvinject (429); retry after 7s");
+        assert_eq!(
+            throttled.to_string(),
+            "Key Vault `v` is throttling kvinject (429); retry after 7s"
+        );
     }
 }

@@ -24,14 +24,28 @@ pub const MAX_VALUE_BYTES: usize = 1024 * 1024 - 16 * 1024;
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum ValueError {
     #[error("the value of {reference} is {size} bytes, more than a Secret can hold ({max} bytes)")]
-    TooLarge { reference: String, size: usize, max: usize },
+    TooLarge {
+        reference: String,
+        size: usize,
+        max: usize,
+    },
     #[error("annotation `{annotation}`: the value of {reference} is not a docker config JSON ({why})")]
-    NotDockerConfig { annotation: &'static str, reference: String, why: String },
+    NotDockerConfig {
+        annotation: &'static str,
+        reference: String,
+        why: String,
+    },
 }
 
 /// True when `secret` carries kvinject's managed-by label.
 pub fn is_managed(secret: &Secret) -> bool {
-    secret.metadata.labels.as_ref().and_then(|l| l.get(MANAGED_BY_LABEL)).map(String::as_str) == Some(MANAGED_BY)
+    secret
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(MANAGED_BY_LABEL))
+        .map(String::as_str)
+        == Some(MANAGED_BY)
 }
 
 /// Builds the Secret `needed` is materialized as in `namespace`, from its fetched value.
@@ -39,7 +53,11 @@ pub fn desired_secret(namespace: &str, needed: &Needed, fetched: &Fetched) -> Re
     let reference = needed.source.reference().to_string();
     let raw = fetched.value.expose();
     if raw.len() > MAX_VALUE_BYTES {
-        return Err(ValueError::TooLarge { reference, size: raw.len(), max: MAX_VALUE_BYTES });
+        return Err(ValueError::TooLarge {
+            reference,
+            size: raw.len(),
+            max: MAX_VALUE_BYTES,
+        });
     }
     let mut annotations = BTreeMap::from([
         (REFERENCE_ANNOTATION.to_owned(), reference.clone()),
@@ -48,21 +66,38 @@ pub fn desired_secret(namespace: &str, needed: &Needed, fetched: &Fetched) -> Re
     let (type_, key, data) = match &needed.source {
         Source::Env(_) => ("Opaque", mutate::VALUE_KEY, raw.as_bytes().to_vec()),
         Source::DockerConfig(_) => {
-            check_docker_config(raw).map_err(|why| ValueError::NotDockerConfig { annotation: mutate::PULL_SECRETS_ANNOTATION, reference, why })?;
-            ("kubernetes.io/dockerconfigjson", ".dockerconfigjson", raw.as_bytes().to_vec())
+            check_docker_config(raw).map_err(|why| ValueError::NotDockerConfig {
+                annotation: mutate::PULL_SECRETS_ANNOTATION,
+                reference,
+                why,
+            })?;
+            (
+                "kubernetes.io/dockerconfigjson",
+                ".dockerconfigjson",
+                raw.as_bytes().to_vec(),
+            )
         }
-        Source::RegistryLogin { registry, username, .. } => {
+        Source::RegistryLogin {
+            registry, username, ..
+        } => {
             annotations.insert(REGISTRY_ANNOTATION.to_owned(), registry.clone());
             annotations.insert(USERNAME_ANNOTATION.to_owned(), username.clone());
             let auth = base64::engine::general_purpose::STANDARD.encode(format!("{username}:{raw}"));
             let config = json!({"auths": {registry: {"username": username, "password": raw, "auth": auth}}});
-            ("kubernetes.io/dockerconfigjson", ".dockerconfigjson", serde_json::to_vec(&config).unwrap_or_default())
+            (
+                "kubernetes.io/dockerconfigjson",
+                ".dockerconfigjson",
+                serde_json::to_vec(&config).unwrap_or_default(),
+            )
         }
     };
     let mut secret = Secret::default();
     secret.metadata.name = Some(needed.secret_name.clone());
     secret.metadata.namespace = Some(namespace.to_owned());
-    secret.metadata.labels = Some(BTreeMap::from([(MANAGED_BY_LABEL.to_owned(), MANAGED_BY.to_owned())]));
+    secret.metadata.labels = Some(BTreeMap::from([(
+        MANAGED_BY_LABEL.to_owned(),
+        MANAGED_BY.to_owned(),
+    )]));
     secret.metadata.annotations = Some(annotations);
     secret.type_ = Some(type_.to_owned());
     secret.data = Some(BTreeMap::from([(key.to_owned(), ByteString(data))]));
@@ -72,7 +107,13 @@ pub fn desired_secret(namespace: &str, needed: &Needed, fetched: &Fetched) -> Re
 /// Checks the shape the kubelet expects: `{"auths": {"<registry>": {...}, ...}}`. The
 /// reasons name positions and fields only, never the content.
 fn check_docker_config(raw: &str) -> Result<(), String> {
-    let doc: Value = serde_json::from_str(raw).map_err(|e| format!("not JSON: syntax error at line {} column {}", e.line(), e.column()))?;
+    let doc: Value = serde_json::from_str(raw).map_err(|e| {
+        format!(
+            "not JSON: syntax error at line {} column {}",
+            e.line(),
+            e.column()
+        )
+    })?;
     let auths = doc.get("auths").ok_or("it has no \"auths\" object")?;
     let auths = auths.as_object().ok_or("\"auths\" is not an object")?;
     if auths.is_empty() {
@@ -92,15 +133,25 @@ mod tests {
     use crate::{keyvault::SecretValue, reference::Reference};
 
     fn r(name: &str) -> Reference {
-        Reference { vault: "main".into(), name: name.into(), version: None }
+        Reference {
+            vault: "main".into(),
+            name: name.into(),
+            version: None,
+        }
     }
 
     fn needed(source: Source) -> Needed {
-        Needed { secret_name: source.secret_name(), source }
+        Needed {
+            secret_name: source.secret_name(),
+            source,
+        }
     }
 
     fn fetched(v: &str) -> Fetched {
-        Fetched { value: SecretValue::new(v), version: "0123456789abcdef0123456789abcdef".into() }
+        Fetched {
+            value: SecretValue::new(v),
+            version: "0123456789abcdef0123456789abcdef".into(),
+        }
     }
 
     #[test]
@@ -128,7 +179,13 @@ mod tests {
         let s = desired_secret("ns", &n, &fetched(ok)).unwrap();
         assert_eq!(s.type_.as_deref(), Some("kubernetes.io/dockerconfigjson"));
         assert_eq!(s.data.unwrap()[".dockerconfigjson"].0, ok.as_bytes());
-        for bad in ["hunter2-not-json", r#"{"auths":"hunter2"}"#, r#"{"hunter2":{}}"#, r#"{"auths":{}}"#, r#"{"auths":{"r":"hunter2"}}"#] {
+        for bad in [
+            "hunter2-not-json",
+            r#"{"auths":"hunter2"}"#,
+            r#"{"hunter2":{}}"#,
+            r#"{"auths":{}}"#,
+            r#"{"auths":{"r":"hunter2"}}"#,
+        ] {
             let err = desired_secret("ns", &n, &fetched(bad)).unwrap_err().to_string();
             assert!(err.starts_with("annotation `kvinject.io/image-pull-secrets`: the value of akv://main/acr is not a docker config JSON"), "{err}");
             assert!(!err.contains("hunter2"), "the value leaked into {err}");
@@ -137,11 +194,21 @@ mod tests {
 
     #[test]
     fn registry_logins_become_docker_configs() {
-        let n = needed(Source::RegistryLogin { registry: "r.example".into(), username: "app-id".into(), password: r("sp") });
+        let n = needed(Source::RegistryLogin {
+            registry: "r.example".into(),
+            username: "app-id".into(),
+            password: r("sp"),
+        });
         let s = desired_secret("ns", &n, &fetched("pw")).unwrap();
         let config: Value = serde_json::from_slice(&s.data.unwrap()[".dockerconfigjson"].0).unwrap();
-        assert_eq!(config, json!({"auths": {"r.example": {"username": "app-id", "password": "pw", "auth": "YXBwLWlkOnB3"}}}));
-        assert_eq!(s.metadata.annotations.unwrap()["kvinject.io/registry"], "r.example");
+        assert_eq!(
+            config,
+            json!({"auths": {"r.example": {"username": "app-id", "password": "pw", "auth": "YXBwLWlkOnB3"}}})
+        );
+        assert_eq!(
+            s.metadata.annotations.unwrap()["kvinject.io/registry"],
+            "r.example"
+        );
     }
 
     #[test]

@@ -38,7 +38,11 @@ pub enum Source {
     /// A Key Vault secret holding a docker config JSON: a `kubernetes.io/dockerconfigjson` Secret.
     DockerConfig(Reference),
     /// A registry login built from a registry, a user name and a password in Key Vault.
-    RegistryLogin { registry: String, username: String, password: Reference },
+    RegistryLogin {
+        registry: String,
+        username: String,
+        password: Reference,
+    },
 }
 
 impl Source {
@@ -55,10 +59,12 @@ impl Source {
         let r = self.reference();
         match self {
             Source::Env(_) => reference::object_name("kvi", &[&r.vault, &r.name], &r.to_string()),
-            Source::DockerConfig(_) => reference::object_name("kvi-pull", &[&r.vault, &r.name], &r.to_string()),
-            Source::RegistryLogin { registry, username, .. } => {
-                reference::object_name("kvi-pull", &[registry], &format!("{registry}\n{username}\n{r}"))
+            Source::DockerConfig(_) => {
+                reference::object_name("kvi-pull", &[&r.vault, &r.name], &r.to_string())
             }
+            Source::RegistryLogin {
+                registry, username, ..
+            } => reference::object_name("kvi-pull", &[registry], &format!("{registry}\n{username}\n{r}")),
         }
     }
 }
@@ -85,11 +91,22 @@ pub struct Plan {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum Denial {
     #[error("{location}: {source}")]
-    BadReference { location: String, #[source] source: ReferenceError },
+    BadReference {
+        location: String,
+        #[source]
+        source: ReferenceError,
+    },
     #[error("{location}: vault `{vault}` is not configured in kvinject (configured: {known})")]
-    UnknownVault { location: String, vault: String, known: String },
+    UnknownVault {
+        location: String,
+        vault: String,
+        known: String,
+    },
     #[error("annotation `{annotation}`: {message}")]
-    BadAnnotation { annotation: &'static str, message: String },
+    BadAnnotation {
+        annotation: &'static str,
+        message: String,
+    },
 }
 
 /// Plans the rewrite of `pod`. Applying the patch and planning again yields no patch.
@@ -98,19 +115,27 @@ pub fn plan(pod: &Pod, config: &InjectConfig) -> Result<Plan, Denial> {
     if annotations.get(INJECT_ANNOTATION).map(String::as_str) == Some("false") {
         return Ok(Plan::default());
     }
-    let Some(spec) = pod.spec.as_ref() else { return Ok(Plan::default()) };
+    let Some(spec) = pod.spec.as_ref() else {
+        return Ok(Plan::default());
+    };
     let mut needed = BTreeMap::<String, Source>::new();
     let mut ops = Vec::new();
     let mut warnings = Vec::new();
 
     let groups: [(&str, &str, &[Container]); 2] = [
-        ("initContainers", "init container", spec.init_containers.as_deref().unwrap_or_default()),
+        (
+            "initContainers",
+            "init container",
+            spec.init_containers.as_deref().unwrap_or_default(),
+        ),
         ("containers", "container", &spec.containers),
     ];
     for (field, what, containers) in groups {
         for (ci, container) in containers.iter().enumerate() {
             for (ei, env) in container.env.iter().flatten().enumerate() {
-                let Some(value) = env.value.as_deref() else { continue };
+                let Some(value) = env.value.as_deref() else {
+                    continue;
+                };
                 let location = format!("{what} `{}` env `{}`", container.name, env.name);
                 match Reference::parse(value) {
                     None if value.contains(reference::SCHEME) => warnings.push(format!(
@@ -136,14 +161,29 @@ pub fn plan(pod: &Pod, config: &InjectConfig) -> Result<Plan, Denial> {
 
     let pull = pull_sources(&annotations, config)?;
     if !pull.is_empty() {
-        let mut seen: BTreeSet<String> =
-            spec.image_pull_secrets.iter().flatten().map(|r| r.name.clone()).collect();
+        let mut seen: BTreeSet<String> = spec
+            .image_pull_secrets
+            .iter()
+            .flatten()
+            .map(|r| r.name.clone())
+            .collect();
         // in annotation order, each name once
-        let missing: Vec<String> = pull.iter().map(Source::secret_name).filter(|n| seen.insert(n.clone())).collect();
+        let missing: Vec<String> = pull
+            .iter()
+            .map(Source::secret_name)
+            .filter(|n| seen.insert(n.clone()))
+            .collect();
         if !missing.is_empty() {
-            patch::ensure_array(&mut ops, &["spec", "imagePullSecrets"], spec.image_pull_secrets.is_some());
+            patch::ensure_array(
+                &mut ops,
+                &["spec", "imagePullSecrets"],
+                spec.image_pull_secrets.is_some(),
+            );
             for name in missing {
-                ops.push(patch::add(&["spec", "imagePullSecrets", "-"], json!({"name": name})));
+                ops.push(patch::add(
+                    &["spec", "imagePullSecrets", "-"],
+                    json!({"name": name}),
+                ));
             }
         }
         for source in pull {
@@ -157,7 +197,10 @@ pub fn plan(pod: &Pod, config: &InjectConfig) -> Result<Plan, Denial> {
         ops.push(patch::add(&["metadata", "labels", INJECTED_LABEL], "true".into()));
     }
     Ok(Plan {
-        needed: needed.into_iter().map(|(secret_name, source)| Needed { secret_name, source }).collect(),
+        needed: needed
+            .into_iter()
+            .map(|(secret_name, source)| Needed { secret_name, source })
+            .collect(),
         patch: (!ops.is_empty()).then(|| Patch(ops)),
         warnings,
     })
@@ -175,26 +218,42 @@ fn check_vault(r: &Reference, location: &str, config: &InjectConfig) -> Result<(
 }
 
 /// The registry credentials a pod asks for through its annotations.
-fn pull_sources(annotations: &BTreeMap<String, String>, config: &InjectConfig) -> Result<Vec<Source>, Denial> {
+fn pull_sources(
+    annotations: &BTreeMap<String, String>,
+    config: &InjectConfig,
+) -> Result<Vec<Source>, Denial> {
     let mut sources = Vec::new();
     if let Some(list) = annotations.get(PULL_SECRETS_ANNOTATION) {
-        let refs = reference::parse_list(list)
-            .map_err(|e| Denial::BadAnnotation { annotation: PULL_SECRETS_ANNOTATION, message: e.to_string() })?;
+        let refs = reference::parse_list(list).map_err(|e| Denial::BadAnnotation {
+            annotation: PULL_SECRETS_ANNOTATION,
+            message: e.to_string(),
+        })?;
         if refs.is_empty() {
-            return Err(Denial::BadAnnotation { annotation: PULL_SECRETS_ANNOTATION, message: "names no akv:// reference".into() });
+            return Err(Denial::BadAnnotation {
+                annotation: PULL_SECRETS_ANNOTATION,
+                message: "names no akv:// reference".into(),
+            });
         }
         for r in refs {
             check_vault(&r, &format!("annotation `{PULL_SECRETS_ANNOTATION}`"), config)?;
             sources.push(Source::DockerConfig(r));
         }
     }
-    let sp = [PULL_REGISTRY_ANNOTATION, PULL_USERNAME_ANNOTATION, PULL_PASSWORD_ANNOTATION].map(|k| annotations.get(k));
+    let sp = [
+        PULL_REGISTRY_ANNOTATION,
+        PULL_USERNAME_ANNOTATION,
+        PULL_PASSWORD_ANNOTATION,
+    ]
+    .map(|k| annotations.get(k));
     match sp {
         [None, None, None] => {}
         [Some(registry), Some(username), Some(password)] => {
             let bad = |annotation, message: String| Denial::BadAnnotation { annotation, message };
             if registry.trim().is_empty() || registry.contains(['/', ' ', '"']) {
-                return Err(bad(PULL_REGISTRY_ANNOTATION, format!("`{registry}` is not a registry host name")));
+                return Err(bad(
+                    PULL_REGISTRY_ANNOTATION,
+                    format!("`{registry}` is not a registry host name"),
+                ));
             }
             if username.trim().is_empty() {
                 return Err(bad(PULL_USERNAME_ANNOTATION, "is empty".into()));
@@ -202,15 +261,30 @@ fn pull_sources(annotations: &BTreeMap<String, String>, config: &InjectConfig) -
             let password = match Reference::parse(password) {
                 Some(Ok(r)) => r,
                 Some(Err(e)) => return Err(bad(PULL_PASSWORD_ANNOTATION, e.to_string())),
-                None => return Err(bad(PULL_PASSWORD_ANNOTATION, "must be an akv:// reference, never the password itself".into())),
+                None => {
+                    return Err(bad(
+                        PULL_PASSWORD_ANNOTATION,
+                        "must be an akv:// reference, never the password itself".into(),
+                    ));
+                }
             };
-            check_vault(&password, &format!("annotation `{PULL_PASSWORD_ANNOTATION}`"), config)?;
-            sources.push(Source::RegistryLogin { registry: registry.trim().to_owned(), username: username.trim().to_owned(), password });
+            check_vault(
+                &password,
+                &format!("annotation `{PULL_PASSWORD_ANNOTATION}`"),
+                config,
+            )?;
+            sources.push(Source::RegistryLogin {
+                registry: registry.trim().to_owned(),
+                username: username.trim().to_owned(),
+                password,
+            });
         }
         _ => {
             return Err(Denial::BadAnnotation {
                 annotation: PULL_REGISTRY_ANNOTATION,
-                message: format!("{PULL_REGISTRY_ANNOTATION}, {PULL_USERNAME_ANNOTATION} and {PULL_PASSWORD_ANNOTATION} go together; set all three"),
+                message: format!(
+                    "{PULL_REGISTRY_ANNOTATION}, {PULL_USERNAME_ANNOTATION} and {PULL_PASSWORD_ANNOTATION} go together; set all three"
+                ),
             });
         }
     }
@@ -223,7 +297,9 @@ mod tests {
     use serde_json::{Value, json};
 
     fn config() -> InjectConfig {
-        InjectConfig { vaults: ["main".to_string(), "other".to_string()].into() }
+        InjectConfig {
+            vaults: ["main".to_string(), "other".to_string()].into(),
+        }
     }
 
     fn pod(v: Value) -> Pod {
@@ -243,7 +319,11 @@ mod tests {
     }
 
     fn env_ref(v: &str, n: &str) -> Source {
-        Source::Env(Reference { vault: v.into(), name: n.into(), version: None })
+        Source::Env(Reference {
+            vault: v.into(),
+            name: n.into(),
+            version: None,
+        })
     }
 
     #[test]
@@ -263,7 +343,8 @@ mod tests {
         let plan = plan(&p, &config()).unwrap();
         let db = name(env_ref("main", "db"));
         let api = name(env_ref("other", "api-key"));
-        let secret_ref = |n: &str, s: &str| json!({"name": n, "valueFrom": {"secretKeyRef": {"name": s, "key": "value"}}});
+        let secret_ref =
+            |n: &str, s: &str| json!({"name": n, "valueFrom": {"secretKeyRef": {"name": s, "key": "value"}}});
         let want = json!({
             "metadata": {"name": "a", "labels": {"app": "x", "kvinject.io/injected": "true"}},
             "spec": {
@@ -291,7 +372,9 @@ mod tests {
 
     #[test]
     fn a_pod_without_references_gets_no_patch() {
-        let p = pod(json!({"metadata": {"name": "a"}, "spec": {"containers": [{"name": "c", "env": [{"name": "X", "value": "y"}]}]}}));
+        let p = pod(
+            json!({"metadata": {"name": "a"}, "spec": {"containers": [{"name": "c", "env": [{"name": "X", "value": "y"}]}]}}),
+        );
         assert_eq!(plan(&p, &config()).unwrap(), Plan::default());
         let p = pod(json!({"metadata": {"name": "a"}}));
         assert_eq!(plan(&p, &config()).unwrap(), Plan::default());
@@ -299,36 +382,61 @@ mod tests {
 
     #[test]
     fn opt_out_annotation_leaves_the_pod_alone() {
-        let p = pod(json!({"metadata": {"annotations": {"kvinject.io/inject": "false"}}, "spec": {"containers": [{"name": "c", "env": [{"name": "X", "value": "akv://main/db"}]}]}}));
+        let p = pod(
+            json!({"metadata": {"annotations": {"kvinject.io/inject": "false"}}, "spec": {"containers": [{"name": "c", "env": [{"name": "X", "value": "akv://main/db"}]}]}}),
+        );
         assert_eq!(plan(&p, &config()).unwrap(), Plan::default());
     }
 
     #[test]
     fn embedded_scheme_is_left_alone_with_a_warning() {
-        let p = pod(json!({"spec": {"containers": [{"name": "c", "env": [{"name": "X", "value": "see akv://main/db"}]}]}}));
+        let p = pod(
+            json!({"spec": {"containers": [{"name": "c", "env": [{"name": "X", "value": "see akv://main/db"}]}]}}),
+        );
         let plan = plan(&p, &config()).unwrap();
         assert_eq!(plan.patch, None);
         assert_eq!(plan.warnings.len(), 1);
-        assert!(plan.warnings[0].contains("container `c` env `X`"), "{:?}", plan.warnings);
+        assert!(
+            plan.warnings[0].contains("container `c` env `X`"),
+            "{:?}",
+            plan.warnings
+        );
     }
 
     #[test]
     fn denials_name_the_place_and_the_problem() {
-        let env = |v: &str| pod(json!({"spec": {"containers": [{"name": "web", "env": [{"name": "DB", "value": v}]}]}}));
+        let env = |v: &str| {
+            pod(json!({"spec": {"containers": [{"name": "web", "env": [{"name": "DB", "value": v}]}]}}))
+        };
         let cases = [
-            (env("akv://main/db_pw"), "container `web` env `DB`: secret name `db_pw` must be 1 to 127 characters"),
-            (env("akv://main"), "container `web` env `DB`: `akv://main` has no secret name"),
-            (env("akv://nope/db"), "container `web` env `DB`: vault `nope` is not configured in kvinject (configured: main, other)"),
             (
-                pod(json!({"metadata": {"annotations": {"kvinject.io/image-pull-secrets": "akv://nope/x"}}, "spec": {"containers": []}})),
+                env("akv://main/db_pw"),
+                "container `web` env `DB`: secret name `db_pw` must be 1 to 127 characters",
+            ),
+            (
+                env("akv://main"),
+                "container `web` env `DB`: `akv://main` has no secret name",
+            ),
+            (
+                env("akv://nope/db"),
+                "container `web` env `DB`: vault `nope` is not configured in kvinject (configured: main, other)",
+            ),
+            (
+                pod(
+                    json!({"metadata": {"annotations": {"kvinject.io/image-pull-secrets": "akv://nope/x"}}, "spec": {"containers": []}}),
+                ),
                 "annotation `kvinject.io/image-pull-secrets`: vault `nope` is not configured",
             ),
             (
-                pod(json!({"metadata": {"annotations": {"kvinject.io/image-pull-secrets": "registry-creds"}}, "spec": {"containers": []}})),
+                pod(
+                    json!({"metadata": {"annotations": {"kvinject.io/image-pull-secrets": "registry-creds"}}, "spec": {"containers": []}}),
+                ),
                 "annotation `kvinject.io/image-pull-secrets`: `registry-creds` has no vault",
             ),
             (
-                pod(json!({"metadata": {"annotations": {"kvinject.io/image-pull-registry": "r.example"}}, "spec": {"containers": []}})),
+                pod(
+                    json!({"metadata": {"annotations": {"kvinject.io/image-pull-registry": "r.example"}}, "spec": {"containers": []}}),
+                ),
                 "go together; set all three",
             ),
             (
@@ -341,17 +449,28 @@ mod tests {
         for (p, want) in cases {
             let err = plan(&p, &config()).expect_err(want).to_string();
             assert!(err.contains(want), "got {err:?}, want it to contain {want:?}");
-            assert!(!err.contains("hunter2"), "a denial must not echo a password: {err}");
+            assert!(
+                !err.contains("hunter2"),
+                "a denial must not echo a password: {err}"
+            );
         }
     }
 
     #[test]
     fn pull_secrets_are_appended_without_duplicates() {
-        let creds = Source::DockerConfig(Reference { vault: "main".into(), name: "acr".into(), version: None });
+        let creds = Source::DockerConfig(Reference {
+            vault: "main".into(),
+            name: "acr".into(),
+            version: None,
+        });
         let login = Source::RegistryLogin {
             registry: "r.example".into(),
             username: "app-id".into(),
-            password: Reference { vault: "main".into(), name: "sp-secret".into(), version: None },
+            password: Reference {
+                vault: "main".into(),
+                name: "sp-secret".into(),
+                version: None,
+            },
         };
         let p = pod(json!({
             "metadata": {"annotations": {
@@ -364,16 +483,28 @@ mod tests {
         }));
         let plan = plan(&p, &config()).unwrap();
         let got = apply(&p, &plan);
-        assert_eq!(got["spec"]["imagePullSecrets"], json!([{"name": "existing"}, {"name": name(creds.clone())}, {"name": name(login.clone())}]));
+        assert_eq!(
+            got["spec"]["imagePullSecrets"],
+            json!([{"name": "existing"}, {"name": name(creds.clone())}, {"name": name(login.clone())}])
+        );
         assert_eq!(got["metadata"]["labels"], json!({"kvinject.io/injected": "true"}));
         let sources: Vec<_> = plan.needed.iter().map(|n| n.source.clone()).collect();
-        assert!(sources.contains(&creds) && sources.contains(&login), "{sources:?}");
-        assert_eq!(super::plan(&pod(got), &config()).unwrap().patch, None, "second admission is a no-op");
+        assert!(
+            sources.contains(&creds) && sources.contains(&login),
+            "{sources:?}"
+        );
+        assert_eq!(
+            super::plan(&pod(got), &config()).unwrap().patch,
+            None,
+            "second admission is a no-op"
+        );
     }
 
     #[test]
     fn pull_secrets_create_the_list_when_missing() {
-        let p = pod(json!({"metadata": {"annotations": {"kvinject.io/image-pull-secrets": "akv://main/acr,akv://other/acr"}}, "spec": {"containers": [{"name": "c"}]}}));
+        let p = pod(
+            json!({"metadata": {"annotations": {"kvinject.io/image-pull-secrets": "akv://main/acr,akv://other/acr"}}, "spec": {"containers": [{"name": "c"}]}}),
+        );
         let got = apply(&p, &plan(&p, &config()).unwrap());
         assert_eq!(got["spec"]["imagePullSecrets"].as_array().unwrap().len(), 2);
     }
@@ -382,8 +513,15 @@ mod tests {
     fn pinned_and_unpinned_references_are_different_secrets() {
         let v = "0123456789abcdef0123456789abcdef";
         let a = env_ref("main", "db");
-        let b = Source::Env(Reference { vault: "main".into(), name: "db".into(), version: Some(v.into()) });
+        let b = Source::Env(Reference {
+            vault: "main".into(),
+            name: "db".into(),
+            version: Some(v.into()),
+        });
         assert_ne!(a.secret_name(), b.secret_name());
-        assert_ne!(a.secret_name(), Source::DockerConfig(a.reference().clone()).secret_name());
+        assert_ne!(
+            a.secret_name(),
+            Source::DockerConfig(a.reference().clone()).secret_name()
+        );
     }
 }

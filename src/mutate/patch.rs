@@ -9,11 +9,17 @@ pub fn pointer(tokens: &[&str]) -> PointerBuf {
 }
 
 pub fn add(tokens: &[&str], value: Value) -> PatchOperation {
-    PatchOperation::Add(AddOperation { path: pointer(tokens), value })
+    PatchOperation::Add(AddOperation {
+        path: pointer(tokens),
+        value,
+    })
 }
 
 pub fn replace(tokens: &[&str], value: Value) -> PatchOperation {
-    PatchOperation::Replace(ReplaceOperation { path: pointer(tokens), value })
+    PatchOperation::Replace(ReplaceOperation {
+        path: pointer(tokens),
+        value,
+    })
 }
 
 /// Adds an empty object at `tokens` unless it already exists, so later adds below it apply.

@@ -24,20 +24,31 @@ pub const VERSIONS_ANNOTATION: &str = "kvinject.io/secret-versions";
 
 /// The reference a materialized Secret follows, when it follows the current version.
 pub fn followed_reference(secret: &Secret) -> Option<Reference> {
-    let annotation = secret.metadata.annotations.as_ref()?.get(materialize::REFERENCE_ANNOTATION)?;
+    let annotation = secret
+        .metadata
+        .annotations
+        .as_ref()?
+        .get(materialize::REFERENCE_ANNOTATION)?;
     let reference = Reference::parse(annotation)?.ok()?;
     // A pinned version never changes: nothing to follow.
     reference.version.is_none().then_some(reference)
 }
 
 pub fn version_of(secret: &Secret) -> Option<&str> {
-    secret.metadata.annotations.as_ref()?.get(materialize::VERSION_ANNOTATION).map(String::as_str)
+    secret
+        .metadata
+        .annotations
+        .as_ref()?
+        .get(materialize::VERSION_ANNOTATION)
+        .map(String::as_str)
 }
 
 /// The intervals pods ask for, per Secret they use (`(namespace, name)`): the shortest
 /// `kvinject.io/refresh-interval` among them. One pass over the pods; unparseable or zero
 /// annotations are ignored, and Secrets no pod asks about are absent (they use the default).
-pub fn requested_intervals<'a>(pods: impl IntoIterator<Item = &'a Pod>) -> BTreeMap<(String, String), Duration> {
+pub fn requested_intervals<'a>(
+    pods: impl IntoIterator<Item = &'a Pod>,
+) -> BTreeMap<(String, String), Duration> {
     let mut out = BTreeMap::new();
     for pod in pods {
         let Some(asked) = pod
@@ -52,7 +63,9 @@ pub fn requested_intervals<'a>(pods: impl IntoIterator<Item = &'a Pod>) -> BTree
         };
         let ns = pod.metadata.namespace.clone().unwrap_or_default();
         for name in pod_secret_names(pod) {
-            out.entry((ns.clone(), name.to_owned())).and_modify(|d: &mut Duration| *d = (*d).min(asked)).or_insert(asked);
+            out.entry((ns.clone(), name.to_owned()))
+                .and_modify(|d: &mut Duration| *d = (*d).min(asked))
+                .or_insert(asked);
         }
     }
     out
@@ -67,7 +80,10 @@ pub fn pod_secret_names(pod: &Pod) -> impl Iterator<Item = &str> {
         .flat_map(|c| c.env.iter().flatten())
         .filter_map(|e| e.value_from.as_ref()?.secret_key_ref.as_ref())
         .map(|r| r.name.as_str());
-    let pull = spec.into_iter().flat_map(|s| s.image_pull_secrets.iter().flatten()).map(|r| r.name.as_str());
+    let pull = spec
+        .into_iter()
+        .flat_map(|s| s.image_pull_secrets.iter().flatten())
+        .map(|r| r.name.as_str());
     env.chain(pull)
 }
 
@@ -86,7 +102,12 @@ pub enum Collect {
 }
 
 /// What garbage collection does with one of kvinject's Secrets (pure).
-pub fn collect(referenced: bool, marked_at: Option<&str>, now: k8s_openapi::jiff::Timestamp, grace: Duration) -> Collect {
+pub fn collect(
+    referenced: bool,
+    marked_at: Option<&str>,
+    now: k8s_openapi::jiff::Timestamp,
+    grace: Duration,
+) -> Collect {
     match (referenced, marked_at) {
         (true, None) => Collect::Keep,
         (true, Some(_)) => Collect::Unmark,
@@ -96,7 +117,11 @@ pub fn collect(referenced: bool, marked_at: Option<&str>, now: k8s_openapi::jiff
             Err(_) => Collect::Mark,
             Ok(at) => {
                 let elapsed = now.as_millisecond().saturating_sub(at.as_millisecond());
-                if elapsed >= i64::try_from(grace.as_millis()).unwrap_or(i64::MAX) { Collect::Delete } else { Collect::Keep }
+                if elapsed >= i64::try_from(grace.as_millis()).unwrap_or(i64::MAX) {
+                    Collect::Delete
+                } else {
+                    Collect::Keep
+                }
             }
         },
     }
@@ -112,8 +137,14 @@ pub fn jitter(secret_key: &str, interval: Duration) -> Duration {
 
 /// The materialized Secrets a workload's pods will use: the same planning the webhook does.
 pub fn workload_secrets(template: &PodTemplateSpec, config: &InjectConfig) -> Vec<String> {
-    let pod = Pod { metadata: template.metadata.clone().unwrap_or_default(), spec: template.spec.clone(), status: None };
-    mutate::plan(&pod, config).map(|p| p.needed.into_iter().map(|n| n.secret_name).collect()).unwrap_or_default()
+    let pod = Pod {
+        metadata: template.metadata.clone().unwrap_or_default(),
+        spec: template.spec.clone(),
+        status: None,
+    };
+    mutate::plan(&pod, config)
+        .map(|p| p.needed.into_iter().map(|n| n.secret_name).collect())
+        .unwrap_or_default()
 }
 
 /// SHA-256 over `secret name = version` lines, sorted: the same versions, the same hash.
@@ -146,19 +177,33 @@ pub enum Rollout {
 
 /// Whether a workload rolls. `stored` is its metadata annotation; `opted_in` combines the
 /// workload's annotation with the namespace's and the global default.
-pub fn rollout(stored: Option<&str>, current: &str, opted_in: bool, strategy: Option<&str>) -> Result<Rollout, String> {
+pub fn rollout(
+    stored: Option<&str>,
+    current: &str,
+    opted_in: bool,
+    strategy: Option<&str>,
+) -> Result<Rollout, String> {
     if !opted_in {
         return Ok(Rollout::None);
     }
     let strategy = match strategy.unwrap_or("restart") {
         "restart" => Strategy::Restart,
         "evict" => Strategy::Evict,
-        other => return Err(format!("{STRATEGY_ANNOTATION} `{other}` is neither `restart` nor `evict`")),
+        other => {
+            return Err(format!(
+                "{STRATEGY_ANNOTATION} `{other}` is neither `restart` nor `evict`"
+            ));
+        }
     };
     Ok(match stored {
-        None => Rollout::Record { hash: current.to_owned() },
+        None => Rollout::Record {
+            hash: current.to_owned(),
+        },
         Some(s) if s == current => Rollout::None,
-        Some(_) => Rollout::Roll { hash: current.to_owned(), strategy },
+        Some(_) => Rollout::Roll {
+            hash: current.to_owned(),
+            strategy,
+        },
     })
 }
 
@@ -197,12 +242,19 @@ mod tests {
         assert_eq!(asked.get(&key("a")), Some(&Duration::from_secs(30)));
         assert_eq!(asked.get(&key("b")), Some(&Duration::from_secs(1)));
         assert_eq!(asked.get(&key("c")), None, "nobody asked: the default applies");
-        assert_eq!(requested_intervals(&pods[3..]).get(&key("a")), None, "a bad value is ignored");
+        assert_eq!(
+            requested_intervals(&pods[3..]).get(&key("a")),
+            None,
+            "a bad value is ignored"
+        );
     }
 
     #[test]
     fn pinned_references_are_not_followed() {
-        let secret = |r: &str| -> Secret { serde_json::from_value(json!({"metadata": {"annotations": {"kvinject.io/reference": r}}})).unwrap() };
+        let secret = |r: &str| -> Secret {
+            serde_json::from_value(json!({"metadata": {"annotations": {"kvinject.io/reference": r}}}))
+                .unwrap()
+        };
         assert!(followed_reference(&secret("akv://v/db")).is_some());
         assert!(followed_reference(&secret("akv://v/db/0123456789abcdef0123456789abcdef")).is_none());
         assert!(followed_reference(&Secret::default()).is_none());
@@ -210,7 +262,10 @@ mod tests {
 
     #[test]
     fn hashes_depend_on_versions_only() {
-        let a = BTreeMap::from([("s1".to_string(), "v1".to_string()), ("s2".to_string(), "v1".to_string())]);
+        let a = BTreeMap::from([
+            ("s1".to_string(), "v1".to_string()),
+            ("s2".to_string(), "v1".to_string()),
+        ]);
         let mut b = a.clone();
         assert_eq!(versions_hash(&a), versions_hash(&b));
         b.insert("s2".into(), "v2".into());
@@ -225,12 +280,37 @@ mod tests {
             (None, false, None, Ok(Rollout::None)),
             (None, true, None, Ok(Rollout::Record { hash: h.into() })),
             (Some("h1"), true, None, Ok(Rollout::None)),
-            (Some("h0"), true, None, Ok(Rollout::Roll { hash: h.into(), strategy: Strategy::Restart })),
-            (Some("h0"), true, Some("evict"), Ok(Rollout::Roll { hash: h.into(), strategy: Strategy::Evict })),
-            (Some("h0"), true, Some("recreate"), Err("kvinject.io/rollout-strategy `recreate` is neither `restart` nor `evict`".to_string())),
+            (
+                Some("h0"),
+                true,
+                None,
+                Ok(Rollout::Roll {
+                    hash: h.into(),
+                    strategy: Strategy::Restart,
+                }),
+            ),
+            (
+                Some("h0"),
+                true,
+                Some("evict"),
+                Ok(Rollout::Roll {
+                    hash: h.into(),
+                    strategy: Strategy::Evict,
+                }),
+            ),
+            (
+                Some("h0"),
+                true,
+                Some("recreate"),
+                Err("kvinject.io/rollout-strategy `recreate` is neither `restart` nor `evict`".to_string()),
+            ),
         ];
         for (stored, opted, strategy, want) in cases {
-            assert_eq!(rollout(stored, h, opted, strategy), want, "{stored:?} {opted} {strategy:?}");
+            assert_eq!(
+                rollout(stored, h, opted, strategy),
+                want,
+                "{stored:?} {opted} {strategy:?}"
+            );
         }
     }
 
@@ -245,7 +325,9 @@ mod tests {
 
     #[test]
     fn workloads_consume_what_the_webhook_would_materialize() {
-        let config = InjectConfig { vaults: ["v".to_string()].into() };
+        let config = InjectConfig {
+            vaults: ["v".to_string()].into(),
+        };
         let template: PodTemplateSpec = serde_json::from_value(json!({
             "metadata": {"annotations": {"kvinject.io/image-pull-secrets": "akv://v/acr"}},
             "spec": {"containers": [{"name": "c", "env": [{"name": "X", "value": "akv://v/db"}]}]}
@@ -253,7 +335,11 @@ mod tests {
         .unwrap();
         let names = workload_secrets(&template, &config);
         assert_eq!(names.len(), 2);
-        assert!(names.iter().any(|n| n.starts_with("kvi-v-db-")) && names.iter().any(|n| n.starts_with("kvi-pull-v-acr-")), "{names:?}");
+        assert!(
+            names.iter().any(|n| n.starts_with("kvi-v-db-"))
+                && names.iter().any(|n| n.starts_with("kvi-pull-v-acr-")),
+            "{names:?}"
+        );
     }
 
     #[test]
@@ -269,7 +355,11 @@ mod tests {
             (false, Some("yesterday"), Collect::Mark),
         ];
         for (referenced, mark, want) in cases {
-            assert_eq!(collect(referenced, mark, now, hour), want, "{referenced} {mark:?}");
+            assert_eq!(
+                collect(referenced, mark, now, hour),
+                want,
+                "{referenced} {mark:?}"
+            );
         }
     }
 

@@ -43,7 +43,11 @@ pub fn step(spec: Option<&LeaseSpec>, identity: &str, now: Timestamp) -> Step {
         Some(MicroTime(t)) => now.as_second() >= t.as_second() + duration,
         None => true,
     };
-    if holder.is_empty() || expired { Step::Acquire } else { Step::Wait }
+    if holder.is_empty() || expired {
+        Step::Acquire
+    } else {
+        Step::Wait
+    }
 }
 
 /// Campaigns for and renews the lease forever, publishing whether this replica leads.
@@ -69,7 +73,12 @@ pub async fn run(client: Client, config: LeaseConfig, leading: watch::Sender<boo
             info!(identity = %config.identity, leading = lead, "rotation leadership changed");
         }
         leading.send_replace(lead);
-        tokio::time::sleep(if lead { renew_every } else { renew_every.max(Duration::from_secs(1)) }).await;
+        tokio::time::sleep(if lead {
+            renew_every
+        } else {
+            renew_every.max(Duration::from_secs(1))
+        })
+        .await;
     }
 }
 
@@ -77,7 +86,11 @@ pub async fn run(client: Client, config: LeaseConfig, leading: watch::Sender<boo
 async fn try_once(api: &Api<Lease>, config: &LeaseConfig) -> Result<bool, kube::Error> {
     let now = Timestamp::now();
     let current = api.get_opt(&config.name).await?;
-    let step = step(current.as_ref().and_then(|l| l.spec.as_ref()), &config.identity, now);
+    let step = step(
+        current.as_ref().and_then(|l| l.spec.as_ref()),
+        &config.identity,
+        now,
+    );
     let mut lease = match (step, current) {
         (Step::Wait, _) => return Ok(false),
         (_, Some(l)) => l,
@@ -91,7 +104,8 @@ async fn try_once(api: &Api<Lease>, config: &LeaseConfig) -> Result<bool, kube::
     if step == Step::Acquire {
         spec.holder_identity = Some(config.identity.clone());
         spec.acquire_time = Some(MicroTime(now));
-        spec.lease_transitions = Some(spec.lease_transitions.unwrap_or(0) + i32::from(lease.metadata.resource_version.is_some()));
+        spec.lease_transitions =
+            Some(spec.lease_transitions.unwrap_or(0) + i32::from(lease.metadata.resource_version.is_some()));
     }
     spec.lease_duration_seconds = Some(config.duration.as_secs().try_into().unwrap_or(15));
     spec.renew_time = Some(MicroTime(now));
@@ -118,7 +132,9 @@ mod tests {
         LeaseSpec {
             holder_identity: Some(holder.into()),
             lease_duration_seconds: Some(15),
-            renew_time: Some(MicroTime(Timestamp::from_second(now.as_second() - renewed_secs_ago).unwrap())),
+            renew_time: Some(MicroTime(
+                Timestamp::from_second(now.as_second() - renewed_secs_ago).unwrap(),
+            )),
             ..Default::default()
         }
     }
@@ -129,7 +145,11 @@ mod tests {
         assert_eq!(step(None, "me", now), Step::Acquire);
         assert_eq!(step(Some(&spec("me", 100)), "me", now), Step::Renew);
         assert_eq!(step(Some(&spec("other", 5)), "me", now), Step::Wait);
-        assert_eq!(step(Some(&spec("other", 16)), "me", now), Step::Acquire, "expired");
+        assert_eq!(
+            step(Some(&spec("other", 16)), "me", now),
+            Step::Acquire,
+            "expired"
+        );
         assert_eq!(step(Some(&spec("", 1)), "me", now), Step::Acquire, "released");
     }
 }

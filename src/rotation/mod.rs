@@ -88,7 +88,10 @@ impl Caches {
 
 /// Starts the reflectors the controller needs (besides the Secret store the webhook
 /// shares) and returns them with the future that drives them.
-pub fn watch_workloads(client: &Client, secrets: Store<Secret>) -> (Caches, impl Future<Output = ()> + Send + use<>) {
+pub fn watch_workloads(
+    client: &Client,
+    secrets: Store<Secret>,
+) -> (Caches, impl Future<Output = ()> + Send + use<>) {
     fn reflect<K>(api: Api<K>, config: watcher::Config) -> (Store<K>, futures::future::BoxFuture<'static, ()>)
     where
         K: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
@@ -104,12 +107,25 @@ pub fn watch_workloads(client: &Client, secrets: Store<Secret>) -> (Caches, impl
             });
         (store, Box::pin(fut))
     }
-    let (pods, p) = reflect(Api::<Pod>::all(client.clone()), watcher::Config::default().labels(&format!("{}=true", crate::mutate::INJECTED_LABEL)));
+    let (pods, p) = reflect(
+        Api::<Pod>::all(client.clone()),
+        watcher::Config::default().labels(&format!("{}=true", crate::mutate::INJECTED_LABEL)),
+    );
     let (deployments, d) = reflect(Api::<Deployment>::all(client.clone()), watcher::Config::default());
-    let (statefulsets, s) = reflect(Api::<StatefulSet>::all(client.clone()), watcher::Config::default());
+    let (statefulsets, s) = reflect(
+        Api::<StatefulSet>::all(client.clone()),
+        watcher::Config::default(),
+    );
     let (daemonsets, ds) = reflect(Api::<DaemonSet>::all(client.clone()), watcher::Config::default());
     let (namespaces, n) = reflect(Api::<Namespace>::all(client.clone()), watcher::Config::default());
-    let caches = Caches { secrets, pods, deployments, statefulsets, daemonsets, namespaces };
+    let caches = Caches {
+        secrets,
+        pods,
+        deployments,
+        statefulsets,
+        daemonsets,
+        namespaces,
+    };
     let drive = async move {
         futures::future::join_all([p, d, s, ds, n]).await;
     };
@@ -150,7 +166,13 @@ impl Controller {
         metrics: Metrics,
         identity: &str,
     ) -> Self {
-        let recorder = Recorder::new(client.clone(), Reporter { controller: "kvinject".into(), instance: Some(identity.to_owned()) });
+        let recorder = Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: "kvinject".into(),
+                instance: Some(identity.to_owned()),
+            },
+        );
         Self {
             client,
             config,
@@ -212,7 +234,10 @@ impl Controller {
         // For a reference shared by several Secrets and pods, the shortest interval wins.
         let default = self.config.refresh_interval;
         let interval_of = |secrets: &[Arc<Secret>]| {
-            secrets.iter().filter_map(|s| asked.get(&(s.namespace().unwrap_or_default(), s.name_any()))).fold(default, |a, b| a.min(*b))
+            secrets
+                .iter()
+                .filter_map(|s| asked.get(&(s.namespace().unwrap_or_default(), s.name_any())))
+                .fold(default, |a, b| a.min(*b))
         };
         let mut due: Vec<(&Reference, &[Arc<Secret>], Duration)> = Vec::new();
         for (reference, secrets) in &by_reference {
@@ -233,19 +258,36 @@ impl Controller {
         // check at once the other references used in the same namespaces.
         let peers: Vec<(&Reference, &[Arc<Secret>], Duration)> = by_reference
             .iter()
-            .filter(|(r, secrets)| !checked.contains(*r) && !down.contains(&r.vault) && secrets.iter().any(|s| dirty.contains(&s.namespace().unwrap_or_default())))
+            .filter(|(r, secrets)| {
+                !checked.contains(*r)
+                    && !down.contains(&r.vault)
+                    && secrets
+                        .iter()
+                        .any(|s| dirty.contains(&s.namespace().unwrap_or_default()))
+            })
             .map(|(r, secrets)| (r, secrets.as_slice(), interval_of(secrets)))
             .collect();
         self.check_all(peers, &mut down, &mut dirty, now).await;
         let end = Instant::now();
-        let stalest = self.polls.values().filter_map(|p| p.last_success).map(|t| end.duration_since(t).as_secs()).max().unwrap_or(0);
-        self.metrics.sync_age_seconds.set(i64::try_from(stalest).unwrap_or(i64::MAX));
+        let stalest = self
+            .polls
+            .values()
+            .filter_map(|p| p.last_success)
+            .map(|t| end.duration_since(t).as_secs())
+            .max()
+            .unwrap_or(0);
+        self.metrics
+            .sync_age_seconds
+            .set(i64::try_from(stalest).unwrap_or(i64::MAX));
 
-        let full = self.last_full_reconcile.is_none_or(|t| now.duration_since(t) >= self.config.reconcile_interval);
+        let full = self
+            .last_full_reconcile
+            .is_none_or(|t| now.duration_since(t) >= self.config.reconcile_interval);
         if full {
             self.last_full_reconcile = Some(now);
         }
-        self.reconcile_workloads(if full { None } else { Some(&dirty) }).await;
+        self.reconcile_workloads(if full { None } else { Some(&dirty) })
+            .await;
         if full && let Some(grace) = self.config.gc_grace {
             self.collect_garbage(&secrets, grace).await;
         }
@@ -266,32 +308,68 @@ impl Controller {
             .state()
             .iter()
             .filter_map(|d| Some((d.namespace()?, d.spec.as_ref()?.template.clone())))
-            .chain(self.caches.statefulsets.state().iter().filter_map(|d| Some((d.namespace()?, d.spec.as_ref()?.template.clone()))))
-            .chain(self.caches.daemonsets.state().iter().filter_map(|d| Some((d.namespace()?, d.spec.as_ref()?.template.clone()))))
+            .chain(
+                self.caches
+                    .statefulsets
+                    .state()
+                    .iter()
+                    .filter_map(|d| Some((d.namespace()?, d.spec.as_ref()?.template.clone()))),
+            )
+            .chain(
+                self.caches
+                    .daemonsets
+                    .state()
+                    .iter()
+                    .filter_map(|d| Some((d.namespace()?, d.spec.as_ref()?.template.clone()))),
+            )
             .collect::<Vec<_>>();
         for (ns, template) in templates {
-            referenced.extend(decide::workload_secrets(&template, &self.inject).into_iter().map(|n| (ns.clone(), n)));
+            referenced.extend(
+                decide::workload_secrets(&template, &self.inject)
+                    .into_iter()
+                    .map(|n| (ns.clone(), n)),
+            );
         }
         let now = k8s_openapi::jiff::Timestamp::now();
-        for secret in secrets.iter().filter(|s| materialize::is_managed(s) && needed_for(s).is_some()) {
+        for secret in secrets
+            .iter()
+            .filter(|s| materialize::is_managed(s) && needed_for(s).is_some())
+        {
             let (ns, name) = (secret.namespace().unwrap_or_default(), secret.name_any());
-            let mark = secret.metadata.annotations.as_ref().and_then(|a| a.get(decide::UNREFERENCED_ANNOTATION)).map(String::as_str);
+            let mark = secret
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(decide::UNREFERENCED_ANNOTATION))
+                .map(String::as_str);
             let api: Api<Secret> = Api::namespaced(self.client.clone(), &ns);
-            let result = match decide::collect(referenced.contains(&(ns.clone(), name.clone())), mark, now, grace) {
+            let result = match decide::collect(
+                referenced.contains(&(ns.clone(), name.clone())),
+                mark,
+                now,
+                grace,
+            ) {
                 decide::Collect::Keep => continue,
                 decide::Collect::Unmark => {
                     let patch = json!({"metadata": {"annotations": {decide::UNREFERENCED_ANNOTATION: null}}});
-                    api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch)).await.map(|_| ())
+                    api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                        .await
+                        .map(|_| ())
                 }
                 decide::Collect::Mark => {
                     let patch = json!({"metadata": {"annotations": {decide::UNREFERENCED_ANNOTATION: now.to_string()}}});
-                    api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch)).await.map(|_| ())
+                    api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                        .await
+                        .map(|_| ())
                 }
                 decide::Collect::Delete => {
                     // Preconditioned on the version read: a Secret changed since is left for
                     // the next pass.
                     let params = kube::api::DeleteParams {
-                        preconditions: Some(kube::api::Preconditions { resource_version: secret.resource_version(), uid: secret.uid() }),
+                        preconditions: Some(kube::api::Preconditions {
+                            resource_version: secret.resource_version(),
+                            uid: secret.uid(),
+                        }),
                         ..Default::default()
                     };
                     match api.delete(&name, &params).await {
@@ -323,14 +401,22 @@ impl Controller {
     /// when the vault cannot be reached, its other references wait (one failed call per
     /// vault per sweep); otherwise they are read `keyvault_concurrency` at a time. Updates
     /// are written one by one afterwards. Adds to `down` and `dirty`.
-    async fn check_all(&mut self, due: Vec<(&Reference, &[Arc<Secret>], Duration)>, down: &mut BTreeSet<String>, dirty: &mut BTreeSet<String>, now: Instant) {
+    async fn check_all(
+        &mut self,
+        due: Vec<(&Reference, &[Arc<Secret>], Duration)>,
+        down: &mut BTreeSet<String>,
+        dirty: &mut BTreeSet<String>,
+        now: Instant,
+    ) {
         let mut by_vault: BTreeMap<&str, Vec<(&Reference, &[Arc<Secret>], Duration)>> = BTreeMap::new();
         for d in due {
             by_vault.entry(d.0.vault.as_str()).or_default().push(d);
         }
         for (vault, refs) in by_vault {
             let mut refs = refs.into_iter();
-            let Some((first, secrets, interval)) = refs.next() else { continue };
+            let Some((first, secrets, interval)) = refs.next() else {
+                continue;
+            };
             if down.contains(vault) {
                 for (r, _, interval) in std::iter::once((first, secrets, interval)).chain(refs) {
                     self.postpone(r, interval, now);
@@ -348,7 +434,8 @@ impl Controller {
                 continue;
             }
             // Owned inputs: the futures must not borrow from the sweep's state.
-            let rest: Vec<(Reference, Vec<Arc<Secret>>, Duration)> = refs.map(|(r, s, i)| (r.clone(), s.to_vec(), i)).collect();
+            let rest: Vec<(Reference, Vec<Arc<Secret>>, Duration)> =
+                refs.map(|(r, s, i)| (r.clone(), s.to_vec(), i)).collect();
             let source = self.source.clone();
             let fetched: Vec<_> = futures::stream::iter(rest)
                 .map(move |(r, secrets, interval)| {
@@ -374,17 +461,31 @@ impl Controller {
     /// Records the result of reading `reference` (one Key Vault call) and updates the
     /// Secrets that follow it; returns the namespaces where a Secret changed, and whether
     /// the vault itself could not be used.
-    async fn apply(&mut self, reference: &Reference, secrets: &[Arc<Secret>], interval: Duration, now: Instant, result: Result<Fetched, crate::keyvault::source::FetchError>) -> (BTreeSet<String>, bool) {
+    async fn apply(
+        &mut self,
+        reference: &Reference,
+        secrets: &[Arc<Secret>],
+        interval: Duration,
+        now: Instant,
+        result: Result<Fetched, crate::keyvault::source::FetchError>,
+    ) -> (BTreeSet<String>, bool) {
         let mut changed = BTreeSet::new();
         let mut outage = false;
         self.metrics.keyvault_read(&result);
-        let poll = self.polls.entry(reference.clone()).or_insert(Poll { next: now, failures: 0, last_success: None });
+        let poll = self.polls.entry(reference.clone()).or_insert(Poll {
+            next: now,
+            failures: 0,
+            last_success: None,
+        });
         match result {
             Ok(fetched) => {
                 poll.failures = 0;
                 poll.last_success = Some(now);
                 poll.next = now + interval;
-                for secret in secrets.iter().filter(|s| decide::version_of(s) != Some(fetched.version.as_str())) {
+                for secret in secrets
+                    .iter()
+                    .filter(|s| decide::version_of(s) != Some(fetched.version.as_str()))
+                {
                     if self.update(secret, &fetched).await {
                         changed.insert(secret.namespace().unwrap_or_default());
                     }
@@ -402,7 +503,16 @@ impl Controller {
                 warn!(reference = %reference, error = %e, retry_in = ?wait, "could not check for a new version; keeping the materialized value");
                 if first {
                     for secret in secrets {
-                        self.event(secret.as_ref(), EventType::Warning, "KeyVaultUnreachable", format!("{reference}: {e}; keeping version {}", decide::version_of(secret).unwrap_or("?"))).await;
+                        self.event(
+                            secret.as_ref(),
+                            EventType::Warning,
+                            "KeyVaultUnreachable",
+                            format!(
+                                "{reference}: {e}; keeping version {}",
+                                decide::version_of(secret).unwrap_or("?")
+                            ),
+                        )
+                        .await;
                     }
                 }
             }
@@ -413,29 +523,57 @@ impl Controller {
     /// Writes the new value and version into `secret`; true when it was written.
     async fn update(&self, secret: &Secret, fetched: &Fetched) -> bool {
         let ns = secret.namespace().unwrap_or_default();
-        let Some(needed) = needed_for(secret) else { return false };
+        let Some(needed) = needed_for(secret) else {
+            return false;
+        };
         let desired = match materialize::desired_secret(&ns, &needed, fetched) {
             Ok(d) => d,
             Err(e) => {
-                self.event(secret, EventType::Warning, "RotationRefused", format!("{e}; keeping version {}", decide::version_of(secret).unwrap_or("?"))).await;
+                self.event(
+                    secret,
+                    EventType::Warning,
+                    "RotationRefused",
+                    format!(
+                        "{e}; keeping version {}",
+                        decide::version_of(secret).unwrap_or("?")
+                    ),
+                )
+                .await;
                 return false;
             }
         };
         let mut updated = secret.clone();
         updated.data = desired.data;
         updated.type_ = desired.type_;
-        updated.metadata.annotations.get_or_insert_with(Default::default).extend(desired.metadata.annotations.unwrap_or_default());
+        updated
+            .metadata
+            .annotations
+            .get_or_insert_with(Default::default)
+            .extend(desired.metadata.annotations.unwrap_or_default());
         updated.metadata.managed_fields = None;
         let api: Api<Secret> = Api::namespaced(self.client.clone(), &ns);
         // resourceVersion makes this conditional: a concurrent change wins, and the next
         // sweep sees it.
-        let params = PostParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() };
+        let params = PostParams {
+            field_manager: Some(FIELD_MANAGER.into()),
+            ..Default::default()
+        };
         match api.replace(&secret.name_any(), &params, &updated).await {
             Ok(_) => {
                 let from = decide::version_of(secret).unwrap_or("?").to_owned();
                 info!(secret = %secret.name_any(), namespace = %ns, reference = %needed.source.reference(), %from, to = %fetched.version, "rotated");
                 self.metrics.rotations.inc();
-                self.event(secret, EventType::Normal, "Rotated", format!("{}: version {from} -> {}", needed.source.reference(), fetched.version)).await;
+                self.event(
+                    secret,
+                    EventType::Normal,
+                    "Rotated",
+                    format!(
+                        "{}: version {from} -> {}",
+                        needed.source.reference(),
+                        fetched.version
+                    ),
+                )
+                .await;
                 true
             }
             Err(e) => {
@@ -452,20 +590,48 @@ impl Controller {
             return;
         }
         let keep = |ns: &str| only.is_none_or(|set| set.contains(ns));
-        for d in self.caches.deployments.state().iter().filter(|d| keep(&d.namespace().unwrap_or_default())) {
-            self.reconcile_one(d.as_ref(), d.spec.as_ref().map(|s| (&s.template, &s.selector))).await;
+        for d in self
+            .caches
+            .deployments
+            .state()
+            .iter()
+            .filter(|d| keep(&d.namespace().unwrap_or_default()))
+        {
+            self.reconcile_one(d.as_ref(), d.spec.as_ref().map(|s| (&s.template, &s.selector)))
+                .await;
         }
-        for s in self.caches.statefulsets.state().iter().filter(|d| keep(&d.namespace().unwrap_or_default())) {
-            self.reconcile_one(s.as_ref(), s.spec.as_ref().map(|s| (&s.template, &s.selector))).await;
+        for s in self
+            .caches
+            .statefulsets
+            .state()
+            .iter()
+            .filter(|d| keep(&d.namespace().unwrap_or_default()))
+        {
+            self.reconcile_one(s.as_ref(), s.spec.as_ref().map(|s| (&s.template, &s.selector)))
+                .await;
         }
-        for ds in self.caches.daemonsets.state().iter().filter(|d| keep(&d.namespace().unwrap_or_default())) {
-            self.reconcile_one(ds.as_ref(), ds.spec.as_ref().map(|s| (&s.template, &s.selector))).await;
+        for ds in self
+            .caches
+            .daemonsets
+            .state()
+            .iter()
+            .filter(|d| keep(&d.namespace().unwrap_or_default()))
+        {
+            self.reconcile_one(ds.as_ref(), ds.spec.as_ref().map(|s| (&s.template, &s.selector)))
+                .await;
         }
     }
 
     async fn reconcile_one<K>(&self, workload: &K, spec: Option<(&PodTemplateSpec, &LabelSelector)>)
     where
-        K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope> + Clone + Debug + DeserializeOwned + k8s_openapi::serde::Serialize + Send + Sync + 'static,
+        K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+            + Clone
+            + Debug
+            + DeserializeOwned
+            + k8s_openapi::serde::Serialize
+            + Send
+            + Sync
+            + 'static,
     {
         let Some((template, selector)) = spec else { return };
         let names = decide::workload_secrets(template, &self.inject);
@@ -477,7 +643,14 @@ impl Controller {
         for name in names {
             let object = reflector::ObjectRef::<Secret>::new(&name).within(&ns);
             // Not materialized yet: its pods have not been admitted; nothing to compare.
-            let Some(version) = self.caches.secrets.get(&object).and_then(|s| decide::version_of(&s).map(str::to_owned)) else { return };
+            let Some(version) = self
+                .caches
+                .secrets
+                .get(&object)
+                .and_then(|s| decide::version_of(&s).map(str::to_owned))
+            else {
+                return;
+            };
             versions.insert(name, version);
         }
         let current = decide::versions_hash(&versions);
@@ -486,8 +659,18 @@ impl Controller {
             .caches
             .namespaces
             .get(&reflector::ObjectRef::new(&ns))
-            .and_then(|n| n.metadata.annotations.as_ref()?.get(decide::ROLLOUT_ANNOTATION).cloned());
-        let opted = decide::opted_in(annotations.get(decide::ROLLOUT_ANNOTATION).map(String::as_str), ns_annotation.as_deref(), self.config.rollout_by_default);
+            .and_then(|n| {
+                n.metadata
+                    .annotations
+                    .as_ref()?
+                    .get(decide::ROLLOUT_ANNOTATION)
+                    .cloned()
+            });
+        let opted = decide::opted_in(
+            annotations.get(decide::ROLLOUT_ANNOTATION).map(String::as_str),
+            ns_annotation.as_deref(),
+            self.config.rollout_by_default,
+        );
         let decision = decide::rollout(
             annotations.get(decide::VERSIONS_ANNOTATION).map(String::as_str),
             &current,
@@ -501,20 +684,35 @@ impl Controller {
         let patch = match decision {
             Ok(Rollout::None) => return,
             Err(message) => {
-                self.event(workload, EventType::Warning, "RolloutRefused", message).await;
+                self.event(workload, EventType::Warning, "RolloutRefused", message)
+                    .await;
                 // Record so the same refusal is not repeated every sweep.
                 json!({"metadata": {"annotations": {decide::VERSIONS_ANNOTATION: current}}})
             }
-            Ok(Rollout::Record { hash }) => json!({"metadata": {"annotations": {decide::VERSIONS_ANNOTATION: hash}}}),
-            Ok(Rollout::Roll { hash, strategy: Strategy::Restart }) => {
+            Ok(Rollout::Record { hash }) => {
+                json!({"metadata": {"annotations": {decide::VERSIONS_ANNOTATION: hash}}})
+            }
+            Ok(Rollout::Roll {
+                hash,
+                strategy: Strategy::Restart,
+            }) => {
                 self.metrics.rollouts.inc();
                 info!(%kind, %name, namespace = %ns, "rolling: a Secret it uses has a new version");
-                self.event(workload, EventType::Normal, "RolloutOnRotation", format!("a Key Vault secret it uses has a new version; restarting (versions {hash})")).await;
+                self.event(
+                    workload,
+                    EventType::Normal,
+                    "RolloutOnRotation",
+                    format!("a Key Vault secret it uses has a new version; restarting (versions {hash})"),
+                )
+                .await;
                 // Pod template and stored hash in one write: rolled once per version set.
                 json!({"metadata": {"annotations": {decide::VERSIONS_ANNOTATION: hash}},
                        "spec": {"template": {"metadata": {"annotations": {decide::VERSIONS_ANNOTATION: hash}}}}})
             }
-            Ok(Rollout::Roll { hash, strategy: Strategy::Evict }) => {
+            Ok(Rollout::Roll {
+                hash,
+                strategy: Strategy::Evict,
+            }) => {
                 self.start_eviction(workload, selector, hash).await;
                 return;
             }
@@ -526,7 +724,13 @@ impl Controller {
         }
     }
 
-    async fn event<K: Resource<DynamicType = ()>>(&self, object: &K, type_: EventType, reason: &str, note: String) {
+    async fn event<K: Resource<DynamicType = ()>>(
+        &self,
+        object: &K,
+        type_: EventType,
+        reason: &str,
+        note: String,
+    ) {
         publish(&self.recorder, &object.object_ref(&()), type_, reason, note).await;
     }
 
@@ -537,20 +741,43 @@ impl Controller {
     /// move or a crash mid-way runs the rollout again rather than losing it.
     async fn start_eviction<K>(&self, workload: &K, selector: &LabelSelector, hash: String)
     where
-        K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope> + Clone + Debug + DeserializeOwned + k8s_openapi::serde::Serialize + Send + Sync + 'static,
+        K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+            + Clone
+            + Debug
+            + DeserializeOwned
+            + k8s_openapi::serde::Serialize
+            + Send
+            + Sync
+            + 'static,
     {
         let ns = workload.meta().namespace.clone().unwrap_or_default();
         let name = workload.meta().name.clone().unwrap_or_default();
         let key = format!("{}/{ns}/{name}", K::kind(&()));
         let Some(selector) = selector_string(selector) else {
-            self.event(workload, EventType::Warning, "RolloutRefused", "its selector cannot be used to find its pods; nothing was evicted".into()).await;
+            self.event(
+                workload,
+                EventType::Warning,
+                "RolloutRefused",
+                "its selector cannot be used to find its pods; nothing was evicted".into(),
+            )
+            .await;
             return;
         };
-        if !self.evicting.lock().map(|mut set| set.insert(key.clone())).unwrap_or(false) {
+        if !self
+            .evicting
+            .lock()
+            .map(|mut set| set.insert(key.clone()))
+            .unwrap_or(false)
+        {
             return; // already under way
         }
         info!(workload = %key, "rolling by eviction: a Secret it uses has a new version");
-        let (client, recorder, metrics, evicting) = (self.client.clone(), self.recorder.clone(), self.metrics.clone(), self.evicting.clone());
+        let (client, recorder, metrics, evicting) = (
+            self.client.clone(),
+            self.recorder.clone(),
+            self.metrics.clone(),
+            self.evicting.clone(),
+        );
         let leading = self.leading.clone();
         let timeout = self.config.evict_ready_timeout;
         let regarding = workload.object_ref(&());
@@ -559,7 +786,10 @@ impl Controller {
             let done = evict_pods(&client, &recorder, &regarding, &ns, &selector, timeout, leading).await;
             if done {
                 let patch = json!({"metadata": {"annotations": {decide::VERSIONS_ANNOTATION: hash}}});
-                match workloads.patch(&name, &PatchParams::default(), &Patch::Merge(&patch)).await {
+                match workloads
+                    .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                    .await
+                {
                     Ok(_) => {
                         metrics.rollouts.inc();
                     }
@@ -573,15 +803,30 @@ impl Controller {
     }
 }
 
-async fn publish(recorder: &Recorder, regarding: &k8s_openapi::api::core::v1::ObjectReference, type_: EventType, reason: &str, note: String) {
-    let event = Event { type_, reason: reason.into(), note: Some(note), action: "Rotate".into(), secondary: None };
+async fn publish(
+    recorder: &Recorder,
+    regarding: &k8s_openapi::api::core::v1::ObjectReference,
+    type_: EventType,
+    reason: &str,
+    note: String,
+) {
+    let event = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note),
+        action: "Rotate".into(),
+        secondary: None,
+    };
     if let Err(e) = recorder.publish(&event, regarding).await {
         warn!(error = %e, reason, "could not record an event");
     }
 }
 
 fn is_ready(pod: &Pod) -> bool {
-    pod.status.as_ref().and_then(|s| s.conditions.as_ref()).is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
 /// Evicts the pods matching `selector` one by one; false when it had to stop.
@@ -597,7 +842,12 @@ async fn evict_pods(
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
     let list_params = kube::api::ListParams::default().labels(selector);
     let initial: Vec<String> = match pods.list(&list_params).await {
-        Ok(l) => l.items.iter().filter(|p| p.metadata.deletion_timestamp.is_none()).map(|p| p.name_any()).collect(),
+        Ok(l) => l
+            .items
+            .iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_none())
+            .map(|p| p.name_any())
+            .collect(),
         Err(e) => {
             warn!(error = %e, "listing pods to evict");
             return false;
@@ -614,19 +864,38 @@ async fn evict_pods(
             match pods.evict(pod, &kube::api::EvictParams::default()).await {
                 Ok(_) => break,
                 Err(kube::Error::Api(s)) if s.code == 404 => break,
-                Err(kube::Error::Api(s)) if s.code == 429 && Instant::now() < deadline => tokio::time::sleep(Duration::from_secs(2)).await,
+                Err(kube::Error::Api(s)) if s.code == 429 && Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_secs(2)).await
+                }
                 Err(e) => {
-                    publish(recorder, regarding, EventType::Warning, "EvictionFailed", format!("evicting pod {pod}: {e}; the rollout will be retried")).await;
+                    publish(
+                        recorder,
+                        regarding,
+                        EventType::Warning,
+                        "EvictionFailed",
+                        format!("evicting pod {pod}: {e}; the rollout will be retried"),
+                    )
+                    .await;
                     return false;
                 }
             }
         }
-        publish(recorder, regarding, EventType::Normal, "Evicted", format!("evicted pod {pod}: a Key Vault secret it uses has a new version")).await;
+        publish(
+            recorder,
+            regarding,
+            EventType::Normal,
+            "Evicted",
+            format!("evicted pod {pod}: a Key Vault secret it uses has a new version"),
+        )
+        .await;
         // Wait for a replacement (a pod that was not there before) to be Ready.
         let waited = tokio::time::timeout(ready_timeout, async {
             loop {
                 if let Ok(list) = pods.list(&list_params).await
-                    && list.items.iter().any(|p| !initial.contains(&p.name_any()) && is_ready(p))
+                    && list
+                        .items
+                        .iter()
+                        .any(|p| !initial.contains(&p.name_any()) && is_ready(p))
                 {
                     return;
                 }
@@ -643,7 +912,12 @@ async fn evict_pods(
 
 /// A label selector in the list API's string form; `None` for an operator it cannot express.
 fn selector_string(selector: &LabelSelector) -> Option<String> {
-    let mut parts: Vec<String> = selector.match_labels.iter().flatten().map(|(k, v)| format!("{k}={v}")).collect();
+    let mut parts: Vec<String> = selector
+        .match_labels
+        .iter()
+        .flatten()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
     for e in selector.match_expressions.iter().flatten() {
         let values = e.values.clone().unwrap_or_default().join(",");
         parts.push(match e.operator.as_str() {
@@ -662,14 +936,23 @@ fn selector_string(selector: &LabelSelector) -> Option<String> {
 fn needed_for(secret: &Secret) -> Option<Needed> {
     let annotations = secret.metadata.annotations.as_ref()?;
     let reference = Reference::parse(annotations.get(materialize::REFERENCE_ANNOTATION)?)?.ok()?;
-    let source = match (secret.type_.as_deref(), annotations.get(materialize::REGISTRY_ANNOTATION), annotations.get(materialize::USERNAME_ANNOTATION)) {
-        (Some("kubernetes.io/dockerconfigjson"), Some(registry), Some(username)) => {
-            Source::RegistryLogin { registry: registry.clone(), username: username.clone(), password: reference }
-        }
+    let source = match (
+        secret.type_.as_deref(),
+        annotations.get(materialize::REGISTRY_ANNOTATION),
+        annotations.get(materialize::USERNAME_ANNOTATION),
+    ) {
+        (Some("kubernetes.io/dockerconfigjson"), Some(registry), Some(username)) => Source::RegistryLogin {
+            registry: registry.clone(),
+            username: username.clone(),
+            password: reference,
+        },
         (Some("kubernetes.io/dockerconfigjson"), _, _) => Source::DockerConfig(reference),
         _ => Source::Env(reference),
     };
-    Some(Needed { secret_name: secret.name_any(), source })
+    Some(Needed {
+        secret_name: secret.name_any(),
+        source,
+    })
 }
 
 #[cfg(test)]
@@ -700,9 +983,15 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(20)).await;
             self.in_flight.fetch_sub(1, Ordering::SeqCst);
             if self.down.load(Ordering::SeqCst) {
-                return Err(FetchError::Unreachable { vault: reference.vault.clone(), detail: "stopped".into() });
+                return Err(FetchError::Unreachable {
+                    vault: reference.vault.clone(),
+                    detail: "stopped".into(),
+                });
             }
-            Ok(Fetched { value: SecretValue::new("unchanged"), version: VERSION.into() })
+            Ok(Fetched {
+                value: SecretValue::new("unchanged"),
+                version: VERSION.into(),
+            })
         }
         async fn probe(&self, _: &str) -> Result<(), FetchError> {
             Ok(())
@@ -728,9 +1017,24 @@ mod tests {
         let secrets = refs
             .iter()
             .map(|(vault, name)| {
-                let source = Source::Env(Reference { vault: (*vault).into(), name: (*name).into(), version: None });
-                let needed = Needed { secret_name: source.secret_name(), source };
-                materialize::desired_secret("ns", &needed, &Fetched { value: SecretValue::new("unchanged"), version: VERSION.into() }).unwrap()
+                let source = Source::Env(Reference {
+                    vault: (*vault).into(),
+                    name: (*name).into(),
+                    version: None,
+                });
+                let needed = Needed {
+                    secret_name: source.secret_name(),
+                    source,
+                };
+                materialize::desired_secret(
+                    "ns",
+                    &needed,
+                    &Fetched {
+                        value: SecretValue::new("unchanged"),
+                        version: VERSION.into(),
+                    },
+                )
+                .unwrap()
             })
             .collect();
         let caches = Caches {
@@ -750,7 +1054,9 @@ mod tests {
             evict_ready_timeout: Duration::from_secs(1),
             keyvault_concurrency: concurrency,
         };
-        let inject = InjectConfig { vaults: ["v".to_owned(), "w".to_owned()].into() };
+        let inject = InjectConfig {
+            vaults: ["v".to_owned(), "w".to_owned()].into(),
+        };
         Controller::new(client, config, inject, source, caches, Metrics::default(), "test")
     }
 
@@ -764,21 +1070,35 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(5)).await;
         c.sweep().await;
         assert_eq!(vault.calls.load(Ordering::SeqCst), 6, "one read per reference");
-        assert_eq!(vault.max_in_flight.load(Ordering::SeqCst), 4, "the five after the first, four at a time");
+        assert_eq!(
+            vault.max_in_flight.load(Ordering::SeqCst),
+            4,
+            "the five after the first, four at a time"
+        );
     }
 
     #[tokio::test]
     async fn an_unreachable_vault_costs_one_read_per_sweep_until_it_answers() {
         let vault = Arc::new(CountingVault::default());
         vault.down.store(true, Ordering::SeqCst);
-        let refs: Vec<(&str, String)> = (0..6).map(|i| ("v", format!("s{i}"))).chain((0..3).map(|i| ("w", format!("t{i}")))).collect();
+        let refs: Vec<(&str, String)> = (0..6)
+            .map(|i| ("v", format!("s{i}")))
+            .chain((0..3).map(|i| ("w", format!("t{i}"))))
+            .collect();
         let refs: Vec<(&str, &str)> = refs.iter().map(|(v, n)| (*v, n.as_str())).collect();
         let mut c = controller(&refs, vault.clone(), 8);
         c.sweep().await;
         tokio::time::sleep(Duration::from_millis(5)).await;
         c.sweep().await;
-        assert_eq!(vault.calls.load(Ordering::SeqCst), 2, "one failed read per vault; the rest wait");
-        assert!(c.polls.values().all(|p| p.failures == 1), "every reference of a down vault backs off");
+        assert_eq!(
+            vault.calls.load(Ordering::SeqCst),
+            2,
+            "one failed read per vault; the rest wait"
+        );
+        assert!(
+            c.polls.values().all(|p| p.failures == 1),
+            "every reference of a down vault backs off"
+        );
         // Backoff is capped at the (here 1 ms) interval: the next sweep tries again, still
         // once per vault.
         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -795,9 +1115,14 @@ mod tests {
     #[test]
     fn selectors() {
         let sel = |v: serde_json::Value| selector_string(&serde_json::from_value(v).unwrap());
-        assert_eq!(sel(json!({"matchLabels": {"app": "web"}})), Some("app=web".into()));
         assert_eq!(
-            sel(json!({"matchExpressions": [{"key": "tier", "operator": "In", "values": ["a", "b"]}, {"key": "x", "operator": "DoesNotExist"}]})),
+            sel(json!({"matchLabels": {"app": "web"}})),
+            Some("app=web".into())
+        );
+        assert_eq!(
+            sel(
+                json!({"matchExpressions": [{"key": "tier", "operator": "In", "values": ["a", "b"]}, {"key": "x", "operator": "DoesNotExist"}]})
+            ),
             Some("tier in (a,b),!x".into())
         );
         assert_eq!(sel(json!({})), None, "an empty selector would match every pod");
@@ -806,12 +1131,34 @@ mod tests {
     #[test]
     fn a_secret_rebuilds_into_the_same_secret_for_a_new_value() {
         for source in [
-            Source::Env(Reference { vault: "v".into(), name: "db".into(), version: None }),
-            Source::DockerConfig(Reference { vault: "v".into(), name: "acr".into(), version: None }),
-            Source::RegistryLogin { registry: "r.example".into(), username: "u".into(), password: Reference { vault: "v".into(), name: "sp".into(), version: None } },
+            Source::Env(Reference {
+                vault: "v".into(),
+                name: "db".into(),
+                version: None,
+            }),
+            Source::DockerConfig(Reference {
+                vault: "v".into(),
+                name: "acr".into(),
+                version: None,
+            }),
+            Source::RegistryLogin {
+                registry: "r.example".into(),
+                username: "u".into(),
+                password: Reference {
+                    vault: "v".into(),
+                    name: "sp".into(),
+                    version: None,
+                },
+            },
         ] {
-            let needed = Needed { secret_name: source.secret_name(), source };
-            let value = |v: &str| Fetched { value: SecretValue::new(v), version: format!("{v:0>32}") };
+            let needed = Needed {
+                secret_name: source.secret_name(),
+                source,
+            };
+            let value = |v: &str| Fetched {
+                value: SecretValue::new(v),
+                version: format!("{v:0>32}"),
+            };
             let old = materialize::desired_secret("ns", &needed, &value(r#"{"auths":{"a":{}}}"#)).unwrap();
             assert_eq!(needed_for(&old), Some(needed.clone()));
         }

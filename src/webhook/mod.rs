@@ -15,7 +15,10 @@ use axum::{
 use base64::Engine;
 use k8s_openapi::api::core::v1::Pod;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview};
-use std::{sync::Arc, time::{Duration, Instant}};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 use tracing::{Span, field::Empty, info, instrument, warn};
 
 /// AdmissionReviews for pods are bounded by the apiserver's request size (3 MiB by default).
@@ -29,7 +32,10 @@ pub struct WebhookState {
 }
 
 pub fn router(state: WebhookState) -> Router {
-    Router::new().route("/mutate", post(mutate_handler)).layer(DefaultBodyLimit::max(MAX_BODY)).with_state(state)
+    Router::new()
+        .route("/mutate", post(mutate_handler))
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(state)
 }
 
 #[instrument(skip_all, fields(uid = Empty, namespace = Empty, pod = Empty, dry_run = Empty, result = Empty))]
@@ -37,7 +43,11 @@ async fn mutate_handler(State(state): State<WebhookState>, body: Bytes) -> impl 
     let started = Instant::now();
     let response = review(&state, &body).await;
     let result = if response.allowed {
-        if response.patch.is_some() { "patched" } else { "allowed" }
+        if response.patch.is_some() {
+            "patched"
+        } else {
+            "allowed"
+        }
     } else if response.uid.is_empty() {
         "invalid"
     } else {
@@ -49,11 +59,17 @@ async fn mutate_handler(State(state): State<WebhookState>, body: Bytes) -> impl 
     let span = Span::current();
     span.record("result", result);
     if response.allowed {
-        info!(warnings = response.warnings.as_ref().map_or(0, Vec::len), "admission");
+        info!(
+            warnings = response.warnings.as_ref().map_or(0, Vec::len),
+            "admission"
+        );
     } else {
         warn!(reason = %response.result.message, "admission");
     }
-    ([(header::CONTENT_TYPE, "application/json")], encode_review(response))
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        encode_review(response),
+    )
 }
 
 /// Parses the body and decides; never fails: a body that is not an AdmissionReview for a
@@ -65,7 +81,9 @@ async fn review(state: &WebhookState, body: &[u8]) -> AdmissionResponse {
     };
     let request: AdmissionRequest<Pod> = match review.try_into() {
         Ok(r) => r,
-        Err(e) => return AdmissionResponse::invalid(format!("AdmissionReview carries no usable request: {e}")),
+        Err(e) => {
+            return AdmissionResponse::invalid(format!("AdmissionReview carries no usable request: {e}"));
+        }
     };
     let span = Span::current();
     span.record("uid", request.uid.as_str());
@@ -76,10 +94,26 @@ async fn review(state: &WebhookState, body: &[u8]) -> AdmissionResponse {
     let Some(pod) = request.object.as_ref() else {
         return response.deny("the AdmissionReview has no pod object");
     };
-    span.record("pod", pod.metadata.name.as_deref().or(pod.metadata.generate_name.as_deref()).unwrap_or(""));
-    let decision = tokio::time::timeout(state.deadline, state.injector.admit(&namespace, pod, request.dry_run)).await;
+    span.record(
+        "pod",
+        pod.metadata
+            .name
+            .as_deref()
+            .or(pod.metadata.generate_name.as_deref())
+            .unwrap_or(""),
+    );
+    let decision = tokio::time::timeout(
+        state.deadline,
+        state.injector.admit(&namespace, pod, request.dry_run),
+    )
+    .await;
     let admitted = match decision {
-        Err(_) => return response.deny(format!("kvinject could not decide within {:?}; Key Vault or the apiserver is slow", state.deadline)),
+        Err(_) => {
+            return response.deny(format!(
+                "kvinject could not decide within {:?}; Key Vault or the apiserver is slow",
+                state.deadline
+            ));
+        }
         Ok(Err(denied)) => return response.deny(denied.to_string()),
         Ok(Ok(a)) => a,
     };
@@ -115,7 +149,10 @@ mod tests {
     use super::*;
     use crate::{
         inject::{SecretWriter, WriteError},
-        keyvault::{SecretValue, source::{FetchError, Fetched, SecretSource}},
+        keyvault::{
+            SecretValue,
+            source::{FetchError, Fetched, SecretSource},
+        },
         metrics::Metrics,
         mutate::InjectConfig,
         reference::Reference,
@@ -126,7 +163,10 @@ mod tests {
     use k8s_openapi::api::core::v1::Secret;
     use kube::runtime::reflector::store::Writer;
     use serde_json::{Value, json};
-    use std::sync::{Mutex, atomic::{AtomicUsize, Ordering}};
+    use std::sync::{
+        Mutex,
+        atomic::{AtomicUsize, Ordering},
+    };
     use tower::ServiceExt;
 
     #[derive(Default)]
@@ -138,7 +178,10 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(50)).await;
             match r.name.as_str() {
                 "missing" => Err(FetchError::NotFound(r.to_string())),
-                _ => Ok(Fetched { value: SecretValue::new("s3cret"), version: "0123456789abcdef0123456789abcdef".into() }),
+                _ => Ok(Fetched {
+                    value: SecretValue::new("s3cret"),
+                    version: "0123456789abcdef0123456789abcdef".into(),
+                }),
             }
         }
         async fn probe(&self, _: &str) -> Result<(), FetchError> {
@@ -166,14 +209,29 @@ mod tests {
         let source = Arc::new(CountingSource::default());
         let writer = Arc::new(RecordingWriter::default());
         let store = Writer::<Secret>::default().as_reader();
-        let config = InjectConfig { vaults: ["main".to_string()].into() };
-        let injector = Injector::new(config, source.clone(), writer.clone(), store, Duration::from_secs(60), Metrics::default());
-        let app = router(WebhookState { injector: Arc::new(injector), deadline: Duration::from_secs(5) });
+        let config = InjectConfig {
+            vaults: ["main".to_string()].into(),
+        };
+        let injector = Injector::new(
+            config,
+            source.clone(),
+            writer.clone(),
+            store,
+            Duration::from_secs(60),
+            Metrics::default(),
+        );
+        let app = router(WebhookState {
+            injector: Arc::new(injector),
+            deadline: Duration::from_secs(5),
+        });
         Harness { app, source, writer }
     }
 
     async fn post(app: &Router, body: impl Into<Body>) -> (u16, Value) {
-        let req = Request::post("/mutate").header("content-type", "application/json").body(body.into()).unwrap();
+        let req = Request::post("/mutate")
+            .header("content-type", "application/json")
+            .body(body.into())
+            .unwrap();
         let res = app.clone().oneshot(req).await.unwrap();
         let status = res.status().as_u16();
         let bytes = res.into_body().collect().await.unwrap().to_bytes();
@@ -198,7 +256,9 @@ mod tests {
     }
 
     fn patched(pod: &Value, response: &Value) -> Value {
-        let bytes = base64::engine::general_purpose::STANDARD.decode(response["patch"].as_str().expect("patch is a base64 string")).unwrap();
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(response["patch"].as_str().expect("patch is a base64 string"))
+            .unwrap();
         let patch: json_patch::Patch = serde_json::from_slice(&bytes).unwrap();
         let mut doc = pod.clone();
         json_patch::patch(&mut doc, &patch).unwrap();
@@ -214,12 +274,18 @@ mod tests {
         assert_eq!(body["response"]["allowed"], true, "{body}");
         assert_eq!(body["response"]["patchType"], "JSONPatch");
         let doc = patched(&pod, &body["response"]);
-        let secret_name = doc["spec"]["containers"][0]["env"][0]["valueFrom"]["secretKeyRef"]["name"].as_str().unwrap().to_owned();
+        let secret_name = doc["spec"]["containers"][0]["env"][0]["valueFrom"]["secretKeyRef"]["name"]
+            .as_str()
+            .unwrap()
+            .to_owned();
         let written = h.writer.0.lock().unwrap().clone();
         assert_eq!(written.len(), 1);
         assert_eq!(written[0].metadata.name.as_deref(), Some(secret_name.as_str()));
         assert_eq!(written[0].data.as_ref().unwrap()["value"].0, b"s3cret");
-        assert!(!body.to_string().contains("s3cret"), "the value must not travel in the admission response");
+        assert!(
+            !body.to_string().contains("s3cret"),
+            "the value must not travel in the admission response"
+        );
     }
 
     #[tokio::test]
@@ -238,7 +304,11 @@ mod tests {
         let h = harness();
         let body = review_of(pod_with("akv://main/shared"), false).to_string();
         let answers = futures::future::join_all((0..20).map(|_| post(&h.app, body.clone()))).await;
-        assert!(answers.iter().all(|(s, b)| *s == 200 && b["response"]["allowed"] == true));
+        assert!(
+            answers
+                .iter()
+                .all(|(s, b)| *s == 200 && b["response"]["allowed"] == true)
+        );
         assert_eq!(h.source.0.load(Ordering::SeqCst), 1, "Key Vault reads");
         assert_eq!(h.writer.0.lock().unwrap().len(), 1, "Secret creates");
     }
@@ -247,9 +317,18 @@ mod tests {
     async fn denials_carry_the_reason_and_the_uid() {
         let h = harness();
         for (value, want) in [
-            ("akv://elsewhere/db", "container `c` env `DB`: vault `elsewhere` is not configured"),
-            ("akv://main/missing", "Key Vault secret akv://main/missing was not found"),
-            ("akv://main/bad_name", "secret name `bad_name` must be 1 to 127 characters"),
+            (
+                "akv://elsewhere/db",
+                "container `c` env `DB`: vault `elsewhere` is not configured",
+            ),
+            (
+                "akv://main/missing",
+                "Key Vault secret akv://main/missing was not found",
+            ),
+            (
+                "akv://main/bad_name",
+                "secret name `bad_name` must be 1 to 127 characters",
+            ),
         ] {
             let (status, body) = post(&h.app, review_of(pod_with(value), false).to_string()).await;
             assert_eq!(status, 200);
@@ -269,8 +348,17 @@ mod tests {
                 {"name": "GOOD", "value": "akv://main/db"}, {"name": "BAD", "value": "akv://main/missing"}]}]}});
         let (_, body) = post(&h.app, review_of(pod, false).to_string()).await;
         assert_eq!(body["response"]["allowed"], false);
-        assert!(body["response"]["status"]["message"].as_str().unwrap().contains("akv://main/missing was not found"), "{body}");
-        assert!(h.writer.0.lock().unwrap().is_empty(), "the good reference's Secret was written for a denied pod");
+        assert!(
+            body["response"]["status"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("akv://main/missing was not found"),
+            "{body}"
+        );
+        assert!(
+            h.writer.0.lock().unwrap().is_empty(),
+            "the good reference's Secret was written for a denied pod"
+        );
     }
 
     #[tokio::test]
@@ -284,12 +372,26 @@ mod tests {
     #[tokio::test]
     async fn garbage_gets_an_invalid_review_not_an_error_status() {
         let h = harness();
-        for body in ["", "not json", "{}", r#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview"}"#] {
+        for body in [
+            "",
+            "not json",
+            "{}",
+            r#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview"}"#,
+        ] {
             let (status, review) = post(&h.app, body.to_owned()).await;
             assert_eq!(status, 200, "body {body:?}");
             assert_eq!(review["response"]["allowed"], false, "body {body:?}");
-            assert_eq!(review["response"]["status"]["reason"], "InvalidRequest", "body {body:?}");
-            assert!(review["response"]["status"]["message"].as_str().unwrap().contains("AdmissionReview"), "body {body:?}: {review}");
+            assert_eq!(
+                review["response"]["status"]["reason"], "InvalidRequest",
+                "body {body:?}"
+            );
+            assert!(
+                review["response"]["status"]["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("AdmissionReview"),
+                "body {body:?}: {review}"
+            );
         }
     }
 

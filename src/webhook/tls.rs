@@ -12,9 +12,18 @@ use tracing::{info, warn};
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     #[error("cannot read {path}: {source}")]
-    Read { path: PathBuf, #[source] source: std::io::Error },
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("certificate {cert} and key {key} do not form a usable TLS configuration: {source}")]
-    Invalid { cert: PathBuf, key: PathBuf, #[source] source: std::io::Error },
+    Invalid {
+        cert: PathBuf,
+        key: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -25,8 +34,18 @@ pub struct CertFiles {
 
 impl CertFiles {
     async fn read(&self) -> Result<(Vec<u8>, Vec<u8>, [u8; 32]), TlsError> {
-        let cert = tokio::fs::read(&self.cert).await.map_err(|source| TlsError::Read { path: self.cert.clone(), source })?;
-        let key = tokio::fs::read(&self.key).await.map_err(|source| TlsError::Read { path: self.key.clone(), source })?;
+        let cert = tokio::fs::read(&self.cert)
+            .await
+            .map_err(|source| TlsError::Read {
+                path: self.cert.clone(),
+                source,
+            })?;
+        let key = tokio::fs::read(&self.key)
+            .await
+            .map_err(|source| TlsError::Read {
+                path: self.key.clone(),
+                source,
+            })?;
         let mut h = Sha256::new();
         h.update(&cert);
         h.update([0]);
@@ -35,19 +54,32 @@ impl CertFiles {
     }
 
     fn invalid(&self, source: std::io::Error) -> TlsError {
-        TlsError::Invalid { cert: self.cert.clone(), key: self.key.clone(), source }
+        TlsError::Invalid {
+            cert: self.cert.clone(),
+            key: self.key.clone(),
+            source,
+        }
     }
 
     /// Loads the initial configuration; fails when the files are missing or broken.
     pub async fn load(&self) -> Result<(RustlsConfig, [u8; 32]), TlsError> {
         let (cert, key, hash) = self.read().await?;
-        let config = RustlsConfig::from_pem(cert, key).await.map_err(|e| self.invalid(e))?;
+        let config = RustlsConfig::from_pem(cert, key)
+            .await
+            .map_err(|e| self.invalid(e))?;
         Ok((config, hash))
     }
 
     /// Re-reads the files every `interval` until `stop` fires, swapping in a changed pair.
     /// The expiry of the certificate in use goes to the `metrics` gauge.
-    pub async fn watch(self, config: RustlsConfig, mut hash: [u8; 32], interval: Duration, stop: CancellationToken, metrics: Metrics) {
+    pub async fn watch(
+        self,
+        config: RustlsConfig,
+        mut hash: [u8; 32],
+        interval: Duration,
+        stop: CancellationToken,
+        metrics: Metrics,
+    ) {
         self.record_expiry(&metrics).await;
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -75,12 +107,19 @@ impl CertFiles {
     }
 
     /// Returns the new hash when the files changed and were swapped in.
-    pub async fn reload_if_changed(&self, config: &RustlsConfig, hash: [u8; 32]) -> Result<Option<[u8; 32]>, TlsError> {
+    pub async fn reload_if_changed(
+        &self,
+        config: &RustlsConfig,
+        hash: [u8; 32],
+    ) -> Result<Option<[u8; 32]>, TlsError> {
         let (cert, key, new) = self.read().await?;
         if new == hash {
             return Ok(None);
         }
-        config.reload_from_pem(cert, key).await.map_err(|e| self.invalid(e))?;
+        config
+            .reload_from_pem(cert, key)
+            .await
+            .map_err(|e| self.invalid(e))?;
         Ok(Some(new))
     }
 }
@@ -115,7 +154,11 @@ mod tests {
     fn client_trusting(pem: &str) -> reqwest::Client {
         let ca = reqwest::Certificate::from_pem(pem.as_bytes()).unwrap();
         // no pooled connections: each request is a new TLS handshake
-        reqwest::Client::builder().tls_certs_only([ca]).pool_max_idle_per_host(0).build().unwrap()
+        reqwest::Client::builder()
+            .tls_certs_only([ca])
+            .pool_max_idle_per_host(0)
+            .build()
+            .unwrap()
     }
 
     #[tokio::test]
@@ -124,34 +167,52 @@ mod tests {
         let (cert_a, key_a) = cert();
         let (cert_b, key_b) = cert();
         publish(dir.path(), 1, &cert_a, &key_a);
-        let files = CertFiles { cert: dir.path().join("tls.crt"), key: dir.path().join("tls.key") };
+        let files = CertFiles {
+            cert: dir.path().join("tls.crt"),
+            key: dir.path().join("tls.key"),
+        };
         let (config, hash) = files.load().await.unwrap();
 
         let handle: axum_server::Handle<std::net::SocketAddr> = axum_server::Handle::new();
         let app = axum::Router::new().route("/", axum::routing::get(|| async { "ok" }));
-        let server = axum_server::bind_rustls("127.0.0.1:0".parse().unwrap(), config.clone()).handle(handle.clone());
+        let server =
+            axum_server::bind_rustls("127.0.0.1:0".parse().unwrap(), config.clone()).handle(handle.clone());
         tokio::spawn(server.serve(app.into_make_service()));
         let url = format!("https://localhost:{}/", handle.listening().await.unwrap().port());
         let (a, b) = (client_trusting(&cert_a), client_trusting(&cert_b));
         assert!(a.get(&url).send().await.is_ok(), "serves A");
         assert!(b.get(&url).send().await.is_err());
 
-        assert_eq!(files.reload_if_changed(&config, hash).await.unwrap(), None, "unchanged files are not reloaded");
+        assert_eq!(
+            files.reload_if_changed(&config, hash).await.unwrap(),
+            None,
+            "unchanged files are not reloaded"
+        );
         publish(dir.path(), 2, &cert_b, &key_b);
-        let hash = files.reload_if_changed(&config, hash).await.unwrap().expect("the swap is seen");
+        let hash = files
+            .reload_if_changed(&config, hash)
+            .await
+            .unwrap()
+            .expect("the swap is seen");
         assert!(b.get(&url).send().await.is_ok(), "serves B after the swap");
         assert!(a.get(&url).send().await.is_err());
 
         publish(dir.path(), 3, "not a certificate", &key_a);
         let err = files.reload_if_changed(&config, hash).await.unwrap_err();
         assert!(matches!(err, TlsError::Invalid { .. }), "{err}");
-        assert!(b.get(&url).send().await.is_ok(), "a broken pair keeps the old one");
+        assert!(
+            b.get(&url).send().await.is_ok(),
+            "a broken pair keeps the old one"
+        );
         handle.shutdown();
     }
 
     #[tokio::test]
     async fn missing_files_are_named() {
-        let files = CertFiles { cert: "/nonexistent/tls.crt".into(), key: "/nonexistent/tls.key".into() };
+        let files = CertFiles {
+            cert: "/nonexistent/tls.crt".into(),
+            key: "/nonexistent/tls.key".into(),
+        };
         let err = files.load().await.unwrap_err().to_string();
         assert!(err.contains("/nonexistent/tls.crt"), "{err}");
     }

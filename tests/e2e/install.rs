@@ -48,14 +48,25 @@ fn bed_cache() -> PathBuf {
 
 /// The bed's helm, built from helm.sh/helm/v3 (a no-op when cached).
 fn helm_bin() -> PathBuf {
-    let ok = Command::new(repo().join("tests/testbed/build.sh")).arg("helm").status().expect("building helm");
+    let ok = Command::new(repo().join("tests/testbed/build.sh"))
+        .arg("helm")
+        .status()
+        .expect("building helm");
     assert!(ok.success(), "tests/testbed/build.sh helm failed");
     bed_cache().join("bin/helm")
 }
 
 fn helm(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(helm_bin()).args(args).current_dir(repo()).output().expect("running helm");
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+    let out = Command::new(helm_bin())
+        .args(args)
+        .current_dir(repo())
+        .output()
+        .expect("running helm");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
 }
 
 #[tokio::test]
@@ -64,41 +75,109 @@ async fn chart_lints_renders_and_the_plain_manifests_are_in_sync() {
     let values = "deploy/manifests/values.yaml";
     for extra in [
         &[][..],
-        &["--set", "tls.source=certManager", "--set", "serviceMonitor.enabled=true"][..],
-        &["--set", "tls.source=secret", "--set", "tls.caBundle=Zm9v", "--set", "webhook.failurePolicy=Ignore", "--set", "antiAffinity=required"][..],
+        &[
+            "--set",
+            "tls.source=certManager",
+            "--set",
+            "serviceMonitor.enabled=true",
+        ][..],
+        &[
+            "--set",
+            "tls.source=secret",
+            "--set",
+            "tls.caBundle=Zm9v",
+            "--set",
+            "webhook.failurePolicy=Ignore",
+            "--set",
+            "antiAffinity=required",
+        ][..],
     ] {
         let mut args = vec!["lint", chart, "--strict", "-f", values];
         args.extend_from_slice(extra);
         let (ok, out, err) = helm(&args);
-        assert!(ok && out.contains("0 chart(s) failed"), "helm {args:?}:\n{out}\n{err}");
+        assert!(
+            ok && out.contains("0 chart(s) failed"),
+            "helm {args:?}:\n{out}\n{err}"
+        );
     }
-    let (ok, out, err) = helm(&["template", "kvinject", chart, "-n", NS, "-f", values, "--set", "tls.source=certManager"]);
+    let (ok, out, err) = helm(&[
+        "template",
+        "kvinject",
+        chart,
+        "-n",
+        NS,
+        "-f",
+        values,
+        "--set",
+        "tls.source=certManager",
+    ]);
     assert!(ok, "{err}");
-    assert!(out.contains("cert-manager.io/inject-ca-from: kvinject/kvinject") && out.contains("kind: Certificate"), "{out}");
+    assert!(
+        out.contains("cert-manager.io/inject-ca-from: kvinject/kvinject")
+            && out.contains("kind: Certificate"),
+        "{out}"
+    );
 
     // Settings that cannot work fail the render and name the value.
     for (set, want) in [
         ("vaults=null", "vaults: name at least one vault"),
-        ("webhook.timeoutSeconds=10", "webhook.timeoutSeconds: 10 must be 3..9"),
-        ("webhook.failurePolicy=Sometimes", "webhook.failurePolicy: \"Sometimes\" is not Fail or Ignore"),
-        ("tls.source=secret", "tls.caBundle: tls.source=secret needs the CA"),
+        (
+            "webhook.timeoutSeconds=10",
+            "webhook.timeoutSeconds: 10 must be 3..9",
+        ),
+        (
+            "webhook.failurePolicy=Sometimes",
+            "webhook.failurePolicy: \"Sometimes\" is not Fail or Ignore",
+        ),
+        (
+            "tls.source=secret",
+            "tls.caBundle: tls.source=secret needs the CA",
+        ),
         ("tls.source=vault", "tls.source: \"vault\" is not one of"),
     ] {
-        let (ok, _, err) = helm(&["template", "kvinject", chart, "-n", NS, "-f", values, "--set", set]);
+        let (ok, _, err) = helm(&[
+            "template", "kvinject", chart, "-n", NS, "-f", values, "--set", set,
+        ]);
         assert!(!ok && err.contains(want), "--set {set}: {err}");
     }
 
-    let out = Command::new(repo().join("deploy/render")).arg("--check").env("HELM", helm_bin()).output().unwrap();
-    assert!(out.status.success(), "deploy/manifests/kvinject.yaml is not what the chart renders:\n{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(repo().join("deploy/render"))
+        .arg("--check")
+        .env("HELM", helm_bin())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "deploy/manifests/kvinject.yaml is not what the chart renders:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Applies the committed plain manifests with server-side apply, as a GitOps tool would.
 /// An earlier test's registration (pointed at a local URL) is removed first: `url` and the
 /// chart's `service` cannot both be set.
 fn apply_manifests() {
-    let _ = support::kubectl(&["delete", "mutatingwebhookconfiguration", NAME, "--ignore-not-found"], None);
+    let _ = support::kubectl(
+        &[
+            "delete",
+            "mutatingwebhookconfiguration",
+            NAME,
+            "--ignore-not-found",
+        ],
+        None,
+    );
     let path = repo().join("deploy/manifests/kvinject.yaml");
-    let (ok, out, err) = support::kubectl(&["apply", "--server-side", "--field-manager=platform-team", "-f", path.to_str().unwrap()], None);
+    let (ok, out, err) = support::kubectl(
+        &[
+            "apply",
+            "--server-side",
+            "--field-manager=platform-team",
+            "-f",
+            path.to_str().unwrap(),
+        ],
+        None,
+    );
     assert!(ok, "the apiserver refused the manifests:\n{out}\n{err}");
 }
 
@@ -111,7 +190,9 @@ async fn point_webhook_at(client: &Client, port: u16) {
         {"op": "replace", "path": "/webhooks/0/clientConfig", "value": {"url": format!("https://127.0.0.1:{port}/mutate")}}
     ]))
     .unwrap();
-    api.patch(NAME, &PatchParams::default(), &Patch::Json::<()>(patch)).await.expect("pointing the webhook at the local kvinject");
+    api.patch(NAME, &PatchParams::default(), &Patch::Json::<()>(patch))
+        .await
+        .expect("pointing the webhook at the local kvinject");
 }
 
 /// A kubeconfig that acts as the chart's ServiceAccount (admin credentials, impersonating
@@ -132,33 +213,76 @@ fn service_account_kubeconfig() -> PathBuf {
 /// kvinject as the chart runs it: bootstrap TLS, its ServiceAccount's permissions only.
 async fn start_as_chart(port: u16, extra: &[&str]) -> Kvinject {
     let kubeconfig = service_account_kubeconfig();
-    let mut args = vec!["--tls-source", "bootstrap", "--tls-namespace", NS, "--tls-extra-san", "127.0.0.1", "--webhook-configuration", NAME];
+    let mut args = vec![
+        "--tls-source",
+        "bootstrap",
+        "--tls-namespace",
+        NS,
+        "--tls-extra-san",
+        "127.0.0.1",
+        "--webhook-configuration",
+        NAME,
+    ];
     args.extend_from_slice(extra);
-    Kvinject::start_with_env(port, support::free_port(), &args, &[("KUBECONFIG", kubeconfig.to_str().unwrap())]).await
+    Kvinject::start_with_env(
+        port,
+        support::free_port(),
+        &args,
+        &[("KUBECONFIG", kubeconfig.to_str().unwrap())],
+    )
+    .await
 }
 
 async fn fresh_bootstrap(client: &Client) {
     let secrets: Api<Secret> = Api::namespaced(client.clone(), NS);
     let _ = secrets.delete("kvinject-tls", &DeleteParams::default()).await;
-    support::eventually(Duration::from_secs(10), "the old bootstrap Secret to go", || async { secrets.get_opt("kvinject-tls").await.unwrap().is_none() }).await;
+    support::eventually(
+        Duration::from_secs(10),
+        "the old bootstrap Secret to go",
+        || async { secrets.get_opt("kvinject-tls").await.unwrap().is_none() },
+    )
+    .await;
 }
 
 async fn bootstrap_secret(client: &Client) -> (String, String) {
-    let s = Api::<Secret>::namespaced(client.clone(), NS).get("kvinject-tls").await.unwrap();
+    let s = Api::<Secret>::namespaced(client.clone(), NS)
+        .get("kvinject-tls")
+        .await
+        .unwrap();
     let get = |k: &str| String::from_utf8(s.data.as_ref().unwrap()[k].0.clone()).unwrap();
     (get("ca.crt"), get("tls.crt"))
 }
 
 async fn ca_bundle(client: &Client) -> Option<String> {
-    let mwc = Api::<MutatingWebhookConfiguration>::all(client.clone()).get(NAME).await.unwrap();
-    mwc.webhooks?[0].client_config.ca_bundle.as_ref().map(|b| String::from_utf8(b.0.clone()).unwrap())
+    let mwc = Api::<MutatingWebhookConfiguration>::all(client.clone())
+        .get(NAME)
+        .await
+        .unwrap();
+    mwc.webhooks?[0]
+        .client_config
+        .ca_bundle
+        .as_ref()
+        .map(|b| String::from_utf8(b.0.clone()).unwrap())
 }
 
 /// The certificate (PEM) kvinject presents on `port`.
 async fn served_certificate(port: u16) -> String {
-    let http = reqwest::Client::builder().tls_danger_accept_invalid_certs(true).tls_info(true).pool_max_idle_per_host(0).build().unwrap();
-    let r = http.get(format!("https://127.0.0.1:{port}/mutate")).send().await.expect("connecting to the webhook");
-    let der = r.extensions().get::<reqwest::tls::TlsInfo>().and_then(|i| i.peer_certificate()).expect("no peer certificate");
+    let http = reqwest::Client::builder()
+        .tls_danger_accept_invalid_certs(true)
+        .tls_info(true)
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+    let r = http
+        .get(format!("https://127.0.0.1:{port}/mutate"))
+        .send()
+        .await
+        .expect("connecting to the webhook");
+    let der = r
+        .extensions()
+        .get::<reqwest::tls::TlsInfo>()
+        .and_then(|i| i.peer_certificate())
+        .expect("no peer certificate");
     kvinject::certs::pem_cert(der)
 }
 
@@ -166,7 +290,11 @@ async fn served_certificate(port: u16) -> String {
 /// "403" is no sign: it turns up inside Key Vault version ids.)
 fn no_permission_errors(k: &Kvinject) {
     let logs = k.logs().to_lowercase();
-    assert!(!logs.contains("forbidden"), "kvinject hit a permission error:\n{}", k.logs());
+    assert!(
+        !logs.contains("forbidden"),
+        "kvinject hit a permission error:\n{}",
+        k.logs()
+    );
 }
 
 /// Deletes the test's namespace when dropped.
@@ -186,7 +314,10 @@ async fn the_apiserver_accepts_the_manifests_and_kvinject_works_on_the_charts_pe
     apply_manifests();
 
     // What the apiserver stored is what the chart promises.
-    let mwc = Api::<MutatingWebhookConfiguration>::all(client.clone()).get(NAME).await.unwrap();
+    let mwc = Api::<MutatingWebhookConfiguration>::all(client.clone())
+        .get(NAME)
+        .await
+        .unwrap();
     let w = &mwc.webhooks.as_ref().unwrap()[0];
     assert_eq!(w.side_effects, "NoneOnDryRun");
     assert_eq!(w.admission_review_versions, vec!["v1"]);
@@ -194,24 +325,87 @@ async fn the_apiserver_accepts_the_manifests_and_kvinject_works_on_the_charts_pe
     assert!(w.timeout_seconds.unwrap() < 10);
     assert_eq!(w.reinvocation_policy.as_deref(), Some("IfNeeded"));
     let rule = &w.rules.as_ref().unwrap()[0];
-    assert_eq!((rule.operations.as_deref(), rule.resources.as_deref()), (Some(&["CREATE".to_owned()][..]), Some(&["pods".to_owned()][..])));
-    let excluded = &w.namespace_selector.as_ref().unwrap().match_expressions.as_ref().unwrap()[0];
-    assert_eq!((excluded.key.as_str(), excluded.operator.as_str()), ("kubernetes.io/metadata.name", "NotIn"));
-    assert!(excluded.values.as_ref().unwrap().iter().any(|v| v == "kube-system") && excluded.values.as_ref().unwrap().iter().any(|v| v == NS));
-    let d = Api::<Deployment>::namespaced(client.clone(), NS).get(NAME).await.unwrap();
+    assert_eq!(
+        (rule.operations.as_deref(), rule.resources.as_deref()),
+        (Some(&["CREATE".to_owned()][..]), Some(&["pods".to_owned()][..]))
+    );
+    let excluded = &w
+        .namespace_selector
+        .as_ref()
+        .unwrap()
+        .match_expressions
+        .as_ref()
+        .unwrap()[0];
+    assert_eq!(
+        (excluded.key.as_str(), excluded.operator.as_str()),
+        ("kubernetes.io/metadata.name", "NotIn")
+    );
+    assert!(
+        excluded
+            .values
+            .as_ref()
+            .unwrap()
+            .iter()
+            .any(|v| v == "kube-system")
+            && excluded.values.as_ref().unwrap().iter().any(|v| v == NS)
+    );
+    let d = Api::<Deployment>::namespaced(client.clone(), NS)
+        .get(NAME)
+        .await
+        .unwrap();
     let spec = d.spec.as_ref().unwrap();
     assert_eq!(spec.replicas, Some(2));
     let pod_spec = spec.template.spec.as_ref().unwrap();
-    assert_eq!(pod_spec.security_context.as_ref().unwrap().run_as_non_root, Some(true));
+    assert_eq!(
+        pod_spec.security_context.as_ref().unwrap().run_as_non_root,
+        Some(true)
+    );
     let sc = pod_spec.containers[0].security_context.as_ref().unwrap();
-    assert_eq!((sc.read_only_root_filesystem, sc.allow_privilege_escalation), (Some(true), Some(false)));
-    assert_eq!(sc.capabilities.as_ref().unwrap().drop.as_deref(), Some(&["ALL".to_owned()][..]));
-    assert!(pod_spec.containers[0].resources.as_ref().unwrap().limits.as_ref().unwrap().contains_key("memory"));
+    assert_eq!(
+        (sc.read_only_root_filesystem, sc.allow_privilege_escalation),
+        (Some(true), Some(false))
+    );
+    assert_eq!(
+        sc.capabilities.as_ref().unwrap().drop.as_deref(),
+        Some(&["ALL".to_owned()][..])
+    );
+    assert!(
+        pod_spec.containers[0]
+            .resources
+            .as_ref()
+            .unwrap()
+            .limits
+            .as_ref()
+            .unwrap()
+            .contains_key("memory")
+    );
     assert!(pod_spec.affinity.as_ref().unwrap().pod_anti_affinity.is_some());
-    assert!(Api::<PodDisruptionBudget>::namespaced(client.clone(), NS).get(NAME).await.is_ok());
-    let sa = Api::<ServiceAccount>::namespaced(client.clone(), NS).get(NAME).await.unwrap();
-    assert_eq!(sa.metadata.labels.as_ref().unwrap().get("azure.workload.identity/use").map(String::as_str), Some("true"));
-    assert!(sa.metadata.annotations.as_ref().unwrap().contains_key("azure.workload.identity/client-id"));
+    assert!(
+        Api::<PodDisruptionBudget>::namespaced(client.clone(), NS)
+            .get(NAME)
+            .await
+            .is_ok()
+    );
+    let sa = Api::<ServiceAccount>::namespaced(client.clone(), NS)
+        .get(NAME)
+        .await
+        .unwrap();
+    assert_eq!(
+        sa.metadata
+            .labels
+            .as_ref()
+            .unwrap()
+            .get("azure.workload.identity/use")
+            .map(String::as_str),
+        Some("true")
+    );
+    assert!(
+        sa.metadata
+            .annotations
+            .as_ref()
+            .unwrap()
+            .contains_key("azure.workload.identity/client-id")
+    );
 
     // kvinject as the chart runs it, pointed at by the chart's registration.
     fresh_bootstrap(&client).await;
@@ -221,31 +415,81 @@ async fn the_apiserver_accepts_the_manifests_and_kvinject_works_on_the_charts_pe
     point_webhook_at(&client, port).await;
     let k = start_as_chart(
         port,
-        &["--rotation", "true", "--lease-namespace", NS, "--lease-name", "kvinject-rotation", "--lease-duration", "3s", "--refresh-interval", "1h", "--reconcile-interval", "1s", "--gc-grace-period", "2s", "--evict-ready-timeout", "1s", "--identity", "kvinject-sa-test"],
+        &[
+            "--rotation",
+            "true",
+            "--lease-namespace",
+            NS,
+            "--lease-name",
+            "kvinject-rotation",
+            "--lease-duration",
+            "3s",
+            "--refresh-interval",
+            "1h",
+            "--reconcile-interval",
+            "1s",
+            "--gc-grace-period",
+            "2s",
+            "--evict-ready-timeout",
+            "1s",
+            "--identity",
+            "kvinject-sa-test",
+        ],
     )
     .await;
 
     // Self-bootstrap: the Secret exists and the registration trusts its CA.
     let (ca, _) = bootstrap_secret(&client).await;
-    support::eventually(Duration::from_secs(10), "the webhook caBundle to carry the bootstrapped CA", || async { ca_bundle(&client).await.as_deref() == Some(ca.as_str()) }).await;
+    support::eventually(
+        Duration::from_secs(10),
+        "the webhook caBundle to carry the bootstrapped CA",
+        || async { ca_bundle(&client).await.as_deref() == Some(ca.as_str()) },
+    )
+    .await;
 
     let ns = support::namespace(&client, "install", &[OPT_IN]).await;
     let _guard = NsGuard(ns.clone());
     support::wait_for_webhook(&client, &ns).await;
 
     // Inject.
-    let (rolled, evicted, collected) = (support::unique("rolled"), support::unique("evicted"), support::unique("collected"));
+    let (rolled, evicted, collected) = (
+        support::unique("rolled"),
+        support::unique("evicted"),
+        support::unique("collected"),
+    );
     for s in [&rolled, &evicted, &collected] {
         support::seed_secret(s, "v1").await;
     }
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
     let pp = PostParams::default();
-    deployments.create(&pp, &deployment("restart", &rolled, json!({"kvinject.io/rollout-on-rotation": "true"}))).await.unwrap();
-    deployments.create(&pp, &deployment("evict", &evicted, json!({"kvinject.io/rollout-on-rotation": "true", "kvinject.io/rollout-strategy": "evict"}))).await.unwrap();
+    deployments
+        .create(
+            &pp,
+            &deployment(
+                "restart",
+                &rolled,
+                json!({"kvinject.io/rollout-on-rotation": "true"}),
+            ),
+        )
+        .await
+        .unwrap();
+    deployments
+        .create(
+            &pp,
+            &deployment(
+                "evict",
+                &evicted,
+                json!({"kvinject.io/rollout-on-rotation": "true", "kvinject.io/rollout-strategy": "evict"}),
+            ),
+        )
+        .await
+        .unwrap();
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
     let mut gc_pod = inject::pod("collected", &[("X", &reference(&collected))], json!({}));
     gc_pod.metadata.labels = Some([("app".to_owned(), "collected".to_owned())].into());
-    pods.create(&pp, &gc_pod).await.expect("a pod is admitted through the chart's webhook");
+    pods.create(&pp, &gc_pod)
+        .await
+        .expect("a pod is admitted through the chart's webhook");
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
     let rolled_secret = secret_of_pod(&client, &ns, "app=restart").await;
     let evicted_secret = secret_of_pod(&client, &ns, "app=evict").await;
@@ -253,36 +497,96 @@ async fn the_apiserver_accepts_the_manifests_and_kvinject_works_on_the_charts_pe
     let before = version(&secrets.get(&rolled_secret).await.unwrap());
 
     // Lease, and the versions each workload runs recorded on it (patching workloads).
-    support::eventually(Duration::from_secs(20), "kvinject to hold the rotation Lease", || async {
-        leases.get_opt("kvinject-rotation").await.unwrap().and_then(|l| l.spec?.holder_identity).as_deref() == Some("kvinject-sa-test")
-    })
+    support::eventually(
+        Duration::from_secs(20),
+        "kvinject to hold the rotation Lease",
+        || async {
+            leases
+                .get_opt("kvinject-rotation")
+                .await
+                .unwrap()
+                .and_then(|l| l.spec?.holder_identity)
+                .as_deref()
+                == Some("kvinject-sa-test")
+        },
+    )
     .await;
     for name in ["restart", "evict"] {
-        support::eventually(Duration::from_secs(20), &format!("the versions {name} runs to be recorded"), || async {
-            deployments.get(name).await.unwrap().metadata.annotations.unwrap_or_default().contains_key("kvinject.io/secret-versions")
-        })
+        support::eventually(
+            Duration::from_secs(20),
+            &format!("the versions {name} runs to be recorded"),
+            || async {
+                deployments
+                    .get(name)
+                    .await
+                    .unwrap()
+                    .metadata
+                    .annotations
+                    .unwrap_or_default()
+                    .contains_key("kvinject.io/secret-versions")
+            },
+        )
         .await;
     }
 
     // Rotate and roll (restart, evict).
     support::seed_secret(&rolled, "v2").await;
     support::seed_secret(&evicted, "v2").await;
-    support::eventually(Duration::from_secs(30), "the rotated Secret to carry the new version", || async { version(&secrets.get(&rolled_secret).await.unwrap()) != before }).await;
-    support::eventually(Duration::from_secs(30), "the restart strategy to roll the Deployment", || async {
-        let d = deployments.get("restart").await.unwrap();
-        d.spec.unwrap().template.metadata.unwrap().annotations.unwrap_or_default().contains_key("kvinject.io/secret-versions")
-    })
+    support::eventually(
+        Duration::from_secs(30),
+        "the rotated Secret to carry the new version",
+        || async { version(&secrets.get(&rolled_secret).await.unwrap()) != before },
+    )
+    .await;
+    support::eventually(
+        Duration::from_secs(30),
+        "the restart strategy to roll the Deployment",
+        || async {
+            let d = deployments.get("restart").await.unwrap();
+            d.spec
+                .unwrap()
+                .template
+                .metadata
+                .unwrap()
+                .annotations
+                .unwrap_or_default()
+                .contains_key("kvinject.io/secret-versions")
+        },
+    )
     .await;
     let events: Api<Event> = Api::namespaced(client.clone(), &ns);
-    support::eventually(Duration::from_secs(30), "an Evicted event for the evict strategy", || async {
-        events.list(&ListParams::default()).await.unwrap().items.iter().any(|e| e.reason.as_deref() == Some("Evicted"))
-    })
+    support::eventually(
+        Duration::from_secs(30),
+        "an Evicted event for the evict strategy",
+        || async {
+            events
+                .list(&ListParams::default())
+                .await
+                .unwrap()
+                .items
+                .iter()
+                .any(|e| e.reason.as_deref() == Some("Evicted"))
+        },
+    )
     .await;
     assert!(secrets.get_opt(&evicted_secret).await.unwrap().is_some());
 
     // Garbage collection: the pod goes, its Secret follows after the grace period.
-    pods.delete("collected", &DeleteParams { grace_period_seconds: Some(0), ..Default::default() }).await.unwrap();
-    support::eventually(Duration::from_secs(30), "the unreferenced Secret to be collected", || async { secrets.get_opt(&collected_secret).await.unwrap().is_none() }).await;
+    pods.delete(
+        "collected",
+        &DeleteParams {
+            grace_period_seconds: Some(0),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    support::eventually(
+        Duration::from_secs(30),
+        "the unreferenced Secret to be collected",
+        || async { secrets.get_opt(&collected_secret).await.unwrap().is_none() },
+    )
+    .await;
 
     no_permission_errors(&k);
 }
@@ -299,7 +603,11 @@ async fn replicas_starting_together_share_one_bootstrapped_certificate_and_renew
     let (a, b) = tokio::join!(start_as_chart(a_port, &flags), start_as_chart(b_port, &flags));
 
     let writes = |k: &Kvinject| k.logs().matches("wrote new webhook certificates").count();
-    assert_eq!(writes(&a) + writes(&b), 1, "exactly one replica creates the certificates; the other reads them");
+    assert_eq!(
+        writes(&a) + writes(&b),
+        1,
+        "exactly one replica creates the certificates; the other reads them"
+    );
     let (ca, first) = bootstrap_secret(&client).await;
     assert_eq!(served_certificate(a_port).await, first);
     assert_eq!(served_certificate(b_port).await, first);
@@ -310,11 +618,21 @@ async fn replicas_starting_together_share_one_bootstrapped_certificate_and_renew
 
     // With a third of its 30 s left, the serving certificate is renewed by the same CA and
     // both replicas swap it in; the apiserver keeps trusting them throughout.
-    support::eventually(Duration::from_secs(40), "the serving certificate to be renewed", || async { bootstrap_secret(&client).await.1 != first }).await;
+    support::eventually(
+        Duration::from_secs(40),
+        "the serving certificate to be renewed",
+        || async { bootstrap_secret(&client).await.1 != first },
+    )
+    .await;
     let (ca_after, renewed) = bootstrap_secret(&client).await;
     assert_eq!(ca_after, ca, "a serving renewal keeps the CA");
     for port in [a_port, b_port] {
-        support::eventually(Duration::from_secs(10), "each replica to serve the renewed certificate", || async { served_certificate(port).await == renewed }).await;
+        support::eventually(
+            Duration::from_secs(10),
+            "each replica to serve the renewed certificate",
+            || async { served_certificate(port).await == renewed },
+        )
+        .await;
     }
     assert_eq!(ca_bundle(&client).await.as_deref(), Some(ca.as_str()));
     support::wait_for_webhook(&client, &ns).await;
@@ -332,18 +650,48 @@ async fn kvinjects_own_namespace_and_kube_system_are_never_sent_to_the_webhook()
     let opted_in = support::namespace(&client, "stopped", &[OPT_IN]).await;
     let _guard = NsGuard(opted_in.clone());
     // Even carrying the opt-in label, kvinject's own namespace stays excluded.
-    let (ok, _, err) = support::kubectl(&["label", "namespace", NS, "kvinject.io/injection=enabled", "--overwrite"], None);
+    let (ok, _, err) = support::kubectl(
+        &[
+            "label",
+            "namespace",
+            NS,
+            "kvinject.io/injection=enabled",
+            "--overwrite",
+        ],
+        None,
+    );
     assert!(ok, "{err}");
 
     let name = support::unique("restart-me");
     for ns in [NS, "kube-system"] {
         let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
-        pods.create(&PostParams::default(), &inject::pod(&name, &[("X", &reference("x"))], json!({}))).await.unwrap_or_else(|e| panic!("a pod in {ns} must not need kvinject: {e}"));
-        pods.delete(&name, &DeleteParams { grace_period_seconds: Some(0), ..Default::default() }).await.unwrap();
+        pods.create(
+            &PostParams::default(),
+            &inject::pod(&name, &[("X", &reference("x"))], json!({})),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("a pod in {ns} must not need kvinject: {e}"));
+        pods.delete(
+            &name,
+            &DeleteParams {
+                grace_period_seconds: Some(0),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
     }
     // The registration is live: an opted-in namespace's pod is refused (failurePolicy Fail).
-    let refused = Api::<Pod>::namespaced(client.clone(), &opted_in).create(&PostParams::default(), &inject::pod(&name, &[("X", &reference("x"))], json!({}))).await;
-    assert!(matches!(&refused, Err(kube::Error::Api(s)) if s.message.contains("failed calling webhook")), "{refused:?}");
+    let refused = Api::<Pod>::namespaced(client.clone(), &opted_in)
+        .create(
+            &PostParams::default(),
+            &inject::pod(&name, &[("X", &reference("x"))], json!({})),
+        )
+        .await;
+    assert!(
+        matches!(&refused, Err(kube::Error::Api(s)) if s.message.contains("failed calling webhook")),
+        "{refused:?}"
+    );
 
     let (ok, _, err) = support::kubectl(&["label", "namespace", NS, "kvinject.io/injection-"], None);
     assert!(ok, "{err}");
@@ -354,43 +702,109 @@ async fn bootstrap_never_overwrites_a_secret_it_did_not_create() {
     let client = support::kube().await;
     let ns = support::namespace(&client, "foreign-tls", &[]).await;
     let _guard = NsGuard(ns.clone());
-    let foreign: Secret = serde_json::from_value(json!({"metadata": {"name": "kvinject-tls"}, "stringData": {"tls.crt": "someone else's"}})).unwrap();
-    Api::<Secret>::namespaced(client.clone(), &ns).create(&PostParams::default(), &foreign).await.unwrap();
+    let foreign: Secret = serde_json::from_value(
+        json!({"metadata": {"name": "kvinject-tls"}, "stringData": {"tls.crt": "someone else's"}}),
+    )
+    .unwrap();
+    Api::<Secret>::namespaced(client.clone(), &ns)
+        .create(&PostParams::default(), &foreign)
+        .await
+        .unwrap();
 
     let bed = support::testbed();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_kvinject"));
-    cmd.args(["serve", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--rotation", "false", "--vault", &format!("{}={}", bed.vault_name, bed.vault_url)])
-        .args(["--azure-credential", "managed-identity", "--tls-source", "bootstrap", "--tls-namespace", &ns, "--webhook-configuration", ""])
-        .env("KUBECONFIG", &bed.kubeconfig);
-    let out = tokio::time::timeout(Duration::from_secs(30), tokio::task::spawn_blocking(move || cmd.output())).await.expect("kvinject must exit, not hang").unwrap().unwrap();
+    cmd.args([
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--rotation",
+        "false",
+        "--vault",
+        &format!("{}={}", bed.vault_name, bed.vault_url),
+    ])
+    .args([
+        "--azure-credential",
+        "managed-identity",
+        "--tls-source",
+        "bootstrap",
+        "--tls-namespace",
+        &ns,
+        "--webhook-configuration",
+        "",
+    ])
+    .env("KUBECONFIG", &bed.kubeconfig);
+    let out = tokio::time::timeout(
+        Duration::from_secs(30),
+        tokio::task::spawn_blocking(move || cmd.output()),
+    )
+    .await
+    .expect("kvinject must exit, not hang")
+    .unwrap()
+    .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(stderr.contains(&format!("Secret {ns}/kvinject-tls exists but was not created by kvinject")), "{stderr}");
-    let kept = Api::<Secret>::namespaced(client.clone(), &ns).get("kvinject-tls").await.unwrap();
-    assert_eq!(kept.data.unwrap()["tls.crt"].0, b"someone else's", "the foreign Secret was changed");
+    assert!(
+        stderr.contains(&format!(
+            "Secret {ns}/kvinject-tls exists but was not created by kvinject"
+        )),
+        "{stderr}"
+    );
+    let kept = Api::<Secret>::namespaced(client.clone(), &ns)
+        .get("kvinject-tls")
+        .await
+        .unwrap();
+    assert_eq!(
+        kept.data.unwrap()["tls.crt"].0,
+        b"someone else's",
+        "the foreign Secret was changed"
+    );
 }
 
 #[tokio::test]
 async fn certificates_from_kvinject_certs_are_trusted_by_the_apiserver() {
     let dir = tempfile::tempdir().unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_kvinject"))
-        .args(["certs", "--service", "kvinject", "--namespace", "platform", "--extra-san", "127.0.0.1", "--out-dir"])
+        .args([
+            "certs",
+            "--service",
+            "kvinject",
+            "--namespace",
+            "platform",
+            "--extra-san",
+            "127.0.0.1",
+            "--out-dir",
+        ])
         .arg(dir.path())
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let ca_bundle = String::from_utf8(out.stdout).unwrap().trim().to_owned();
     let (cert, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
-    let k = Kvinject::start(&["--tls-cert", cert.to_str().unwrap(), "--tls-key", key.to_str().unwrap()]).await;
+    let k = Kvinject::start(&[
+        "--tls-cert",
+        cert.to_str().unwrap(),
+        "--tls-key",
+        key.to_str().unwrap(),
+    ])
+    .await;
 
     // A registration whose caBundle is exactly the line `kvinject certs` printed.
     let client = support::kube().await;
     let label = support::unique("certs");
     let ns = support::namespace(&client, "certs", &[("kvinject.test/suite", &label)]).await;
     let _guard = NsGuard(ns.clone());
-    let _webhook = support::register_webhook(&client, &label, &k.url(), ("kvinject.test/suite", &label)).await;
-    let patch: json_patch::Patch = serde_json::from_value(json!([{"op": "replace", "path": "/webhooks/0/clientConfig/caBundle", "value": ca_bundle}])).unwrap();
-    Api::<MutatingWebhookConfiguration>::all(client.clone()).patch(&label, &PatchParams::default(), &Patch::Json::<()>(patch)).await.unwrap();
+    let _webhook =
+        support::register_webhook(&client, &label, &k.url(), ("kvinject.test/suite", &label)).await;
+    let patch: json_patch::Patch = serde_json::from_value(
+        json!([{"op": "replace", "path": "/webhooks/0/clientConfig/caBundle", "value": ca_bundle}]),
+    )
+    .unwrap();
+    Api::<MutatingWebhookConfiguration>::all(client.clone())
+        .patch(&label, &PatchParams::default(), &Patch::Json::<()>(patch))
+        .await
+        .unwrap();
     support::wait_for_webhook(&client, &ns).await;
 }
 
@@ -401,14 +815,31 @@ async fn certificates_from_kvinject_certs_are_trusted_by_the_apiserver() {
 /// each CRD's schema without creating a second live webhook registration.
 #[tokio::test]
 async fn optional_cert_manager_and_service_monitor_objects_match_their_crds() {
-    let ok = Command::new(repo().join("tests/testbed/build.sh")).arg("crds").status().unwrap();
+    let ok = Command::new(repo().join("tests/testbed/build.sh"))
+        .arg("crds")
+        .status()
+        .unwrap();
     assert!(ok.success(), "tests/testbed/build.sh crds failed");
     let crds = bed_cache().join("crds/current");
     // kubectl reads a symlink as a file: give it the directory itself.
     let crds = crds.canonicalize().unwrap();
-    let (ok, out, err) = support::kubectl(&["apply", "--server-side", "--field-manager=platform-team", "-f", crds.to_str().unwrap()], None);
+    let (ok, out, err) = support::kubectl(
+        &[
+            "apply",
+            "--server-side",
+            "--field-manager=platform-team",
+            "-f",
+            crds.to_str().unwrap(),
+        ],
+        None,
+    );
     assert!(ok, "{out}{err}");
-    let names = ["certificates.cert-manager.io", "issuers.cert-manager.io", "servicemonitors.monitoring.coreos.com"].map(|c| format!("crd/{c}"));
+    let names = [
+        "certificates.cert-manager.io",
+        "issuers.cert-manager.io",
+        "servicemonitors.monitoring.coreos.com",
+    ]
+    .map(|c| format!("crd/{c}"));
     let mut wait = vec!["wait", "--for", "condition=Established", "--timeout=60s"];
     wait.extend(names.iter().map(String::as_str));
     let (ok, out, err) = support::kubectl(&wait, None);
@@ -417,22 +848,70 @@ async fn optional_cert_manager_and_service_monitor_objects_match_their_crds() {
     let client = support::kube().await;
     let ns = support::namespace(&client, "optional", &[]).await;
     let _guard = NsGuard(ns.clone());
-    for extra in [&[][..], &["--set", "tls.certManager.issuerRef.name=corp-ca", "--set", "tls.certManager.issuerRef.kind=ClusterIssuer"][..]] {
+    for extra in [
+        &[][..],
+        &[
+            "--set",
+            "tls.certManager.issuerRef.name=corp-ca",
+            "--set",
+            "tls.certManager.issuerRef.kind=ClusterIssuer",
+        ][..],
+    ] {
         // Its own release name: the cluster-scoped objects must not meet the other tests'.
-        let mut args = vec!["template", "kvinject-cm", "deploy/helm/kvinject", "-n", &ns, "-f", "deploy/manifests/values.yaml", "--set", "createNamespace=false", "--set", "tls.source=certManager", "--set", "serviceMonitor.enabled=true"];
+        let mut args = vec![
+            "template",
+            "kvinject-cm",
+            "deploy/helm/kvinject",
+            "-n",
+            &ns,
+            "-f",
+            "deploy/manifests/values.yaml",
+            "--set",
+            "createNamespace=false",
+            "--set",
+            "tls.source=certManager",
+            "--set",
+            "serviceMonitor.enabled=true",
+        ];
         args.extend_from_slice(extra);
         let (ok, rendered, err) = helm(&args);
         assert!(ok, "{err}");
         let kinds = ["kind: Certificate", "kind: ServiceMonitor"];
         assert!(kinds.iter().all(|k| rendered.contains(k)), "{rendered}");
-        let (ok, out, err) = support::kubectl(&["apply", "--server-side", "--dry-run=server", "--field-manager=platform-team", "-f", "-"], Some(&rendered));
-        assert!(ok, "the apiserver refused the cert-manager rendering ({extra:?}):\n{out}\n{err}");
-        assert!(out.contains("certificate.cert-manager.io/kvinject-cm serverside-applied (server dry run)"), "{out}");
-        assert!(out.contains("servicemonitor.monitoring.coreos.com/kvinject-cm serverside-applied (server dry run)"), "{out}");
+        let (ok, out, err) = support::kubectl(
+            &[
+                "apply",
+                "--server-side",
+                "--dry-run=server",
+                "--field-manager=platform-team",
+                "-f",
+                "-",
+            ],
+            Some(&rendered),
+        );
+        assert!(
+            ok,
+            "the apiserver refused the cert-manager rendering ({extra:?}):\n{out}\n{err}"
+        );
+        assert!(
+            out.contains("certificate.cert-manager.io/kvinject-cm serverside-applied (server dry run)"),
+            "{out}"
+        );
+        assert!(
+            out.contains(
+                "servicemonitor.monitoring.coreos.com/kvinject-cm serverside-applied (server dry run)"
+            ),
+            "{out}"
+        );
     }
 
     // The dry run does check the schema: a misspelled field is refused.
-    let typo = format!("apiVersion: cert-manager.io/v1\nkind: Certificate\nmetadata: {{name: typo, namespace: {ns}}}\nspec:\n  secretName: x\n  dnsNamez: [a]\n  issuerRef: {{name: x}}\n");
-    let (ok, _, err) = support::kubectl(&["apply", "--server-side", "--dry-run=server", "-f", "-"], Some(&typo));
+    let typo = format!(
+        "apiVersion: cert-manager.io/v1\nkind: Certificate\nmetadata: {{name: typo, namespace: {ns}}}\nspec:\n  secretName: x\n  dnsNamez: [a]\n  issuerRef: {{name: x}}\n"
+    );
+    let (ok, _, err) = support::kubectl(
+        &["apply", "--server-side", "--dry-run=server", "-f", "-"],
+        Some(&typo),
+    );
     assert!(!ok && err.contains("dnsNamez"), "{err}");
 }

@@ -19,10 +19,23 @@ use std::time::Duration;
 /// Rotation flags for a test: its own Lease, fast reconciles; polling stays at an hour
 /// unless a pod asks for less.
 fn rotation_args(lease: &str) -> Vec<String> {
-    ["--rotation", "true", "--refresh-interval", "1h", "--reconcile-interval", "1s", "--lease-namespace", "default", "--lease-name", lease, "--lease-duration", "3s"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
+    [
+        "--rotation",
+        "true",
+        "--refresh-interval",
+        "1h",
+        "--reconcile-interval",
+        "1s",
+        "--lease-namespace",
+        "default",
+        "--lease-name",
+        lease,
+        "--lease-duration",
+        "3s",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
 }
 
 /// A namespace, webhook and kvinject running the rotation controller on its own Lease.
@@ -39,7 +52,12 @@ pub(crate) fn deployment(name: &str, secret: &str, annotations: serde_json::Valu
 
 /// A Deployment, StatefulSet or DaemonSet (`spec_extra` adds to its spec) whose pods refer
 /// to `secret` in one env entry and ask for a check every second.
-fn workload<K: serde::de::DeserializeOwned>(name: &str, secret: &str, annotations: serde_json::Value, spec_extra: serde_json::Value) -> K {
+fn workload<K: serde::de::DeserializeOwned>(
+    name: &str,
+    secret: &str,
+    annotations: serde_json::Value,
+    spec_extra: serde_json::Value,
+) -> K {
     let mut spec = json!({
         "selector": {"matchLabels": {"app": name}},
         "template": {
@@ -47,34 +65,70 @@ fn workload<K: serde::de::DeserializeOwned>(name: &str, secret: &str, annotation
             "spec": {"containers": [{"name": "app", "image": "registry.invalid/app:1", "env": [{"name": "X", "value": reference(secret)}]}]}
         }
     });
-    spec.as_object_mut().unwrap().extend(spec_extra.as_object().unwrap().clone());
-    serde_json::from_value(json!({"metadata": {"name": name, "annotations": annotations}, "spec": spec})).unwrap()
+    spec.as_object_mut()
+        .unwrap()
+        .extend(spec_extra.as_object().unwrap().clone());
+    serde_json::from_value(json!({"metadata": {"name": name, "annotations": annotations}, "spec": spec}))
+        .unwrap()
 }
 
 fn template_hash(d: &Deployment) -> Option<String> {
-    d.spec.as_ref()?.template.metadata.as_ref()?.annotations.as_ref()?.get("kvinject.io/secret-versions").cloned()
+    d.spec
+        .as_ref()?
+        .template
+        .metadata
+        .as_ref()?
+        .annotations
+        .as_ref()?
+        .get("kvinject.io/secret-versions")
+        .cloned()
 }
 
 fn stored_hash(d: &Deployment) -> Option<String> {
-    d.metadata.annotations.as_ref()?.get("kvinject.io/secret-versions").cloned()
+    d.metadata
+        .annotations
+        .as_ref()?
+        .get("kvinject.io/secret-versions")
+        .cloned()
 }
 
 async fn materialized(s: &Setup, deployment: &str) -> Secret {
     let name = secret_of_pod(&s.client, &s.ns, &format!("app={deployment}")).await;
-    Api::<Secret>::namespaced(s.client.clone(), &s.ns).get(&name).await.unwrap()
+    Api::<Secret>::namespaced(s.client.clone(), &s.ns)
+        .get(&name)
+        .await
+        .unwrap()
 }
 
 /// The Secret the first env entry of a pod matching `selector` was rewritten to, once
 /// such a pod exists.
 pub(crate) async fn secret_of_pod(client: &kube::Client, ns: &str, selector: &str) -> String {
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
-    let secret_of = |p: &Pod| p.spec.as_ref()?.containers[0].env.as_ref()?[0].value_from.as_ref()?.secret_key_ref.as_ref().map(|r| r.name.clone());
+    let secret_of = |p: &Pod| {
+        p.spec.as_ref()?.containers[0].env.as_ref()?[0]
+            .value_from
+            .as_ref()?
+            .secret_key_ref
+            .as_ref()
+            .map(|r| r.name.clone())
+    };
     let selector = ListParams::default().labels(selector);
     support::eventually(Duration::from_secs(30), "an injected pod", || async {
-        pods.list(&selector).await.unwrap().items.iter().any(|p| secret_of(p).is_some())
+        pods.list(&selector)
+            .await
+            .unwrap()
+            .items
+            .iter()
+            .any(|p| secret_of(p).is_some())
     })
     .await;
-    pods.list(&selector).await.unwrap().items.iter().find_map(secret_of).unwrap()
+    pods.list(&selector)
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .find_map(secret_of)
+        .unwrap()
 }
 
 pub(crate) fn version(secret: &Secret) -> String {
@@ -82,7 +136,12 @@ pub(crate) fn version(secret: &Secret) -> String {
 }
 
 async fn replica_sets(s: &Setup, app: &str) -> usize {
-    Api::<ReplicaSet>::namespaced(s.client.clone(), &s.ns).list(&ListParams::default().labels(&format!("app={app}"))).await.unwrap().items.len()
+    Api::<ReplicaSet>::namespaced(s.client.clone(), &s.ns)
+        .list(&ListParams::default().labels(&format!("app={app}")))
+        .await
+        .unwrap()
+        .items
+        .len()
 }
 
 #[tokio::test]
@@ -93,33 +152,57 @@ async fn a_new_version_updates_the_secret_and_restarts_opted_in_deployments_once
     let name = support::unique("rotating");
     let v1 = support::seed_secret(&name, "first").await;
     let deployments: Api<Deployment> = Api::namespaced(s.client.clone(), &s.ns);
-    deployments.create(&PostParams::default(), &deployment("opted", &name, json!({"kvinject.io/rollout-on-rotation": "true"}))).await.unwrap();
-    deployments.create(&PostParams::default(), &deployment("bystander", &name, json!({}))).await.unwrap();
+    deployments
+        .create(
+            &PostParams::default(),
+            &deployment("opted", &name, json!({"kvinject.io/rollout-on-rotation": "true"})),
+        )
+        .await
+        .unwrap();
+    deployments
+        .create(&PostParams::default(), &deployment("bystander", &name, json!({})))
+        .await
+        .unwrap();
     let secret = materialized(&s, "opted").await;
     assert_eq!(version(&secret), v1);
 
     // First sight records the versions on the workload's metadata and rolls nothing.
-    support::eventually(Duration::from_secs(20), "the baseline on the opted-in Deployment", || async {
-        stored_hash(&deployments.get("opted").await.unwrap()).is_some()
-    })
+    support::eventually(
+        Duration::from_secs(20),
+        "the baseline on the opted-in Deployment",
+        || async { stored_hash(&deployments.get("opted").await.unwrap()).is_some() },
+    )
     .await;
     let before = deployments.get("opted").await.unwrap();
-    assert_eq!(template_hash(&before), None, "recording the baseline must not touch the pod template");
+    assert_eq!(
+        template_hash(&before),
+        None,
+        "recording the baseline must not touch the pod template"
+    );
     assert_eq!(replica_sets(&s, "opted").await, 1);
 
     let v2 = support::seed_secret(&name, "second").await;
     let secrets: Api<Secret> = Api::namespaced(s.client.clone(), &s.ns);
     let secret_name = secret.metadata.name.clone().unwrap();
-    support::eventually(Duration::from_secs(20), "the Secret to follow the new version", || async {
-        let now = secrets.get(&secret_name).await.unwrap();
-        version(&now) == v2 && now.data.as_ref().unwrap()["value"].0 == b"second"
+    support::eventually(
+        Duration::from_secs(20),
+        "the Secret to follow the new version",
+        || async {
+            let now = secrets.get(&secret_name).await.unwrap();
+            version(&now) == v2 && now.data.as_ref().unwrap()["value"].0 == b"second"
+        },
+    )
+    .await;
+    support::eventually(
+        Duration::from_secs(20),
+        "the opted-in Deployment to roll",
+        || async { template_hash(&deployments.get("opted").await.unwrap()).is_some() },
+    )
+    .await;
+    support::eventually(Duration::from_secs(30), "a second ReplicaSet", || async {
+        replica_sets(&s, "opted").await == 2
     })
     .await;
-    support::eventually(Duration::from_secs(20), "the opted-in Deployment to roll", || async {
-        template_hash(&deployments.get("opted").await.unwrap()).is_some()
-    })
-    .await;
-    support::eventually(Duration::from_secs(30), "a second ReplicaSet", || async { replica_sets(&s, "opted").await == 2 }).await;
     let rolled = template_hash(&deployments.get("opted").await.unwrap());
 
     // Several more sweeps and reconciles: the same versions never roll it again.
@@ -129,19 +212,45 @@ async fn a_new_version_updates_the_secret_and_restarts_opted_in_deployments_once
     assert_eq!(replica_sets(&s, "opted").await, 2);
     assert_eq!(s.kvinject.metric("kvinject_rollouts_total", &[]).await, 1.0);
     let bystander = deployments.get("bystander").await.unwrap();
-    assert_eq!(template_hash(&bystander), None, "a Deployment that did not opt in is not rolled");
+    assert_eq!(
+        template_hash(&bystander),
+        None,
+        "a Deployment that did not opt in is not rolled"
+    );
     assert_eq!(stored_hash(&bystander), None);
 
     // The new ReplicaSet's pods use the Secret, which already holds the new value.
     let pods: Api<Pod> = Api::namespaced(s.client.clone(), &s.ns);
-    let new_pods = pods.list(&ListParams::default().labels("app=opted")).await.unwrap();
-    assert!(new_pods.items.iter().any(|p| p.metadata.annotations.as_ref().and_then(|a| a.get("kvinject.io/secret-versions")) == rolled.as_ref()));
+    let new_pods = pods
+        .list(&ListParams::default().labels("app=opted"))
+        .await
+        .unwrap();
+    assert!(new_pods.items.iter().any(|p| {
+        p.metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get("kvinject.io/secret-versions"))
+            == rolled.as_ref()
+    }));
 
     let events: Api<Event> = Api::namespaced(s.client.clone(), &s.ns);
-    let reasons: Vec<String> = events.list(&ListParams::default()).await.unwrap().items.into_iter().filter_map(|e| e.reason).collect();
-    assert!(reasons.iter().any(|r| r == "Rotated") && reasons.iter().any(|r| r == "RolloutOnRotation"), "{reasons:?}");
+    let reasons: Vec<String> = events
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter_map(|e| e.reason)
+        .collect();
+    assert!(
+        reasons.iter().any(|r| r == "Rotated") && reasons.iter().any(|r| r == "RolloutOnRotation"),
+        "{reasons:?}"
+    );
     let logs = s.kvinject.logs();
-    assert!(!logs.contains("first") && !logs.contains("\"second"), "a value reached the log");
+    assert!(
+        !logs.contains("first") && !logs.contains("\"second"),
+        "a value reached the log"
+    );
 }
 
 #[tokio::test]
@@ -155,31 +264,75 @@ async fn restarts_and_lease_moves_roll_nothing_and_only_the_holder_polls() {
     let name = support::unique("steady");
     support::seed_secret(&name, "v").await;
     let deployments: Api<Deployment> = Api::namespaced(s.client.clone(), &s.ns);
-    deployments.create(&PostParams::default(), &deployment("steady", &name, json!({"kvinject.io/rollout-on-rotation": "true"}))).await.unwrap();
+    deployments
+        .create(
+            &PostParams::default(),
+            &deployment(
+                "steady",
+                &name,
+                json!({"kvinject.io/rollout-on-rotation": "true"}),
+            ),
+        )
+        .await
+        .unwrap();
     let in_use = materialized(&s, "steady").await.metadata.name.unwrap();
-    support::eventually(Duration::from_secs(20), "the baseline", || async { stored_hash(&deployments.get("steady").await.unwrap()).is_some() }).await;
+    support::eventually(Duration::from_secs(20), "the baseline", || async {
+        stored_hash(&deployments.get("steady").await.unwrap()).is_some()
+    })
+    .await;
 
     // A second replica on the same Lease: it waits while the first polls.
     let follower = Kvinject::start(&args).await;
     tokio::time::sleep(Duration::from_secs(4)).await;
     let leader_reads = s.kvinject.metric("kvinject_keyvault_requests_total", &[]).await;
-    assert!(leader_reads >= 2.0, "the holder polls every second ({leader_reads})");
-    assert_eq!(follower.metric("kvinject_keyvault_requests_total", &[]).await, 0.0, "the follower does not poll");
+    assert!(
+        leader_reads >= 2.0,
+        "the holder polls every second ({leader_reads})"
+    );
+    assert_eq!(
+        follower.metric("kvinject_keyvault_requests_total", &[]).await,
+        0.0,
+        "the follower does not poll"
+    );
 
     // The leader restarts: the follower takes over within the lease duration; nothing rolls.
     s.kvinject.restart(&args).await;
-    support::eventually(Duration::from_secs(15), "a replica to poll again after the restart", || async {
-        follower.metric("kvinject_keyvault_requests_total", &[]).await + s.kvinject.metric("kvinject_keyvault_requests_total", &[]).await >= 2.0
-    })
+    support::eventually(
+        Duration::from_secs(15),
+        "a replica to poll again after the restart",
+        || async {
+            follower.metric("kvinject_keyvault_requests_total", &[]).await
+                + s.kvinject.metric("kvinject_keyvault_requests_total", &[]).await
+                >= 2.0
+        },
+    )
     .await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let steady = deployments.get("steady").await.unwrap();
-    assert_eq!(template_hash(&steady), None, "no rollout after a restart or a leader change");
+    assert_eq!(
+        template_hash(&steady),
+        None,
+        "no rollout after a restart or a leader change"
+    );
     assert_eq!(replica_sets(&s, "steady").await, 1);
-    assert_eq!(follower.metric("kvinject_rollouts_total", &[]).await + s.kvinject.metric("kvinject_rollouts_total", &[]).await, 0.0);
+    assert_eq!(
+        follower.metric("kvinject_rollouts_total", &[]).await
+            + s.kvinject.metric("kvinject_rollouts_total", &[]).await,
+        0.0
+    );
     // A new leader acts only on synced caches: a Secret in use is never marked for collection.
-    let secret = Api::<Secret>::namespaced(s.client.clone(), &s.ns).get(&in_use).await.unwrap();
-    assert!(secret.metadata.annotations.unwrap_or_default().get("kvinject.io/unreferenced-since").is_none());
+    let secret = Api::<Secret>::namespaced(s.client.clone(), &s.ns)
+        .get(&in_use)
+        .await
+        .unwrap();
+    assert!(
+        secret
+            .metadata
+            .annotations
+            .unwrap_or_default()
+            .get("kvinject.io/unreferenced-since")
+            .is_none()
+    );
 }
 
 #[tokio::test]
@@ -190,7 +343,13 @@ async fn with_the_vault_stopped_secrets_stay_and_staleness_rises() {
     let name = support::unique("stale");
     support::seed_secret(&name, "kept").await;
     let deployments: Api<Deployment> = Api::namespaced(s.client.clone(), &s.ns);
-    deployments.create(&PostParams::default(), &deployment("stale", &name, json!({"kvinject.io/rollout-on-rotation": "true"}))).await.unwrap();
+    deployments
+        .create(
+            &PostParams::default(),
+            &deployment("stale", &name, json!({"kvinject.io/rollout-on-rotation": "true"})),
+        )
+        .await
+        .unwrap();
     let before = materialized(&s, "stale").await;
     // Five more references from the same vault, all checked every second (a sweep reads
     // them concurrently).
@@ -198,14 +357,30 @@ async fn with_the_vault_stopped_secrets_stay_and_staleness_rises() {
     for o in &others {
         support::seed_secret(o, "kept").await;
     }
-    let (env_names, refs): (Vec<String>, Vec<String>) = others.iter().enumerate().map(|(i, o)| (format!("O{i}"), reference(o))).unzip();
-    let env: Vec<(&str, &str)> = env_names.iter().map(String::as_str).zip(refs.iter().map(String::as_str)).collect();
+    let (env_names, refs): (Vec<String>, Vec<String>) = others
+        .iter()
+        .enumerate()
+        .map(|(i, o)| (format!("O{i}"), reference(o)))
+        .unzip();
+    let env: Vec<(&str, &str)> = env_names
+        .iter()
+        .map(String::as_str)
+        .zip(refs.iter().map(String::as_str))
+        .collect();
     let many = pod("many", &env, json!({"kvinject.io/refresh-interval": "1s"}));
-    let many = Api::<Pod>::namespaced(s.client.clone(), &s.ns).create(&PostParams::default(), &many).await.unwrap();
+    let many = Api::<Pod>::namespaced(s.client.clone(), &s.ns)
+        .create(&PostParams::default(), &many)
+        .await
+        .unwrap();
     let secrets: Api<Secret> = Api::namespaced(s.client.clone(), &s.ns);
     let mut kept = Vec::new();
     for e in many.spec.unwrap().containers[0].env.clone().unwrap() {
-        kept.push(secrets.get(&e.value_from.unwrap().secret_key_ref.unwrap().name).await.unwrap());
+        kept.push(
+            secrets
+                .get(&e.value_from.unwrap().secret_key_ref.unwrap().name)
+                .await
+                .unwrap(),
+        );
     }
     tokio::time::sleep(Duration::from_secs(3)).await; // the controller follows all six
 
@@ -227,12 +402,30 @@ async fn with_the_vault_stopped_secrets_stay_and_staleness_rises() {
         let now = secrets.get(&k.metadata.name.clone().unwrap()).await.unwrap();
         assert_eq!((version(&now), now.data), (version(k), k.data.clone()));
     }
-    let after = Api::<Secret>::namespaced(s.client.clone(), &s.ns).get(&before.metadata.name.clone().unwrap()).await.unwrap();
-    assert_eq!(after.data, before.data, "a failed check never blanks or changes the Secret");
+    let after = Api::<Secret>::namespaced(s.client.clone(), &s.ns)
+        .get(&before.metadata.name.clone().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(
+        after.data, before.data,
+        "a failed check never blanks or changes the Secret"
+    );
     assert_eq!(version(&after), version(&before));
-    assert!(s.kvinject.metric("kvinject_keyvault_requests_total", &["result=\"unreachable\""]).await >= 1.0);
+    assert!(
+        s.kvinject
+            .metric("kvinject_keyvault_requests_total", &["result=\"unreachable\""])
+            .await
+            >= 1.0
+    );
     let events: Api<Event> = Api::namespaced(s.client.clone(), &s.ns);
-    let reasons: Vec<String> = events.list(&ListParams::default()).await.unwrap().items.into_iter().filter_map(|e| e.reason).collect();
+    let reasons: Vec<String> = events
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter_map(|e| e.reason)
+        .collect();
     assert!(reasons.iter().any(|r| r == "KeyVaultUnreachable"), "{reasons:?}");
 }
 
@@ -245,15 +438,39 @@ async fn unreferenced_secrets_are_collected_after_the_grace_period_and_foreign_o
     let (gone, kept) = (support::unique("gc-gone"), support::unique("gc-kept"));
     support::seed_secret(&gone, "a").await;
     support::seed_secret(&kept, "b").await;
-    let secret_of = |p: &Pod| p.spec.as_ref().unwrap().containers[0].env.as_ref().unwrap()[0].value_from.as_ref().unwrap().secret_key_ref.as_ref().unwrap().name.clone();
-    let gone_secret = secret_of(&create(&s, &pod("uses-gone", &[("X", &reference(&gone))], json!({}))).await.unwrap());
-    let kept_secret = secret_of(&create(&s, &pod("uses-kept", &[("X", &reference(&kept))], json!({}))).await.unwrap());
+    let secret_of = |p: &Pod| {
+        p.spec.as_ref().unwrap().containers[0].env.as_ref().unwrap()[0]
+            .value_from
+            .as_ref()
+            .unwrap()
+            .secret_key_ref
+            .as_ref()
+            .unwrap()
+            .name
+            .clone()
+    };
+    let gone_secret = secret_of(
+        &create(&s, &pod("uses-gone", &[("X", &reference(&gone))], json!({})))
+            .await
+            .unwrap(),
+    );
+    let kept_secret = secret_of(
+        &create(&s, &pod("uses-kept", &[("X", &reference(&kept))], json!({})))
+            .await
+            .unwrap(),
+    );
     // A Deployment scaled to zero still refers to `kept` through its template.
     let mut d = deployment("idle", &kept, json!({}));
     d.spec.as_mut().unwrap().replicas = Some(0);
-    Api::<Deployment>::namespaced(s.client.clone(), &s.ns).create(&PostParams::default(), &d).await.unwrap();
+    Api::<Deployment>::namespaced(s.client.clone(), &s.ns)
+        .create(&PostParams::default(), &d)
+        .await
+        .unwrap();
     // A Secret kvinject did not create, named like one of its own.
-    let foreign: Secret = serde_json::from_value(json!({"metadata": {"name": "kvi-foreign-0000000000"}, "stringData": {"value": "mine"}})).unwrap();
+    let foreign: Secret = serde_json::from_value(
+        json!({"metadata": {"name": "kvi-foreign-0000000000"}, "stringData": {"value": "mine"}}),
+    )
+    .unwrap();
     let secrets: Api<Secret> = Api::namespaced(s.client.clone(), &s.ns);
     secrets.create(&PostParams::default(), &foreign).await.unwrap();
 
@@ -261,20 +478,49 @@ async fn unreferenced_secrets_are_collected_after_the_grace_period_and_foreign_o
     for name in ["uses-gone", "uses-kept"] {
         pods.delete(name, &Default::default()).await.unwrap();
     }
-    support::eventually(Duration::from_secs(30), "the unreferenced Secret to be collected", || async {
-        secrets.get_opt(&gone_secret).await.unwrap().is_none()
-    })
+    support::eventually(
+        Duration::from_secs(30),
+        "the unreferenced Secret to be collected",
+        || async { secrets.get_opt(&gone_secret).await.unwrap().is_none() },
+    )
     .await;
     tokio::time::sleep(Duration::from_secs(4)).await; // more than the grace period again
-    let kept_now = secrets.get(&kept_secret).await.expect("a Secret a workload template refers to is kept");
-    assert!(kept_now.metadata.annotations.unwrap().get("kvinject.io/unreferenced-since").is_none());
-    let foreign_now = secrets.get("kvi-foreign-0000000000").await.expect("a foreign Secret is never deleted");
-    assert!(foreign_now.metadata.annotations.unwrap_or_default().is_empty(), "a foreign Secret is never annotated");
-    assert_eq!(s.kvinject.metric("kvinject_secrets_collected_total", &[]).await, 1.0);
+    let kept_now = secrets
+        .get(&kept_secret)
+        .await
+        .expect("a Secret a workload template refers to is kept");
+    assert!(
+        kept_now
+            .metadata
+            .annotations
+            .unwrap()
+            .get("kvinject.io/unreferenced-since")
+            .is_none()
+    );
+    let foreign_now = secrets
+        .get("kvi-foreign-0000000000")
+        .await
+        .expect("a foreign Secret is never deleted");
+    assert!(
+        foreign_now.metadata.annotations.unwrap_or_default().is_empty(),
+        "a foreign Secret is never annotated"
+    );
+    assert_eq!(
+        s.kvinject.metric("kvinject_secrets_collected_total", &[]).await,
+        1.0
+    );
 
     // The next pod that needs the collected Secret gets it created again.
-    create(&s, &pod("uses-gone-again", &[("X", &reference(&gone))], json!({}))).await.unwrap();
-    assert!(secrets.get_opt(&gone_secret).await.unwrap().is_some(), "re-materialized after collection");
+    create(
+        &s,
+        &pod("uses-gone-again", &[("X", &reference(&gone))], json!({})),
+    )
+    .await
+    .unwrap();
+    assert!(
+        secrets.get_opt(&gone_secret).await.unwrap().is_some(),
+        "re-materialized after collection"
+    );
 }
 
 #[tokio::test]
@@ -286,36 +532,87 @@ async fn evict_replaces_pods_without_touching_the_deployment_spec() {
     let name = support::unique("evicting");
     support::seed_secret(&name, "first").await;
     let deployments: Api<Deployment> = Api::namespaced(s.client.clone(), &s.ns);
-    let mut d = deployment("gitops", &name, json!({"kvinject.io/rollout-on-rotation": "true", "kvinject.io/rollout-strategy": "evict"}));
+    let mut d = deployment(
+        "gitops",
+        &name,
+        json!({"kvinject.io/rollout-on-rotation": "true", "kvinject.io/rollout-strategy": "evict"}),
+    );
     d.spec.as_mut().unwrap().replicas = Some(2);
     deployments.create(&PostParams::default(), &d).await.unwrap();
     let pods: Api<Pod> = Api::namespaced(s.client.clone(), &s.ns);
     let selector = ListParams::default().labels("app=gitops");
-    support::eventually(Duration::from_secs(30), "two pods", || async { pods.list(&selector).await.unwrap().items.len() == 2 }).await;
-    let initial: Vec<String> = pods.list(&selector).await.unwrap().items.iter().map(|p| p.metadata.name.clone().unwrap()).collect();
-    support::eventually(Duration::from_secs(20), "the baseline", || async { stored_hash(&deployments.get("gitops").await.unwrap()).is_some() }).await;
+    support::eventually(Duration::from_secs(30), "two pods", || async {
+        pods.list(&selector).await.unwrap().items.len() == 2
+    })
+    .await;
+    let initial: Vec<String> = pods
+        .list(&selector)
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .map(|p| p.metadata.name.clone().unwrap())
+        .collect();
+    support::eventually(Duration::from_secs(20), "the baseline", || async {
+        stored_hash(&deployments.get("gitops").await.unwrap()).is_some()
+    })
+    .await;
     let before = deployments.get("gitops").await.unwrap();
 
     support::seed_secret(&name, "second").await;
-    support::eventually(Duration::from_secs(60), "every original pod to be evicted and replaced", || async {
-        let now: Vec<String> = pods.list(&selector).await.unwrap().items.iter().map(|p| p.metadata.name.clone().unwrap()).collect();
-        now.len() == 2 && now.iter().all(|n| !initial.contains(n))
-    })
+    support::eventually(
+        Duration::from_secs(60),
+        "every original pod to be evicted and replaced",
+        || async {
+            let now: Vec<String> = pods
+                .list(&selector)
+                .await
+                .unwrap()
+                .items
+                .iter()
+                .map(|p| p.metadata.name.clone().unwrap())
+                .collect();
+            now.len() == 2 && now.iter().all(|n| !initial.contains(n))
+        },
+    )
     .await;
-    support::eventually(Duration::from_secs(20), "the rolled versions to be recorded", || async {
-        stored_hash(&deployments.get("gitops").await.unwrap()) != stored_hash(&before)
-    })
+    support::eventually(
+        Duration::from_secs(20),
+        "the rolled versions to be recorded",
+        || async { stored_hash(&deployments.get("gitops").await.unwrap()) != stored_hash(&before) },
+    )
     .await;
     let after = deployments.get("gitops").await.unwrap();
-    assert_eq!(after.spec, before.spec, "the Deployment's spec is untouched: no GitOps drift");
+    assert_eq!(
+        after.spec, before.spec,
+        "the Deployment's spec is untouched: no GitOps drift"
+    );
     // (metadata.generation may move: the apiserver bumps a Deployment's generation when its
     // annotations change, and the recorded versions are an annotation. No ReplicaSet follows.)
-    assert_eq!(template_hash(&after), None, "the pod template carries no rollout annotation");
-    assert_eq!(replica_sets(&s, "gitops").await, 1, "no new ReplicaSet: pods were evicted, not rolled");
+    assert_eq!(
+        template_hash(&after),
+        None,
+        "the pod template carries no rollout annotation"
+    );
+    assert_eq!(
+        replica_sets(&s, "gitops").await,
+        1,
+        "no new ReplicaSet: pods were evicted, not rolled"
+    );
     let events: Api<Event> = Api::namespaced(s.client.clone(), &s.ns);
-    let reasons: Vec<String> = events.list(&ListParams::default()).await.unwrap().items.into_iter().filter_map(|e| e.reason).collect();
+    let reasons: Vec<String> = events
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter_map(|e| e.reason)
+        .collect();
     // (The recorder folds repeated reasons on one object into a series: one Evicted event.)
-    assert!(reasons.iter().any(|r| r == "Evicted") && reasons.iter().any(|r| r == "ReplacementNotReady"), "{reasons:?}");
+    assert!(
+        reasons.iter().any(|r| r == "Evicted") && reasons.iter().any(|r| r == "ReplacementNotReady"),
+        "{reasons:?}"
+    );
     assert_eq!(s.kvinject.metric("kvinject_rollouts_total", &[]).await, 1.0);
 }
 
@@ -329,7 +626,16 @@ async fn secrets_rotated_together_roll_a_workload_once() {
     support::seed_secret(&a, "a1").await;
     support::seed_secret(&b, "b1").await;
     // `a` is polled every second (a pod asks for it); `b` only hourly.
-    create(&s, &pod("fast", &[("A", &reference(&a))], json!({"kvinject.io/refresh-interval": "1s"}))).await.unwrap();
+    create(
+        &s,
+        &pod(
+            "fast",
+            &[("A", &reference(&a))],
+            json!({"kvinject.io/refresh-interval": "1s"}),
+        ),
+    )
+    .await
+    .unwrap();
     let d: Deployment = serde_json::from_value(json!({
         "metadata": {"name": "pair", "annotations": {"kvinject.io/rollout-on-rotation": "true"}},
         "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "pair"}}, "template": {
@@ -340,11 +646,17 @@ async fn secrets_rotated_together_roll_a_workload_once() {
     .unwrap();
     let deployments: Api<Deployment> = Api::namespaced(s.client.clone(), &s.ns);
     deployments.create(&PostParams::default(), &d).await.unwrap();
-    support::eventually(Duration::from_secs(30), "the baseline", || async { stored_hash(&deployments.get("pair").await.unwrap()).is_some() }).await;
+    support::eventually(Duration::from_secs(30), "the baseline", || async {
+        stored_hash(&deployments.get("pair").await.unwrap()).is_some()
+    })
+    .await;
 
     support::seed_secret(&a, "a2").await;
     let b2 = support::seed_secret(&b, "b2").await;
-    support::eventually(Duration::from_secs(20), "the rollout", || async { template_hash(&deployments.get("pair").await.unwrap()).is_some() }).await;
+    support::eventually(Duration::from_secs(20), "the rollout", || async {
+        template_hash(&deployments.get("pair").await.unwrap()).is_some()
+    })
+    .await;
     let secrets: Api<Secret> = Api::namespaced(s.client.clone(), &s.ns);
     let b_secret = secrets
         .list(&ListParams::default())
@@ -352,11 +664,25 @@ async fn secrets_rotated_together_roll_a_workload_once() {
         .unwrap()
         .items
         .into_iter()
-        .find(|x| x.metadata.annotations.as_ref().and_then(|a| a.get("kvinject.io/reference")) == Some(&reference(&b)))
+        .find(|x| {
+            x.metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get("kvinject.io/reference"))
+                == Some(&reference(&b))
+        })
         .expect("b's Secret");
-    assert_eq!(version(&b_secret), b2, "b was checked together with a, long before its hourly interval");
+    assert_eq!(
+        version(&b_secret),
+        b2,
+        "b was checked together with a, long before its hourly interval"
+    );
     tokio::time::sleep(Duration::from_secs(4)).await;
-    assert_eq!(s.kvinject.metric("kvinject_rollouts_total", &[]).await, 1.0, "one rollout for two rotations");
+    assert_eq!(
+        s.kvinject.metric("kvinject_rollouts_total", &[]).await,
+        1.0,
+        "one rollout for two rotations"
+    );
 }
 
 #[tokio::test]
@@ -369,24 +695,89 @@ async fn statefulsets_and_daemonsets_roll_like_deployments() {
     support::seed_secret(&name, "first").await;
     let statefulsets: Api<StatefulSet> = Api::namespaced(s.client.clone(), &s.ns);
     let daemonsets: Api<DaemonSet> = Api::namespaced(s.client.clone(), &s.ns);
-    statefulsets.create(&PostParams::default(), &workload("db", &name, json!({"kvinject.io/rollout-on-rotation": "true"}), json!({"replicas": 1, "serviceName": "db"}))).await.unwrap();
+    statefulsets
+        .create(
+            &PostParams::default(),
+            &workload(
+                "db",
+                &name,
+                json!({"kvinject.io/rollout-on-rotation": "true"}),
+                json!({"replicas": 1, "serviceName": "db"}),
+            ),
+        )
+        .await
+        .unwrap();
     // The bed has no nodes, so the DaemonSet has no pods; its template still names the
     // Secret the StatefulSet's pod materialized.
-    daemonsets.create(&PostParams::default(), &workload("agent", &name, json!({"kvinject.io/rollout-on-rotation": "true"}), json!({}))).await.unwrap();
+    daemonsets
+        .create(
+            &PostParams::default(),
+            &workload(
+                "agent",
+                &name,
+                json!({"kvinject.io/rollout-on-rotation": "true"}),
+                json!({}),
+            ),
+        )
+        .await
+        .unwrap();
     let secret = materialized(&s, "db").await;
 
-    let recorded = |a: Option<&std::collections::BTreeMap<String, String>>| a.is_some_and(|a| a.contains_key("kvinject.io/secret-versions"));
-    support::eventually(Duration::from_secs(20), "the baselines on both workloads", || async {
-        recorded(statefulsets.get("db").await.unwrap().metadata.annotations.as_ref()) && recorded(daemonsets.get("agent").await.unwrap().metadata.annotations.as_ref())
-    })
+    let recorded = |a: Option<&std::collections::BTreeMap<String, String>>| {
+        a.is_some_and(|a| a.contains_key("kvinject.io/secret-versions"))
+    };
+    support::eventually(
+        Duration::from_secs(20),
+        "the baselines on both workloads",
+        || async {
+            recorded(
+                statefulsets
+                    .get("db")
+                    .await
+                    .unwrap()
+                    .metadata
+                    .annotations
+                    .as_ref(),
+            ) && recorded(
+                daemonsets
+                    .get("agent")
+                    .await
+                    .unwrap()
+                    .metadata
+                    .annotations
+                    .as_ref(),
+            )
+        },
+    )
     .await;
 
     let v2 = support::seed_secret(&name, "second").await;
     let secrets: Api<Secret> = Api::namespaced(s.client.clone(), &s.ns);
-    support::eventually(Duration::from_secs(20), "the Secret to follow the new version", || async { version(&secrets.get(&secret.metadata.name.clone().unwrap()).await.unwrap()) == v2 }).await;
+    support::eventually(
+        Duration::from_secs(20),
+        "the Secret to follow the new version",
+        || async { version(&secrets.get(&secret.metadata.name.clone().unwrap()).await.unwrap()) == v2 },
+    )
+    .await;
     support::eventually(Duration::from_secs(20), "both pod templates to roll", || async {
-        let sts = statefulsets.get("db").await.unwrap().spec.unwrap().template.metadata.unwrap();
-        let ds = daemonsets.get("agent").await.unwrap().spec.unwrap().template.metadata.unwrap();
+        let sts = statefulsets
+            .get("db")
+            .await
+            .unwrap()
+            .spec
+            .unwrap()
+            .template
+            .metadata
+            .unwrap();
+        let ds = daemonsets
+            .get("agent")
+            .await
+            .unwrap()
+            .spec
+            .unwrap()
+            .template
+            .metadata
+            .unwrap();
         recorded(sts.annotations.as_ref()) && recorded(ds.annotations.as_ref())
     })
     .await;

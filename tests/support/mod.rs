@@ -8,7 +8,9 @@
 use k8s_openapi::{
     ByteString,
     api::{
-        admissionregistration::v1::{MutatingWebhook, MutatingWebhookConfiguration, RuleWithOperations, WebhookClientConfig},
+        admissionregistration::v1::{
+            MutatingWebhook, MutatingWebhookConfiguration, RuleWithOperations, WebhookClientConfig,
+        },
         core::v1::{Namespace, ServiceAccount},
     },
     apimachinery::pkg::apis::meta::v1::LabelSelector,
@@ -43,7 +45,11 @@ fn repo() -> &'static Path {
 }
 
 fn from_exports(vars: &BTreeMap<String, String>) -> TestBed {
-    let get = |k: &str| vars.get(k).cloned().unwrap_or_else(|| panic!("the test bed did not export {k}"));
+    let get = |k: &str| {
+        vars.get(k)
+            .cloned()
+            .unwrap_or_else(|| panic!("the test bed did not export {k}"))
+    };
     TestBed {
         dir: get("KVINJECT_TESTBED_DIR").into(),
         kubeconfig: get("KUBECONFIG").into(),
@@ -60,8 +66,20 @@ fn from_exports(vars: &BTreeMap<String, String>) -> TestBed {
 pub fn testbed() -> &'static TestBed {
     static BED: OnceLock<TestBed> = OnceLock::new();
     BED.get_or_init(|| {
-        let keys = ["KVINJECT_TESTBED_DIR", "KUBECONFIG", "KVINJECT_TESTBED_CA", "KVINJECT_VAULT_NAME", "KVINJECT_VAULT_URL", "KVINJECT_VAULT_AUTHORITY", "KVINJECT_TESTBED_WEBHOOK_CERT", "KVINJECT_TESTBED_WEBHOOK_KEY"];
-        let from_env: BTreeMap<String, String> = keys.iter().filter_map(|k| std::env::var(k).ok().map(|v| (k.to_string(), v))).collect();
+        let keys = [
+            "KVINJECT_TESTBED_DIR",
+            "KUBECONFIG",
+            "KVINJECT_TESTBED_CA",
+            "KVINJECT_VAULT_NAME",
+            "KVINJECT_VAULT_URL",
+            "KVINJECT_VAULT_AUTHORITY",
+            "KVINJECT_TESTBED_WEBHOOK_CERT",
+            "KVINJECT_TESTBED_WEBHOOK_KEY",
+        ];
+        let from_env: BTreeMap<String, String> = keys
+            .iter()
+            .filter_map(|k| std::env::var(k).ok().map(|v| (k.to_string(), v)))
+            .collect();
         if from_env.len() == keys.len() {
             return from_exports(&from_env);
         }
@@ -94,7 +112,9 @@ pub fn testbed_cmd(arg: &str) {
 pub async fn kube() -> Client {
     let bed = testbed();
     let kubeconfig = Kubeconfig::read_from(&bed.kubeconfig).expect("reading the test bed kubeconfig");
-    let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await.expect("kubeconfig");
+    let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+        .await
+        .expect("kubeconfig");
     Client::try_from(config).expect("kube client")
 }
 
@@ -116,13 +136,20 @@ pub fn azure_config() -> AzureConfig {
 }
 
 pub fn secret_client() -> azure_security_keyvault_secrets::SecretClient {
-    azure_config().connect().expect("azure setup").secret_client(&testbed().vault_url).expect("secret client")
+    azure_config()
+        .connect()
+        .expect("azure setup")
+        .secret_client(&testbed().vault_url)
+        .expect("secret client")
 }
 
 /// Writes a new version of `name` in the bed's vault and returns that version's id.
 pub async fn seed_secret(name: &str, value: &str) -> String {
     use azure_security_keyvault_secrets::{ResourceExt, models::SetSecretParameters};
-    let params = SetSecretParameters { value: Some(value.to_owned()), ..Default::default() };
+    let params = SetSecretParameters {
+        value: Some(value.to_owned()),
+        ..Default::default()
+    };
     let secret = secret_client()
         .set_secret(name, params.try_into().unwrap(), None)
         .await
@@ -133,10 +160,23 @@ pub async fn seed_secret(name: &str, value: &str) -> String {
 }
 
 /// Writes a new version with explicit attributes (enabled, expiry, not-before).
-pub async fn seed_secret_with(name: &str, value: &str, attributes: azure_security_keyvault_secrets::models::SecretAttributes) -> String {
+pub async fn seed_secret_with(
+    name: &str,
+    value: &str,
+    attributes: azure_security_keyvault_secrets::models::SecretAttributes,
+) -> String {
     use azure_security_keyvault_secrets::{ResourceExt, models::SetSecretParameters};
-    let params = SetSecretParameters { value: Some(value.to_owned()), secret_attributes: Some(attributes), ..Default::default() };
-    let secret = secret_client().set_secret(name, params.try_into().unwrap(), None).await.expect("seeding").into_model().unwrap();
+    let params = SetSecretParameters {
+        value: Some(value.to_owned()),
+        secret_attributes: Some(attributes),
+        ..Default::default()
+    };
+    let secret = secret_client()
+        .set_secret(name, params.try_into().unwrap(), None)
+        .await
+        .expect("seeding")
+        .into_model()
+        .unwrap();
     secret.resource_id().unwrap().version.expect("a version")
 }
 
@@ -144,7 +184,11 @@ pub async fn seed_secret_with(name: &str, value: &str, attributes: azure_securit
 pub async fn vault_counters() -> serde_json::Value {
     let ca = reqwest::Certificate::from_pem(&std::fs::read(&testbed().ca).unwrap()).unwrap();
     let http = reqwest::Client::builder().tls_certs_merge([ca]).build().unwrap();
-    let res = http.get(format!("{}/_testbed/counters", testbed().authority)).send().await.expect("vault counters");
+    let res = http
+        .get(format!("{}/_testbed/counters", testbed().authority))
+        .send()
+        .await
+        .expect("vault counters");
     serde_json::from_slice(&res.bytes().await.unwrap()).unwrap()
 }
 
@@ -152,15 +196,30 @@ pub async fn vault_counters() -> serde_json::Value {
 pub async fn vault_control(path: &str) {
     let ca = reqwest::Certificate::from_pem(&std::fs::read(&testbed().ca).unwrap()).unwrap();
     let http = reqwest::Client::builder().tls_certs_merge([ca]).build().unwrap();
-    let res = http.post(format!("{}/_testbed/{path}", testbed().authority)).send().await.expect("vault control");
-    assert!(res.status().is_success(), "vault control {path}: {}", res.status());
+    let res = http
+        .post(format!("{}/_testbed/{path}", testbed().authority))
+        .send()
+        .await
+        .expect("vault control");
+    assert!(
+        res.status().is_success(),
+        "vault control {path}: {}",
+        res.status()
+    );
 }
 
 pub fn unique(prefix: &str) -> String {
     use std::sync::atomic::{AtomicU32, Ordering};
     static N: AtomicU32 = AtomicU32::new(0);
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
-    format!("{prefix}-{:x}{}", nanos % 0xfffff, N.fetch_add(1, Ordering::Relaxed))
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    format!(
+        "{prefix}-{:x}{}",
+        nanos % 0xfffff,
+        N.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// Creates a namespace with `labels` and waits for its default ServiceAccount, which the
@@ -169,10 +228,21 @@ pub async fn namespace(client: &Client, prefix: &str, labels: &[(&str, &str)]) -
     let name = unique(prefix);
     let mut ns = Namespace::default();
     ns.metadata.name = Some(name.clone());
-    ns.metadata.labels = Some(labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect());
-    Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &ns).await.expect("creating a namespace");
+    ns.metadata.labels = Some(
+        labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    );
+    Api::<Namespace>::all(client.clone())
+        .create(&PostParams::default(), &ns)
+        .await
+        .expect("creating a namespace");
     let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), &name);
-    eventually(Duration::from_secs(30), "the default ServiceAccount", || async { sas.get_opt("default").await.ok().flatten().is_some() }).await;
+    eventually(Duration::from_secs(30), "the default ServiceAccount", || async {
+        sas.get_opt("default").await.ok().flatten().is_some()
+    })
+    .await;
     name
 }
 
@@ -187,13 +257,20 @@ where
         if check().await {
             return;
         }
-        assert!(Instant::now() < deadline, "timed out after {within:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {within:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Tests that only use the vault hold this shared; a test that stops it holds it alone.
@@ -223,8 +300,20 @@ impl Kvinject {
     }
 
     /// Like `start_on`, with more environment (`KUBECONFIG` replaces the bed's admin one).
-    pub async fn start_with_env(port: u16, admin_port: u16, extra: &[&str], env: &[(&str, &str)]) -> Kvinject {
-        let mut args = vec!["--azure-credential", "client-secret", "--azure-tenant-id", "testbed-tenant", "--azure-client-id", "kvinject-tests"];
+    pub async fn start_with_env(
+        port: u16,
+        admin_port: u16,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Kvinject {
+        let mut args = vec![
+            "--azure-credential",
+            "client-secret",
+            "--azure-tenant-id",
+            "testbed-tenant",
+            "--azure-client-id",
+            "kvinject-tests",
+        ];
         args.extend_from_slice(extra);
         let mut env = env.to_vec();
         env.push(("AZURE_CLIENT_SECRET", "testbed-client-secret"));
@@ -238,16 +327,40 @@ impl Kvinject {
         let file = std::fs::File::create(&log).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_kvinject"))
             .arg("serve")
-            .args(["--listen", &format!("127.0.0.1:{port}"), "--admin-listen", &format!("127.0.0.1:{admin_port}")])
+            .args([
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--admin-listen",
+                &format!("127.0.0.1:{admin_port}"),
+            ])
             // The bed's serving certificate, unless the test brings its own.
-            .args(if args.contains(&"--tls-cert") { vec![] } else { vec!["--tls-cert".as_ref(), bed.webhook_cert.as_os_str(), "--tls-key".as_ref(), bed.webhook_key.as_os_str()] })
+            .args(if args.contains(&"--tls-cert") {
+                vec![]
+            } else {
+                vec![
+                    "--tls-cert".as_ref(),
+                    bed.webhook_cert.as_os_str(),
+                    "--tls-key".as_ref(),
+                    bed.webhook_key.as_os_str(),
+                ]
+            })
             .args(["--vault", &format!("{}={}", bed.vault_name, bed.vault_url)])
-            .arg("--azure-ca-bundle").arg(&bed.ca)
-            .args(["--azure-authority-host", &bed.authority, "--vault-probe-interval", "1s"])
+            .arg("--azure-ca-bundle")
+            .arg(&bed.ca)
+            .args([
+                "--azure-authority-host",
+                &bed.authority,
+                "--vault-probe-interval",
+                "1s",
+            ])
             .args(args)
             // Each test's kvinject would run a cluster-wide controller: only tests that
             // are about rotation turn it on.
-            .args(if args.contains(&"--rotation") { &[][..] } else { &["--rotation", "false"][..] })
+            .args(if args.contains(&"--rotation") {
+                &[][..]
+            } else {
+                &["--rotation", "false"][..]
+            })
             .env_remove("AZURE_FEDERATED_TOKEN_FILE")
             .env("KUBECONFIG", &bed.kubeconfig)
             .env("KVINJECT_LOG", "info,kvinject=debug")
@@ -256,13 +369,28 @@ impl Kvinject {
             .stderr(file)
             .spawn()
             .expect("starting kvinject");
-        let k = Kvinject { child, port, admin_port, log };
+        let k = Kvinject {
+            child,
+            port,
+            admin_port,
+            log,
+        };
         let url = format!("http://127.0.0.1:{admin_port}/readyz");
         let http = reqwest::Client::new();
-        eventually(Duration::from_secs(30), &format!("kvinject to be ready (log: {})", k.log.display()), || {
-            let (http, url) = (http.clone(), url.clone());
-            async move { http.get(&url).send().await.map(|r| r.status().is_success()).unwrap_or(false) }
-        })
+        eventually(
+            Duration::from_secs(30),
+            &format!("kvinject to be ready (log: {})", k.log.display()),
+            || {
+                let (http, url) = (http.clone(), url.clone());
+                async move {
+                    http.get(&url)
+                        .send()
+                        .await
+                        .map(|r| r.status().is_success())
+                        .unwrap_or(false)
+                }
+            },
+        )
         .await;
         k
     }
@@ -281,9 +409,16 @@ impl Kvinject {
 
     /// The sum of a metric's samples whose line contains every one of `filters`.
     pub async fn metric(&self, name: &str, filters: &[&str]) -> f64 {
-        let text = reqwest::get(format!("http://127.0.0.1:{}/metrics", self.admin_port)).await.unwrap().text().await.unwrap();
+        let text = reqwest::get(format!("http://127.0.0.1:{}/metrics", self.admin_port))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
         text.lines()
-            .filter(|l| l.starts_with(name) && (l[name.len()..].starts_with('{') || l[name.len()..].starts_with(' ')))
+            .filter(|l| {
+                l.starts_with(name) && (l[name.len()..].starts_with('{') || l[name.len()..].starts_with(' '))
+            })
             .filter(|l| filters.iter().all(|f| l.contains(f)))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum()
@@ -299,7 +434,9 @@ impl Kvinject {
 
     /// Sends SIGTERM and returns at once.
     pub fn send_sigterm(&self) {
-        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
     }
 
     /// The exit status, once the process has exited.
@@ -309,7 +446,10 @@ impl Kvinject {
 
     pub async fn ready(&self) -> bool {
         let url = format!("http://127.0.0.1:{}/readyz", self.admin_port);
-        reqwest::get(url).await.map(|r| r.status().is_success()).unwrap_or(false)
+        reqwest::get(url)
+            .await
+            .map(|r| r.status().is_success())
+            .unwrap_or(false)
     }
 
     /// Kills the process (a crash, as seen from outside) and starts a fresh one on the
@@ -338,7 +478,10 @@ pub async fn wait_for_webhook(client: &Client, ns: &str) {
         "spec": {"containers": [{"name": "c", "image": "registry.invalid/x", "env": [{"name": "X", "value": "akv://not-configured/x"}]}]}
     }))
     .unwrap();
-    let dry = PostParams { dry_run: true, ..Default::default() };
+    let dry = PostParams {
+        dry_run: true,
+        ..Default::default()
+    };
     eventually(Duration::from_secs(20), "the apiserver to call the webhook", || async {
         matches!(pods.create(&dry, &probe).await, Err(kube::Error::Api(s)) if s.message.contains("not configured in kvinject"))
     })
@@ -367,10 +510,18 @@ impl Drop for Setup {
 /// to the test's runtime would deadlock) does the delete.
 pub fn delete_from_drop<K>(name: String)
 where
-    K: kube::Resource<DynamicType = (), Scope = k8s_openapi::ClusterResourceScope> + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + 'static,
+    K: kube::Resource<DynamicType = (), Scope = k8s_openapi::ClusterResourceScope>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + 'static,
 {
     let _ = std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         rt.block_on(async {
             let api: Api<K> = Api::all(kube().await);
             let _ = api.delete(&name, &DeleteParams::default()).await;
@@ -390,7 +541,13 @@ pub async fn setup_for(prefix: &str, kvinject: Kvinject) -> Setup {
     let ns = namespace(&client, prefix, &[("kvinject.test/suite", &label)]).await;
     let webhook = register_webhook(&client, &label, &kvinject.url(), ("kvinject.test/suite", &label)).await;
     wait_for_webhook(&client, &ns).await;
-    Setup { client, ns, kvinject, webhook, label }
+    Setup {
+        client,
+        ns,
+        kvinject,
+        webhook,
+        label,
+    }
 }
 
 /// Runs kubectl against the bed, returning (success, stdout, stderr).
@@ -409,7 +566,11 @@ pub fn kubectl(args: &[&str], stdin: Option<&str>) -> (bool, String, String) {
     }
     drop(child.stdin.take());
     let out = child.wait_with_output().unwrap();
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
 }
 
 /// Registers `url` for pod CREATE in namespaces labelled `label=value`, as the chart does.
@@ -418,7 +579,11 @@ pub async fn register_webhook(client: &Client, name: &str, url: &str, label: (&s
     let webhook = MutatingWebhook {
         name: format!("{name}.kvinject.io"),
         admission_review_versions: vec!["v1".into()],
-        client_config: WebhookClientConfig { url: Some(url.to_owned()), ca_bundle: Some(ByteString(ca)), service: None },
+        client_config: WebhookClientConfig {
+            url: Some(url.to_owned()),
+            ca_bundle: Some(ByteString(ca)),
+            service: None,
+        },
         rules: Some(vec![RuleWithOperations {
             api_groups: Some(vec!["".into()]),
             api_versions: Some(vec!["v1".into()]),
@@ -426,7 +591,10 @@ pub async fn register_webhook(client: &Client, name: &str, url: &str, label: (&s
             resources: Some(vec!["pods".into()]),
             scope: Some("Namespaced".into()),
         }]),
-        namespace_selector: Some(LabelSelector { match_labels: Some([(label.0.to_owned(), label.1.to_owned())].into()), ..Default::default() }),
+        namespace_selector: Some(LabelSelector {
+            match_labels: Some([(label.0.to_owned(), label.1.to_owned())].into()),
+            ..Default::default()
+        }),
         side_effects: "NoneOnDryRun".into(),
         failure_policy: Some("Fail".into()),
         timeout_seconds: Some(8),
@@ -437,8 +605,12 @@ pub async fn register_webhook(client: &Client, name: &str, url: &str, label: (&s
     config.metadata.name = Some(name.to_owned());
     config.webhooks = Some(vec![webhook]);
     let api: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
-    api.create(&PostParams::default(), &config).await.expect("registering the webhook");
-    WebhookGuard { name: name.to_owned() }
+    api.create(&PostParams::default(), &config)
+        .await
+        .expect("registering the webhook");
+    WebhookGuard {
+        name: name.to_owned(),
+    }
 }
 
 /// Deletes its MutatingWebhookConfiguration when dropped, so one test's webhook never
