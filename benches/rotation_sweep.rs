@@ -158,7 +158,9 @@ async fn main() {
     .default_backoff()
     .for_each(|_| async {});
     tokio::spawn(watch);
-    let (caches, drive) = rotation::watch_workloads(&client, store.clone());
+    let (namespaces, namespace_watch) = rotation::reflect(Api::<Namespace>::all(client.clone()));
+    tokio::spawn(namespace_watch);
+    let (caches, drive) = rotation::watch_workloads(&client, store.clone(), namespaces);
     tokio::spawn(drive);
     store.wait_until_ready().await.unwrap();
     while store.state().len() < total {

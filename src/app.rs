@@ -2,20 +2,21 @@
 //! ending is fatal.
 
 use crate::{
+    access::{self, Gate, NamespaceLabels, Policies},
     admin,
     certs::bootstrap::Bootstrap,
     config::{ServeConfig, TlsConfig},
     inject::{Injector, KubeWriter},
     keyvault::source::KeyVault,
     materialize,
-    metrics::Metrics,
+    metrics::{Metrics, ModeLabels},
     mutate::InjectConfig,
     rotation,
     webhook::{self, WebhookState},
 };
 use anyhow::Context;
-use futures::StreamExt;
-use k8s_openapi::api::core::v1::Secret;
+use futures::{StreamExt, future::BoxFuture};
+use k8s_openapi::api::core::v1::{Namespace, Secret};
 use kube::{
     Api,
     runtime::{WatchStreamExt, reflector, watcher},
@@ -77,14 +78,67 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     let inject_config = InjectConfig {
         vaults: config.vaults.keys().cloned().collect(),
     };
-    let injector = Arc::new(Injector::new(
+
+    // Namespace labels: access policies select namespaces by them, and the rotation
+    // controller reads rollout opt-ins from them.
+    let (namespaces, namespace_watch) = rotation::reflect(Api::<Namespace>::all(client.clone()));
+    let namespace_watch: BoxFuture<'static, ()> =
+        if config.access_policy == access::Mode::Required || config.rotation.is_some() {
+            namespace_watch
+        } else {
+            Box::pin(std::future::pending())
+        };
+
+    // Access policies: a watch cache, compiled into an index the admission check reads.
+    metrics
+        .access_mode
+        .get_or_create(&ModeLabels {
+            mode: config.access_policy.as_str(),
+        })
+        .set(1);
+    let (policies, policies_ready, policy_watch): (
+        Option<Policies>,
+        BoxFuture<'static, ()>,
+        BoxFuture<'static, ()>,
+    ) = match config.access_policy {
+        access::Mode::Required => {
+            let (policies, policy_store, drive) = access::watch(&client, &metrics);
+            let ready = {
+                let namespaces = namespaces.clone();
+                Box::pin(async move {
+                    let _ = futures::join!(policy_store.wait_until_ready(), namespaces.wait_until_ready());
+                })
+            };
+            (Some(policies), ready, Box::pin(drive))
+        }
+        access::Mode::Off => {
+            warn!(
+                "--access-policy off: every pod in an opted-in namespace may use every secret of every configured vault"
+            );
+            (
+                None,
+                Box::pin(std::future::ready(())),
+                Box::pin(std::future::pending()),
+            )
+        }
+    };
+
+    let mut injector = Injector::new(
         inject_config.clone(),
         source.clone(),
         Arc::new(KubeWriter(client.clone())),
         store.clone(),
         config.value_cache_ttl,
         metrics.clone(),
-    ));
+    );
+    if let Some(policies) = &policies {
+        let namespaces = NamespaceLabels::new(namespaces.clone(), Some(client.clone()));
+        injector = injector.with_access(Gate {
+            policies: policies.clone(),
+            namespaces,
+        });
+    }
+    let injector = Arc::new(injector);
     let watch = {
         let injector = injector.clone();
         reflector(
@@ -109,7 +163,7 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     let rotation: futures::future::BoxFuture<'static, ()> = match config.rotation.clone() {
         None => Box::pin(std::future::pending()),
         Some(settings) => {
-            let (caches, watches) = rotation::watch_workloads(&client, store.clone());
+            let (caches, watches) = rotation::watch_workloads(&client, store.clone(), namespaces.clone());
             let (leading_tx, leading_rx) = tokio::sync::watch::channel(false);
             let identity = settings.lease.identity.clone();
             info!(%identity, lease = %settings.lease.name, namespace = %settings.lease.namespace, "rotation controller campaigning");
@@ -121,7 +175,8 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
                 caches,
                 metrics.clone(),
                 &identity,
-            );
+            )
+            .with_access(policies.clone());
             let lease = rotation::lease::run(client.clone(), settings.lease, leading_tx);
             Box::pin(async move {
                 tokio::join!(watches, lease, controller.run(leading_rx));
@@ -176,6 +231,7 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         let (handle, ready) = (handle.clone(), ready.clone());
         async move {
             let addr = handle.listening().await;
+            policies_ready.await;
             if store.wait_until_ready().await.is_ok() {
                 info!(addr = ?addr, admin = %config.admin_listen, "serving");
                 ready.set_ready();
@@ -191,6 +247,8 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         _ = reload => {},
         _ = mark_ready => {},
         _ = watch => {},
+        _ = namespace_watch => {},
+        _ = policy_watch => {},
         _ = prober => {},
         _ = rotation => {},
     }

@@ -20,6 +20,8 @@ pub struct Cli {
     pub command: Command,
 }
 
+// Parsed once at start: the size of the serve variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Serve the mutating admission webhook (TLS) and the admin port (plaintext).
@@ -27,6 +29,35 @@ pub enum Command {
     /// Write a new CA and a serving certificate for the webhook's Service into a directory,
     /// and print the caBundle (base64) for the MutatingWebhookConfiguration.
     Certs(CertsArgs),
+    /// Access policies: check what a namespace and ServiceAccount may use.
+    Access {
+        #[command(subcommand)]
+        command: AccessCommand,
+    },
+    /// Print the AccessPolicy CustomResourceDefinition (YAML), as the chart ships it.
+    Crd,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AccessCommand {
+    /// Ask the cluster (kubeconfig) whether a reference is granted, and by which
+    /// AccessPolicy. Exits 0 when allowed, 1 when denied, 2 on error.
+    Check(AccessCheckArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct AccessCheckArgs {
+    /// The pod's namespace.
+    #[arg(long, short = 'n')]
+    pub namespace: String,
+    /// The pod's ServiceAccount.
+    #[arg(long, default_value = crate::access::grant::DEFAULT_SERVICE_ACCOUNT)]
+    pub service_account: String,
+    /// What the reference is used for.
+    #[arg(long = "use", value_enum, default_value = "env")]
+    pub use_: crate::access::policy::Use,
+    /// The reference, akv://<vault>/<secret>[/<version>].
+    pub reference: String,
 }
 
 #[derive(Args, Debug)]
@@ -68,6 +99,11 @@ pub struct ServeArgs {
     /// routing to this replica), then drain for up to 10 s and exit.
     #[arg(long, env = "KVINJECT_SHUTDOWN_DELAY", default_value = "5s", value_parser = parse_duration)]
     pub shutdown_delay: Duration,
+    /// `required`: a reference that no AccessPolicy grants to the pod's namespace and
+    /// ServiceAccount is denied. `off`: no check (every pod in an opted-in namespace may use
+    /// every secret of every configured vault; logged as a warning at start).
+    #[arg(long, env = "KVINJECT_ACCESS_POLICY", value_enum, default_value = "required")]
+    pub access_policy: crate::access::Mode,
     #[command(flatten)]
     pub vaults: VaultArgs,
     #[command(flatten)]
@@ -232,6 +268,7 @@ pub struct TlsArgs {
 /// Validated configuration for `kvinject serve`.
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
+    pub access_policy: crate::access::Mode,
     pub listen: SocketAddr,
     pub admin_listen: SocketAddr,
     pub tls: TlsConfig,
@@ -287,6 +324,7 @@ impl ServeArgs {
             );
         }
         Ok(ServeConfig {
+            access_policy: self.access_policy,
             listen: self.listen,
             admin_listen: self.admin_listen,
             tls: self.tls.validate()?,
@@ -541,7 +579,7 @@ mod tests {
         argv.extend_from_slice(args);
         match Cli::try_parse_from(argv)?.command {
             Command::Serve(a) => a.validate(),
-            Command::Certs(_) => unreachable!("parsed serve"),
+            _ => unreachable!("parsed serve"),
         }
     }
 

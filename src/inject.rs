@@ -2,6 +2,7 @@
 //! materialized one (no call at all), or read Key Vault once and create it.
 
 use crate::{
+    access::{Gate, grant::AccessDenied},
     keyvault::source::{FetchError, Fetched, SecretSource},
     materialize::{self, ValueError},
     metrics::{Metrics, VaultLabels},
@@ -55,6 +56,8 @@ pub enum WriteError {
 pub enum Denied {
     #[error(transparent)]
     Plan(#[from] Denial),
+    #[error(transparent)]
+    Access(#[from] AccessDenied),
     #[error("{reference} was never materialized in namespace {namespace}, and {source}")]
     Unavailable {
         reference: String,
@@ -82,7 +85,7 @@ enum Prepared {
     /// Already there; with a warning when its vault is unreachable.
     Materialized { warning: Option<String> },
     /// To be created.
-    Missing(Secret),
+    Missing(Box<Secret>),
 }
 
 /// The last thing each vault told us: `None` when it answered, or why it could not be used.
@@ -118,6 +121,8 @@ pub struct Injector {
     created: Cache<(String, String), ()>,
     pub metrics: Metrics,
     pub health: VaultHealth,
+    /// `None` with `--access-policy off`.
+    access: Option<Gate>,
 }
 
 impl Injector {
@@ -145,7 +150,14 @@ impl Injector {
                 .build(),
             metrics,
             health: VaultHealth::default(),
+            access: None,
         }
+    }
+
+    /// Checks every reference against the access policies before anything else.
+    pub fn with_access(mut self, gate: Gate) -> Self {
+        self.access = Some(gate);
+        self
     }
 
     pub fn source(&self) -> &Arc<dyn SecretSource> {
@@ -161,6 +173,14 @@ impl Injector {
     /// leaves nothing behind. On a dry run nothing is written, and the answer is the same.
     pub async fn admit(&self, namespace: &str, pod: &Pod, dry_run: bool) -> Result<Admitted, Denied> {
         let plan = mutate::plan(pod, &self.config)?;
+        // Before any read or write, on the warm path too: a materialized Secret is no
+        // reason to hand a reference to someone the policies no longer grant it to.
+        if let Some(gate) = &self.access
+            && let Err(denied) = gate.check(namespace, pod, &plan).await
+        {
+            self.metrics.access_denials.inc();
+            return Err(denied.into());
+        }
         let prepared =
             futures::future::join_all(plan.needed.iter().map(|n| self.prepare(namespace, n))).await;
         let mut warnings = plan.warnings;
@@ -168,7 +188,7 @@ impl Injector {
         for p in prepared {
             match p? {
                 Prepared::Materialized { warning } => warnings.extend(warning),
-                Prepared::Missing(secret) => missing.push(secret),
+                Prepared::Missing(secret) => missing.push(*secret),
             }
         }
         if !dry_run {
@@ -203,9 +223,9 @@ impl Injector {
                 Denied::Fetch(e)
             }
         })?;
-        Ok(Prepared::Missing(materialize::desired_secret(
+        Ok(Prepared::Missing(Box::new(materialize::desired_secret(
             namespace, needed, &fetched,
-        )?))
+        )?)))
     }
 
     /// Creates `secret`; concurrent first uses in one namespace share one create.

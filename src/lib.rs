@@ -1,6 +1,7 @@
 //! kvinject: Azure Key Vault references in pod specs, materialized as native Kubernetes
 //! Secrets by a mutating admission webhook.
 
+pub mod access;
 pub mod admin;
 pub mod app;
 pub mod certs;

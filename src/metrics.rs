@@ -38,6 +38,15 @@ pub struct Metrics {
     pub sync_age_seconds: Gauge,
     pub secrets_collected: Counter,
     pub certificate_expiry: Gauge,
+    pub access_mode: Family<ModeLabels, Gauge>,
+    pub access_policies: Gauge,
+    pub access_denials: Counter,
+    pub access_revoked: Gauge,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModeLabels {
+    pub mode: &'static str,
 }
 
 impl Default for Metrics {
@@ -110,6 +119,30 @@ impl Default for Metrics {
             "When the serving certificate in use expires (Unix time)",
             certificate_expiry.clone(),
         );
+        let access_mode = Family::<ModeLabels, Gauge>::default();
+        registry.register(
+            "access_policy_mode",
+            "1 for the --access-policy mode in force (required: AccessPolicy objects grant references; off: no check)",
+            access_mode.clone(),
+        );
+        let access_policies = Gauge::default();
+        registry.register(
+            "access_policies",
+            "AccessPolicy objects in the cache",
+            access_policies.clone(),
+        );
+        let access_denials = Counter::default();
+        registry.register(
+            "access_denials",
+            "Pods denied because no AccessPolicy grants a reference they use",
+            access_denials.clone(),
+        );
+        let access_revoked = Gauge::default();
+        registry.register(
+            "access_revoked_secrets",
+            "Materialized Secrets whose grant was revoked: no longer refreshed, deleted once no pod uses them",
+            access_revoked.clone(),
+        );
         Self {
             registry: Arc::new(registry),
             admissions,
@@ -123,6 +156,10 @@ impl Default for Metrics {
             sync_age_seconds,
             secrets_collected,
             certificate_expiry,
+            access_mode,
+            access_policies,
+            access_denials,
+            access_revoked,
         }
     }
 }

@@ -85,6 +85,9 @@ pub struct Plan {
     pub patch: Option<Patch>,
     /// Admission warnings for the client that created the pod.
     pub warnings: Vec<String>,
+    /// Where in the pod each needed Secret's reference is written (by Secret name), for
+    /// denials that point at every place.
+    pub locations: BTreeMap<String, Vec<String>>,
 }
 
 /// Why a pod is denied; every variant names where the problem is.
@@ -121,6 +124,7 @@ pub fn plan(pod: &Pod, config: &InjectConfig) -> Result<Plan, Denial> {
     let mut needed = BTreeMap::<String, Source>::new();
     let mut ops = Vec::new();
     let mut warnings = Vec::new();
+    let mut locations = BTreeMap::<String, Vec<String>>::new();
 
     let groups: [(&str, &str, &[Container]); 2] = [
         (
@@ -152,6 +156,7 @@ pub fn plan(pod: &Pod, config: &InjectConfig) -> Result<Plan, Denial> {
                             &["spec", field, &ci, "env", &ei],
                             json!({"name": env.name, "valueFrom": {"secretKeyRef": {"name": secret_name, "key": VALUE_KEY}}}),
                         ));
+                        locations.entry(secret_name.clone()).or_default().push(location);
                         needed.insert(secret_name, source);
                     }
                 }
@@ -187,6 +192,14 @@ pub fn plan(pod: &Pod, config: &InjectConfig) -> Result<Plan, Denial> {
             }
         }
         for source in pull {
+            let annotation = match source {
+                Source::RegistryLogin { .. } => PULL_PASSWORD_ANNOTATION,
+                _ => PULL_SECRETS_ANNOTATION,
+            };
+            locations
+                .entry(source.secret_name())
+                .or_default()
+                .push(format!("annotation `{annotation}`"));
             needed.insert(source.secret_name(), source);
         }
     }
@@ -201,8 +214,9 @@ pub fn plan(pod: &Pod, config: &InjectConfig) -> Result<Plan, Denial> {
             .into_iter()
             .map(|(secret_name, source)| Needed { secret_name, source })
             .collect(),
-        patch: (!ops.is_empty()).then(|| Patch(ops)),
+        patch: (!ops.is_empty()).then_some(Patch(ops)),
         warnings,
+        locations,
     })
 }
 

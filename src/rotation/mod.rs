@@ -3,8 +3,10 @@
 
 pub mod decide;
 pub mod lease;
+mod revoke;
 
 use crate::{
+    access::Policies,
     inject::FIELD_MANAGER,
     keyvault::source::{Fetched, SecretSource},
     materialize,
@@ -13,7 +15,7 @@ use crate::{
     reference::Reference,
 };
 use decide::{Rollout, Strategy};
-use futures::StreamExt;
+use futures::{StreamExt, future::BoxFuture};
 use k8s_openapi::{
     api::{
         apps::v1::{DaemonSet, Deployment, StatefulSet},
@@ -86,38 +88,45 @@ impl Caches {
     }
 }
 
-/// Starts the reflectors the controller needs (besides the Secret store the webhook
-/// shares) and returns them with the future that drives them.
+/// A watch-backed cache of every `K` matching `config`, and the future that keeps it.
+pub fn reflect_with<K>(api: Api<K>, config: watcher::Config) -> (Store<K>, BoxFuture<'static, ()>)
+where
+    K: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
+{
+    let (store, writer) = reflector::store();
+    let fut = reflector::reflector(writer, watcher(api, config))
+        .default_backoff()
+        .applied_objects()
+        .for_each(|e| async move {
+            if let Err(e) = e {
+                warn!(error = %e, "watch failed; retrying");
+            }
+        });
+    (store, Box::pin(fut))
+}
+
+/// `reflect_with` for every object of the API.
+pub fn reflect<K>(api: Api<K>) -> (Store<K>, BoxFuture<'static, ()>)
+where
+    K: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
+{
+    reflect_with(api, watcher::Config::default())
+}
+
+/// Starts the reflectors the controller needs (besides the Secret and Namespace stores it
+/// shares with the webhook) and returns them with the future that drives them.
 pub fn watch_workloads(
     client: &Client,
     secrets: Store<Secret>,
+    namespaces: Store<Namespace>,
 ) -> (Caches, impl Future<Output = ()> + Send + use<>) {
-    fn reflect<K>(api: Api<K>, config: watcher::Config) -> (Store<K>, futures::future::BoxFuture<'static, ()>)
-    where
-        K: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
-    {
-        let (store, writer) = reflector::store();
-        let fut = reflector::reflector(writer, watcher(api, config))
-            .default_backoff()
-            .applied_objects()
-            .for_each(|e| async move {
-                if let Err(e) = e {
-                    warn!(error = %e, "watch failed; retrying");
-                }
-            });
-        (store, Box::pin(fut))
-    }
-    let (pods, p) = reflect(
+    let (pods, p) = reflect_with(
         Api::<Pod>::all(client.clone()),
         watcher::Config::default().labels(&format!("{}=true", crate::mutate::INJECTED_LABEL)),
     );
-    let (deployments, d) = reflect(Api::<Deployment>::all(client.clone()), watcher::Config::default());
-    let (statefulsets, s) = reflect(
-        Api::<StatefulSet>::all(client.clone()),
-        watcher::Config::default(),
-    );
-    let (daemonsets, ds) = reflect(Api::<DaemonSet>::all(client.clone()), watcher::Config::default());
-    let (namespaces, n) = reflect(Api::<Namespace>::all(client.clone()), watcher::Config::default());
+    let (deployments, d) = reflect(Api::<Deployment>::all(client.clone()));
+    let (statefulsets, s) = reflect(Api::<StatefulSet>::all(client.clone()));
+    let (daemonsets, ds) = reflect(Api::<DaemonSet>::all(client.clone()));
     let caches = Caches {
         secrets,
         pods,
@@ -127,10 +136,13 @@ pub fn watch_workloads(
         namespaces,
     };
     let drive = async move {
-        futures::future::join_all([p, d, s, ds, n]).await;
+        futures::future::join_all([p, d, s, ds]).await;
     };
     (caches, drive)
 }
+
+/// A reference due for a check, the Secrets that follow it, and its interval.
+type Due<'a> = (&'a Reference, &'a [Arc<Secret>], Duration);
 
 /// Per-reference polling state, kept only in memory: a new leader starts each reference
 /// one interval (plus jitter) from when it first sees it, so leadership moves cause no
@@ -154,6 +166,10 @@ pub struct Controller {
     /// Workloads with an eviction rollout under way (`kind/namespace/name`).
     evicting: Arc<std::sync::Mutex<BTreeSet<String>>>,
     leading: Option<watch::Receiver<bool>>,
+    /// `None` with `--access-policy off`.
+    access: Option<Policies>,
+    /// Secrets (`namespace`, `name`) known to be revoked, so each gets one Event.
+    revoked: BTreeSet<(String, String)>,
 }
 
 impl Controller {
@@ -185,7 +201,16 @@ impl Controller {
             last_full_reconcile: None,
             evicting: Default::default(),
             leading: None,
+            access: None,
+            revoked: BTreeSet::new(),
         }
+    }
+
+    /// Follows grants: a Secret that no AccessPolicy grants any more is left alone by
+    /// refreshes and deleted once no pod uses it.
+    pub fn with_access(mut self, policies: Option<Policies>) -> Self {
+        self.access = policies;
+        self
     }
 
     /// Runs while `leading` says so; a replica that loses the lease stops and waits.
@@ -219,8 +244,13 @@ impl Controller {
     pub async fn sweep(&mut self) {
         let now = Instant::now();
         let secrets = self.caches.secrets.state();
+        // A Secret whose grant was revoked is never read for again.
+        let revoked = self.revoked_now(&secrets);
         let mut by_reference: BTreeMap<Reference, Vec<Arc<Secret>>> = BTreeMap::new();
         for s in secrets.iter().filter(|s| materialize::is_managed(s)) {
+            if revoked.contains(&(s.namespace().unwrap_or_default(), s.name_any())) {
+                continue;
+            }
             if let Some(r) = decide::followed_reference(s) {
                 by_reference.entry(r).or_default().push(s.clone());
             }
@@ -239,7 +269,7 @@ impl Controller {
                 .filter_map(|s| asked.get(&(s.namespace().unwrap_or_default(), s.name_any())))
                 .fold(default, |a, b| a.min(*b))
         };
-        let mut due: Vec<(&Reference, &[Arc<Secret>], Duration)> = Vec::new();
+        let mut due: Vec<Due<'_>> = Vec::new();
         for (reference, secrets) in &by_reference {
             let interval = interval_of(secrets);
             let key = reference.to_string();
@@ -256,7 +286,7 @@ impl Controller {
         self.check_all(due, &mut down, &mut dirty, now).await;
         // Secrets rotated together should roll a workload once: when something changed,
         // check at once the other references used in the same namespaces.
-        let peers: Vec<(&Reference, &[Arc<Secret>], Duration)> = by_reference
+        let peers: Vec<Due<'_>> = by_reference
             .iter()
             .filter(|(r, secrets)| {
                 !checked.contains(*r)
@@ -291,17 +321,14 @@ impl Controller {
         if full && let Some(grace) = self.config.gc_grace {
             self.collect_garbage(&secrets, grace).await;
         }
+        self.retire_revoked(&secrets, revoked).await;
     }
 
     /// Marks, unmarks and deletes kvinject's Secrets by whether any injected pod or any
     /// workload template in their namespace refers to them. Secrets without kvinject's
     /// label and reference annotation are never touched.
     async fn collect_garbage(&self, secrets: &[Arc<Secret>], grace: Duration) {
-        let mut referenced: BTreeSet<(String, String)> = BTreeSet::new();
-        for p in self.caches.pods.state() {
-            let ns = p.namespace().unwrap_or_default();
-            referenced.extend(decide::pod_secret_names(&p).map(|n| (ns.clone(), n.to_owned())));
-        }
+        let mut referenced = self.used_by_pods();
         let templates = self
             .caches
             .deployments
@@ -362,30 +389,44 @@ impl Controller {
                         .await
                         .map(|_| ())
                 }
-                decide::Collect::Delete => {
-                    // Preconditioned on the version read: a Secret changed since is left for
-                    // the next pass.
-                    let params = kube::api::DeleteParams {
-                        preconditions: Some(kube::api::Preconditions {
-                            resource_version: secret.resource_version(),
-                            uid: secret.uid(),
-                        }),
-                        ..Default::default()
-                    };
-                    match api.delete(&name, &params).await {
-                        Ok(_) => {
-                            info!(secret = %name, namespace = %ns, "collected: nothing has referred to it for the grace period");
-                            self.metrics.secrets_collected.inc();
-                            Ok(())
-                        }
-                        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
-                        Err(e) => Err(e),
+                decide::Collect::Delete => self.delete_as_read(secret).await.map(|deleted| {
+                    if deleted {
+                        info!(secret = %name, namespace = %ns, "collected: nothing has referred to it for the grace period");
+                        self.metrics.secrets_collected.inc();
                     }
-                }
+                }),
             };
             if let Err(e) = result {
                 warn!(secret = %name, namespace = %ns, error = %e, "garbage collection step failed; retrying next pass");
             }
+        }
+    }
+
+    /// The Secrets (`namespace`, `name`) that injected pods refer to.
+    fn used_by_pods(&self) -> BTreeSet<(String, String)> {
+        let mut used = BTreeSet::new();
+        for p in self.caches.pods.state() {
+            let ns = p.namespace().unwrap_or_default();
+            used.extend(decide::pod_secret_names(&p).map(|n| (ns.clone(), n.to_owned())));
+        }
+        used
+    }
+
+    /// Deletes `secret` if it is still what was read (uid and resourceVersion): a Secret
+    /// changed since is left for the next pass. False when it was already gone.
+    async fn delete_as_read(&self, secret: &Secret) -> Result<bool, kube::Error> {
+        let api: Api<Secret> = Api::namespaced(self.client.clone(), &secret.namespace().unwrap_or_default());
+        let params = kube::api::DeleteParams {
+            preconditions: Some(kube::api::Preconditions {
+                resource_version: secret.resource_version(),
+                uid: secret.uid(),
+            }),
+            ..Default::default()
+        };
+        match api.delete(&secret.name_any(), &params).await {
+            Ok(_) => Ok(true),
+            Err(kube::Error::Api(s)) if s.code == 404 => Ok(false),
+            Err(e) => Err(e),
         }
     }
 
@@ -403,12 +444,12 @@ impl Controller {
     /// are written one by one afterwards. Adds to `down` and `dirty`.
     async fn check_all(
         &mut self,
-        due: Vec<(&Reference, &[Arc<Secret>], Duration)>,
+        due: Vec<Due<'_>>,
         down: &mut BTreeSet<String>,
         dirty: &mut BTreeSet<String>,
         now: Instant,
     ) {
-        let mut by_vault: BTreeMap<&str, Vec<(&Reference, &[Arc<Secret>], Duration)>> = BTreeMap::new();
+        let mut by_vault: BTreeMap<&str, Vec<Due<'_>>> = BTreeMap::new();
         for d in due {
             by_vault.entry(d.0.vault.as_str()).or_default().push(d);
         }

@@ -449,6 +449,8 @@ async fn the_apiserver_accepts_the_manifests_and_kvinject_works_on_the_charts_pe
 
     let ns = support::namespace(&client, "install", &[OPT_IN]).await;
     let _guard = NsGuard(ns.clone());
+    // The chart requires access policies: kvinject reads them with the chart's RBAC.
+    let _policy = support::grant_all(&client, &ns).await;
     support::wait_for_webhook(&client, &ns).await;
 
     // Inject.

@@ -326,12 +326,11 @@ async fn restarts_and_lease_moves_roll_nothing_and_only_the_holder_polls() {
         .await
         .unwrap();
     assert!(
-        secret
+        !secret
             .metadata
             .annotations
             .unwrap_or_default()
-            .get("kvinject.io/unreferenced-since")
-            .is_none()
+            .contains_key("kvinject.io/unreferenced-since")
     );
 }
 
@@ -490,12 +489,11 @@ async fn unreferenced_secrets_are_collected_after_the_grace_period_and_foreign_o
         .await
         .expect("a Secret a workload template refers to is kept");
     assert!(
-        kept_now
+        !kept_now
             .metadata
             .annotations
             .unwrap()
-            .get("kvinject.io/unreferenced-since")
-            .is_none()
+            .contains_key("kvinject.io/unreferenced-since")
     );
     let foreign_now = secrets
         .get("kvi-foreign-0000000000")

@@ -322,6 +322,8 @@ impl Kvinject {
 
     /// kvinject for the bed's vault and CA; the credential comes from `args` and `env`.
     pub async fn spawn(port: u16, admin_port: u16, args: &[&str], env: &[(&str, &str)]) -> Kvinject {
+        // kvinject watches AccessPolicy objects unless told `--access-policy off`.
+        ensure_crd();
         let bed = testbed();
         let log = bed.dir.join("logs").join(format!("{}.log", unique("kvinject")));
         let file = std::fs::File::create(&log).unwrap();
@@ -496,6 +498,7 @@ pub struct Setup {
     pub kvinject: Kvinject,
     pub webhook: WebhookGuard,
     pub label: String,
+    pub policy: PolicyGuard,
 }
 
 impl Drop for Setup {
@@ -539,6 +542,7 @@ pub async fn setup_for(prefix: &str, kvinject: Kvinject) -> Setup {
     let client = kube().await;
     let label = unique(prefix);
     let ns = namespace(&client, prefix, &[("kvinject.test/suite", &label)]).await;
+    let policy = grant_all(&client, &ns).await;
     let webhook = register_webhook(&client, &label, &kvinject.url(), ("kvinject.test/suite", &label)).await;
     wait_for_webhook(&client, &ns).await;
     Setup {
@@ -547,6 +551,69 @@ pub async fn setup_for(prefix: &str, kvinject: Kvinject) -> Setup {
         kvinject,
         webhook,
         label,
+        policy,
+    }
+}
+
+/// Installs the AccessPolicy CustomResourceDefinition the chart ships (once per test
+/// process; server-side apply, so a test that applies the chart's manifests agrees).
+pub fn ensure_crd() {
+    static DONE: OnceLock<()> = OnceLock::new();
+    DONE.get_or_init(|| {
+        let crd = repo().join("deploy/helm/kvinject/crds/accesspolicies.kvinject.io.yaml");
+        let (ok, out, err) = kubectl(
+            &[
+                "apply",
+                "--server-side",
+                "--field-manager=kvinject-tests",
+                "-f",
+                crd.to_str().unwrap(),
+            ],
+            None,
+        );
+        assert!(ok, "applying the AccessPolicy CRD:\n{out}\n{err}");
+        let (ok, out, err) = kubectl(
+            &[
+                "wait",
+                "--for=condition=Established",
+                "--timeout=30s",
+                "crd/accesspolicies.kvinject.io",
+            ],
+            None,
+        );
+        assert!(
+            ok,
+            "the AccessPolicy CRD did not become established:\n{out}\n{err}"
+        );
+    });
+}
+
+/// Creates the AccessPolicy `name`, deleted when the guard drops.
+pub async fn access_policy(client: &Client, name: &str, spec: serde_json::Value) -> PolicyGuard {
+    use kvinject::access::policy::AccessPolicy;
+    ensure_crd();
+    let spec = serde_json::from_value(spec).expect("an AccessPolicy spec");
+    Api::<AccessPolicy>::all(client.clone())
+        .create(&PostParams::default(), &AccessPolicy::new(name, spec))
+        .await
+        .unwrap_or_else(|e| panic!("creating AccessPolicy {name}: {e}"));
+    PolicyGuard(name.to_owned())
+}
+
+/// Grants namespace `ns` every secret of the bed's vault, for both uses: what tests that are
+/// not about access policies run under (kvinject runs with `--access-policy required`).
+pub async fn grant_all(client: &Client, ns: &str) -> PolicyGuard {
+    let spec =
+        serde_json::json!({"vault": testbed().vault_name, "secrets": ["*"], "namespaces": {"names": [ns]}});
+    access_policy(client, &format!("all-{ns}"), spec).await
+}
+
+/// Deletes its AccessPolicy when dropped.
+pub struct PolicyGuard(pub String);
+
+impl Drop for PolicyGuard {
+    fn drop(&mut self) {
+        delete_from_drop::<kvinject::access::policy::AccessPolicy>(self.0.clone());
     }
 }
 

@@ -41,7 +41,10 @@ NAME_RE = re.compile(r"^[0-9a-zA-Z-]{1,127}$")
 lock = threading.Lock()
 state = {"secrets": {}}  # name -> [version dicts], newest last
 forbidden = set()  # names that answer 403 (an RBAC denial, which Key Vault decides per identity)
-counters = {"secrets_get": 0, "secrets_put": 0, "challenges": 0, "tokens": 0, "assertion_tokens": 0}
+counters = {"secrets_get": 0, "secrets_put": 0, "challenges": 0, "tokens": 0, "assertion_tokens": 0,
+            # GETs of one secret (any version) by its name, so a test can prove who read what
+            # while other tests use the vault too
+            "secrets_get_by_name": {}}
 args = None
 
 
@@ -152,6 +155,9 @@ class Handler(BaseHTTPRequestHandler):
             if method == "GET" and len(parts) == 2 and name:
                 parts.append("")
             if method in ("GET", "PATCH") and len(parts) == 3 and parts[2] != "versions":
+                if method == "GET":
+                    by_name = counters["secrets_get_by_name"]
+                    by_name[name.lower()] = by_name.get(name.lower(), 0) + 1
                 if not versions:
                     return self.error(404, "SecretNotFound", f"A secret with (name/id) {name} was not found in this key vault. If you recently deleted this secret you may be able to recover it using the correct recovery command. For help resolving this issue, please see https://go.microsoft.com/fwlink/?linkid=2125182")
                 ver = parts[2]

@@ -53,6 +53,9 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- if and (eq .Values.tls.source "secret") (not .Values.tls.caBundle) -}}
 {{- fail "tls.caBundle: tls.source=secret needs the CA (base64), e.g. the line `kvinject certs` prints" -}}
 {{- end -}}
+{{- if not (has .Values.accessPolicy (list "required" "off")) -}}
+{{- fail (printf "accessPolicy: %q is not required or off" .Values.accessPolicy) -}}
+{{- end -}}
 {{- if not (has .Values.webhook.failurePolicy (list "Fail" "Ignore")) -}}
 {{- fail (printf "webhook.failurePolicy: %q is not Fail or Ignore" .Values.webhook.failurePolicy) -}}
 {{- end -}}

@@ -1,0 +1,86 @@
+//! Revoked grants: a materialized Secret that no AccessPolicy grants to its namespace any
+//! more is no longer refreshed from Key Vault, gets one `AccessRevoked` Event, and is
+//! deleted as soon as no pod uses it (no grace period: new pods are denied anyway).
+//! Running pods keep running.
+
+use super::{Controller, needed_for};
+use crate::{access::grant::use_of, materialize};
+use k8s_openapi::api::core::v1::Secret;
+use kube::{
+    ResourceExt,
+    runtime::{events::EventType, reflector::ObjectRef},
+};
+use std::{collections::BTreeSet, sync::Arc};
+use tracing::{info, warn};
+
+type Key = (String, String);
+
+impl Controller {
+    /// kvinject's Secrets that no policy grants to their namespace, for any ServiceAccount,
+    /// any more. None while access is off or the policies have not been listed yet.
+    pub(super) fn revoked_now(&self, secrets: &[Arc<Secret>]) -> BTreeSet<Key> {
+        let Some(index) = self.access.as_ref().and_then(|p| p.loaded()) else {
+            return BTreeSet::new();
+        };
+        secrets
+            .iter()
+            .filter(|s| materialize::is_managed(s))
+            .filter_map(|s| {
+                let needed = needed_for(s)?;
+                let ns = s.namespace()?;
+                let labels = self
+                    .caches
+                    .namespaces
+                    .get(&ObjectRef::new(&ns))
+                    .and_then(|n| n.metadata.labels.clone())
+                    .unwrap_or_default();
+                let granted =
+                    index.grants_namespace(&ns, &labels, needed.source.reference(), use_of(&needed.source));
+                (!granted).then(|| (ns, s.name_any()))
+            })
+            .collect()
+    }
+
+    /// Records newly revoked Secrets, and deletes the revoked ones no pod uses.
+    pub(super) async fn retire_revoked(&mut self, secrets: &[Arc<Secret>], revoked: BTreeSet<Key>) {
+        self.metrics
+            .access_revoked
+            .set(i64::try_from(revoked.len()).unwrap_or(i64::MAX));
+        let key = |s: &Secret| (s.namespace().unwrap_or_default(), s.name_any());
+        for secret in secrets
+            .iter()
+            .filter(|s| revoked.contains(&key(s)) && !self.revoked.contains(&key(s)))
+        {
+            let reference = needed_for(secret)
+                .map(|n| n.source.reference().to_string())
+                .unwrap_or_default();
+            info!(secret = %secret.name_any(), namespace = ?secret.namespace(), %reference, "access revoked");
+            let note = format!(
+                "{reference}: no AccessPolicy grants it to this namespace any more; no longer refreshed from Key Vault, deleted once no pod uses it"
+            );
+            self.event(secret.as_ref(), EventType::Warning, "AccessRevoked", note)
+                .await;
+        }
+        if revoked.is_empty() {
+            self.revoked.clear();
+            return;
+        }
+        let in_use = self.used_by_pods();
+        for secret in secrets
+            .iter()
+            .filter(|s| revoked.contains(&key(s)) && !in_use.contains(&key(s)))
+        {
+            let (ns, name) = key(secret);
+            match self.delete_as_read(secret).await {
+                Ok(true) => {
+                    info!(secret = %name, namespace = %ns, "deleted: access revoked and no pod uses it")
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    warn!(secret = %name, namespace = %ns, error = %e, "deleting a revoked Secret; retrying next sweep")
+                }
+            }
+        }
+        self.revoked = revoked;
+    }
+}
