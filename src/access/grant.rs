@@ -110,23 +110,53 @@ impl Compiled {
     }
 }
 
-/// What one vault's policies grant, by the namespaces they name.
+/// What one vault's policies grant, by the namespaces they name. Selector policies are
+/// filed under one of their `matchLabels` pairs when they have one, so an admission looks
+/// only at those its namespace's labels could satisfy.
 #[derive(Debug, Default)]
 struct VaultGrants {
     by_name: HashMap<String, Vec<Arc<Compiled>>>,
-    by_selector: Vec<Arc<Compiled>>,
+    /// label key -> label value -> policies whose selector requires that pair.
+    by_label: HashMap<String, HashMap<String, Vec<Arc<Compiled>>>>,
+    /// Selectors with expressions only (or `{}`): checked for every namespace.
+    by_other_selector: Vec<Arc<Compiled>>,
 }
 
 impl VaultGrants {
+    fn insert(&mut self, policy: Arc<Compiled>, names: &[String]) {
+        for ns in names {
+            self.by_name.entry(ns.clone()).or_default().push(policy.clone());
+        }
+        let Some(selector) = &policy.selector else { return };
+        match selector.match_labels.as_ref().and_then(|l| l.iter().next()) {
+            Some((k, v)) => {
+                let (k, v) = (k.clone(), v.clone());
+                self.by_label
+                    .entry(k)
+                    .or_default()
+                    .entry(v)
+                    .or_default()
+                    .push(policy);
+            }
+            None => self.by_other_selector.push(policy),
+        }
+    }
+
     /// The policies that apply to `subject`'s namespace, by name or by selector.
     fn for_namespace<'a>(&'a self, subject: &'a Subject<'_>) -> impl Iterator<Item = &'a Arc<Compiled>> + 'a {
         let named = self.by_name.get(subject.namespace).into_iter().flatten();
-        let selected = self.by_selector.iter().filter(|c| {
-            c.selector
-                .as_ref()
-                .is_some_and(|s| selector_matches(s, subject.labels))
-        });
-        named.chain(selected)
+        let labelled = subject
+            .labels
+            .iter()
+            .filter_map(|(k, v)| self.by_label.get(k)?.get(v))
+            .flatten()
+            .chain(&self.by_other_selector)
+            .filter(|c| {
+                c.selector
+                    .as_ref()
+                    .is_some_and(|s| selector_matches(s, subject.labels))
+            });
+        named.chain(labelled)
     }
 }
 
@@ -150,17 +180,12 @@ impl Index {
         for policy in policies {
             let name = policy.metadata.name.clone().unwrap_or_default();
             let compiled = Arc::new(Compiled::new(&name, &policy.spec));
-            let vault = index.vaults.entry(policy.spec.vault.clone()).or_default();
-            for ns in policy.spec.namespaces.names.iter().flatten() {
-                vault
-                    .by_name
-                    .entry(ns.clone())
-                    .or_default()
-                    .push(compiled.clone());
-            }
-            if compiled.selector.is_some() {
-                vault.by_selector.push(compiled);
-            }
+            let names = policy.spec.namespaces.names.as_deref().unwrap_or_default();
+            index
+                .vaults
+                .entry(policy.spec.vault.clone())
+                .or_default()
+                .insert(compiled, names);
             index.policies += 1;
         }
         index
@@ -524,6 +549,41 @@ mod tests {
             let got = index.check(&subject(ns, l, sa), &reference, use_).ok();
             assert_eq!(got.as_deref(), want, "{reference} for {use_:?} by {ns}/{sa}");
         }
+    }
+
+    #[test]
+    fn selector_grants_are_found_by_any_of_their_forms() {
+        let index = Index::new(&[
+            policy(
+                "two-labels",
+                json!({"vault": "v", "secrets": ["a"], "namespaces": {"selector": {"matchLabels": {"team": "x", "tier": "prod"}}}}),
+            ),
+            policy(
+                "expressions",
+                json!({"vault": "v", "secrets": ["b"], "namespaces": {"selector": {"matchExpressions": [{"key": "tier", "operator": "In", "values": ["prod"]}]}}}),
+            ),
+            policy(
+                "everyone",
+                json!({"vault": "v", "secrets": ["c"], "namespaces": {"selector": {}}}),
+            ),
+        ]);
+        let both = labels(&[("team", "x"), ("tier", "prod")]);
+        let tier_only = labels(&[("tier", "prod")]);
+        let none = BTreeMap::new();
+        let granted = |l: &BTreeMap<String, String>, name: &str| {
+            index
+                .check(&subject("ns", l, "sa"), &r("v", name), Use::Env)
+                .is_ok()
+        };
+        assert!(
+            granted(&both, "a") && !granted(&tier_only, "a"),
+            "every matchLabels pair must hold"
+        );
+        assert!(granted(&tier_only, "b") && !granted(&none, "b"));
+        assert!(
+            granted(&none, "c"),
+            "an empty selector selects every namespace, as in Kubernetes"
+        );
     }
 
     #[test]
