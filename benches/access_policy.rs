@@ -20,13 +20,14 @@ use http_body_util::BodyExt;
 use k8s_openapi::api::core::v1::{Namespace, Secret};
 use kube::runtime::{reflector::store::Writer, watcher};
 use kvinject::{
-    access::{Gate, NamespaceLabels, Policies, grant::Index, policy::AccessPolicy},
+    access::{NamespaceLabels, Policies, grant::Index, policy::AccessPolicy},
     inject::{Injector, SecretWriter, WriteError},
     keyvault::source::{FetchError, Fetched, SecretSource},
     materialize,
     metrics::Metrics,
     mutate::{self, InjectConfig},
     reference::Reference,
+    scope::Scope,
     webhook::{WebhookState, router},
 };
 use serde_json::json;
@@ -121,6 +122,7 @@ fn review() -> serde_json::Value {
 fn warm_router(n: usize, calls: Arc<NoCalls>) -> Router {
     let config = InjectConfig {
         vaults: ["main".to_owned()].into(),
+        ..Default::default()
     };
     let pod = serde_json::from_value(review()["request"]["object"].clone()).unwrap();
     let plan = mutate::plan(&pod, &config).unwrap();
@@ -131,7 +133,7 @@ fn warm_router(n: usize, calls: Arc<NoCalls>) -> Router {
             value: kvinject::keyvault::SecretValue::new(r#"{"auths":{"r.example":{}}}"#),
             version: VERSION.into(),
         };
-        let secret = materialize::desired_secret(NAMESPACE, needed, &fetched).unwrap();
+        let secret = materialize::desired_secret(NAMESPACE, needed, &fetched, &config.keys).unwrap();
         secrets.apply_watcher_event(&watcher::Event::InitApply(secret));
     }
     secrets.apply_watcher_event(&watcher::Event::InitDone);
@@ -142,10 +144,6 @@ fn warm_router(n: usize, calls: Arc<NoCalls>) -> Router {
     namespaces.apply_watcher_event(&watcher::Event::Apply(ns));
     let handle = Policies::default();
     handle.replace(Index::new(&policies(n)));
-    let gate = Gate {
-        policies: handle,
-        namespaces: NamespaceLabels::new(namespaces.as_reader(), None),
-    };
     let injector = Injector::new(
         config,
         calls.clone(),
@@ -154,7 +152,9 @@ fn warm_router(n: usize, calls: Arc<NoCalls>) -> Router {
         Duration::from_secs(60),
         Metrics::default(),
     )
-    .with_access(gate);
+    .with_namespaces(NamespaceLabels::new(namespaces.as_reader(), None))
+    .with_scope(Scope::new("team", []).unwrap())
+    .with_access(handle);
     router(WebhookState {
         injector: Arc::new(injector),
         deadline: Duration::from_secs(5),

@@ -72,6 +72,8 @@ async fn main() {
     let distinct = (total / namespaces).max(1);
     let concurrency = env_usize("KVINJECT_BENCH_CONCURRENCY", 8).max(1);
     let bed = support::testbed();
+    // The keys the controller below verifies with: the Secrets are sealed as kvinject would.
+    let keys = kvinject::materialize::seal::Keys::default();
     let client = support::kube().await;
     println!(
         "rotation sweep benchmark: {total} materialized Secrets = {distinct} Key Vault secrets x {namespaces} namespaces, {concurrency} reads in flight"
@@ -118,6 +120,7 @@ async fn main() {
         .map(|(ns, name, version)| {
             let client = client.clone();
             let vault = bed.vault_name.clone();
+            let keys = keys.clone();
             async move {
                 let source = Source::Env(Reference {
                     vault,
@@ -132,7 +135,7 @@ async fn main() {
                     value: SecretValue::new("benchmark-value"),
                     version,
                 };
-                let secret = materialize::desired_secret(&ns, &needed, &fetched).unwrap();
+                let secret = materialize::desired_secret(&ns, &needed, &fetched, &keys).unwrap();
                 Api::<Secret>::namespaced(client, &ns)
                     .create(&PostParams::default(), &secret)
                     .await
@@ -180,6 +183,8 @@ async fn main() {
     };
     let inject = InjectConfig {
         vaults: [bed.vault_name.clone()].into(),
+        keys: keys.clone(),
+        ..Default::default()
     };
     let mut controller = rotation::Controller::new(
         client.clone(),

@@ -2,7 +2,7 @@
 //! ending is fatal.
 
 use crate::{
-    access::{self, Gate, NamespaceLabels, Policies},
+    access::{self, NamespaceLabels, Policies},
     admin,
     certs::bootstrap::Bootstrap,
     config::{ServeConfig, TlsConfig},
@@ -75,19 +75,20 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     for (name, url) in &config.vaults {
         info!(vault = %name, %url, "vault configured");
     }
+    // The keys that seal kvinject's Secrets, shared by every replica.
+    let (key_namespace, key_secret) = &config.signing_key;
+    let keys = materialize::keys::load_or_create(&client, key_namespace, key_secret)
+        .await
+        .context("loading the signing key for materialized Secrets")?;
     let inject_config = InjectConfig {
         vaults: config.vaults.keys().cloned().collect(),
+        keys: keys.clone(),
+        min_refresh_interval: config.min_refresh_interval,
     };
 
-    // Namespace labels: access policies select namespaces by them, and the rotation
-    // controller reads rollout opt-ins from them.
+    // Namespace labels: which namespaces kvinject acts for, which ones access policies
+    // select, and the rotation controller's rollout opt-ins.
     let (namespaces, namespace_watch) = rotation::reflect(Api::<Namespace>::all(client.clone()));
-    let namespace_watch: BoxFuture<'static, ()> =
-        if config.access_policy == access::Mode::Required || config.rotation.is_some() {
-            namespace_watch
-        } else {
-            Box::pin(std::future::pending())
-        };
 
     // Access policies: a watch cache, compiled into an index the admission check reads.
     metrics
@@ -126,17 +127,19 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     let mut injector = Injector::new(
         inject_config.clone(),
         source.clone(),
-        Arc::new(KubeWriter(client.clone())),
+        Arc::new(KubeWriter {
+            client: client.clone(),
+            keys,
+        }),
         store.clone(),
         config.value_cache_ttl,
         metrics.clone(),
-    );
+    )
+    .with_namespaces(NamespaceLabels::new(namespaces.clone(), Some(client.clone())))
+    .with_scope(config.scope.clone())
+    .with_read_limit(config.namespace_reads);
     if let Some(policies) = &policies {
-        let namespaces = NamespaceLabels::new(namespaces.clone(), Some(client.clone()));
-        injector = injector.with_access(Gate {
-            policies: policies.clone(),
-            namespaces,
-        });
+        injector = injector.with_access(policies.clone());
     }
     let injector = Arc::new(injector);
     let watch = {
@@ -226,12 +229,14 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         }
     });
 
-    // Ready once the webhook listens and the Secret cache has synced.
+    // Ready once the webhook listens and the Secret, namespace and policy caches have synced.
+    let namespaces_ready = namespaces.clone();
     let mark_ready = {
         let (handle, ready) = (handle.clone(), ready.clone());
         async move {
             let addr = handle.listening().await;
             policies_ready.await;
+            let _ = namespaces_ready.wait_until_ready().await;
             if store.wait_until_ready().await.is_ok() {
                 info!(addr = ?addr, admin = %config.admin_listen, "serving");
                 ready.set_ready();

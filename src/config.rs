@@ -99,17 +99,61 @@ pub struct ServeArgs {
     /// routing to this replica), then drain for up to 10 s and exit.
     #[arg(long, env = "KVINJECT_SHUTDOWN_DELAY", default_value = "5s", value_parser = parse_duration)]
     pub shutdown_delay: Duration,
-    /// `required`: a reference that no AccessPolicy grants to the pod's namespace and
-    /// ServiceAccount is denied. `off`: no check (every pod in an opted-in namespace may use
-    /// every secret of every configured vault; logged as a warning at start).
-    #[arg(long, env = "KVINJECT_ACCESS_POLICY", value_enum, default_value = "required")]
-    pub access_policy: crate::access::Mode,
+    #[command(flatten)]
+    pub tenancy: TenancyArgs,
     #[command(flatten)]
     pub vaults: VaultArgs,
     #[command(flatten)]
     pub azure: AzureArgs,
     #[command(flatten)]
     pub rotation: RotationArgs,
+}
+
+/// Who kvinject acts for, and how much one tenant may ask of it.
+#[derive(Args, Debug)]
+pub struct TenancyArgs {
+    /// `required`: a reference that no AccessPolicy grants to the pod's namespace and
+    /// ServiceAccount is denied. `off`: no check (every pod in an opted-in namespace may use
+    /// every secret of every configured vault; logged as a warning at start).
+    #[arg(long, env = "KVINJECT_ACCESS_POLICY", value_enum, default_value = "required")]
+    pub access_policy: crate::access::Mode,
+    /// The namespaces kvinject acts for, as a label selector (the registration's
+    /// namespaceSelector): an AdmissionReview for any other namespace is allowed unchanged.
+    #[arg(
+        long,
+        env = "KVINJECT_NAMESPACE_SELECTOR",
+        default_value = "kvinject.io/injection=enabled"
+    )]
+    pub namespace_selector: String,
+    /// Namespaces kvinject never acts for, whatever their labels (comma-separated).
+    #[arg(
+        long = "exclude-namespace",
+        env = "KVINJECT_EXCLUDE_NAMESPACES",
+        value_delimiter = ',',
+        default_value = "kube-system,kvinject"
+    )]
+    pub exclude_namespaces: Vec<String>,
+    /// The Secret (in --signing-key-namespace) holding the keys that seal materialized
+    /// Secrets; created on first start and shared by the replicas.
+    #[arg(
+        long,
+        env = "KVINJECT_SIGNING_KEY_SECRET",
+        default_value = "kvinject-signing-key"
+    )]
+    pub signing_key_secret: String,
+    /// kvinject's own namespace, where the signing key lives.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "kvinject")]
+    pub signing_key_namespace: String,
+    /// Floor of `kvinject.io/refresh-interval`: a pod asking for less gets this, with an
+    /// admission warning.
+    #[arg(long, env = "KVINJECT_MIN_REFRESH_INTERVAL", default_value = "30s", value_parser = parse_duration)]
+    pub min_refresh_interval: Duration,
+    /// First-use Key Vault reads per namespace: sustained reads per second (a token bucket).
+    #[arg(long, env = "KVINJECT_NAMESPACE_READ_RATE", default_value_t = 5.0)]
+    pub namespace_read_rate: f64,
+    /// First-use Key Vault reads per namespace: the bucket's size (a burst).
+    #[arg(long, env = "KVINJECT_NAMESPACE_READ_BURST", default_value_t = 50)]
+    pub namespace_read_burst: u32,
 }
 
 #[derive(Args, Debug)]
@@ -269,6 +313,12 @@ pub struct TlsArgs {
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
     pub access_policy: crate::access::Mode,
+    /// The namespaces kvinject acts for.
+    pub scope: crate::scope::Scope,
+    /// (namespace, name) of the signing-key Secret.
+    pub signing_key: (String, String),
+    pub min_refresh_interval: Duration,
+    pub namespace_reads: ReadLimit,
     pub listen: SocketAddr,
     pub admin_listen: SocketAddr,
     pub tls: TlsConfig,
@@ -284,6 +334,22 @@ pub struct ServeConfig {
     pub vault_probe_interval: Duration,
     /// `None` when the rotation controller is off.
     pub rotation: Option<RotationSettings>,
+}
+
+/// A token bucket's shape: `rate` tokens a second, at most `burst` saved up.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ReadLimit {
+    pub rate: f64,
+    pub burst: u32,
+}
+
+impl ReadLimit {
+    pub fn new(rate: f64, burst: u32) -> anyhow::Result<Self> {
+        if !(rate.is_finite() && rate > 0.0) || burst == 0 {
+            bail!("--namespace-read-rate must be above 0 and --namespace-read-burst at least 1");
+        }
+        Ok(ReadLimit { rate, burst })
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -324,7 +390,21 @@ impl ServeArgs {
             );
         }
         Ok(ServeConfig {
-            access_policy: self.access_policy,
+            access_policy: self.tenancy.access_policy,
+            scope: crate::scope::Scope::new(
+                &self.tenancy.namespace_selector,
+                self.tenancy.exclude_namespaces.clone(),
+            )
+            .map_err(|e| anyhow::anyhow!("--namespace-selector: {e}"))?,
+            signing_key: (
+                self.tenancy.signing_key_namespace.clone(),
+                self.tenancy.signing_key_secret.clone(),
+            ),
+            min_refresh_interval: self.tenancy.min_refresh_interval,
+            namespace_reads: ReadLimit::new(
+                self.tenancy.namespace_read_rate,
+                self.tenancy.namespace_read_burst,
+            )?,
             listen: self.listen,
             admin_listen: self.admin_listen,
             tls: self.tls.validate()?,

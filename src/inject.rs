@@ -2,12 +2,19 @@
 //! materialized one (no call at all), or read Key Vault once and create it.
 
 use crate::{
-    access::{Gate, grant::AccessDenied},
+    access::{
+        NamespaceLabels, Policies,
+        grant::{self, AccessDenied, Subject},
+    },
+    config::ReadLimit,
     keyvault::source::{FetchError, Fetched, SecretSource},
+    limit::ReadBuckets,
+    materialize::seal::{self, Verdict},
     materialize::{self, ValueError},
     metrics::{Metrics, VaultLabels},
     mutate::{self, Denial, InjectConfig, Needed},
     reference::Reference,
+    scope::Scope,
 };
 use async_trait::async_trait;
 use json_patch::Patch;
@@ -71,6 +78,19 @@ pub enum Denied {
     Value(#[from] ValueError),
     #[error(transparent)]
     Write(#[from] WriteError),
+    #[error(
+        "Secret {namespace}/{name} carries kvinject's label but was not created by kvinject, or was changed by hand; kvinject will not hand it to a pod. Delete it: the next pod gets a fresh one"
+    )]
+    Foreign { namespace: String, name: String },
+    #[error(
+        "namespace {namespace} asked Key Vault for more new references than its limit ({rate}/s, bursts of {burst}, --namespace-read-rate/--namespace-read-burst); {reference} was not read. Retry shortly"
+    )]
+    RateLimited {
+        namespace: String,
+        reference: String,
+        rate: f64,
+        burst: u32,
+    },
 }
 
 /// What the webhook answers for an admitted pod.
@@ -122,7 +142,13 @@ pub struct Injector {
     pub metrics: Metrics,
     pub health: VaultHealth,
     /// `None` with `--access-policy off`.
-    access: Option<Gate>,
+    access: Option<Policies>,
+    /// Namespace labels, for the scope and the access policies.
+    namespaces: Option<NamespaceLabels>,
+    /// `None`: every namespace the apiserver sends (router tests).
+    scope: Option<Scope>,
+    /// First-use Key Vault reads per namespace.
+    reads: ReadBuckets,
 }
 
 impl Injector {
@@ -151,12 +177,33 @@ impl Injector {
             metrics,
             health: VaultHealth::default(),
             access: None,
+            namespaces: None,
+            scope: None,
+            reads: ReadBuckets::default(),
         }
     }
 
     /// Checks every reference against the access policies before anything else.
-    pub fn with_access(mut self, gate: Gate) -> Self {
-        self.access = Some(gate);
+    pub fn with_access(mut self, policies: Policies) -> Self {
+        self.access = Some(policies);
+        self
+    }
+
+    /// Where namespace labels come from (scope and policy selectors).
+    pub fn with_namespaces(mut self, namespaces: NamespaceLabels) -> Self {
+        self.namespaces = Some(namespaces);
+        self
+    }
+
+    /// Acts only for the namespaces `scope` selects; others are allowed unchanged.
+    pub fn with_scope(mut self, scope: Scope) -> Self {
+        self.scope = Some(scope);
+        self
+    }
+
+    /// Bounds first-use Key Vault reads per namespace.
+    pub fn with_read_limit(mut self, limit: ReadLimit) -> Self {
+        self.reads = ReadBuckets::new(limit);
         self
     }
 
@@ -172,14 +219,40 @@ impl Injector {
     /// checked first; only when all are good are the missing ones created, so a denied pod
     /// leaves nothing behind. On a dry run nothing is written, and the answer is the same.
     pub async fn admit(&self, namespace: &str, pod: &Pod, dry_run: bool) -> Result<Admitted, Denied> {
+        let labels = match &self.namespaces {
+            Some(n) if self.scope.is_some() || self.access.is_some() => n.get(namespace).await,
+            _ => BTreeMap::new(),
+        };
+        // Anything that reaches the port can POST a review naming any namespace: act only
+        // for the ones the registration selects.
+        if let Some(scope) = &self.scope
+            && !scope.includes(namespace, &labels)
+        {
+            warn!(
+                namespace,
+                "a review for a namespace kvinject does not act for; left unchanged"
+            );
+            let why = format!(
+                "kvinject does not act for namespace {namespace} (not selected by its namespace selector, or excluded); the pod is left unchanged"
+            );
+            return Ok(Admitted {
+                patch: None,
+                warnings: vec![why],
+            });
+        }
         let plan = mutate::plan(pod, &self.config)?;
         // Before any read or write, on the warm path too: a materialized Secret is no
         // reason to hand a reference to someone the policies no longer grant it to.
-        if let Some(gate) = &self.access
-            && let Err(denied) = gate.check(namespace, pod, &plan).await
-        {
-            self.metrics.access_denials.inc();
-            return Err(denied.into());
+        if let Some(policies) = &self.access {
+            let subject = Subject {
+                namespace,
+                labels: &labels,
+                service_account: grant::service_account_of(pod),
+            };
+            if let Err(denied) = grant::check_plan(&policies.current(), &subject, &plan) {
+                self.metrics.access_denials.inc();
+                return Err(denied.into());
+            }
         }
         let prepared =
             futures::future::join_all(plan.needed.iter().map(|n| self.prepare(namespace, n))).await;
@@ -204,15 +277,21 @@ impl Injector {
     async fn prepare(&self, namespace: &str, needed: &Needed) -> Result<Prepared, Denied> {
         let key = (namespace.to_owned(), needed.secret_name.clone());
         let reference = needed.source.reference();
-        if let Some(version) = self.materialized(&key) {
+        if let Some((version, verdict)) = self.materialized(&key)? {
             self.metrics.cache("secret", true);
-            let warning = self.health.outage(&reference.vault).map(|why| {
+            let mut warning = self.health.outage(&reference.vault).map(|why| {
                 format!("{reference}: Key Vault is unreachable ({why}); using the materialized Secret {} (version {version})", needed.secret_name)
             });
+            if verdict == Verdict::Edited {
+                warning = Some(format!(
+                    "Secret {} was changed by hand; kvinject restores its value from Key Vault (version {version})",
+                    needed.secret_name
+                ));
+            }
             return Ok(Prepared::Materialized { warning });
         }
         self.metrics.cache("secret", false);
-        let fetched = self.fetch(reference).await.map_err(|e| {
+        let fetched = self.fetch(namespace, reference).await?.map_err(|e| {
             if e.is_outage() {
                 Denied::Unavailable {
                     reference: reference.to_string(),
@@ -224,7 +303,10 @@ impl Injector {
             }
         })?;
         Ok(Prepared::Missing(Box::new(materialize::desired_secret(
-            namespace, needed, &fetched,
+            namespace,
+            needed,
+            &fetched,
+            &self.config.keys,
         )?)))
     }
 
@@ -254,26 +336,57 @@ impl Injector {
         self.created.invalidate(&key).await;
     }
 
-    /// The version of the materialized Secret, from the watch cache or our own creations.
-    fn materialized(&self, key: &(String, String)) -> Option<String> {
+    /// The version of the materialized Secret and what its seal says, from the watch cache
+    /// or our own creations. A Secret of that name that kvinject did not seal is an error:
+    /// it is never handed to a pod.
+    fn materialized(&self, key: &(String, String)) -> Result<Option<(String, Verdict)>, Denied> {
         let object = ObjectRef::<Secret>::new(&key.1).within(&key.0);
         if let Some(secret) = self.store.get(&object).filter(|s| materialize::is_managed(s)) {
+            let verdict = seal::verify(&self.config.keys, &secret);
+            if verdict == Verdict::Foreign {
+                return Err(Denied::Foreign {
+                    namespace: key.0.clone(),
+                    name: key.1.clone(),
+                });
+            }
             let version = secret
                 .metadata
                 .annotations
                 .as_ref()
                 .and_then(|a| a.get(materialize::VERSION_ANNOTATION).cloned());
-            return Some(version.unwrap_or_default());
+            return Ok(Some((version.unwrap_or_default(), verdict)));
         }
-        self.created.contains_key(key).then(|| "just created".to_owned())
+        Ok(self
+            .created
+            .contains_key(key)
+            .then(|| ("just created".to_owned(), Verdict::Genuine)))
     }
 
-    async fn fetch(&self, reference: &Reference) -> Result<Fetched, FetchError> {
+    /// Reads `reference` for a first use in `namespace`: from the value cache, or from Key
+    /// Vault within the namespace's read budget (the outer error).
+    async fn fetch(
+        &self,
+        namespace: &str,
+        reference: &Reference,
+    ) -> Result<Result<Fetched, FetchError>, Denied> {
         if let Some(hit) = self.values.get(reference).await {
             self.metrics.cache("value", true);
-            return Ok(hit);
+            return Ok(Ok(hit));
         }
         self.metrics.cache("value", false);
+        if !self.reads.take(namespace) {
+            let ReadLimit { rate, burst } = self.reads.limit;
+            return Err(Denied::RateLimited {
+                namespace: namespace.to_owned(),
+                reference: reference.to_string(),
+                rate,
+                burst,
+            });
+        }
+        Ok(self.read(reference).await)
+    }
+
+    async fn read(&self, reference: &Reference) -> Result<Fetched, FetchError> {
         let (source, metrics, health) = (self.source.clone(), self.metrics.clone(), self.health.clone());
         let r = reference.clone();
         self.values
@@ -306,15 +419,19 @@ impl Injector {
     }
 }
 
-/// Creates Secrets through the apiserver.
-pub struct KubeWriter(pub kube::Client);
+/// Creates Secrets through the apiserver; `keys` tell an existing Secret of the same name
+/// that kvinject sealed (another replica was first) from a foreign one.
+pub struct KubeWriter {
+    pub client: kube::Client,
+    pub keys: seal::Keys,
+}
 
 #[async_trait]
 impl SecretWriter for KubeWriter {
     async fn create(&self, secret: Secret) -> Result<(), WriteError> {
         let namespace = secret.metadata.namespace.clone().unwrap_or_default();
         let name = secret.metadata.name.clone().unwrap_or_default();
-        let api: Api<Secret> = Api::namespaced(self.0.clone(), &namespace);
+        let api: Api<Secret> = Api::namespaced(self.client.clone(), &namespace);
         let params = PostParams {
             field_manager: Some(FIELD_MANAGER.to_owned()),
             ..Default::default()
@@ -334,7 +451,9 @@ impl SecretWriter for KubeWriter {
                         .as_ref()
                         .and_then(|a| a.get(materialize::REFERENCE_ANNOTATION).cloned())
                 };
-                if materialize::is_managed(&existing) && reference(&existing) == reference(&secret) {
+                let sealed = seal::verify(&self.keys, &existing) != Verdict::Foreign;
+                if materialize::is_managed(&existing) && sealed && reference(&existing) == reference(&secret)
+                {
                     Ok(())
                 } else {
                     Err(WriteError::NotOurs {

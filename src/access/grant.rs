@@ -656,6 +656,7 @@ mod tests {
             &pod,
             &InjectConfig {
                 vaults: ["main".to_owned()].into(),
+                ..Default::default()
             },
         )
         .unwrap();

@@ -8,10 +8,10 @@ pub mod cli;
 pub mod grant;
 pub mod policy;
 
-use crate::{metrics::Metrics, mutate::Plan};
+use crate::metrics::Metrics;
 use futures::StreamExt;
-use grant::{AccessDenied, Index, Subject};
-use k8s_openapi::api::core::v1::{Namespace, Pod};
+use grant::Index;
+use k8s_openapi::api::core::v1::Namespace;
 use kube::{
     Api, Client,
     runtime::{
@@ -143,29 +143,5 @@ impl NamespaceLabels {
                 BTreeMap::new()
             }
         }
-    }
-}
-
-/// The admission check: every reference a pod's plan needs must be granted to the pod's
-/// namespace and ServiceAccount for its use.
-#[derive(Clone)]
-pub struct Gate {
-    pub policies: Policies,
-    pub namespaces: NamespaceLabels,
-}
-
-impl Gate {
-    pub async fn check(&self, namespace: &str, pod: &Pod, plan: &Plan) -> Result<(), AccessDenied> {
-        if plan.needed.is_empty() {
-            return Ok(());
-        }
-        let labels = self.namespaces.get(namespace).await;
-        let service_account = grant::service_account_of(pod);
-        let subject = Subject {
-            namespace,
-            labels: &labels,
-            service_account,
-        };
-        grant::check_plan(&self.policies.current(), &subject, plan)
     }
 }

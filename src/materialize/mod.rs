@@ -1,6 +1,9 @@
 //! The Secret a reference is materialized as (pure), and the metadata kvinject recognises
 //! its own Secrets by.
 
+pub mod keys;
+pub mod seal;
+
 use crate::{
     keyvault::source::Fetched,
     mutate::{self, Needed, Source},
@@ -48,8 +51,14 @@ pub fn is_managed(secret: &Secret) -> bool {
         == Some(MANAGED_BY)
 }
 
-/// Builds the Secret `needed` is materialized as in `namespace`, from its fetched value.
-pub fn desired_secret(namespace: &str, needed: &Needed, fetched: &Fetched) -> Result<Secret, ValueError> {
+/// Builds the Secret `needed` is materialized as in `namespace`, from its fetched value,
+/// sealed with `keys`.
+pub fn desired_secret(
+    namespace: &str,
+    needed: &Needed,
+    fetched: &Fetched,
+    keys: &seal::Keys,
+) -> Result<Secret, ValueError> {
     let reference = needed.source.reference().to_string();
     let raw = fetched.value.expose();
     if raw.len() > MAX_VALUE_BYTES {
@@ -101,6 +110,7 @@ pub fn desired_secret(namespace: &str, needed: &Needed, fetched: &Fetched) -> Re
     secret.metadata.annotations = Some(annotations);
     secret.type_ = Some(type_.to_owned());
     secret.data = Some(BTreeMap::from([(key.to_owned(), ByteString(data))]));
+    seal::seal(keys, &mut secret);
     Ok(secret)
 }
 
@@ -157,7 +167,21 @@ mod tests {
     #[test]
     fn env_secret_holds_only_the_value_and_says_where_it_came_from() {
         let n = needed(Source::Env(r("db")));
-        let s = desired_secret("team-a", &n, &fetched("s3cret")).unwrap();
+        let keys = seal::Keys::default();
+        let mut s = desired_secret("team-a", &n, &fetched("s3cret"), &keys).unwrap();
+        assert_eq!(
+            seal::verify(&keys, &s),
+            seal::Verdict::Genuine,
+            "sealed with kvinject's key"
+        );
+        let signature = s
+            .metadata
+            .annotations
+            .as_mut()
+            .unwrap()
+            .remove(seal::SIGNATURE_ANNOTATION)
+            .unwrap();
+        assert!(!signature.contains("czNjcmV0") && !signature.contains("s3cret"));
         let want: Secret = serde_json::from_value(json!({
             "metadata": {
                 "name": n.secret_name, "namespace": "team-a",
@@ -176,7 +200,7 @@ mod tests {
     fn docker_configs_are_checked_without_echoing_them() {
         let n = needed(Source::DockerConfig(r("acr")));
         let ok = r#"{"auths":{"r.example":{"auth":"dTpw"}}}"#;
-        let s = desired_secret("ns", &n, &fetched(ok)).unwrap();
+        let s = desired_secret("ns", &n, &fetched(ok), &Default::default()).unwrap();
         assert_eq!(s.type_.as_deref(), Some("kubernetes.io/dockerconfigjson"));
         assert_eq!(s.data.unwrap()[".dockerconfigjson"].0, ok.as_bytes());
         for bad in [
@@ -186,7 +210,9 @@ mod tests {
             r#"{"auths":{}}"#,
             r#"{"auths":{"r":"hunter2"}}"#,
         ] {
-            let err = desired_secret("ns", &n, &fetched(bad)).unwrap_err().to_string();
+            let err = desired_secret("ns", &n, &fetched(bad), &Default::default())
+                .unwrap_err()
+                .to_string();
             assert!(err.starts_with("annotation `kvinject.io/image-pull-secrets`: the value of akv://main/acr is not a docker config JSON"), "{err}");
             assert!(!err.contains("hunter2"), "the value leaked into {err}");
         }
@@ -199,7 +225,7 @@ mod tests {
             username: "app-id".into(),
             password: r("sp"),
         });
-        let s = desired_secret("ns", &n, &fetched("pw")).unwrap();
+        let s = desired_secret("ns", &n, &fetched("pw"), &Default::default()).unwrap();
         let config: Value = serde_json::from_slice(&s.data.unwrap()[".dockerconfigjson"].0).unwrap();
         assert_eq!(
             config,
@@ -214,7 +240,13 @@ mod tests {
     #[test]
     fn oversized_values_are_refused() {
         let n = needed(Source::Env(r("big")));
-        let err = desired_secret("ns", &n, &fetched(&"x".repeat(MAX_VALUE_BYTES + 1))).unwrap_err();
+        let err = desired_secret(
+            "ns",
+            &n,
+            &fetched(&"x".repeat(MAX_VALUE_BYTES + 1)),
+            &Default::default(),
+        )
+        .unwrap_err();
         assert!(matches!(err, ValueError::TooLarge { .. }), "{err}");
     }
 }

@@ -28,6 +28,10 @@ pub const VALUE_KEY: &str = "value";
 pub struct InjectConfig {
     /// Vault names a reference may use.
     pub vaults: BTreeSet<String>,
+    /// Keys that seal the Secrets kvinject writes (and tell them from foreign ones).
+    pub keys: crate::materialize::seal::Keys,
+    /// Floor of the `kvinject.io/refresh-interval` a pod may ask for.
+    pub min_refresh_interval: std::time::Duration,
 }
 
 /// Where a materialized value comes from, and what kind of Secret holds it.
@@ -204,6 +208,9 @@ pub fn plan(pod: &Pod, config: &InjectConfig) -> Result<Plan, Denial> {
         }
     }
 
+    if !needed.is_empty() {
+        warnings.extend(refresh_floor_warning(&annotations, config.min_refresh_interval));
+    }
     let labels = pod.metadata.labels.as_ref();
     if !needed.is_empty() && labels.and_then(|l| l.get(INJECTED_LABEL)).map(String::as_str) != Some("true") {
         patch::ensure_map(&mut ops, &["metadata", "labels"], labels.is_some());
@@ -218,6 +225,23 @@ pub fn plan(pod: &Pod, config: &InjectConfig) -> Result<Plan, Denial> {
         warnings,
         locations,
     })
+}
+
+/// A pod asking for checks more often than the floor (one tenant must not be able to make
+/// kvinject hammer Key Vault) is told what it gets instead.
+fn refresh_floor_warning(
+    annotations: &BTreeMap<String, String>,
+    floor: std::time::Duration,
+) -> Option<String> {
+    use crate::rotation::decide::REFRESH_INTERVAL_ANNOTATION as KEY;
+    let asked = annotations.get(KEY)?;
+    match crate::config::parse_duration(asked) {
+        Err(e) => Some(format!("annotation `{KEY}`: {e}; the default interval applies")),
+        Ok(d) if d < floor => Some(format!(
+            "annotation `{KEY}`: {asked} is below the floor of {floor:?} (--min-refresh-interval); the Secrets are checked every {floor:?}"
+        )),
+        Ok(_) => None,
+    }
 }
 
 fn check_vault(r: &Reference, location: &str, config: &InjectConfig) -> Result<(), Denial> {
@@ -313,6 +337,7 @@ mod tests {
     fn config() -> InjectConfig {
         InjectConfig {
             vaults: ["main".to_string(), "other".to_string()].into(),
+            ..Default::default()
         }
     }
 
@@ -521,6 +546,25 @@ mod tests {
         );
         let got = apply(&p, &plan(&p, &config()).unwrap());
         assert_eq!(got["spec"]["imagePullSecrets"].as_array().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn a_refresh_interval_below_the_floor_gets_a_warning() {
+        let config = InjectConfig {
+            min_refresh_interval: std::time::Duration::from_secs(30),
+            ..config()
+        };
+        let with = |interval: &str| {
+            pod(
+                json!({"metadata": {"annotations": {"kvinject.io/refresh-interval": interval}},
+                       "spec": {"containers": [{"name": "c", "env": [{"name": "X", "value": "akv://main/db"}]}]}}),
+            )
+        };
+        let warned = plan(&with("1ms"), &config).unwrap().warnings;
+        assert_eq!(warned.len(), 1, "{warned:?}");
+        assert!(warned[0].contains("1ms is below the floor of 30s"), "{warned:?}");
+        assert!(plan(&with("45s"), &config).unwrap().warnings.is_empty());
+        assert!(plan(&with("soon"), &config).unwrap().warnings[0].contains("`soon` is not a duration"));
     }
 
     #[test]

@@ -44,10 +44,11 @@ pub fn version_of(secret: &Secret) -> Option<&str> {
 }
 
 /// The intervals pods ask for, per Secret they use (`(namespace, name)`): the shortest
-/// `kvinject.io/refresh-interval` among them. One pass over the pods; unparseable or zero
+/// `kvinject.io/refresh-interval` among them, never below `floor`. One pass over the pods; unparseable or zero
 /// annotations are ignored, and Secrets no pod asks about are absent (they use the default).
 pub fn requested_intervals<'a>(
     pods: impl IntoIterator<Item = &'a Pod>,
+    floor: Duration,
 ) -> BTreeMap<(String, String), Duration> {
     let mut out = BTreeMap::new();
     for pod in pods {
@@ -58,6 +59,7 @@ pub fn requested_intervals<'a>(
             .and_then(|a| a.get(REFRESH_INTERVAL_ANNOTATION))
             .and_then(|v| parse_duration(v).ok())
             .filter(|d| !d.is_zero())
+            .map(|d| d.max(floor))
         else {
             continue;
         };
@@ -237,13 +239,24 @@ mod tests {
             pod(json!({"kvinject.io/refresh-interval": "soon"}), "a"),
             pod(json!({}), "a"),
         ];
-        let asked = requested_intervals(&pods);
+        let asked = requested_intervals(&pods, Duration::ZERO);
         let key = |n: &str| ("ns".to_string(), n.to_string());
         assert_eq!(asked.get(&key("a")), Some(&Duration::from_secs(30)));
         assert_eq!(asked.get(&key("b")), Some(&Duration::from_secs(1)));
+        let floored = requested_intervals(&pods, Duration::from_secs(20));
+        assert_eq!(
+            floored.get(&key("b")),
+            Some(&Duration::from_secs(20)),
+            "raised to the floor"
+        );
+        assert_eq!(
+            floored.get(&key("a")),
+            Some(&Duration::from_secs(30)),
+            "30s is above the floor"
+        );
         assert_eq!(asked.get(&key("c")), None, "nobody asked: the default applies");
         assert_eq!(
-            requested_intervals(&pods[3..]).get(&key("a")),
+            requested_intervals(&pods[3..], Duration::ZERO).get(&key("a")),
             None,
             "a bad value is ignored"
         );
@@ -327,6 +340,7 @@ mod tests {
     fn workloads_consume_what_the_webhook_would_materialize() {
         let config = InjectConfig {
             vaults: ["v".to_string()].into(),
+            ..Default::default()
         };
         let template: PodTemplateSpec = serde_json::from_value(json!({
             "metadata": {"annotations": {"kvinject.io/image-pull-secrets": "akv://v/acr"}},

@@ -2,6 +2,7 @@
 //! them, and rolls the workloads that opted in. Runs only on the Lease holder.
 
 pub mod decide;
+mod integrity;
 pub mod lease;
 mod revoke;
 
@@ -9,7 +10,7 @@ use crate::{
     access::Policies,
     inject::FIELD_MANAGER,
     keyvault::source::{Fetched, SecretSource},
-    materialize,
+    materialize::{self, seal::Verdict},
     metrics::Metrics,
     mutate::{InjectConfig, Needed, Source},
     reference::Reference,
@@ -141,6 +142,11 @@ pub fn watch_workloads(
     (caches, drive)
 }
 
+/// A Secret's (`namespace`, `name`).
+fn key_of(secret: &Secret) -> (String, String) {
+    (secret.namespace().unwrap_or_default(), secret.name_any())
+}
+
 /// A reference due for a check, the Secrets that follow it, and its interval.
 type Due<'a> = (&'a Reference, &'a [Arc<Secret>], Duration);
 
@@ -170,6 +176,10 @@ pub struct Controller {
     access: Option<Policies>,
     /// Secrets (`namespace`, `name`) known to be revoked, so each gets one Event.
     revoked: BTreeSet<(String, String)>,
+    /// What each labelled Secret's seal said, by uid, for the resourceVersion checked.
+    seals: HashMap<String, (String, Verdict)>,
+    /// Foreign Secrets already reported, so each gets one Event.
+    foreign: BTreeSet<(String, String)>,
 }
 
 impl Controller {
@@ -203,6 +213,8 @@ impl Controller {
             leading: None,
             access: None,
             revoked: BTreeSet::new(),
+            seals: HashMap::new(),
+            foreign: BTreeSet::new(),
         }
     }
 
@@ -243,7 +255,15 @@ impl Controller {
     /// `run` calls it every second while this replica leads; benchmarks call it directly.
     pub async fn sweep(&mut self) {
         let now = Instant::now();
-        let secrets = self.caches.secrets.state();
+        // Only Secrets kvinject sealed: one that merely carries the label is never filled,
+        // rotated or deleted (its Event is recorded below).
+        let all = self.caches.secrets.state();
+        let verdicts = self.verdicts(&all);
+        let secrets: Vec<Arc<Secret>> = all
+            .iter()
+            .filter(|s| verdicts.get(&key_of(s)).is_some_and(|v| *v != Verdict::Foreign))
+            .cloned()
+            .collect();
         // A Secret whose grant was revoked is never read for again.
         let revoked = self.revoked_now(&secrets);
         let mut by_reference: BTreeMap<Reference, Vec<Arc<Secret>>> = BTreeMap::new();
@@ -256,7 +276,10 @@ impl Controller {
             }
         }
         self.polls.retain(|r, _| by_reference.contains_key(r));
-        let asked = decide::requested_intervals(self.caches.pods.state().iter().map(AsRef::as_ref));
+        let asked = decide::requested_intervals(
+            self.caches.pods.state().iter().map(AsRef::as_ref),
+            self.inject.min_refresh_interval,
+        );
         let mut dirty: BTreeSet<String> = BTreeSet::new();
         let mut checked: BTreeSet<Reference> = BTreeSet::new();
         // Vaults that could not be reached in this sweep: their other references wait too.
@@ -322,6 +345,7 @@ impl Controller {
             self.collect_garbage(&secrets, grace).await;
         }
         self.retire_revoked(&secrets, revoked).await;
+        self.guard_integrity(&all, &verdicts).await;
     }
 
     /// Marks, unmarks and deletes kvinject's Secrets by whether any injected pod or any
@@ -563,23 +587,37 @@ impl Controller {
 
     /// Writes the new value and version into `secret`; true when it was written.
     async fn update(&self, secret: &Secret, fetched: &Fetched) -> bool {
+        if !self.write_value(secret, fetched).await {
+            return false;
+        }
+        let reference = needed_for(secret)
+            .map(|n| n.source.reference().to_string())
+            .unwrap_or_default();
+        let from = decide::version_of(secret).unwrap_or("?").to_owned();
+        let ns = secret.namespace().unwrap_or_default();
+        info!(secret = %secret.name_any(), namespace = %ns, %reference, %from, to = %fetched.version, "rotated");
+        self.metrics.rotations.inc();
+        let note = format!("{reference}: version {from} -> {}", fetched.version);
+        self.event(secret, EventType::Normal, "Rotated", note).await;
+        true
+    }
+
+    /// Replaces `secret`'s value and version with `fetched`, sealed; true when written. A
+    /// value that cannot be used keeps the old one, with a `RotationRefused` Event.
+    async fn write_value(&self, secret: &Secret, fetched: &Fetched) -> bool {
         let ns = secret.namespace().unwrap_or_default();
         let Some(needed) = needed_for(secret) else {
             return false;
         };
-        let desired = match materialize::desired_secret(&ns, &needed, fetched) {
+        let desired = match materialize::desired_secret(&ns, &needed, fetched, &self.inject.keys) {
             Ok(d) => d,
             Err(e) => {
-                self.event(
-                    secret,
-                    EventType::Warning,
-                    "RotationRefused",
-                    format!(
-                        "{e}; keeping version {}",
-                        decide::version_of(secret).unwrap_or("?")
-                    ),
-                )
-                .await;
+                let note = format!(
+                    "{e}; keeping version {}",
+                    decide::version_of(secret).unwrap_or("?")
+                );
+                self.event(secret, EventType::Warning, "RotationRefused", note)
+                    .await;
                 return false;
             }
         };
@@ -600,23 +638,7 @@ impl Controller {
             ..Default::default()
         };
         match api.replace(&secret.name_any(), &params, &updated).await {
-            Ok(_) => {
-                let from = decide::version_of(secret).unwrap_or("?").to_owned();
-                info!(secret = %secret.name_any(), namespace = %ns, reference = %needed.source.reference(), %from, to = %fetched.version, "rotated");
-                self.metrics.rotations.inc();
-                self.event(
-                    secret,
-                    EventType::Normal,
-                    "Rotated",
-                    format!(
-                        "{}: version {from} -> {}",
-                        needed.source.reference(),
-                        fetched.version
-                    ),
-                )
-                .await;
-                true
-            }
+            Ok(_) => true,
             Err(e) => {
                 warn!(secret = %secret.name_any(), namespace = %ns, error = %e, "could not update the Secret; retrying next sweep");
                 false
@@ -1055,6 +1077,10 @@ mod tests {
     /// A controller over materialized Secrets for `refs` (vault, name), all due at once,
     /// whose apiserver is an address nothing listens on (no write is expected).
     fn controller(refs: &[(&str, &str)], source: Arc<CountingVault>, concurrency: usize) -> Controller {
+        let inject = InjectConfig {
+            vaults: ["v".to_owned(), "w".to_owned()].into(),
+            ..Default::default()
+        };
         let secrets = refs
             .iter()
             .map(|(vault, name)| {
@@ -1074,6 +1100,7 @@ mod tests {
                         value: SecretValue::new("unchanged"),
                         version: VERSION.into(),
                     },
+                    &inject.keys,
                 )
                 .unwrap()
             })
@@ -1094,9 +1121,6 @@ mod tests {
             gc_grace: None,
             evict_ready_timeout: Duration::from_secs(1),
             keyvault_concurrency: concurrency,
-        };
-        let inject = InjectConfig {
-            vaults: ["v".to_owned(), "w".to_owned()].into(),
         };
         Controller::new(client, config, inject, source, caches, Metrics::default(), "test")
     }
@@ -1200,7 +1224,13 @@ mod tests {
                 value: SecretValue::new(v),
                 version: format!("{v:0>32}"),
             };
-            let old = materialize::desired_secret("ns", &needed, &value(r#"{"auths":{"a":{}}}"#)).unwrap();
+            let old = materialize::desired_secret(
+                "ns",
+                &needed,
+                &value(r#"{"auths":{"a":{}}}"#),
+                &Default::default(),
+            )
+            .unwrap();
             assert_eq!(needed_for(&old), Some(needed.clone()));
         }
     }

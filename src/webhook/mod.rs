@@ -211,6 +211,7 @@ mod tests {
         let store = Writer::<Secret>::default().as_reader();
         let config = InjectConfig {
             vaults: ["main".to_string()].into(),
+            ..Default::default()
         };
         let injector = Injector::new(
             config,

@@ -222,6 +222,11 @@ async fn start_as_chart(port: u16, extra: &[&str]) -> Kvinject {
         "127.0.0.1",
         "--webhook-configuration",
         NAME,
+        // The chart's scope and signing-key home (its Deployment sets them through env).
+        "--namespace-selector",
+        "kvinject.io/injection=enabled",
+        "--signing-key-namespace",
+        NS,
     ];
     args.extend_from_slice(extra);
     Kvinject::start_with_env(

@@ -10,4 +10,5 @@ mod install;
 mod outage;
 mod rotation;
 mod serving;
+mod trust;
 mod vault;

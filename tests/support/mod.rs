@@ -363,6 +363,7 @@ impl Kvinject {
             } else {
                 &["--rotation", "false"][..]
             })
+            .args(test_defaults(args))
             .env_remove("AZURE_FEDERATED_TOKEN_FILE")
             .env("KUBECONFIG", &bed.kubeconfig)
             .env("KVINJECT_LOG", "info,kvinject=debug")
@@ -468,6 +469,23 @@ impl Drop for Kvinject {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Flags every test's kvinject gets unless the test sets them itself: it acts for the test
+/// namespaces (each carries the label key `kvinject.test/suite`), keeps its signing key in
+/// `default` (one key for every test's kvinject, as replicas share one), and lets pods ask
+/// for one-second checks.
+fn test_defaults(args: &[&str]) -> Vec<&'static str> {
+    let defaults: [(&str, &str); 3] = [
+        ("--namespace-selector", "kvinject.test/suite"),
+        ("--signing-key-namespace", "default"),
+        ("--min-refresh-interval", "1s"),
+    ];
+    defaults
+        .iter()
+        .filter(|(flag, _)| !args.contains(flag))
+        .flat_map(|(flag, value)| [*flag, *value])
+        .collect()
 }
 
 /// Waits until the apiserver calls the webhook for namespace `ns`: a dry-run pod naming a

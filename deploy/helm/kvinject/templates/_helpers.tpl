@@ -30,6 +30,16 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- end -}}
 {{- end -}}
 
+{{/* Namespaces never acted for: the registration's exclusions, comma-separated. */}}
+{{- define "kvinject.excludedNamespaces" -}}
+{{- join "," (concat (list "kube-system" .Release.Namespace) .Values.webhook.excludeNamespaces) -}}
+{{- end -}}
+
+{{/* The Secret holding the keys that seal materialized Secrets. */}}
+{{- define "kvinject.signingKeySecret" -}}
+{{- printf "%s-signing-key" (include "kvinject.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
 {{/* The names the apiserver uses for the Service. */}}
 {{- define "kvinject.dnsNames" -}}
 {{- $svc := include "kvinject.fullname" . -}}

@@ -1,0 +1,125 @@
+//! Integrity of kvinject's Secrets: only what kvinject sealed is its own. A labelled Secret
+//! without a valid seal (forged, or copied from elsewhere) is never filled, rotated or
+//! deleted, and gets one `ForeignSecret` Event; a sealed Secret whose value was edited by
+//! hand gets its value back from Key Vault (the same version) and a `Restored` Event; a
+//! Secret sealed with an older key is sealed again with the current one.
+
+use super::{Controller, decide, key_of, needed_for};
+use crate::{
+    inject::FIELD_MANAGER,
+    materialize::{
+        self,
+        seal::{self, Verdict},
+    },
+    reference::Reference,
+};
+use k8s_openapi::api::core::v1::Secret;
+use kube::{Api, ResourceExt, api::PostParams, runtime::events::EventType};
+use std::{
+    collections::{BTreeSet, HashMap},
+    sync::Arc,
+};
+use tracing::{info, warn};
+
+type Key = (String, String);
+
+impl Controller {
+    /// The seal verdict of every labelled Secret, recomputed only for Secrets whose
+    /// resourceVersion changed since the last sweep.
+    pub(super) fn verdicts(&mut self, secrets: &[Arc<Secret>]) -> HashMap<Key, Verdict> {
+        let mut out = HashMap::new();
+        let mut seen = BTreeSet::new();
+        for s in secrets.iter().filter(|s| materialize::is_managed(s)) {
+            let (uid, rv) = (
+                s.uid().unwrap_or_default(),
+                s.resource_version().unwrap_or_default(),
+            );
+            let verdict = match self.seals.get(&uid) {
+                Some((checked, v)) if *checked == rv => *v,
+                _ => {
+                    let v = seal::verify(&self.inject.keys, s);
+                    self.seals.insert(uid.clone(), (rv, v));
+                    v
+                }
+            };
+            seen.insert(uid);
+            out.insert(key_of(s), verdict);
+        }
+        self.seals.retain(|uid, _| seen.contains(uid));
+        out
+    }
+
+    /// Reports foreign Secrets once, restores edited ones, and re-seals old-key ones.
+    pub(super) async fn guard_integrity(
+        &mut self,
+        secrets: &[Arc<Secret>],
+        verdicts: &HashMap<Key, Verdict>,
+    ) {
+        let mut foreign_now = BTreeSet::new();
+        for secret in secrets {
+            let key = key_of(secret);
+            match verdicts.get(&key) {
+                Some(Verdict::Foreign) => {
+                    if !self.foreign.contains(&key) {
+                        warn!(secret = %key.1, namespace = %key.0, "a Secret carries kvinject's label without its seal; left alone");
+                        let note = "carries kvinject's label but no valid kvinject seal: not created by kvinject, or its \
+                                    reference or version was changed; kvinject never writes, deletes or hands it to a pod"
+                            .to_owned();
+                        self.event(secret.as_ref(), EventType::Warning, "ForeignSecret", note)
+                            .await;
+                    }
+                    foreign_now.insert(key);
+                }
+                Some(Verdict::Edited) => self.restore(secret).await,
+                Some(Verdict::Genuine)
+                    if seal::key_id(secret).as_deref() != Some(self.inject.keys.current_id()) =>
+                {
+                    self.reseal(secret).await
+                }
+                _ => {}
+            }
+        }
+        self.foreign = foreign_now;
+    }
+
+    /// Writes back the value of the version the Secret records, read from Key Vault.
+    async fn restore(&self, secret: &Secret) {
+        let (Some(needed), Some(version)) = (needed_for(secret), decide::version_of(secret)) else {
+            return;
+        };
+        let reference = needed.source.reference();
+        let pinned = Reference {
+            version: Some(version.to_owned()),
+            ..reference.clone()
+        };
+        let fetched = match self.source.fetch(&pinned).await {
+            Ok(f) => f,
+            Err(e) => {
+                warn!(secret = %secret.name_any(), error = %e, "cannot restore a hand-edited Secret yet; retrying next sweep");
+                return;
+            }
+        };
+        if self.write_value(secret, &fetched).await {
+            info!(secret = %secret.name_any(), namespace = ?secret.namespace(), "restored a hand-edited value");
+            let note = format!(
+                "its value was changed by hand; restored {reference} version {version} from Key Vault"
+            );
+            self.event(secret, EventType::Warning, "Restored", note).await;
+        }
+    }
+
+    /// Seals a genuine Secret again with the current key (after a key rotation).
+    async fn reseal(&self, secret: &Secret) {
+        let mut resealed = secret.clone();
+        resealed.metadata.managed_fields = None;
+        seal::seal(&self.inject.keys, &mut resealed);
+        let api: Api<Secret> = Api::namespaced(self.client.clone(), &secret.namespace().unwrap_or_default());
+        let params = PostParams {
+            field_manager: Some(FIELD_MANAGER.into()),
+            ..Default::default()
+        };
+        if let Err(e) = api.replace(&secret.name_any(), &params, &resealed).await {
+            warn!(secret = %secret.name_any(), error = %e, "could not seal a Secret with the current key; retrying next sweep");
+        }
+    }
+}

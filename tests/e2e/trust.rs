@@ -1,0 +1,404 @@
+//! Trust boundaries on the test bed, as an attacker inside the cluster would probe them:
+//! labelled Secrets kvinject did not seal, hand-edited values, AdmissionReviews POSTed
+//! straight to the webhook port, refresh intervals meant to hammer Key Vault, and floods of
+//! first-use reads.
+
+use crate::{
+    inject::{self, pod},
+    rotation::version,
+    support::{self, Kvinject},
+};
+use k8s_openapi::api::{core::v1::Secret, events::v1::Event};
+use kube::{
+    Api, Client,
+    api::{ListParams, Patch, PatchParams, PostParams},
+};
+use serde_json::json;
+use std::time::Duration;
+
+/// GETs the bed's vault answered for one secret name (any version), from its own counters.
+async fn reads_of(name: &str) -> u64 {
+    support::vault_counters().await["secrets_get_by_name"][name.to_lowercase()]
+        .as_u64()
+        .unwrap_or(0)
+}
+
+/// Rotation flags: its own Lease, a sweep every second, checks every `refresh`.
+fn rotation(lease: &str, refresh: &str) -> Vec<String> {
+    [
+        "--rotation",
+        "true",
+        "--refresh-interval",
+        refresh,
+        "--reconcile-interval",
+        "1s",
+        "--gc-grace-period",
+        "1h",
+        "--lease-namespace",
+        "default",
+        "--lease-name",
+        lease,
+        "--lease-duration",
+        "3s",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// A labelled Secret with a reference annotation and a value of the attacker's choosing.
+fn forged(name: &str, reference: &str, value: &str) -> Secret {
+    serde_json::from_value(json!({
+        "metadata": {"name": name, "labels": {"app.kubernetes.io/managed-by": "kvinject"},
+                     "annotations": {"kvinject.io/reference": reference}},
+        "type": "Opaque",
+        "data": {"value": base64_of(value)},
+    }))
+    .unwrap()
+}
+
+fn base64_of(v: &str) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(v)
+}
+
+async fn events_for(client: &Client, ns: &str, reason: &str, name: &str) -> usize {
+    let events: Api<Event> = Api::namespaced(client.clone(), ns);
+    events
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .filter(|e| {
+            e.reason.as_deref() == Some(reason)
+                && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name)
+        })
+        .count()
+}
+
+#[tokio::test]
+async fn labelled_secrets_kvinject_did_not_seal_are_never_filled_used_or_deleted() {
+    let _vault = support::VAULT.read().await;
+    let _rotation = support::ROTATION.lock().await;
+    let args = rotation(&support::unique("lease"), "2s");
+    let s = support::setup("trust", &args.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    let prod = support::unique("prod-admin");
+    let prod_value = support::unique("production-value");
+    support::seed_secret(&prod, &prod_value).await;
+
+    // 1. A namespace that is not opted in, a Secret shaped like kvinject's, no version.
+    let outside = support::namespace(&s.client, "outside", &[]).await;
+    let _outside = NsGuard(outside.clone());
+    let bait: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "bait", "labels": {"app.kubernetes.io/managed-by": "kvinject"},
+                     "annotations": {"kvinject.io/reference": inject::reference(&prod)}},
+        "type": "Opaque",
+    }))
+    .unwrap();
+    let outside_secrets: Api<Secret> = Api::namespaced(s.client.clone(), &outside);
+    outside_secrets
+        .create(&PostParams::default(), &bait)
+        .await
+        .unwrap();
+
+    // 2. In the opted-in namespace, a Secret under the very name kvinject would use, with a
+    //    value of the attacker's choosing (the name is computable; a dry run shows it).
+    let p = pod("victim", &[("DB", &inject::reference(&prod))], json!({}));
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(s.client.clone(), &s.ns);
+    let dry = pods
+        .create(
+            &PostParams {
+                dry_run: true,
+                ..Default::default()
+            },
+            &p,
+        )
+        .await
+        .unwrap();
+    let name = dry.spec.unwrap().containers[0].env.as_ref().unwrap()[0]
+        .value_from
+        .as_ref()
+        .unwrap()
+        .secret_key_ref
+        .as_ref()
+        .unwrap()
+        .name
+        .clone();
+    let secrets: Api<Secret> = Api::namespaced(s.client.clone(), &s.ns);
+    secrets
+        .create(
+            &PostParams::default(),
+            &forged(&name, &inject::reference(&prod), "attacker-chosen"),
+        )
+        .await
+        .unwrap();
+    let reads_before = reads_of(&prod).await;
+
+    let denied = inject::create(&s, &p)
+        .await
+        .expect_err("a pod must not get a forged Secret");
+    assert!(
+        denied.contains(&format!(
+            "Secret {}/{name} carries kvinject's label but was not created by kvinject",
+            s.ns
+        )),
+        "{denied}"
+    );
+
+    // Three refresh intervals (2 s) and more: neither forged Secret is filled or rewritten,
+    // nothing read Key Vault for them, and each got one Event.
+    support::eventually(
+        Duration::from_secs(20),
+        "ForeignSecret Events on both forged Secrets",
+        || async {
+            events_for(&s.client, &outside, "ForeignSecret", "bait").await >= 1
+                && events_for(&s.client, &s.ns, "ForeignSecret", &name).await >= 1
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    assert!(
+        outside_secrets.get("bait").await.unwrap().data.is_none(),
+        "the bait was filled with a Key Vault value"
+    );
+    let kept = secrets.get(&name).await.unwrap();
+    assert_eq!(
+        kept.data.unwrap()["value"].0,
+        b"attacker-chosen",
+        "kvinject wrote into a Secret it did not make"
+    );
+    assert_eq!(
+        reads_of(&prod).await,
+        reads_before,
+        "Key Vault was read for a forged Secret"
+    );
+    assert_eq!(
+        events_for(&s.client, &outside, "ForeignSecret", "bait").await,
+        1,
+        "one Event, not one per sweep"
+    );
+
+    // Deleting the forgery lets kvinject make the real one: the next pod gets the real value.
+    secrets.delete(&name, &Default::default()).await.unwrap();
+    support::eventually(
+        Duration::from_secs(10),
+        "the forged Secret to be gone",
+        || async { secrets.get_opt(&name).await.unwrap().is_none() },
+    )
+    .await;
+    inject::create(&s, &p)
+        .await
+        .expect("admitted once the forgery is gone");
+    assert_eq!(
+        secrets.get(&name).await.unwrap().data.unwrap()["value"].0,
+        prod_value.as_bytes()
+    );
+    assert!(
+        !s.kvinject.logs().contains(&prod_value),
+        "a secret value reached kvinject's log"
+    );
+}
+
+#[tokio::test]
+async fn a_hand_edited_value_is_restored_from_key_vault() {
+    let _vault = support::VAULT.read().await;
+    let _rotation = support::ROTATION.lock().await;
+    let args = rotation(&support::unique("lease"), "1h");
+    let s = support::setup("edited", &args.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    let name = support::unique("edited");
+    let value = support::unique("real-value");
+    let first = support::seed_secret(&name, &value).await;
+    // A newer version exists by the time of the edit: the restore brings back the version
+    // the Secret records, not whatever is latest.
+    let p = pod("app", &[("X", &inject::reference(&name))], json!({}));
+    let stored = inject::create(&s, &p).await.unwrap();
+    let secret_name = stored.spec.unwrap().containers[0].env.as_ref().unwrap()[0]
+        .value_from
+        .as_ref()
+        .unwrap()
+        .secret_key_ref
+        .as_ref()
+        .unwrap()
+        .name
+        .clone();
+    support::seed_secret(&name, &support::unique("newer")).await;
+    let secrets: Api<Secret> = Api::namespaced(s.client.clone(), &s.ns);
+    let patch = json!({"data": {"value": base64_of("edited-by-hand")}});
+    secrets
+        .patch(&secret_name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+
+    support::eventually(
+        Duration::from_secs(10),
+        "the hand-edited value to be restored",
+        || async { secrets.get(&secret_name).await.unwrap().data.unwrap()["value"].0 == value.as_bytes() },
+    )
+    .await;
+    assert_eq!(
+        version(&secrets.get(&secret_name).await.unwrap()),
+        first,
+        "the recorded version, not the latest"
+    );
+    support::eventually(Duration::from_secs(10), "a Restored Event", || async {
+        events_for(&s.client, &s.ns, "Restored", &secret_name).await >= 1
+    })
+    .await;
+}
+
+/// AdmissionReview for a pod in `namespace` that uses `reference`, as anyone who can reach
+/// the webhook port could POST it.
+fn review(namespace: &str, reference: &str) -> serde_json::Value {
+    json!({
+        "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+        "request": {
+            "uid": "forged-1", "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "operation": "CREATE", "namespace": namespace, "userInfo": {"username": "mallory"}, "dryRun": false,
+            "object": {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"},
+                       "spec": {"containers": [{"name": "c", "image": "i", "env": [{"name": "X", "value": reference}]}]}},
+        }
+    })
+}
+
+async fn post(k: &Kvinject, body: &serde_json::Value) -> serde_json::Value {
+    let ca = reqwest::Certificate::from_pem(&std::fs::read(&support::testbed().ca).unwrap()).unwrap();
+    let http = reqwest::Client::builder().tls_certs_merge([ca]).build().unwrap();
+    let res = http
+        .post(k.url())
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .expect("posting to the webhook");
+    assert_eq!(res.status(), 200);
+    serde_json::from_slice(&res.bytes().await.unwrap()).unwrap()
+}
+
+#[tokio::test]
+async fn a_review_posted_for_a_namespace_kvinject_does_not_act_for_writes_nothing() {
+    let _vault = support::VAULT.read().await;
+    let s = support::setup("post", &[]).await;
+    let name = support::unique("prod-db");
+    support::seed_secret(&name, "v").await;
+    let outside = support::namespace(&s.client, "unlabelled", &[]).await;
+    let _outside = NsGuard(outside.clone());
+    for ns in ["kube-system", "kvinject", outside.as_str()] {
+        let answer = post(&s.kvinject, &review(ns, &inject::reference(&name))).await;
+        let response = &answer["response"];
+        assert_eq!(response["uid"], "forged-1");
+        assert_eq!(response["allowed"], true, "{answer}");
+        assert!(
+            response.get("patch").is_none(),
+            "no patch for namespace {ns}: {answer}"
+        );
+        assert!(
+            response["warnings"][0]
+                .as_str()
+                .unwrap()
+                .contains("does not act for namespace"),
+            "{answer}"
+        );
+    }
+    let secrets: Api<Secret> = Api::namespaced(s.client.clone(), &outside);
+    assert!(
+        secrets
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .is_empty()
+    );
+    let system: Api<Secret> = Api::namespaced(s.client.clone(), "kube-system");
+    let labelled = system
+        .list(&ListParams::default().labels("app.kubernetes.io/managed-by=kvinject"))
+        .await
+        .unwrap();
+    assert!(labelled.items.is_empty(), "kvinject wrote into kube-system");
+    assert_eq!(
+        reads_of(&name).await,
+        0,
+        "Key Vault was read for a review kvinject does not act on"
+    );
+
+    // The same POST for the opted-in namespace does what the apiserver would have asked.
+    let answer = post(&s.kvinject, &review(&s.ns, &inject::reference(&name))).await;
+    assert!(answer["response"]["patch"].is_string(), "{answer}");
+}
+
+#[tokio::test]
+async fn a_pod_asking_for_a_check_every_millisecond_gets_the_floor() {
+    let _vault = support::VAULT.read().await;
+    let _rotation = support::ROTATION.lock().await;
+    let mut args = rotation(&support::unique("lease"), "1h");
+    args.extend(["--min-refresh-interval".to_owned(), "3s".to_owned()]);
+    let s = support::setup("floor", &args.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    let name = support::unique("hammered");
+    support::seed_secret(&name, "v").await;
+    let manifest = json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "greedy", "annotations": {"kvinject.io/refresh-interval": "1ms"}},
+        "spec": {"containers": [{"name": "c", "image": "registry.invalid/x", "env": [{"name": "X", "value": inject::reference(&name)}]}]}
+    });
+    let (ok, _, err) = support::kubectl(&["-n", &s.ns, "create", "-f", "-"], Some(&manifest.to_string()));
+    assert!(ok, "{err}");
+    assert!(
+        err.contains("1ms is below the floor of 3s"),
+        "the admission warning: {err}"
+    );
+    let start = reads_of(&name).await;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let reads = reads_of(&name).await - start;
+    // At most one check per 3 s floor (plus one at the edge), where 1 ms would be thousands.
+    assert!(reads <= 4, "{reads} Key Vault reads in 10 s with a 3 s floor");
+}
+
+#[tokio::test]
+async fn first_use_reads_are_bounded_per_namespace() {
+    let _vault = support::VAULT.read().await;
+    let s = support::setup(
+        "budget",
+        &["--namespace-read-rate", "0.01", "--namespace-read-burst", "2"],
+    )
+    .await;
+    let names: Vec<String> = (0..3).map(|i| support::unique(&format!("burst{i}"))).collect();
+    for n in &names {
+        support::seed_secret(n, "v").await;
+    }
+    for (i, n) in names.iter().enumerate().take(2) {
+        inject::create(
+            &s,
+            &pod(&format!("p{i}"), &[("X", &inject::reference(n))], json!({})),
+        )
+        .await
+        .expect("within the burst");
+    }
+    let denied = inject::create(&s, &pod("p2", &[("X", &inject::reference(&names[2]))], json!({})))
+        .await
+        .expect_err("past the burst");
+    assert!(
+        denied.contains(&format!(
+            "namespace {} asked Key Vault for more new references than its limit",
+            s.ns
+        )),
+        "{denied}"
+    );
+    assert!(denied.contains("0.01/s, bursts of 2"), "{denied}");
+    assert_eq!(reads_of(&names[2]).await, 0);
+    // Materialized references cost nothing from the budget.
+    inject::create(
+        &s,
+        &pod("again", &[("X", &inject::reference(&names[0]))], json!({})),
+    )
+    .await
+    .expect("a materialized reference needs no read");
+}
+
+/// Deletes a namespace when dropped.
+struct NsGuard(String);
+impl Drop for NsGuard {
+    fn drop(&mut self) {
+        support::delete_from_drop::<k8s_openapi::api::core::v1::Namespace>(self.0.clone());
+    }
+}
