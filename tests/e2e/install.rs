@@ -596,6 +596,46 @@ async fn the_apiserver_accepts_the_manifests_and_kvinject_works_on_the_charts_pe
     .await;
 
     no_permission_errors(&k);
+
+    // The chart's ValidatingAdmissionPolicy contains the ServiceAccount itself: what its RBAC
+    // allows, the apiserver still refuses outside kvinject's own objects.
+    let as_kvinject = service_account_client().await;
+    let unlabelled: Secret =
+        serde_json::from_value(json!({"metadata": {"name": "not-kvinjects"}, "stringData": {"x": "y"}}))
+            .unwrap();
+    let refused = Api::<Secret>::namespaced(as_kvinject.clone(), &ns)
+        .create(&pp, &unlabelled)
+        .await;
+    let message = format!("{refused:?}");
+    assert!(
+        message.contains("may write only Secrets labelled app.kubernetes.io/managed-by=kvinject"),
+        "an unlabelled Secret written as kvinject's ServiceAccount: {message}"
+    );
+    let as_kvinject_deployments: Api<Deployment> = Api::namespaced(as_kvinject, &ns);
+    let image = json!({"spec": {"template": {"spec": {"containers": [{"name": "app", "image": "evil.invalid/miner:1"}]}}}});
+    let refused = as_kvinject_deployments
+        .patch("restart", &PatchParams::default(), &Patch::Strategic(&image))
+        .await;
+    let message = format!("{refused:?}");
+    assert!(
+        message.contains("may change only kvinject.io/ annotations"),
+        "an image change as kvinject's ServiceAccount: {message}"
+    );
+    let own = json!({"metadata": {"annotations": {"kvinject.io/probe": "ok"}}});
+    as_kvinject_deployments
+        .patch("restart", &PatchParams::default(), &Patch::Merge(&own))
+        .await
+        .expect("a kvinject.io/ annotation is kvinject's to change");
+}
+
+/// A client acting as the chart's ServiceAccount.
+async fn service_account_client() -> Client {
+    let kubeconfig = kube::config::Kubeconfig::read_from(service_account_kubeconfig()).unwrap();
+    let config =
+        kube::Config::from_custom_kubeconfig(kubeconfig, &kube::config::KubeConfigOptions::default())
+            .await
+            .unwrap();
+    Client::try_from(config).unwrap()
 }
 
 #[tokio::test]
