@@ -597,8 +597,43 @@ async fn the_apiserver_accepts_the_manifests_and_kvinject_works_on_the_charts_pe
 
     no_permission_errors(&k);
 
-    // The chart's ValidatingAdmissionPolicy contains the ServiceAccount itself: what its RBAC
-    // allows, the apiserver still refuses outside kvinject's own objects.
+    // The chart's ValidatingAdmissionPolicies contain the ServiceAccount itself: what its RBAC
+    // allows, the apiserver still refuses outside kvinject's own objects. Their expressions
+    // type-check against every kind they match (a warning there is a rule that can fail).
+    for policy in ["kvinject-secrets", "kvinject-workloads", "kvinject-replicas"] {
+        support::eventually(
+            Duration::from_secs(20),
+            &format!("{policy} to be type-checked"),
+            || async {
+                let (ok, out, _) = support::kubectl(
+                    &[
+                        "get",
+                        "validatingadmissionpolicy",
+                        policy,
+                        "-o",
+                        "jsonpath={.status.typeChecking}",
+                    ],
+                    None,
+                );
+                ok && !out.is_empty()
+            },
+        )
+        .await;
+        let (_, out, _) = support::kubectl(
+            &[
+                "get",
+                "validatingadmissionpolicy",
+                policy,
+                "-o",
+                "jsonpath={.status.typeChecking.expressionWarnings}",
+            ],
+            None,
+        );
+        assert!(
+            out.trim().is_empty(),
+            "{policy} has type-checking warnings: {out}"
+        );
+    }
     let as_kvinject = service_account_client().await;
     let unlabelled: Secret =
         serde_json::from_value(json!({"metadata": {"name": "not-kvinjects"}, "stringData": {"x": "y"}}))
