@@ -36,10 +36,23 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     let client = kube::Client::try_default()
         .await
         .context("connecting to the Kubernetes API")?;
+    let server_tls = match &config.client_ca {
+        Some(path) => {
+            let pem =
+                std::fs::read(path).with_context(|| format!("reading --client-ca {}", path.display()))?;
+            info!(client_ca = %path.display(), "the webhook port requires client certificates");
+            webhook::tls::ServerTls::new(Some((path, &pem)))?
+        }
+        None => webhook::tls::ServerTls::default(),
+    };
     // The serving certificate, and the task that keeps it current.
     let (tls, reload): (_, futures::future::BoxFuture<'static, ()>) = match config.tls.clone() {
         TlsConfig::Files { cert, key } => {
-            let files = webhook::tls::CertFiles { cert, key };
+            let files = webhook::tls::CertFiles {
+                cert,
+                key,
+                server: server_tls.clone(),
+            };
             let (tls, hash) = files
                 .load()
                 .await
@@ -57,7 +70,7 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         }
         TlsConfig::Bootstrap(b) => {
             let (tls, running) = Bootstrap::new(client.clone(), b)
-                .start(&metrics)
+                .start(&metrics, server_tls.clone())
                 .await
                 .context("bootstrapping the webhook's certificates")?;
             (tls, Box::pin(running.run(metrics.clone(), stop.clone())))

@@ -303,6 +303,10 @@ pub struct TlsArgs {
     /// PEM private key of the webhook's serving certificate.
     #[arg(long, env = "KVINJECT_TLS_KEY", default_value = "/etc/kvinject/tls/tls.key")]
     pub tls_key: PathBuf,
+    /// PEM CA certificates: the webhook port then requires a client certificate they
+    /// signed (the apiserver's, from its admission kubeconfig; see the README).
+    #[arg(long, env = "KVINJECT_CLIENT_CA")]
+    pub client_ca: Option<PathBuf>,
     /// How often the certificate files (or the bootstrap Secret) are re-read; a changed
     /// pair is swapped in without a restart.
     #[arg(long, env = "KVINJECT_TLS_RELOAD_INTERVAL", default_value = "10s", value_parser = parse_duration)]
@@ -313,6 +317,8 @@ pub struct TlsArgs {
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
     pub access_policy: crate::access::Mode,
+    /// Clients of the webhook port must present a certificate signed by this CA.
+    pub client_ca: Option<PathBuf>,
     /// The namespaces kvinject acts for.
     pub scope: crate::scope::Scope,
     /// (namespace, name) of the signing-key Secret.
@@ -391,6 +397,7 @@ impl ServeArgs {
         }
         Ok(ServeConfig {
             access_policy: self.tenancy.access_policy,
+            client_ca: self.tls.client_ca.clone(),
             scope: crate::scope::Scope::new(
                 &self.tenancy.namespace_selector,
                 self.tenancy.exclude_namespaces.clone(),

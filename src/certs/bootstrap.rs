@@ -273,10 +273,14 @@ impl Bootstrap {
     }
 
     /// The first round, at start: failing here fails the process (and its readiness).
-    pub async fn start(self, metrics: &Metrics) -> Result<(RustlsConfig, Running), BootstrapError> {
+    pub async fn start(
+        self,
+        metrics: &Metrics,
+        server: crate::webhook::tls::ServerTls,
+    ) -> Result<(RustlsConfig, Running), BootstrapError> {
         let m = self.round(OffsetDateTime::now_utc()).await?;
-        let tls = RustlsConfig::from_pem(m.cert.clone().into_bytes(), m.key.clone().into_bytes())
-            .await
+        let tls = server
+            .load(m.cert.as_bytes(), m.key.as_bytes())
             .map_err(|_| CertError::BadCert {
                 what: "the bootstrapped serving certificate",
             })?;
@@ -287,6 +291,7 @@ impl Bootstrap {
                 bootstrap: self,
                 tls,
                 serving: m,
+                server,
             },
         ))
     }
@@ -297,6 +302,7 @@ pub struct Running {
     bootstrap: Bootstrap,
     tls: RustlsConfig,
     serving: Material,
+    server: crate::webhook::tls::ServerTls,
 }
 
 impl Running {
@@ -319,11 +325,7 @@ impl Running {
             if m.cert == self.serving.cert && m.key == self.serving.key {
                 continue;
             }
-            match self
-                .tls
-                .reload_from_pem(m.cert.clone().into_bytes(), m.key.clone().into_bytes())
-                .await
-            {
+            match self.server.reload(&self.tls, m.cert.as_bytes(), m.key.as_bytes()) {
                 Ok(()) => {
                     info!("serving the renewed webhook certificate");
                     metrics.serving_certificate(&m.cert);

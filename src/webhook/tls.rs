@@ -4,8 +4,13 @@
 
 use crate::metrics::Metrics;
 use axum_server::tls_rustls::RustlsConfig;
+use rustls::{
+    RootCertStore, ServerConfig,
+    pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject},
+    server::{WebPkiClientVerifier, danger::ClientCertVerifier},
+};
 use sha2::{Digest, Sha256};
-use std::{path::PathBuf, time::Duration};
+use std::{io, path::PathBuf, sync::Arc, time::Duration};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -24,12 +29,83 @@ pub enum TlsError {
         #[source]
         source: std::io::Error,
     },
+    #[error("--client-ca {path}: {detail}")]
+    ClientCa { path: PathBuf, detail: String },
 }
 
-#[derive(Clone, Debug)]
+/// How the webhook port serves TLS: HTTP/2 and HTTP/1.1, and with a client CA, only to
+/// clients that present a certificate it signed (the apiserver, through its admission
+/// kubeconfig).
+#[derive(Clone, Default)]
+pub struct ServerTls {
+    client_verifier: Option<Arc<dyn ClientCertVerifier>>,
+}
+
+impl ServerTls {
+    /// `client_ca`: PEM CA certificates that sign the clients allowed in.
+    pub fn new(client_ca: Option<(&std::path::Path, &[u8])>) -> Result<Self, TlsError> {
+        let Some((path, pem)) = client_ca else {
+            return Ok(Self::default());
+        };
+        let invalid = |detail: String| TlsError::ClientCa {
+            path: path.to_owned(),
+            detail,
+        };
+        let mut roots = RootCertStore::empty();
+        for cert in CertificateDer::pem_slice_iter(pem) {
+            let cert = cert.map_err(|e| invalid(e.to_string()))?;
+            roots.add(cert).map_err(|e| invalid(e.to_string()))?;
+        }
+        if roots.is_empty() {
+            return Err(invalid("holds no PEM certificate".into()));
+        }
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+            .build()
+            .map_err(|e| invalid(e.to_string()))?;
+        Ok(Self {
+            client_verifier: Some(verifier),
+        })
+    }
+
+    fn server_config(&self, cert: &[u8], key: &[u8]) -> io::Result<Arc<ServerConfig>> {
+        let chain = CertificateDer::pem_slice_iter(cert)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+        let key = PrivateKeyDer::from_pem_slice(key)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let builder = ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        let builder = match &self.client_verifier {
+            Some(v) => builder.with_client_cert_verifier(v.clone()),
+            None => builder.with_no_client_auth(),
+        };
+        let mut config = builder
+            .with_single_cert(chain, key)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Ok(Arc::new(config))
+    }
+
+    /// A serving configuration for the PEM pair.
+    pub fn load(&self, cert: &[u8], key: &[u8]) -> io::Result<RustlsConfig> {
+        Ok(RustlsConfig::from_config(self.server_config(cert, key)?))
+    }
+
+    /// Swaps the PEM pair in `config`; on error `config` is unchanged.
+    pub fn reload(&self, config: &RustlsConfig, cert: &[u8], key: &[u8]) -> io::Result<()> {
+        config.reload_from_config(self.server_config(cert, key)?);
+        Ok(())
+    }
+}
+
+#[derive(Clone)]
 pub struct CertFiles {
     pub cert: PathBuf,
     pub key: PathBuf,
+    pub server: ServerTls,
 }
 
 impl CertFiles {
@@ -64,9 +140,7 @@ impl CertFiles {
     /// Loads the initial configuration; fails when the files are missing or broken.
     pub async fn load(&self) -> Result<(RustlsConfig, [u8; 32]), TlsError> {
         let (cert, key, hash) = self.read().await?;
-        let config = RustlsConfig::from_pem(cert, key)
-            .await
-            .map_err(|e| self.invalid(e))?;
+        let config = self.server.load(&cert, &key).map_err(|e| self.invalid(e))?;
         Ok((config, hash))
     }
 
@@ -116,9 +190,8 @@ impl CertFiles {
         if new == hash {
             return Ok(None);
         }
-        config
-            .reload_from_pem(cert, key)
-            .await
+        self.server
+            .reload(config, &cert, &key)
             .map_err(|e| self.invalid(e))?;
         Ok(Some(new))
     }
@@ -170,6 +243,7 @@ mod tests {
         let files = CertFiles {
             cert: dir.path().join("tls.crt"),
             key: dir.path().join("tls.key"),
+            server: ServerTls::default(),
         };
         let (config, hash) = files.load().await.unwrap();
 
@@ -212,6 +286,7 @@ mod tests {
         let files = CertFiles {
             cert: "/nonexistent/tls.crt".into(),
             key: "/nonexistent/tls.key".into(),
+            server: ServerTls::default(),
         };
         let err = files.load().await.unwrap_err().to_string();
         assert!(err.contains("/nonexistent/tls.crt"), "{err}");

@@ -402,3 +402,50 @@ impl Drop for NsGuard {
         support::delete_from_drop::<k8s_openapi::api::core::v1::Namespace>(self.0.clone());
     }
 }
+
+#[tokio::test]
+async fn with_a_client_ca_only_the_apiserver_reaches_the_webhook() {
+    let _vault = support::VAULT.read().await;
+    let pki = support::testbed().dir.join("pki");
+    let client_ca = pki.join("webhook-client-ca.crt");
+    // setup waits until the apiserver's calls get through: the apiserver presents the client
+    // certificate its AdmissionConfiguration names.
+    let s = support::setup("mtls", &["--client-ca", client_ca.to_str().unwrap()]).await;
+    let name = support::unique("mtls");
+    support::seed_secret(&name, "v").await;
+    inject::create(
+        &s,
+        &pod(
+            "through-the-apiserver",
+            &[("X", &inject::reference(&name))],
+            json!({}),
+        ),
+    )
+    .await
+    .expect("the apiserver reaches a webhook that requires its client certificate");
+
+    let ca = reqwest::Certificate::from_pem(&std::fs::read(&support::testbed().ca).unwrap()).unwrap();
+    let body = review(&s.ns, &inject::reference(&name)).to_string();
+    let anonymous = reqwest::Client::builder()
+        .tls_certs_merge([ca.clone()])
+        .build()
+        .unwrap();
+    let refused = anonymous.post(s.kvinject.url()).body(body.clone()).send().await;
+    assert!(
+        refused.is_err(),
+        "a POST without a client certificate was answered: {refused:?}"
+    );
+    // A certificate the cluster's CA signed (the bed's admin) is not the apiserver's either.
+    let mut admin = std::fs::read(pki.join("admin.crt")).unwrap();
+    admin.extend(std::fs::read(pki.join("admin.key")).unwrap());
+    let other = reqwest::Client::builder()
+        .tls_certs_merge([ca])
+        .identity(reqwest::Identity::from_pem(&admin).unwrap())
+        .build()
+        .unwrap();
+    let refused = other.post(s.kvinject.url()).body(body).send().await;
+    assert!(
+        refused.is_err(),
+        "a POST with a certificate from another CA was answered: {refused:?}"
+    );
+}
