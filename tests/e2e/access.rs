@@ -4,8 +4,8 @@
 //! and deletes the Secret once its last pod is gone.
 
 use crate::{
-    inject::pod,
-    rotation::version,
+    inject::{self, pod},
+    rotation::{rotation_args, version},
     support::{self, Kvinject, PolicyGuard, WebhookGuard},
 };
 use k8s_openapi::api::core::v1::{Pod, Secret, ServiceAccount};
@@ -74,18 +74,6 @@ async fn create(client: &Client, ns: &str, p: &Pod, dry_run: bool) -> Result<Pod
         })
 }
 
-fn secret_name_of(p: &Pod) -> String {
-    p.spec.as_ref().unwrap().containers[0].env.as_ref().unwrap()[0]
-        .value_from
-        .as_ref()
-        .expect("the env entry is a secretKeyRef")
-        .secret_key_ref
-        .as_ref()
-        .unwrap()
-        .name
-        .clone()
-}
-
 /// `kvinject access check` against the bed: (exit code, stdout).
 fn access_check(args: &[&str]) -> (i32, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_kvinject"))
@@ -138,7 +126,7 @@ async fn each_namespace_gets_the_secrets_its_policy_grants_and_nothing_else() {
         .await
         .expect("team-a's pod using a granted secret is admitted");
     let secret = Api::<Secret>::namespaced(t.client.clone(), team_a)
-        .get(&secret_name_of(&own))
+        .get(&inject::secret_key_ref(&own, "DB").unwrap())
         .await
         .unwrap();
     assert_eq!(secret.data.unwrap()["value"].0, a_value.as_bytes());
@@ -381,27 +369,8 @@ async fn the_apiserver_refuses_empty_grants_and_bad_patterns_with_a_message() {
 async fn a_revoked_grant_denies_at_once_then_the_secret_stops_rotating_and_goes_with_its_last_pod() {
     let _vault = support::VAULT.read().await;
     let _rotation = support::ROTATION.lock().await;
-    let lease = support::unique("lease");
-    let t = tenants(
-        &["revoke"],
-        &[
-            "--rotation",
-            "true",
-            "--refresh-interval",
-            "1h",
-            "--reconcile-interval",
-            "1s",
-            "--gc-grace-period",
-            "1h",
-            "--lease-namespace",
-            "default",
-            "--lease-name",
-            &lease,
-            "--lease-duration",
-            "3s",
-        ],
-    )
-    .await;
+    let args = rotation_args(&support::unique("lease"), "1h");
+    let t = tenants(&["revoke"], &args.iter().map(String::as_str).collect::<Vec<_>>()).await;
     let ns = &t.namespaces[0];
     let name = support::unique("revoked");
     let first_version = support::seed_secret(&name, &support::unique("before")).await;
@@ -426,7 +395,7 @@ async fn a_revoked_grant_denies_at_once_then_the_secret_stops_rotating_and_goes_
     let stored = create(&t.client, ns, &first, false)
         .await
         .expect("admitted while granted");
-    let secret_name = secret_name_of(&stored);
+    let secret_name = inject::secret_key_ref(&stored, "X").unwrap();
     let secrets: Api<Secret> = Api::namespaced(t.client.clone(), ns);
     assert_eq!(version(&secrets.get(&secret_name).await.unwrap()), first_version);
 

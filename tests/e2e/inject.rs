@@ -24,7 +24,8 @@ pub fn reference(name: &str) -> String {
     format!("akv://{}/{name}", support::testbed().vault_name)
 }
 
-fn secret_key_ref(pod: &Pod, env: &str) -> Option<String> {
+/// The Secret an env entry of the pod's first container refers to.
+pub(crate) fn secret_key_ref(pod: &Pod, env: &str) -> Option<String> {
     pod.spec.as_ref()?.containers[0]
         .env
         .as_ref()?

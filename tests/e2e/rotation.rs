@@ -16,14 +16,14 @@ use kube::{
 use serde_json::json;
 use std::time::Duration;
 
-/// Rotation flags for a test: its own Lease, fast reconciles; polling stays at an hour
+/// Rotation flags for a test: its own Lease, fast reconciles; polling every `refresh`
 /// unless a pod asks for less.
-fn rotation_args(lease: &str) -> Vec<String> {
+pub(crate) fn rotation_args(lease: &str, refresh: &str) -> Vec<String> {
     [
         "--rotation",
         "true",
         "--refresh-interval",
-        "1h",
+        refresh,
         "--reconcile-interval",
         "1s",
         "--lease-namespace",
@@ -41,7 +41,7 @@ fn rotation_args(lease: &str) -> Vec<String> {
 /// A namespace, webhook and kvinject running the rotation controller on its own Lease.
 /// The caller holds `VAULT` and `ROTATION`.
 async fn rotation_setup(prefix: &str, extra: &[&str]) -> Setup {
-    let mut args = rotation_args(&support::unique("lease"));
+    let mut args = rotation_args(&support::unique("lease"), "1h");
     args.extend(extra.iter().map(|s| s.to_string()));
     support::setup(prefix, &args.iter().map(String::as_str).collect::<Vec<_>>()).await
 }
@@ -258,7 +258,7 @@ async fn restarts_and_lease_moves_roll_nothing_and_only_the_holder_polls() {
     let _vault = support::VAULT.read().await;
     let _rotation = support::ROTATION.lock().await;
     let lease = support::unique("lease");
-    let args = rotation_args(&lease);
+    let args = rotation_args(&lease, "1h");
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut s = support::setup("leader", &args).await;
     let name = support::unique("steady");

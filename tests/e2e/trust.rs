@@ -5,7 +5,7 @@
 
 use crate::{
     inject::{self, pod},
-    rotation::version,
+    rotation::{rotation_args, version},
     support::{self, Kvinject},
 };
 use k8s_openapi::api::{core::v1::Secret, events::v1::Event};
@@ -21,29 +21,6 @@ async fn reads_of(name: &str) -> u64 {
     support::vault_counters().await["secrets_get_by_name"][name.to_lowercase()]
         .as_u64()
         .unwrap_or(0)
-}
-
-/// Rotation flags: its own Lease, a sweep every second, checks every `refresh`.
-fn rotation(lease: &str, refresh: &str) -> Vec<String> {
-    [
-        "--rotation",
-        "true",
-        "--refresh-interval",
-        refresh,
-        "--reconcile-interval",
-        "1s",
-        "--gc-grace-period",
-        "1h",
-        "--lease-namespace",
-        "default",
-        "--lease-name",
-        lease,
-        "--lease-duration",
-        "3s",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
 }
 
 /// A labelled Secret with a reference annotation and a value of the attacker's choosing.
@@ -81,7 +58,7 @@ async fn events_for(client: &Client, ns: &str, reason: &str, name: &str) -> usiz
 async fn labelled_secrets_kvinject_did_not_seal_are_never_filled_used_or_deleted() {
     let _vault = support::VAULT.read().await;
     let _rotation = support::ROTATION.lock().await;
-    let args = rotation(&support::unique("lease"), "2s");
+    let args = rotation_args(&support::unique("lease"), "2s");
     let s = support::setup("trust", &args.iter().map(String::as_str).collect::<Vec<_>>()).await;
     let prod = support::unique("prod-admin");
     let prod_value = support::unique("production-value");
@@ -116,15 +93,7 @@ async fn labelled_secrets_kvinject_did_not_seal_are_never_filled_used_or_deleted
         )
         .await
         .unwrap();
-    let name = dry.spec.unwrap().containers[0].env.as_ref().unwrap()[0]
-        .value_from
-        .as_ref()
-        .unwrap()
-        .secret_key_ref
-        .as_ref()
-        .unwrap()
-        .name
-        .clone();
+    let name = inject::secret_key_ref(&dry, "DB").expect("the dry run shows the Secret's name");
     let secrets: Api<Secret> = Api::namespaced(s.client.clone(), &s.ns);
     secrets
         .create(
@@ -204,7 +173,7 @@ async fn labelled_secrets_kvinject_did_not_seal_are_never_filled_used_or_deleted
 async fn a_hand_edited_value_is_restored_from_key_vault() {
     let _vault = support::VAULT.read().await;
     let _rotation = support::ROTATION.lock().await;
-    let args = rotation(&support::unique("lease"), "1h");
+    let args = rotation_args(&support::unique("lease"), "1h");
     let s = support::setup("edited", &args.iter().map(String::as_str).collect::<Vec<_>>()).await;
     let name = support::unique("edited");
     let value = support::unique("real-value");
@@ -213,15 +182,7 @@ async fn a_hand_edited_value_is_restored_from_key_vault() {
     // the Secret records, not whatever is latest.
     let p = pod("app", &[("X", &inject::reference(&name))], json!({}));
     let stored = inject::create(&s, &p).await.unwrap();
-    let secret_name = stored.spec.unwrap().containers[0].env.as_ref().unwrap()[0]
-        .value_from
-        .as_ref()
-        .unwrap()
-        .secret_key_ref
-        .as_ref()
-        .unwrap()
-        .name
-        .clone();
+    let secret_name = inject::secret_key_ref(&stored, "X").expect("X is a secretKeyRef");
     support::seed_secret(&name, &support::unique("newer")).await;
     let secrets: Api<Secret> = Api::namespaced(s.client.clone(), &s.ns);
     let patch = json!({"data": {"value": base64_of("edited-by-hand")}});
@@ -331,7 +292,7 @@ async fn a_review_posted_for_a_namespace_kvinject_does_not_act_for_writes_nothin
 async fn a_pod_asking_for_a_check_every_millisecond_gets_the_floor() {
     let _vault = support::VAULT.read().await;
     let _rotation = support::ROTATION.lock().await;
-    let mut args = rotation(&support::unique("lease"), "1h");
+    let mut args = rotation_args(&support::unique("lease"), "1h");
     args.extend(["--min-refresh-interval".to_owned(), "3s".to_owned()]);
     let s = support::setup("floor", &args.iter().map(String::as_str).collect::<Vec<_>>()).await;
     let name = support::unique("hammered");
