@@ -9,8 +9,10 @@ use crate::{
     config::ReadLimit,
     keyvault::source::{FetchError, Fetched, SecretSource},
     limit::ReadBuckets,
-    materialize::seal::{self, Verdict},
-    materialize::{self, ValueError},
+    materialize::{
+        self, ValueError,
+        seal::{self, Verdict},
+    },
     metrics::{Metrics, VaultLabels},
     mutate::{self, Denial, InjectConfig, Needed},
     reference::Reference,

@@ -268,7 +268,7 @@ impl Controller {
         let revoked = self.revoked_now(&secrets);
         let mut by_reference: BTreeMap<Reference, Vec<Arc<Secret>>> = BTreeMap::new();
         for s in secrets.iter().filter(|s| materialize::is_managed(s)) {
-            if revoked.contains(&(s.namespace().unwrap_or_default(), s.name_any())) {
+            if revoked.contains(&key_of(s)) {
                 continue;
             }
             if let Some(r) = decide::followed_reference(s) {
@@ -345,7 +345,10 @@ impl Controller {
             self.collect_garbage(&secrets, grace).await;
         }
         self.retire_revoked(&secrets, revoked).await;
-        self.guard_integrity(&all, &verdicts).await;
+        // Restores read Key Vault: once per reconcile interval, not every second.
+        if full {
+            self.guard_integrity(&all, &verdicts).await;
+        }
     }
 
     /// Marks, unmarks and deletes kvinject's Secrets by whether any injected pod or any

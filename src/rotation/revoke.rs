@@ -3,7 +3,7 @@
 //! deleted as soon as no pod uses it (no grace period: new pods are denied anyway).
 //! Running pods keep running.
 
-use super::{Controller, needed_for};
+use super::{Controller, key_of, needed_for};
 use crate::{access::grant::use_of, materialize};
 use k8s_openapi::api::core::v1::Secret;
 use kube::{
@@ -46,10 +46,9 @@ impl Controller {
         self.metrics
             .access_revoked
             .set(i64::try_from(revoked.len()).unwrap_or(i64::MAX));
-        let key = |s: &Secret| (s.namespace().unwrap_or_default(), s.name_any());
         for secret in secrets
             .iter()
-            .filter(|s| revoked.contains(&key(s)) && !self.revoked.contains(&key(s)))
+            .filter(|s| revoked.contains(&key_of(s)) && !self.revoked.contains(&key_of(s)))
         {
             let reference = needed_for(secret)
                 .map(|n| n.source.reference().to_string())
@@ -68,9 +67,9 @@ impl Controller {
         let in_use = self.used_by_pods();
         for secret in secrets
             .iter()
-            .filter(|s| revoked.contains(&key(s)) && !in_use.contains(&key(s)))
+            .filter(|s| revoked.contains(&key_of(s)) && !in_use.contains(&key_of(s)))
         {
-            let (ns, name) = key(secret);
+            let (ns, name) = key_of(secret);
             match self.delete_as_read(secret).await {
                 Ok(true) => {
                     info!(secret = %name, namespace = %ns, "deleted: access revoked and no pod uses it")
