@@ -91,6 +91,18 @@ async fn chart_lints_renders_and_the_plain_manifests_are_in_sync() {
             "--set",
             "antiAffinity=required",
         ][..],
+        &[
+            "--set",
+            "networkPolicy.enabled=true",
+            "--set",
+            "networkPolicy.from[0].ipBlock.cidr=10.0.0.0/24",
+            "--set",
+            "admissionPolicy.enabled=false",
+            "--set",
+            "accessPolicy=off",
+            "--set",
+            "rotation.enabled=false",
+        ][..],
     ] {
         let mut args = vec!["lint", chart, "--strict", "-f", values];
         args.extend_from_slice(extra);
@@ -134,6 +146,10 @@ async fn chart_lints_renders_and_the_plain_manifests_are_in_sync() {
             "tls.caBundle: tls.source=secret needs the CA",
         ),
         ("tls.source=vault", "tls.source: \"vault\" is not one of"),
+        (
+            "accessPolicy=maybe",
+            "accessPolicy: \"maybe\" is not required or off",
+        ),
     ] {
         let (ok, _, err) = helm(&[
             "template", "kvinject", chart, "-n", NS, "-f", values, "--set", set,
