@@ -5,6 +5,7 @@
 mod support;
 
 mod access;
+mod conformance;
 mod inject;
 mod install;
 mod outage;

@@ -17,8 +17,19 @@ against the test bed CA, through the real challenge flow:
     (POST /{tenant}/oauth2/v2.0/token) for azure_identity's ClientSecretCredential;
   * api-version is required and checked against the versions listed below.
 
-Shapes follow the Key Vault REST reference (SecretBundle, KeyVaultError). State is kept in
-a JSON file so a stop/start (an outage in a test) keeps the secrets.
+Shapes follow the official REST API definition (api-version 2025-07-01) and recordings of
+the real service; tests/e2e/conformance.rs checks both (fixtures in conformance/):
+  * names are case-insensitive (one secret, one version history; ids keep the first case);
+  * the vault list is sorted by name, its items carry no value and no version in their id,
+    and it pages: maxresults 1..25 (default 25; anything else is a 400 BadParameter) and a
+    nextLink with a $skiptoken;
+  * contentType and tags appear only when set; an update (PATCH, also of the latest version
+    by an empty version segment) answers without the value;
+  * soft delete: DELETE answers the deleted bundle; the deletion and a recovery each take
+    --transition-seconds, during which Key Vault answers 404 (reads) or 409
+    ObjectIsBeingDeleted (purge, recover, set); a deleted name cannot be set again (409
+    ObjectIsDeletedButRecoverable) until it is recovered or purged.
+State is kept in a JSON file so a stop/start (an outage in a test) keeps the secrets.
 
 Test-control endpoints live on the token port under /_testbed/ (request counters, forcing
 a 403 for a secret name); they are the only things Key Vault itself does not have.
@@ -33,19 +44,22 @@ import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, quote, urlsplit
 
 API_VERSIONS = {"7.0", "7.1", "7.2", "7.3", "7.4", "7.5", "7.6", "2025-07-01"}
 NAME_RE = re.compile(r"^[0-9a-zA-Z-]{1,127}$")
 
 lock = threading.Lock()
-state = {"secrets": {}}  # name -> [version dicts], newest last
+# lower-case name -> {"name": display name (as first set), "versions": [version dicts, oldest
+# first], "visible_at": when a recovery finishes}; Key Vault names are case-insensitive.
+state = {"secrets": {}, "deleted": {}}
 forbidden = set()  # names that answer 403 (an RBAC denial, which Key Vault decides per identity)
 counters = {"secrets_get": 0, "secrets_put": 0, "challenges": 0, "tokens": 0, "assertion_tokens": 0,
             # GETs of one secret (any version) by its name, so a test can prove who read what
             # while other tests use the vault too
             "secrets_get_by_name": {}}
 args = None
+PAGE = 25  # Key Vault's default and largest page
 
 
 def save():
@@ -62,21 +76,43 @@ def load():
             state = json.load(f)
 
 
-def bundle(host, name, v):
-    b = {
-        "value": v["value"],
-        "id": f"https://{host}/secrets/{name}/{v['version']}",
-        "attributes": dict(v["attributes"], recoveryLevel="Recoverable+Purgeable", recoverableDays=90),
-        "tags": v.get("tags") or {},
-    }
+def attributes(v):
+    return dict(v["attributes"], recoveryLevel="Recoverable+Purgeable", recoverableDays=90)
+
+
+def common(v, out):
+    """contentType and tags appear only when set, as in Key Vault's answers."""
     if v.get("contentType"):
-        b["contentType"] = v["contentType"]
+        out["contentType"] = v["contentType"]
+    if v.get("tags"):
+        out["tags"] = v["tags"]
+    return out
+
+
+def bundle(host, name, v, value=True):
+    b = {"id": f"https://{host}/secrets/{name}/{v['version']}", "attributes": attributes(v)}
+    if value:
+        b["value"] = v["value"]
+    return common(v, b)
+
+
+def list_item(host, name, v, versioned):
+    """A list entry: never a value; the vault list names the secret, the versions list the version."""
+    path = f"{name}/{v['version']}" if versioned else name
+    return common(v, {"id": f"https://{host}/secrets/{path}", "attributes": attributes(v)})
+
+
+def deleted_bundle(host, entry):
+    v = entry["versions"][-1]
+    b = bundle(host, entry["name"], v, value=False)
+    b.update(recoveryId=f"https://{host}/deletedsecrets/{entry['name']}", deletedDate=entry["deletedDate"],
+             scheduledPurgeDate=entry["scheduledPurgeDate"])
     return b
 
 
-def item(host, name, v):
-    b = bundle(host, name, v)
-    del b["value"]
+def deleted_item(host, entry):
+    b = deleted_bundle(host, entry)
+    b["id"] = f"https://{host}/secrets/{entry['name']}"
     return b
 
 
@@ -91,6 +127,12 @@ class Handler(BaseHTTPRequestHandler):
         data = b"" if body is None else json.dumps(body).encode()
         self.send_response(code)
         for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        # The headers Key Vault sends with every answer (values of our own).
+        for k, v in (("Cache-Control", "no-cache"), ("Pragma", "no-cache"), ("Expires", "-1"),
+                     ("X-Content-Type-Options", "nosniff"),
+                     ("Strict-Transport-Security", "max-age=31536000;includeSubDomains"),
+                     ("x-ms-keyvault-region", "testbed"), ("x-ms-keyvault-service-version", "kvstandin")):
             self.send_header(k, v)
         if body is not None:
             self.send_header("Content-Type", "application/json; charset=utf-8")
@@ -110,12 +152,43 @@ class Handler(BaseHTTPRequestHandler):
         raw = self.rfile.read(n) if n else b""
         return json.loads(raw) if raw else {}
 
+    def not_found(self, name, ver=None):
+        if ver:
+            return self.error(404, "SecretNotFound", f"A secret with (name/id) {name}/{ver} was not found in this key vault. If you recently deleted this secret you may be able to recover it using the correct recovery command. For help resolving this issue, please see https://go.microsoft.com/fwlink/?linkid=2125182")
+        return self.error(404, "SecretNotFound", f"A secret with (name/id) {name} was not found in this key vault. If you recently deleted this secret you may be able to recover it using the correct recovery command. For help resolving this issue, please see https://go.microsoft.com/fwlink/?linkid=2125182")
+
+    def page(self, u, q, host, items, av):
+        """One page of `items` ((sort key, item) pairs, sorted) and the nextLink to the rest.
+        maxresults is 1..25 (default 25). The $skiptoken is the last key served, so secrets set
+        meanwhile neither repeat nor shift the next page."""
+        raw = q.get("maxresults", [None])[0]
+        try:
+            size = PAGE if raw is None else int(raw)
+        except ValueError:
+            size = 0
+        if not 1 <= size <= PAGE:
+            return self.error(400, "BadParameter", f"The value {raw} of the 'maxresults' parameter is invalid: it must be between 1 and {PAGE}.")
+        after = q.get("$skiptoken", [""])[0]
+        rest = [(k, item) for k, item in items if k > after]
+        chunk = rest[:size]
+        next_link = None
+        if len(rest) > size:
+            extra = "" if raw is None else f"&maxresults={size}"
+            next_link = f"https://{host}{u.path}?api-version={av}&$skiptoken={quote(chunk[-1][0])}{extra}"
+        return self.reply(200, {"value": [item for _, item in chunk], "nextLink": next_link})
+
+    def live(self, key, now):
+        entry = state["secrets"].get(key)
+        if entry and entry.get("visible_at", 0) <= now:
+            return entry
+        return None
+
     # ---- Key Vault port -------------------------------------------------------------
     def vault(self, method):
         u = urlsplit(self.path)
         q = parse_qs(u.query)
         parts = [p for p in u.path.split("/") if p]
-        if not parts or parts[0] != "secrets":
+        if not parts or parts[0] not in ("secrets", "deletedsecrets"):
             return self.error(404, "NotFound", f"no route for {u.path}")
         auth = self.headers.get("Authorization", "")
         if not auth.startswith("Bearer "):
@@ -133,53 +206,106 @@ class Handler(BaseHTTPRequestHandler):
         name = parts[1] if len(parts) > 1 else ""
         if name and not NAME_RE.match(name):
             return self.error(400, "BadParameter", f"The request URI contains an invalid name: {name}")
-        if name in forbidden:
+        key = name.lower()
+        if key in forbidden:
             return self.error(403, "Forbidden", f"Caller is not authorized to perform action on resource. Action: 'Microsoft.KeyVault/vaults/secrets/getSecret/action' Resource: secret {name}", "ForbiddenByRbac")
         with lock:
-            if method == "PUT" and len(parts) == 2:
-                counters["secrets_put"] += 1
+            if parts[0] == "deletedsecrets":
+                return self.deleted(method, parts, q, u, host, key, name, av)
+            return self.secrets_route(method, parts, q, u, host, key, name, av)
+
+    def secrets_route(self, method, parts, q, u, host, key, name, av):
+        now = time.time()
+        if method == "GET" and len(parts) == 1:
+            live = sorted((e for k, e in state["secrets"].items() if e.get("visible_at", 0) <= now), key=lambda e: e["name"].lower())
+            return self.page(u, q, host, [(e["name"].lower(), list_item(host, e["name"], e["versions"][-1], False)) for e in live], av)
+        if method == "PUT" and len(parts) == 2:
+            counters["secrets_put"] += 1
+            if key in state["deleted"]:
+                gone = state["deleted"][key]
+                if gone["ready_at"] > now:
+                    return self.error(409, "Conflict", f"Secret {name} is currently being deleted.", "ObjectIsBeingDeleted")
+                return self.error(409, "Conflict", f"Secret {name} is currently in a deleted but recoverable state, and its name cannot be reused; in this state, the secret can only be recovered or purged.", "ObjectIsDeletedButRecoverable")
+            b = self.body()
+            if "value" not in b:
+                return self.error(400, "BadParameter", "Property 'value' is required.")
+            stamp = int(now)
+            attrs = {"enabled": True, "created": stamp, "updated": stamp}
+            for k in ("enabled", "exp", "nbf"):
+                if k in (b.get("attributes") or {}):
+                    attrs[k] = b["attributes"][k]
+            v = {"version": secrets.token_hex(16), "value": b["value"], "attributes": attrs,
+                 "contentType": b.get("contentType"), "tags": b.get("tags")}
+            entry = state["secrets"].setdefault(key, {"name": name, "versions": []})
+            entry["versions"].append(v)
+            save()
+            return self.reply(200, bundle(host, entry["name"], v))
+        if method == "DELETE" and len(parts) == 2:
+            entry = self.live(key, now)
+            if entry is None:
+                return self.not_found(name)
+            del state["secrets"][key]
+            # Deletion takes a moment in Key Vault: meanwhile the deleted secret cannot be
+            # read, recovered or purged (ObjectIsBeingDeleted).
+            gone = dict(entry, deletedDate=int(now), scheduledPurgeDate=int(now) + 90 * 86400,
+                        ready_at=now + args.transition_seconds)
+            gone.pop("visible_at", None)
+            state["deleted"][key] = gone
+            save()
+            return self.reply(200, deleted_bundle(host, gone))
+        entry = self.live(key, now)
+        if method == "GET" and len(parts) == 3 and parts[2] == "versions":
+            items = [(f"{i:08d}", list_item(host, entry["name"], x, True)) for i, x in enumerate(entry["versions"])] if entry else []
+            return self.page(u, q, host, items, av)
+        if method in ("GET", "PATCH") and len(parts) in (2, 3):
+            if method == "GET":
+                by_name = counters["secrets_get_by_name"]
+                by_name[key] = by_name.get(key, 0) + 1
+            ver = parts[2] if len(parts) == 3 else ""
+            if entry is None:
+                return self.not_found(name, ver or None)
+            versions = entry["versions"]
+            v = versions[-1] if ver == "" else next((x for x in versions if x["version"] == ver), None)
+            if v is None:
+                return self.not_found(name, ver)
+            if method == "PATCH":
                 b = self.body()
-                if "value" not in b:
-                    return self.error(400, "BadParameter", "Property 'value' is required.")
-                now = int(time.time())
-                attrs = {"enabled": True, "created": now, "updated": now}
-                for k in ("enabled", "exp", "nbf"):
-                    if k in (b.get("attributes") or {}):
-                        attrs[k] = b["attributes"][k]
-                v = {"version": secrets.token_hex(16), "value": b["value"], "attributes": attrs,
-                     "contentType": b.get("contentType"), "tags": b.get("tags")}
-                state["secrets"].setdefault(name, []).append(v)
+                v["attributes"].update({k: b["attributes"][k] for k in ("enabled", "exp", "nbf") if k in (b.get("attributes") or {})})
+                v["attributes"]["updated"] = int(now)
+                for k in ("contentType", "tags"):
+                    if k in b:
+                        v[k] = b[k]
                 save()
-                return self.reply(200, bundle(host, name, v))
-            versions = state["secrets"].get(name)
-            if method == "GET" and len(parts) == 2 and name:
-                parts.append("")
-            if method in ("GET", "PATCH") and len(parts) == 3 and parts[2] != "versions":
-                if method == "GET":
-                    by_name = counters["secrets_get_by_name"]
-                    by_name[name.lower()] = by_name.get(name.lower(), 0) + 1
-                if not versions:
-                    return self.error(404, "SecretNotFound", f"A secret with (name/id) {name} was not found in this key vault. If you recently deleted this secret you may be able to recover it using the correct recovery command. For help resolving this issue, please see https://go.microsoft.com/fwlink/?linkid=2125182")
-                ver = parts[2]
-                v = versions[-1] if ver == "" else next((x for x in versions if x["version"] == ver), None)
-                if v is None:
-                    return self.error(404, "SecretNotFound", f"A secret with (name/id) {name}/{ver} was not found in this key vault.")
-                if method == "PATCH":
-                    b = self.body()
-                    v["attributes"].update({k: b["attributes"][k] for k in ("enabled", "exp", "nbf") if k in (b.get("attributes") or {})})
-                    v["attributes"]["updated"] = int(time.time())
-                    if "contentType" in b:
-                        v["contentType"] = b["contentType"]
-                    save()
-                    return self.reply(200, item(host, name, v))
-                counters["secrets_get"] += 1
-                if not v["attributes"].get("enabled", True):
-                    return self.error(403, "Forbidden", "Operation get is not allowed on a disabled secret.", "SecretDisabled")
-                return self.reply(200, bundle(host, name, v))
-            if method == "GET" and len(parts) == 3 and parts[2] == "versions":
-                return self.reply(200, {"value": [item(host, name, x) for x in (versions or [])], "nextLink": None})
-            if method == "GET" and len(parts) == 1:
-                return self.reply(200, {"value": [item(host, n, vs[-1]) for n, vs in state["secrets"].items()], "nextLink": None})
+                return self.reply(200, bundle(host, entry["name"], v, value=False))
+            counters["secrets_get"] += 1
+            if not v["attributes"].get("enabled", True):
+                return self.error(403, "Forbidden", "Operation get is not allowed on a disabled secret.", "SecretDisabled")
+            return self.reply(200, bundle(host, entry["name"], v))
+        return self.error(405, "BadRequest", f"{method} {u.path} is not supported by the test bed's vault")
+
+    def deleted(self, method, parts, q, u, host, key, name, av):
+        now = time.time()
+        if method == "GET" and len(parts) == 1:
+            ready = sorted((e for e in state["deleted"].values() if e["ready_at"] <= now), key=lambda e: e["name"].lower())
+            return self.page(u, q, host, [(e["name"].lower(), deleted_item(host, e)) for e in ready], av)
+        gone = state["deleted"].get(key)
+        if gone is None or (method == "GET" and gone["ready_at"] > now):
+            return self.error(404, "SecretNotFound", f"Deleted Secret not found: {name}")
+        if gone["ready_at"] > now:
+            return self.error(409, "Conflict", "Secret is currently being deleted.", "ObjectIsBeingDeleted")
+        if method == "GET" and len(parts) == 2:
+            return self.reply(200, deleted_bundle(host, gone))
+        if method == "DELETE" and len(parts) == 2:
+            del state["deleted"][key]
+            save()
+            return self.reply(204)
+        if method == "POST" and len(parts) == 3 and parts[2] == "recover":
+            del state["deleted"][key]
+            # Recovery takes a moment too: the secret answers 404 until it is back.
+            entry = {"name": gone["name"], "versions": gone["versions"], "visible_at": now + args.transition_seconds}
+            state["secrets"][key] = entry
+            save()
+            return self.reply(200, bundle(host, entry["name"], entry["versions"][-1], value=False))
         return self.error(405, "BadRequest", f"{method} {u.path} is not supported by the test bed's vault")
 
     # ---- token / test-control port ----------------------------------------------------
@@ -202,10 +328,10 @@ class Handler(BaseHTTPRequestHandler):
             if method == "GET" and parts[1:] == ["counters"]:
                 return self.reply(200, counters)
             if method == "POST" and len(parts) == 3 and parts[1] == "forbid":
-                forbidden.add(parts[2])
+                forbidden.add(parts[2].lower())
                 return self.reply(204)
             if method == "POST" and len(parts) == 3 and parts[1] == "allow":
-                forbidden.discard(parts[2])
+                forbidden.discard(parts[2].lower())
                 return self.reply(204)
         return self.reply(404, {"error": "not_found"})
 
@@ -230,6 +356,9 @@ class Handler(BaseHTTPRequestHandler):
     def do_POST(self):
         self.dispatch("POST")
 
+    def do_DELETE(self):
+        self.dispatch("DELETE")
+
 
 def serve(port, role, ctx):
     srv = ThreadingHTTPServer(("127.0.0.1", port), Handler)
@@ -250,6 +379,8 @@ def main():
     p.add_argument("--resource", required=True, help="resource named in the 401 challenge")
     p.add_argument("--authority", required=True, help="token authority named in the 401 challenge")
     p.add_argument("--tenant", default="testbed-tenant")
+    p.add_argument("--transition-seconds", type=float, default=0.5,
+                   help="how long a deletion or recovery takes, during which Key Vault answers 404/409")
     args = p.parse_args()
     load()
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
