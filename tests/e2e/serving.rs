@@ -18,12 +18,14 @@ async fn workload_identity_is_chosen_when_a_federated_token_file_is_mounted() {
     let _vault = support::VAULT.read().await;
     let dir = tempfile::tempdir().unwrap();
     let token_file = dir.path().join("azure-identity-token");
-    // What the workload identity webhook mounts: a projected service account token.
-    std::fs::write(
-        &token_file,
-        "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJzeXN0ZW06c2VydmljZWFjY291bnQ6a3ZpbmplY3Q6a3ZpbmplY3QifQ.c2ln",
-    )
-    .unwrap();
+    // What the workload identity webhook mounts: a projected ServiceAccount token for Entra
+    // ID's audience, whose subject a federated credential of the client id trusts. The bed's
+    // Entra ID checks its signature against the apiserver's keys, as Entra ID does.
+    let client = support::kube().await;
+    let token =
+        support::service_account_token(&client, "default", "default", "api://AzureADTokenExchange").await;
+    std::fs::write(&token_file, token).unwrap();
+    support::federate("kvinject-workload", "default", "default").await;
     let token_path = token_file.to_str().unwrap().to_owned();
     // Only this test authenticates with a client assertion; kvinject's first token (its
     // vault probe may fetch it before the pod arrives) moves this counter.

@@ -42,3 +42,119 @@ async fn the_sdk_reaches_the_bed_vault_through_the_challenge_flow() {
         .expect_err("a missing secret is an error");
     assert_eq!(missing.http_status().map(u16::from), Some(404), "{missing}");
 }
+
+/// Exchanges `assertion` for a vault token at the bed's Entra ID as `client_id` would:
+/// (status, body).
+async fn exchange(client_id: &str, assertion: &str) -> (u16, serde_json::Value) {
+    let ca = reqwest::Certificate::from_pem(&std::fs::read(&support::testbed().ca).unwrap()).unwrap();
+    let http = reqwest::Client::builder().tls_certs_merge([ca]).build().unwrap();
+    let form = format!(
+        "grant_type=client_credentials&client_id={client_id}&scope=https%3A%2F%2Fvault.kvinject.test%2F.default\
+         &client_assertion_type=urn%3Aietf%3Aparams%3Aoauth%3Aclient-assertion-type%3Ajwt-bearer&client_assertion={assertion}"
+    );
+    let res = http
+        .post(format!(
+            "{}/testbed-tenant/oauth2/v2.0/token",
+            support::testbed().authority
+        ))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(form)
+        .send()
+        .await
+        .unwrap();
+    let status = res.status().as_u16();
+    (
+        status,
+        serde_json::from_slice(&res.bytes().await.unwrap()).unwrap(),
+    )
+}
+
+async fn read_with(token: &str, name: &str) -> u16 {
+    let ca = reqwest::Certificate::from_pem(&std::fs::read(&support::testbed().ca).unwrap()).unwrap();
+    let http = reqwest::Client::builder().tls_certs_merge([ca]).build().unwrap();
+    let url = format!(
+        "{}secrets/{name}/?api-version=2025-07-01",
+        support::testbed().vault_url
+    );
+    http.get(url)
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+/// The bed's Entra ID checks a federated credential's assertion as Entra ID does, and the
+/// vault grants reads per identity, so a refusal in a test is theirs, not kvinject's.
+#[tokio::test]
+async fn entra_checks_federated_assertions_and_the_vault_checks_each_identitys_access() {
+    let _vault = support::VAULT.read().await;
+    let client = support::kube().await;
+    let ns = support::namespace(&client, "entra", &[]).await;
+    let sa: k8s_openapi::api::core::v1::ServiceAccount =
+        serde_json::from_value(serde_json::json!({"metadata": {"name": "api"}})).unwrap();
+    kube::Api::<k8s_openapi::api::core::v1::ServiceAccount>::namespaced(client.clone(), &ns)
+        .create(&Default::default(), &sa)
+        .await
+        .unwrap();
+    let (a, b) = (support::unique("client-a"), support::unique("client-b"));
+    support::federate(&a, &ns, "api").await;
+    let (x, y) = (support::unique("only-x"), support::unique("not-y"));
+    support::seed_secret(&x, "x").await;
+    support::seed_secret(&y, "y").await;
+    support::entra_control(
+        "vault-access",
+        serde_json::json!({"client_id": a, "secrets": [x]}),
+    )
+    .await;
+
+    let assertion = support::service_account_token(&client, &ns, "api", "api://AzureADTokenExchange").await;
+    let (status, body) = exchange(&a, &assertion).await;
+    assert_eq!(status, 200, "{body}");
+    let token = body["access_token"].as_str().unwrap();
+    assert_eq!(read_with(token, &x).await, 200, "A may read x");
+    assert_eq!(read_with(token, &y).await, 403, "A may read nothing else");
+    let by_client = &support::vault_counters().await["secrets_get_by_client"][&a];
+    assert_eq!(
+        by_client[x.to_lowercase()],
+        1,
+        "the vault counts A's read of x: {by_client}"
+    );
+
+    // Another client id that has no federated credential for this subject.
+    let (status, body) = exchange(&b, &assertion).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error_description"]
+            .as_str()
+            .unwrap()
+            .starts_with("AADSTS70021"),
+        "{body}"
+    );
+    // A token for another audience (the apiserver's own).
+    let other = support::service_account_token(&client, &ns, "api", "https://kubernetes.default.svc").await;
+    let (status, body) = exchange(&a, &other).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error_description"]
+            .as_str()
+            .unwrap()
+            .contains("Assertion Audience"),
+        "{body}"
+    );
+    // A forged signature.
+    let mut forged = assertion.clone();
+    let last = forged.pop().unwrap();
+    forged.push(if last == 'A' { 'B' } else { 'A' });
+    let (status, body) = exchange(&a, &forged).await;
+    assert_eq!(status, 401, "{body}");
+    assert!(
+        body["error_description"]
+            .as_str()
+            .unwrap()
+            .starts_with("AADSTS700027"),
+        "{body}"
+    );
+    support::delete_from_drop::<k8s_openapi::api::core::v1::Namespace>(ns);
+}

@@ -208,6 +208,56 @@ pub async fn vault_control(path: &str) {
     );
 }
 
+/// Calls a test-control endpoint of the bed's Entra ID with a JSON body (`federate`,
+/// `vault-access`).
+pub async fn entra_control(path: &str, body: serde_json::Value) {
+    let ca = reqwest::Certificate::from_pem(&std::fs::read(&testbed().ca).unwrap()).unwrap();
+    let http = reqwest::Client::builder().tls_certs_merge([ca]).build().unwrap();
+    let res = http
+        .post(format!("{}/_testbed/{path}", testbed().authority))
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .expect("entra control");
+    assert!(
+        res.status().is_success(),
+        "entra control {path}: {}",
+        res.status()
+    );
+}
+
+/// A federated identity credential: Entra ID's client `client_id` trusts ServiceAccount
+/// `namespace/name` (its token's subject).
+pub async fn federate(client_id: &str, namespace: &str, name: &str) {
+    let subject = format!("system:serviceaccount:{namespace}:{name}");
+    entra_control(
+        "federate",
+        serde_json::json!({"client_id": client_id, "subject": subject}),
+    )
+    .await;
+}
+
+/// A token of ServiceAccount `namespace/name` for `audience`, from the apiserver's
+/// TokenRequest API (what kubelet projects for workload identity).
+pub async fn service_account_token(client: &Client, namespace: &str, name: &str, audience: &str) -> String {
+    use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+    let request = TokenRequest {
+        spec: TokenRequestSpec {
+            audiences: vec![audience.to_owned()],
+            expiration_seconds: Some(600),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let api: Api<ServiceAccount> = Api::namespaced(client.clone(), namespace);
+    let answer = api
+        .create_token_request(name, &PostParams::default(), &request)
+        .await
+        .unwrap_or_else(|e| panic!("a token for {namespace}/{name}: {e}"));
+    answer.status.expect("a token").token
+}
+
 pub fn unique(prefix: &str) -> String {
     use std::sync::atomic::{AtomicU32, Ordering};
     static N: AtomicU32 = AtomicU32::new(0);

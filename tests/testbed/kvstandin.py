@@ -35,6 +35,9 @@ Test-control endpoints live on the token port under /_testbed/ (request counters
 a 403 for a secret name); they are the only things Key Vault itself does not have.
 """
 import argparse
+import base64
+import hashlib
+import hmac
 import json
 import os
 import re
@@ -56,10 +59,17 @@ state = {"secrets": {}, "deleted": {}}
 forbidden = set()  # names that answer 403 (an RBAC denial, which Key Vault decides per identity)
 counters = {"secrets_get": 0, "secrets_put": 0, "challenges": 0, "tokens": 0, "assertion_tokens": 0,
             # GETs of one secret (any version) by its name, so a test can prove who read what
-            # while other tests use the vault too
-            "secrets_get_by_name": {}}
+            # while other tests use the vault too; and by client id, then name
+            "secrets_get_by_name": {}, "secrets_get_by_client": {}}
 args = None
-PAGE = 25  # Key Vault's default and largest page
+PAGE = 25
+# Entra ID: federated credentials (client id -> subjects it trusts), issued tokens (token ->
+# client id), and per-identity read permission on the vault (client id -> secret names; a
+# client id without an entry may read everything, like kvinject's own identity in tests).
+federation = {}
+issued = {}
+vault_access = {}
+jwks = {}  # kid -> (n, e), loaded from --jwks once the apiserver wrote it  # Key Vault's default and largest page
 
 
 def save():
@@ -114,6 +124,57 @@ def deleted_item(host, entry):
     b = deleted_bundle(host, entry)
     b["id"] = f"https://{host}/secrets/{entry['name']}"
     return b
+
+
+def b64url(s):
+    return base64.urlsafe_b64decode(s + "=" * (-len(s) % 4))
+
+
+def load_jwks():
+    """The apiserver's service-account signing keys, as its /openid/v1/jwks serves them."""
+    if not jwks and args.jwks and os.path.exists(args.jwks):
+        with open(args.jwks) as f:
+            for key in json.load(f).get("keys", []):
+                if key.get("kty") == "RSA":
+                    jwks[key.get("kid", "")] = (int.from_bytes(b64url(key["n"]), "big"), int.from_bytes(b64url(key["e"]), "big"))
+    return jwks
+
+
+def rs256_valid(n, e, signed, signature):
+    """RSASSA-PKCS1-v1_5 with SHA-256 (RFC 8017, 8.2.2)."""
+    k = (n.bit_length() + 7) // 8
+    if len(signature) != k:
+        return False
+    em = pow(int.from_bytes(signature, "big"), e, n).to_bytes(k, "big")
+    digest_info = bytes.fromhex("3031300d060960864801650304020105000420") + hashlib.sha256(signed).digest()
+    expected = b"\x00\x01" + b"\xff" * (k - len(digest_info) - 3) + b"\x00" + digest_info
+    return hmac.compare_digest(em, expected)
+
+
+def check_assertion(client_id, assertion):
+    """What Entra ID checks of a federated credential's assertion: the issuer's signature,
+    iss, aud, the validity window, and that a federated identity record of `client_id` names
+    the subject. Returns an AADSTS error, or None."""
+    try:
+        head_b64, claims_b64, sig_b64 = assertion.split(".")
+        head, claims = json.loads(b64url(head_b64)), json.loads(b64url(claims_b64))
+        signature = b64url(sig_b64)
+    except (ValueError, KeyError):
+        return "AADSTS50027: JWT token is invalid or malformed."
+    key = load_jwks().get(head.get("kid", ""))
+    if head.get("alg") != "RS256" or key is None or not rs256_valid(*key, f"{head_b64}.{claims_b64}".encode(), signature):
+        return "AADSTS700027: Client assertion failed signature validation."
+    now = time.time()
+    if not claims.get("exp", 0) > now or claims.get("nbf", 0) > now + 300:
+        return "AADSTS700024: Client assertion is not within its valid time range."
+    aud = claims.get("aud")
+    auds = aud if isinstance(aud, list) else [aud]
+    subject = claims.get("sub", "")
+    if (claims.get("iss") != args.sa_issuer or "api://AzureADTokenExchange" not in auds
+            or subject not in federation.get(client_id, set())):
+        return (f"AADSTS70021: No matching federated identity record found for presented assertion. "
+                f"Assertion Issuer: '{claims.get('iss')}'. Assertion Subject: '{subject}'. Assertion Audience: '{','.join(map(str, auds))}'.")
+    return None
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -207,7 +268,10 @@ class Handler(BaseHTTPRequestHandler):
         if name and not NAME_RE.match(name):
             return self.error(400, "BadParameter", f"The request URI contains an invalid name: {name}")
         key = name.lower()
-        if key in forbidden:
+        client = issued.get(auth[len("Bearer "):])
+        self.client = client
+        allowed = vault_access.get(client)
+        if key in forbidden or (name and allowed is not None and key not in allowed):
             return self.error(403, "Forbidden", f"Caller is not authorized to perform action on resource. Action: 'Microsoft.KeyVault/vaults/secrets/getSecret/action' Resource: secret {name}", "ForbiddenByRbac")
         with lock:
             if parts[0] == "deletedsecrets":
@@ -261,6 +325,8 @@ class Handler(BaseHTTPRequestHandler):
             if method == "GET":
                 by_name = counters["secrets_get_by_name"]
                 by_name[key] = by_name.get(key, 0) + 1
+                by_client = counters["secrets_get_by_client"].setdefault(self.client or "unknown", {})
+                by_client[key] = by_client.get(key, 0) + 1
             ver = parts[2] if len(parts) == 3 else ""
             if entry is None:
                 return self.not_found(name, ver or None)
@@ -319,11 +385,19 @@ class Handler(BaseHTTPRequestHandler):
                 return self.reply(400, {"error": "unsupported_grant_type"})
             if not form.get("client_id") or not (form.get("client_secret") or form.get("client_assertion")):
                 return self.reply(401, {"error": "invalid_client", "error_description": "client_id and a secret or assertion are required"})
-            counters["tokens"] += 1
+            client_id = form["client_id"][0]
             if form.get("client_assertion"):
+                why = check_assertion(client_id, form["client_assertion"][0])
+                if why:
+                    code = int(why[6:why.index(":")])
+                    status, error = (400, "invalid_request") if code == 70021 else (401, "invalid_client")
+                    return self.reply(status, {"error": error, "error_description": why, "error_codes": [code]})
                 counters["assertion_tokens"] += 1
+            counters["tokens"] += 1
+            token = "testbed." + secrets.token_hex(16)
+            issued[token] = client_id
             return self.reply(200, {"token_type": "Bearer", "expires_in": 3599, "ext_expires_in": 3599,
-                                    "access_token": "testbed." + secrets.token_hex(16)})
+                                    "access_token": token})
         if parts[:1] == ["_testbed"]:
             if method == "GET" and parts[1:] == ["counters"]:
                 return self.reply(200, counters)
@@ -333,6 +407,16 @@ class Handler(BaseHTTPRequestHandler):
             if method == "POST" and len(parts) == 3 and parts[1] == "allow":
                 forbidden.discard(parts[2].lower())
                 return self.reply(204)
+            # A federated identity credential: client id `client_id` trusts `subject`.
+            if method == "POST" and parts[1:] == ["federate"]:
+                b = self.body()
+                federation.setdefault(b["client_id"], set()).add(b["subject"])
+                return self.reply(204)
+            # A role assignment: identity `client_id` may read `secrets` (and only those).
+            if method == "POST" and parts[1:] == ["vault-access"]:
+                b = self.body()
+                vault_access[b["client_id"]] = {n.lower() for n in b["secrets"]}
+                return self.reply(204)
         return self.reply(404, {"error": "not_found"})
 
     def dispatch(self, method):
@@ -341,7 +425,7 @@ class Handler(BaseHTTPRequestHandler):
                 self.vault(method)
             else:
                 self.token(method)
-        except (ValueError, KeyError) as e:  # malformed JSON and the like: a 400, never a crash
+        except (ValueError, KeyError, TypeError) as e:  # malformed JSON and the like: a 400, never a crash
             self.error(400, "BadParameter", f"malformed request: {type(e).__name__}")
 
     def do_GET(self):
@@ -379,6 +463,8 @@ def main():
     p.add_argument("--resource", required=True, help="resource named in the 401 challenge")
     p.add_argument("--authority", required=True, help="token authority named in the 401 challenge")
     p.add_argument("--tenant", default="testbed-tenant")
+    p.add_argument("--jwks", help="the apiserver's service-account keys (JWKS), for federated assertions")
+    p.add_argument("--sa-issuer", default="https://kubernetes.default.svc", help="the service-account token issuer")
     p.add_argument("--transition-seconds", type=float, default=0.5,
                    help="how long a deletion or recovery takes, during which Key Vault answers 404/409")
     args = p.parse_args()
