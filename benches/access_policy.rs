@@ -50,7 +50,11 @@ struct NoCalls(AtomicUsize);
 
 #[async_trait]
 impl SecretSource for NoCalls {
-    async fn fetch(&self, r: &Reference) -> Result<Fetched, FetchError> {
+    async fn fetch(
+        &self,
+        r: &Reference,
+        _: Option<&kvinject::identity::WorkloadIdentity>,
+    ) -> Result<Fetched, FetchError> {
         self.0.fetch_add(1, Ordering::SeqCst);
         Err(FetchError::NotFound(r.to_string()))
     }

@@ -130,6 +130,7 @@ async fn main() {
                 let needed = Needed {
                     secret_name: source.secret_name(),
                     source,
+                    identity: None,
                 };
                 let fetched = Fetched {
                     value: SecretValue::new("benchmark-value"),
@@ -237,7 +238,7 @@ async fn main() {
             Reference::parse(&s.metadata.annotations.as_ref().unwrap()[materialize::REFERENCE_ANNOTATION])
                 .unwrap()
                 .unwrap();
-        source.fetch(&r).await.expect("baseline read");
+        source.fetch(&r, None).await.expect("baseline read");
     }
     let baseline_time = started.elapsed();
     let baseline_reads = store.state().len() as f64;

@@ -6,7 +6,7 @@ use crate::{
     admin,
     certs::bootstrap::Bootstrap,
     config::{ServeConfig, TlsConfig},
-    inject::{Injector, KubeWriter},
+    inject::{Injector, KubeWriter, ServiceAccounts},
     keyvault::source::KeyVault,
     materialize,
     metrics::{Metrics, ModeLabels},
@@ -16,7 +16,7 @@ use crate::{
 };
 use anyhow::Context;
 use futures::{StreamExt, future::BoxFuture};
-use k8s_openapi::api::core::v1::{Namespace, Secret};
+use k8s_openapi::api::core::v1::{Namespace, Secret, ServiceAccount};
 use kube::{
     Api,
     runtime::{WatchStreamExt, reflector, watcher},
@@ -83,8 +83,14 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     let (store, writer) = reflector::store();
 
     let connector = config.azure.connect().context("setting up Key Vault access")?;
-    let source = KeyVault::new(&connector, &config.vaults, config.keyvault_budget)
-        .context("setting up Key Vault clients")?;
+    // Workload identities mint their ServiceAccounts' tokens through the apiserver.
+    let source = KeyVault::with_workload_identities(
+        &connector,
+        &config.vaults,
+        config.keyvault_budget,
+        client.clone(),
+    )
+    .context("setting up Key Vault clients")?;
     for (name, url) in &config.vaults {
         info!(vault = %name, %url, "vault configured");
     }
@@ -102,6 +108,15 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     // Namespace labels: which namespaces kvinject acts for, which ones access policies
     // select, and the rotation controller's rollout opt-ins.
     let (namespaces, namespace_watch) = rotation::reflect(Api::<Namespace>::all(client.clone()));
+    // ServiceAccounts: which identity each one's pods read Key Vault as.
+    let (service_accounts, service_account_watch) =
+        rotation::reflect(Api::<ServiceAccount>::all(client.clone()));
+    let identities = ServiceAccounts {
+        store: service_accounts.clone(),
+        client: Some(client.clone()),
+        default: config.identity,
+        tenant: config.default_tenant.clone(),
+    };
 
     // Access policies: a watch cache, compiled into an index the admission check reads.
     metrics
@@ -150,7 +165,8 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     )
     .with_namespaces(NamespaceLabels::new(namespaces.clone(), Some(client.clone())))
     .with_scope(config.scope.clone())
-    .with_read_limit(config.namespace_reads);
+    .with_read_limit(config.namespace_reads)
+    .with_identities(identities.clone());
     if let Some(policies) = &policies {
         injector = injector.with_access(policies.clone());
     }
@@ -192,7 +208,11 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
                 metrics.clone(),
                 &identity,
             )
-            .with_access(policies.clone());
+            .with_access(policies.clone())
+            .with_identities(ServiceAccounts {
+                client: None,
+                ..identities.clone()
+            });
             let lease = rotation::lease::run(client.clone(), settings.lease, leading_tx);
             Box::pin(async move {
                 tokio::join!(watches, lease, controller.run(leading_rx));
@@ -250,6 +270,7 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
             let addr = handle.listening().await;
             policies_ready.await;
             let _ = namespaces_ready.wait_until_ready().await;
+            let _ = service_accounts.wait_until_ready().await;
             if store.wait_until_ready().await.is_ok() {
                 info!(addr = ?addr, admin = %config.admin_listen, "serving");
                 ready.set_ready();
@@ -266,6 +287,7 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         _ = mark_ready => {},
         _ = watch => {},
         _ = namespace_watch => {},
+        _ = service_account_watch => {},
         _ = policy_watch => {},
         _ = prober => {},
         _ = rotation => {},

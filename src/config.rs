@@ -239,6 +239,17 @@ pub struct AzureArgs {
     /// Which Entra ID credential kvinject uses.
     #[arg(long, env = "KVINJECT_AZURE_CREDENTIAL", value_enum, default_value = "auto")]
     pub azure_credential: CredentialKind,
+    /// Who reads Key Vault for pods whose ServiceAccount says nothing (its
+    /// `kvinject.io/identity` annotation wins): `kvinject` (kvinject's own identity) or
+    /// `workload` (the ServiceAccount's federated Azure identity, named by its
+    /// `azure.workload.identity/client-id` annotation).
+    #[arg(
+        long,
+        env = "KVINJECT_DEFAULT_IDENTITY",
+        value_enum,
+        default_value = "kvinject"
+    )]
+    pub default_identity: crate::identity::Mode,
     /// Tenant of the service principal (client-secret) or workload identity.
     #[arg(long, env = "AZURE_TENANT_ID")]
     pub azure_tenant_id: Option<String>,
@@ -317,6 +328,10 @@ pub struct TlsArgs {
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
     pub access_policy: crate::access::Mode,
+    /// Who reads Key Vault for ServiceAccounts that say nothing.
+    pub identity: crate::identity::Mode,
+    /// The tenant of workload identities whose ServiceAccount names none.
+    pub default_tenant: Option<String>,
     /// Clients of the webhook port must present a certificate signed by this CA.
     pub client_ca: Option<PathBuf>,
     /// The namespaces kvinject acts for.
@@ -397,6 +412,8 @@ impl ServeArgs {
         }
         Ok(ServeConfig {
             access_policy: self.tenancy.access_policy,
+            identity: self.azure.default_identity,
+            default_tenant: self.azure.azure_tenant_id.clone(),
             client_ca: self.tls.client_ca.clone(),
             scope: crate::scope::Scope::new(
                 &self.tenancy.namespace_selector,
@@ -635,6 +652,7 @@ mod tests {
             azure_client_secret: secret.map(Into::into),
             azure_ca_bundle: None,
             azure_authority_host: None,
+            default_identity: crate::identity::Mode::Kvinject,
         };
         assert!(matches!(
             credential(&args(CredentialKind::Auto, None), true).unwrap(),

@@ -7,6 +7,7 @@ use crate::{
         grant::{self, AccessDenied, Subject},
     },
     config::ReadLimit,
+    identity::{self, IdentityError, WorkloadIdentity},
     keyvault::source::{FetchError, Fetched, SecretSource},
     limit::ReadBuckets,
     materialize::{
@@ -20,7 +21,7 @@ use crate::{
 };
 use async_trait::async_trait;
 use json_patch::Patch;
-use k8s_openapi::api::core::v1::{Pod, Secret};
+use k8s_openapi::api::core::v1::{Pod, Secret, ServiceAccount};
 use kube::{
     Api,
     api::PostParams,
@@ -67,6 +68,8 @@ pub enum Denied {
     Plan(#[from] Denial),
     #[error(transparent)]
     Access(#[from] AccessDenied),
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
     #[error("{reference} was never materialized in namespace {namespace}, and {source}")]
     Unavailable {
         reference: String,
@@ -137,7 +140,8 @@ pub struct Injector {
     writer: Arc<dyn SecretWriter>,
     store: Store<Secret>,
     /// Resolved values; concurrent first reads of one reference share one Key Vault call.
-    values: Cache<Reference, Fetched>,
+    /// Keyed by who reads, too: one ServiceAccount's value never serves another's.
+    values: Cache<(Reference, Option<WorkloadIdentity>), Fetched>,
     /// Secrets this process created, until the watch cache shows them; concurrent first
     /// uses in one namespace share one create.
     created: Cache<(String, String), ()>,
@@ -151,6 +155,8 @@ pub struct Injector {
     scope: Option<Scope>,
     /// First-use Key Vault reads per namespace.
     reads: ReadBuckets,
+    /// Which identity reads for a pod's ServiceAccount; `None`: always kvinject's.
+    identities: Option<ServiceAccounts>,
 }
 
 impl Injector {
@@ -182,7 +188,14 @@ impl Injector {
             namespaces: None,
             scope: None,
             reads: ReadBuckets::default(),
+            identities: None,
         }
+    }
+
+    /// Reads as a pod's ServiceAccount's Azure identity where it (or the default) says so.
+    pub fn with_identities(mut self, identities: ServiceAccounts) -> Self {
+        self.identities = Some(identities);
+        self
     }
 
     /// Checks every reference against the access policies before anything else.
@@ -242,7 +255,11 @@ impl Injector {
                 warnings: vec![why],
             });
         }
-        let plan = mutate::plan(pod, &self.config)?;
+        let identity = match &self.identities {
+            Some(identities) => identities.of(namespace, grant::service_account_of(pod)).await?,
+            None => None,
+        };
+        let plan = mutate::plan_as(pod, &self.config, identity.as_ref())?;
         // Before any read or write, on the warm path too: a materialized Secret is no
         // reason to hand a reference to someone the policies no longer grant it to.
         if let Some(policies) = &self.access {
@@ -293,17 +310,20 @@ impl Injector {
             return Ok(Prepared::Materialized { warning });
         }
         self.metrics.cache("secret", false);
-        let fetched = self.fetch(namespace, reference).await?.map_err(|e| {
-            if e.is_outage() {
-                Denied::Unavailable {
-                    reference: reference.to_string(),
-                    namespace: namespace.to_owned(),
-                    source: e,
+        let fetched = self
+            .fetch(namespace, reference, needed.identity.as_ref())
+            .await?
+            .map_err(|e| {
+                if e.is_outage() {
+                    Denied::Unavailable {
+                        reference: reference.to_string(),
+                        namespace: namespace.to_owned(),
+                        source: e,
+                    }
+                } else {
+                    Denied::Fetch(e)
                 }
-            } else {
-                Denied::Fetch(e)
-            }
-        })?;
+            })?;
         Ok(Prepared::Missing(Box::new(materialize::desired_secret(
             namespace,
             needed,
@@ -370,8 +390,10 @@ impl Injector {
         &self,
         namespace: &str,
         reference: &Reference,
+        identity: Option<&WorkloadIdentity>,
     ) -> Result<Result<Fetched, FetchError>, Denied> {
-        if let Some(hit) = self.values.get(reference).await {
+        let key = (reference.clone(), identity.cloned());
+        if let Some(hit) = self.values.get(&key).await {
             self.metrics.cache("value", true);
             return Ok(Ok(hit));
         }
@@ -385,15 +407,15 @@ impl Injector {
                 burst,
             });
         }
-        Ok(self.read(reference).await)
+        Ok(self.read(key).await)
     }
 
-    async fn read(&self, reference: &Reference) -> Result<Fetched, FetchError> {
+    async fn read(&self, key: (Reference, Option<WorkloadIdentity>)) -> Result<Fetched, FetchError> {
         let (source, metrics, health) = (self.source.clone(), self.metrics.clone(), self.health.clone());
-        let r = reference.clone();
+        let (r, identity) = key.clone();
         self.values
-            .try_get_with(reference.clone(), async move {
-                let result = source.fetch(&r).await;
+            .try_get_with(key, async move {
+                let result = source.fetch(&r, identity.as_ref()).await;
                 let label = metrics.keyvault_read(&result);
                 let outage = result
                     .as_ref()
@@ -418,6 +440,55 @@ impl Injector {
             }
             self.health.record(vault, outage, &self.metrics);
         }
+    }
+}
+
+/// ServiceAccounts, from a watch cache (a GET when it does not know one yet), and the
+/// identity each one's pods read Key Vault as.
+#[derive(Clone)]
+pub struct ServiceAccounts {
+    pub store: Store<ServiceAccount>,
+    pub client: Option<kube::Client>,
+    pub default: identity::Mode,
+    pub tenant: Option<String>,
+}
+
+impl ServiceAccounts {
+    /// From the cache alone (a ServiceAccount it does not know: kvinject's identity).
+    pub fn cached(&self, namespace: &str, name: &str) -> Result<Option<WorkloadIdentity>, IdentityError> {
+        let sa = self.store.get(&ObjectRef::new(name).within(namespace));
+        let annotations = sa
+            .and_then(|sa| sa.metadata.annotations.clone())
+            .unwrap_or_default();
+        identity::resolve(
+            namespace,
+            name,
+            &annotations,
+            self.default,
+            self.tenant.as_deref(),
+        )
+    }
+
+    pub async fn of(&self, namespace: &str, name: &str) -> Result<Option<WorkloadIdentity>, IdentityError> {
+        let cached = self.store.get(&ObjectRef::new(name).within(namespace));
+        let annotations = match (cached, &self.client) {
+            (Some(sa), _) => sa.metadata.annotations.clone().unwrap_or_default(),
+            (None, Some(client)) => Api::<ServiceAccount>::namespaced(client.clone(), namespace)
+                .get_opt(name)
+                .await
+                .ok()
+                .flatten()
+                .and_then(|sa| sa.metadata.annotations)
+                .unwrap_or_default(),
+            (None, None) => BTreeMap::new(),
+        };
+        identity::resolve(
+            namespace,
+            name,
+            &annotations,
+            self.default,
+            self.tenant.as_deref(),
+        )
     }
 }
 

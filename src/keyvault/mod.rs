@@ -222,16 +222,47 @@ pub struct Connector {
 
 impl Connector {
     pub fn secret_client(&self, vault_url: &str) -> Result<SecretClient, SetupError> {
+        self.secret_client_with(vault_url, self.credential.clone())
+    }
+
+    /// A secret client that authenticates with `credential` (a workload identity's).
+    pub fn secret_client_with(
+        &self,
+        vault_url: &str,
+        credential: Arc<dyn TokenCredential>,
+    ) -> Result<SecretClient, SetupError> {
         let options = SecretClientOptions {
             client_options: self.client_options.clone(),
             ..Default::default()
         };
-        SecretClient::new(vault_url, self.credential.clone(), Some(options)).map_err(|source| {
-            SetupError::Client {
-                url: vault_url.to_owned(),
-                source,
-            }
+        SecretClient::new(vault_url, credential, Some(options)).map_err(|source| SetupError::Client {
+            url: vault_url.to_owned(),
+            source,
         })
+    }
+
+    /// A credential that exchanges `assertion` (a ServiceAccount token) at Entra ID for
+    /// `client_id` in `tenant_id`, through the same transport and authority as kvinject's own.
+    pub fn assertion_credential<C: azure_identity::ClientAssertion + 'static>(
+        &self,
+        tenant_id: &str,
+        client_id: &str,
+        assertion: C,
+    ) -> Result<Arc<dyn TokenCredential>, SetupError> {
+        let options = azure_identity::ClientAssertionCredentialOptions {
+            client_options: self.client_options.clone(),
+        };
+        let credential = azure_identity::ClientAssertionCredential::new(
+            tenant_id.to_owned(),
+            client_id.to_owned(),
+            assertion,
+            Some(options),
+        )
+        .map_err(|source| SetupError::Credential {
+            what: "workload identity of a ServiceAccount",
+            source,
+        })?;
+        Ok(credential)
     }
 }
 

@@ -1,11 +1,15 @@
 //! Reading one secret from Key Vault, with errors a pod's author can act on.
 
 use super::{Connector, SecretValue, SetupError};
-use crate::reference::Reference;
+use crate::{identity::WorkloadIdentity, reference::Reference};
 use async_trait::async_trait;
 use azure_core::error::ErrorKind;
 use azure_security_keyvault_secrets::{ResourceExt, SecretClient, models::SecretClientGetSecretOptions};
-use std::{collections::BTreeMap, sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 use time::OffsetDateTime;
 
 /// A value read from Key Vault, with the version it came from.
@@ -20,8 +24,14 @@ pub struct Fetched {
 pub enum FetchError {
     #[error("Key Vault secret {0} was not found")]
     NotFound(String),
-    #[error("kvinject's identity may not read Key Vault secret {reference} (403 {code})")]
-    Forbidden { reference: String, code: String },
+    #[error("{who} may not read Key Vault secret {reference} (403 {code})")]
+    Forbidden {
+        who: String,
+        reference: String,
+        code: String,
+    },
+    #[error("Entra ID refused {identity}: {detail}")]
+    Refused { identity: String, detail: String },
     #[error("Key Vault secret {0} is disabled")]
     Disabled(String),
     #[error("Key Vault secret {reference} expired at {at}")]
@@ -49,6 +59,7 @@ impl FetchError {
         match self {
             FetchError::NotFound(_) => "not_found",
             FetchError::Forbidden { .. } => "forbidden",
+            FetchError::Refused { .. } => "identity_refused",
             FetchError::Disabled(_) => "disabled",
             FetchError::Expired { .. } => "expired",
             FetchError::NotYetValid { .. } => "not_yet_valid",
@@ -83,15 +94,27 @@ impl FetchError {
 /// Where values come from: Key Vault in production.
 #[async_trait]
 pub trait SecretSource: Send + Sync {
-    async fn fetch(&self, reference: &Reference) -> Result<Fetched, FetchError>;
+    /// Reads `reference` as `identity` (a ServiceAccount's), or as kvinject.
+    async fn fetch(
+        &self,
+        reference: &Reference,
+        identity: Option<&WorkloadIdentity>,
+    ) -> Result<Fetched, FetchError>;
     /// A cheap call that tells whether `vault` answers at all.
     async fn probe(&self, vault: &str) -> Result<(), FetchError>;
 }
 
-/// Key Vault through the Azure SDK, one client per configured vault.
+/// Key Vault through the Azure SDK, one client per configured vault, and per workload
+/// identity once one reads.
 pub struct KeyVault {
     clients: BTreeMap<String, SecretClient>,
     timeout: Duration,
+    urls: BTreeMap<String, String>,
+    connector: Connector,
+    /// Mints ServiceAccount tokens for workload identities; `None`: none may be used.
+    kube: Option<kube::Client>,
+    /// Each identity's clients, sharing its credential (and token cache).
+    per_identity: Mutex<HashMap<WorkloadIdentity, Arc<BTreeMap<String, SecretClient>>>>,
 }
 
 impl KeyVault {
@@ -101,11 +124,87 @@ impl KeyVault {
         vaults: &BTreeMap<String, String>,
         timeout: Duration,
     ) -> Result<Arc<Self>, SetupError> {
+        Self::build(connector, vaults, timeout, None).map(Arc::new)
+    }
+
+    /// Like `new`, and able to read as workload identities: ServiceAccount tokens come from
+    /// `kube` (TokenRequest).
+    pub fn with_workload_identities(
+        connector: &Connector,
+        vaults: &BTreeMap<String, String>,
+        timeout: Duration,
+        kube: kube::Client,
+    ) -> Result<Arc<Self>, SetupError> {
+        Self::build(connector, vaults, timeout, Some(kube)).map(Arc::new)
+    }
+
+    fn build(
+        connector: &Connector,
+        vaults: &BTreeMap<String, String>,
+        timeout: Duration,
+        kube: Option<kube::Client>,
+    ) -> Result<Self, SetupError> {
         let clients = vaults
             .iter()
             .map(|(name, url)| Ok((name.clone(), connector.secret_client(url)?)))
             .collect::<Result<_, SetupError>>()?;
-        Ok(Arc::new(Self { clients, timeout }))
+        Ok(Self {
+            clients,
+            timeout,
+            urls: vaults.clone(),
+            connector: connector.clone(),
+            kube,
+            per_identity: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The clients of `identity`, made on first use.
+    fn identity_clients(
+        &self,
+        identity: &WorkloadIdentity,
+    ) -> Result<Arc<BTreeMap<String, SecretClient>>, FetchError> {
+        let refused = |detail: String| FetchError::Refused {
+            identity: identity.to_string(),
+            detail,
+        };
+        if let Some(c) = self
+            .per_identity
+            .lock()
+            .ok()
+            .and_then(|m| m.get(identity).cloned())
+        {
+            return Ok(c);
+        }
+        let Some(kube) = &self.kube else {
+            return Err(refused(
+                "kvinject is not set up to read as workload identities".into(),
+            ));
+        };
+        let assertion = ServiceAccountToken {
+            kube: kube.clone(),
+            namespace: identity.namespace.clone(),
+            name: identity.service_account.clone(),
+        };
+        let credential = self
+            .connector
+            .assertion_credential(&identity.tenant_id, &identity.client_id, assertion)
+            .map_err(|e| refused(e.to_string()))?;
+        let clients = self
+            .urls
+            .iter()
+            .map(|(name, url)| {
+                Ok((
+                    name.clone(),
+                    self.connector.secret_client_with(url, credential.clone())?,
+                ))
+            })
+            .collect::<Result<BTreeMap<_, _>, SetupError>>()
+            .map_err(|e| refused(e.to_string()))?;
+        let clients = Arc::new(clients);
+        if let Ok(mut m) = self.per_identity.lock() {
+            m.insert(identity.clone(), clients.clone());
+        }
+        Ok(clients)
     }
 
     fn client(&self, vault: &str) -> Result<&SecretClient, FetchError> {
@@ -116,10 +215,73 @@ impl KeyVault {
     }
 }
 
+/// A client assertion that is a fresh token of a ServiceAccount for Entra ID's audience,
+/// minted through the TokenRequest API (10 minutes): what kubelet would project.
+#[derive(Clone)]
+struct ServiceAccountToken {
+    kube: kube::Client,
+    namespace: String,
+    name: String,
+}
+
+impl std::fmt::Debug for ServiceAccountToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ServiceAccountToken({}/{})", self.namespace, self.name)
+    }
+}
+
+#[async_trait]
+impl azure_identity::ClientAssertion for ServiceAccountToken {
+    async fn secret(
+        &self,
+        _: Option<azure_core::http::ClientMethodOptions<'_>>,
+    ) -> azure_core::Result<String> {
+        use k8s_openapi::api::{
+            authentication::v1::{TokenRequest, TokenRequestSpec},
+            core::v1::ServiceAccount,
+        };
+        let request = TokenRequest {
+            spec: TokenRequestSpec {
+                audiences: vec![crate::identity::TOKEN_AUDIENCE.to_owned()],
+                expiration_seconds: Some(600),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let api: kube::Api<ServiceAccount> = kube::Api::namespaced(self.kube.clone(), &self.namespace);
+        let answer = api
+            .create_token_request(&self.name, &Default::default(), &request)
+            .await
+            .map_err(|e| {
+                azure_core::Error::with_message(
+                    ErrorKind::Credential,
+                    format!(
+                        "requesting a token of ServiceAccount {}/{}: {e}",
+                        self.namespace, self.name
+                    ),
+                )
+            })?;
+        answer.status.map(|s| s.token).ok_or_else(|| {
+            azure_core::Error::with_message(ErrorKind::Credential, "the TokenRequest answer carries no token")
+        })
+    }
+}
+
 #[async_trait]
 impl SecretSource for KeyVault {
-    async fn fetch(&self, reference: &Reference) -> Result<Fetched, FetchError> {
-        let client = self.client(&reference.vault)?;
+    async fn fetch(
+        &self,
+        reference: &Reference,
+        identity: Option<&WorkloadIdentity>,
+    ) -> Result<Fetched, FetchError> {
+        let clients = identity.map(|i| self.identity_clients(i)).transpose()?;
+        let client = match &clients {
+            Some(c) => c.get(&reference.vault).ok_or_else(|| FetchError::Other {
+                vault: reference.vault.clone(),
+                detail: "no client for this vault".into(),
+            })?,
+            None => self.client(&reference.vault)?,
+        };
         let options = SecretClientGetSecretOptions {
             secret_version: reference.version.clone(),
             ..Default::default()
@@ -135,7 +297,12 @@ impl SecretSource for KeyVault {
                     timeout: self.timeout,
                 });
             }
-            Ok(Err(e)) => return Err(classify(&reference.vault, &reference.to_string(), &e)),
+            Ok(Err(e)) => {
+                return Err(as_reader(
+                    classify(&reference.vault, &reference.to_string(), &e),
+                    identity,
+                ));
+            }
             Ok(Ok(s)) => s,
         };
         let r = reference.to_string();
@@ -197,6 +364,38 @@ impl SecretSource for KeyVault {
     }
 }
 
+/// The messages of an error and its sources, each once.
+fn messages(e: &azure_core::Error) -> String {
+    let mut out: Vec<String> = vec![e.to_string()];
+    let mut next = std::error::Error::source(e);
+    while let Some(source) = next {
+        let m = source.to_string();
+        if !out.iter().any(|o| o.contains(&m)) {
+            out.push(m);
+        }
+        next = source.source();
+    }
+    out.join(": ")
+}
+
+/// Names who was refused: a workload identity's refusals (by Entra ID, or Key Vault's 401
+/// and 403) concern that identity alone, never the vault as a whole.
+fn as_reader(e: FetchError, identity: Option<&WorkloadIdentity>) -> FetchError {
+    let Some(identity) = identity else { return e };
+    match e {
+        FetchError::Forbidden { reference, code, .. } => FetchError::Forbidden {
+            who: identity.to_string(),
+            reference,
+            code,
+        },
+        FetchError::Auth { detail, .. } => FetchError::Refused {
+            identity: identity.to_string(),
+            detail,
+        },
+        other => other,
+    }
+}
+
 /// Maps an SDK error to what happened. Only status, error code and the SDK's own message
 /// are used: a response body is never copied into the error.
 fn classify(vault: &str, reference: &str, e: &azure_core::Error) -> FetchError {
@@ -216,6 +415,7 @@ fn classify(vault: &str, reference: &str, e: &azure_core::Error) -> FetchError {
                 404 => FetchError::NotFound(reference.to_owned()),
                 403 if body_says_disabled => FetchError::Disabled(reference.to_owned()),
                 403 => FetchError::Forbidden {
+                    who: "kvinject's identity".to_owned(),
                     reference: reference.to_owned(),
                     code,
                 },
@@ -248,9 +448,11 @@ fn classify(vault: &str, reference: &str, e: &azure_core::Error) -> FetchError {
             vault,
             detail: e.to_string(),
         },
+        // The SDK wraps Entra ID's answer (an AADSTS code and its description, never a
+        // secret) in layers: keep every layer's message.
         ErrorKind::Credential => FetchError::Auth {
             vault,
-            detail: e.to_string(),
+            detail: messages(e),
         },
         _ => FetchError::Other {
             vault,

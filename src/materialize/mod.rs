@@ -21,6 +21,10 @@ pub const REFERENCE_ANNOTATION: &str = "kvinject.io/reference";
 pub const VERSION_ANNOTATION: &str = "kvinject.io/version";
 pub const REGISTRY_ANNOTATION: &str = "kvinject.io/registry";
 pub const USERNAME_ANNOTATION: &str = "kvinject.io/username";
+/// On a Secret read with a workload identity: whose (ServiceAccount, client id, tenant).
+pub const SERVICE_ACCOUNT_ANNOTATION: &str = "kvinject.io/service-account";
+pub const CLIENT_ID_ANNOTATION: &str = "kvinject.io/client-id";
+pub const TENANT_ID_ANNOTATION: &str = "kvinject.io/tenant-id";
 /// Secrets hold at most 1 MiB of data; the rest is left for metadata.
 pub const MAX_VALUE_BYTES: usize = 1024 * 1024 - 16 * 1024;
 
@@ -72,6 +76,14 @@ pub fn desired_secret(
         (REFERENCE_ANNOTATION.to_owned(), reference.clone()),
         (VERSION_ANNOTATION.to_owned(), fetched.version.clone()),
     ]);
+    if let Some(identity) = &needed.identity {
+        annotations.insert(
+            SERVICE_ACCOUNT_ANNOTATION.to_owned(),
+            identity.service_account.clone(),
+        );
+        annotations.insert(CLIENT_ID_ANNOTATION.to_owned(), identity.client_id.clone());
+        annotations.insert(TENANT_ID_ANNOTATION.to_owned(), identity.tenant_id.clone());
+    }
     let (type_, key, data) = match &needed.source {
         Source::Env(_) => ("Opaque", mutate::VALUE_KEY, raw.as_bytes().to_vec()),
         Source::DockerConfig(_) => {
@@ -154,6 +166,7 @@ mod tests {
         Needed {
             secret_name: source.secret_name(),
             source,
+            identity: None,
         }
     }
 

@@ -4,8 +4,9 @@
 //! (which would fill it with a Key Vault value).
 //!
 //! Two HMAC-SHA256 tags go in one annotation, `v1:<key id>:<origin>:<seal>`:
-//! - `origin` covers the namespace, the name, the reference and the version: it says kvinject
-//!   made this Secret for this reference;
+//! - `origin` covers the namespace, the name, the reference, the version and, for a Secret
+//!   read with a workload identity, whose: it says kvinject made this Secret for this
+//!   reference;
 //! - `seal` covers the same and the Secret's type and data: it says the value is the one
 //!   kvinject wrote.
 //!
@@ -146,6 +147,16 @@ fn origin_message(secret: &Secret) -> Vec<u8> {
     );
     push(&mut m, field(secret, super::REFERENCE_ANNOTATION).as_bytes());
     push(&mut m, field(secret, super::VERSION_ANNOTATION).as_bytes());
+    // Whose identity reads it, when not kvinject's: part of what kvinject made.
+    if !field(secret, super::CLIENT_ID_ANNOTATION).is_empty() {
+        for annotation in [
+            super::SERVICE_ACCOUNT_ANNOTATION,
+            super::CLIENT_ID_ANNOTATION,
+            super::TENANT_ID_ANNOTATION,
+        ] {
+            push(&mut m, field(secret, annotation).as_bytes());
+        }
+    }
     m
 }
 

@@ -4,7 +4,10 @@
 
 pub mod patch;
 
-use crate::reference::{self, Reference, ReferenceError};
+use crate::{
+    identity::WorkloadIdentity,
+    reference::{self, Reference, ReferenceError},
+};
 use json_patch::Patch;
 use k8s_openapi::api::core::v1::{Container, Pod};
 use serde_json::json;
@@ -58,17 +61,31 @@ impl Source {
         }
     }
 
-    /// The deterministic name of the Secret this source is materialized as.
+    /// The deterministic name of the Secret this source is materialized as, read with
+    /// kvinject's identity.
     pub fn secret_name(&self) -> String {
+        self.secret_name_as(None)
+    }
+
+    /// The name when read as `identity`: the identity is part of the hashed identity, so two
+    /// ServiceAccounts never share a value only one of them may read.
+    pub fn secret_name_as(&self, identity: Option<&WorkloadIdentity>) -> String {
         let r = self.reference();
+        let reader = identity
+            .map(|i| format!("\n{}\n{}\n{}", i.service_account, i.client_id, i.tenant_id))
+            .unwrap_or_default();
         match self {
-            Source::Env(_) => reference::object_name("kvi", &[&r.vault, &r.name], &r.to_string()),
+            Source::Env(_) => reference::object_name("kvi", &[&r.vault, &r.name], &format!("{r}{reader}")),
             Source::DockerConfig(_) => {
-                reference::object_name("kvi-pull", &[&r.vault, &r.name], &r.to_string())
+                reference::object_name("kvi-pull", &[&r.vault, &r.name], &format!("{r}{reader}"))
             }
             Source::RegistryLogin {
                 registry, username, ..
-            } => reference::object_name("kvi-pull", &[registry], &format!("{registry}\n{username}\n{r}")),
+            } => reference::object_name(
+                "kvi-pull",
+                &[registry],
+                &format!("{registry}\n{username}\n{r}{reader}"),
+            ),
         }
     }
 }
@@ -78,6 +95,8 @@ impl Source {
 pub struct Needed {
     pub secret_name: String,
     pub source: Source,
+    /// Whose Azure identity reads it; `None`: kvinject's.
+    pub identity: Option<WorkloadIdentity>,
 }
 
 /// The decision for one pod.
@@ -118,6 +137,15 @@ pub enum Denial {
 
 /// Plans the rewrite of `pod`. Applying the patch and planning again yields no patch.
 pub fn plan(pod: &Pod, config: &InjectConfig) -> Result<Plan, Denial> {
+    plan_as(pod, config, None)
+}
+
+/// `plan` for a pod whose secrets are read as `identity` (its ServiceAccount's).
+pub fn plan_as(
+    pod: &Pod,
+    config: &InjectConfig,
+    identity: Option<&WorkloadIdentity>,
+) -> Result<Plan, Denial> {
     let annotations = pod.metadata.annotations.clone().unwrap_or_default();
     if annotations.get(INJECT_ANNOTATION).map(String::as_str) == Some("false") {
         return Ok(Plan::default());
@@ -154,7 +182,7 @@ pub fn plan(pod: &Pod, config: &InjectConfig) -> Result<Plan, Denial> {
                         let r = parsed.map_err(|source| Denial::BadReference { location: location.clone(), source })?;
                         check_vault(&r, &location, config)?;
                         let source = Source::Env(r);
-                        let secret_name = source.secret_name();
+                        let secret_name = source.secret_name_as(identity);
                         let (ci, ei) = (ci.to_string(), ei.to_string());
                         ops.push(patch::replace(
                             &["spec", field, &ci, "env", &ei],
@@ -179,7 +207,7 @@ pub fn plan(pod: &Pod, config: &InjectConfig) -> Result<Plan, Denial> {
         // in annotation order, each name once
         let missing: Vec<String> = pull
             .iter()
-            .map(Source::secret_name)
+            .map(|s| s.secret_name_as(identity))
             .filter(|n| seen.insert(n.clone()))
             .collect();
         if !missing.is_empty() {
@@ -201,10 +229,10 @@ pub fn plan(pod: &Pod, config: &InjectConfig) -> Result<Plan, Denial> {
                 _ => PULL_SECRETS_ANNOTATION,
             };
             locations
-                .entry(source.secret_name())
+                .entry(source.secret_name_as(identity))
                 .or_default()
                 .push(format!("annotation `{annotation}`"));
-            needed.insert(source.secret_name(), source);
+            needed.insert(source.secret_name_as(identity), source);
         }
     }
 
@@ -219,7 +247,11 @@ pub fn plan(pod: &Pod, config: &InjectConfig) -> Result<Plan, Denial> {
     Ok(Plan {
         needed: needed
             .into_iter()
-            .map(|(secret_name, source)| Needed { secret_name, source })
+            .map(|(secret_name, source)| Needed {
+                secret_name,
+                source,
+                identity: identity.cloned(),
+            })
             .collect(),
         patch: (!ops.is_empty()).then_some(Patch(ops)),
         warnings,

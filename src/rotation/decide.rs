@@ -137,14 +137,19 @@ pub fn jitter(secret_key: &str, interval: Duration) -> Duration {
     Duration::from_millis(n % span)
 }
 
-/// The materialized Secrets a workload's pods will use: the same planning the webhook does.
-pub fn workload_secrets(template: &PodTemplateSpec, config: &InjectConfig) -> Vec<String> {
+/// The materialized Secrets a workload's pods will use, read as `identity` (its
+/// ServiceAccount's, or kvinject's): the same planning the webhook does.
+pub fn workload_secrets(
+    template: &PodTemplateSpec,
+    config: &InjectConfig,
+    identity: Option<&crate::identity::WorkloadIdentity>,
+) -> Vec<String> {
     let pod = Pod {
         metadata: template.metadata.clone().unwrap_or_default(),
         spec: template.spec.clone(),
         status: None,
     };
-    mutate::plan(&pod, config)
+    mutate::plan_as(&pod, config, identity)
         .map(|p| p.needed.into_iter().map(|n| n.secret_name).collect())
         .unwrap_or_default()
 }
@@ -347,7 +352,7 @@ mod tests {
             "spec": {"containers": [{"name": "c", "env": [{"name": "X", "value": "akv://v/db"}]}]}
         }))
         .unwrap();
-        let names = workload_secrets(&template, &config);
+        let names = workload_secrets(&template, &config, None);
         assert_eq!(names.len(), 2);
         assert!(
             names.iter().any(|n| n.starts_with("kvi-v-db-"))

@@ -92,7 +92,7 @@ impl Controller {
             version: Some(version.to_owned()),
             ..reference.clone()
         };
-        let fetched = match self.source.fetch(&pinned).await {
+        let fetched = match self.source.fetch(&pinned, needed.identity.as_ref()).await {
             Ok(f) => f,
             Err(e) => {
                 warn!(secret = %secret.name_any(), error = %e, "cannot restore a hand-edited Secret yet; retrying next sweep");

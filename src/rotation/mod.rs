@@ -148,7 +148,24 @@ fn key_of(secret: &Secret) -> (String, String) {
 }
 
 /// A reference due for a check, the Secrets that follow it, and its interval.
-type Due<'a> = (&'a Reference, &'a [Arc<Secret>], Duration);
+type Due<'a> = (&'a Read, &'a [Arc<Secret>], Duration);
+
+/// One Key Vault read a sweep makes: a reference, as the identity its Secrets were read
+/// with (kvinject's, or a ServiceAccount's).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Read {
+    pub reference: Reference,
+    pub identity: Option<crate::identity::WorkloadIdentity>,
+}
+
+impl std::fmt::Display for Read {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.identity {
+            None => write!(f, "{}", self.reference),
+            Some(i) => write!(f, "{} as {i}", self.reference),
+        }
+    }
+}
 
 /// Per-reference polling state, kept only in memory: a new leader starts each reference
 /// one interval (plus jitter) from when it first sees it, so leadership moves cause no
@@ -167,7 +184,7 @@ pub struct Controller {
     caches: Caches,
     metrics: Metrics,
     recorder: Recorder,
-    polls: HashMap<Reference, Poll>,
+    polls: HashMap<Read, Poll>,
     last_full_reconcile: Option<Instant>,
     /// Workloads with an eviction rollout under way (`kind/namespace/name`).
     evicting: Arc<std::sync::Mutex<BTreeSet<String>>>,
@@ -180,6 +197,8 @@ pub struct Controller {
     seals: HashMap<String, (String, Verdict)>,
     /// Foreign Secrets already reported, so each gets one Event.
     foreign: BTreeSet<(String, String)>,
+    /// Which identity each ServiceAccount's pods read as; `None`: kvinject's, always.
+    identities: Option<crate::inject::ServiceAccounts>,
 }
 
 impl Controller {
@@ -215,7 +234,32 @@ impl Controller {
             revoked: BTreeSet::new(),
             seals: HashMap::new(),
             foreign: BTreeSet::new(),
+            identities: None,
         }
+    }
+
+    /// Names workloads' Secrets as the webhook does for pods of their ServiceAccount.
+    pub fn with_identities(mut self, identities: crate::inject::ServiceAccounts) -> Self {
+        self.identities = Some(identities);
+        self
+    }
+
+    /// The identity a workload's pods read as (from the ServiceAccount cache).
+    fn template_identity(
+        &self,
+        ns: &str,
+        template: &PodTemplateSpec,
+    ) -> Option<crate::identity::WorkloadIdentity> {
+        let sa = template
+            .spec
+            .as_ref()
+            .and_then(|s| s.service_account_name.as_deref())
+            .filter(|s| !s.is_empty());
+        self.identities
+            .as_ref()?
+            .cached(ns, sa.unwrap_or(crate::access::grant::DEFAULT_SERVICE_ACCOUNT))
+            .ok()
+            .flatten()
     }
 
     /// Follows grants: a Secret that no AccessPolicy grants any more is left alone by
@@ -266,13 +310,17 @@ impl Controller {
             .collect();
         // A Secret whose grant was revoked is never read for again.
         let revoked = self.revoked_now(&secrets);
-        let mut by_reference: BTreeMap<Reference, Vec<Arc<Secret>>> = BTreeMap::new();
+        let mut by_reference: BTreeMap<Read, Vec<Arc<Secret>>> = BTreeMap::new();
         for s in secrets.iter().filter(|s| materialize::is_managed(s)) {
             if revoked.contains(&key_of(s)) {
                 continue;
             }
-            if let Some(r) = decide::followed_reference(s) {
-                by_reference.entry(r).or_default().push(s.clone());
+            if let Some(reference) = decide::followed_reference(s) {
+                let identity = needed_for(s).and_then(|n| n.identity);
+                by_reference
+                    .entry(Read { reference, identity })
+                    .or_default()
+                    .push(s.clone());
             }
         }
         self.polls.retain(|r, _| by_reference.contains_key(r));
@@ -281,7 +329,7 @@ impl Controller {
             self.inject.min_refresh_interval,
         );
         let mut dirty: BTreeSet<String> = BTreeSet::new();
-        let mut checked: BTreeSet<Reference> = BTreeSet::new();
+        let mut checked: BTreeSet<Read> = BTreeSet::new();
         // Vaults that could not be reached in this sweep: their other references wait too.
         let mut down: BTreeSet<String> = BTreeSet::new();
         // For a reference shared by several Secrets and pods, the shortest interval wins.
@@ -313,7 +361,7 @@ impl Controller {
             .iter()
             .filter(|(r, secrets)| {
                 !checked.contains(*r)
-                    && !down.contains(&r.vault)
+                    && !down.contains(&r.reference.vault)
                     && secrets
                         .iter()
                         .any(|s| dirty.contains(&s.namespace().unwrap_or_default()))
@@ -378,8 +426,9 @@ impl Controller {
             )
             .collect::<Vec<_>>();
         for (ns, template) in templates {
+            let identity = self.template_identity(&ns, &template);
             referenced.extend(
-                decide::workload_secrets(&template, &self.inject)
+                decide::workload_secrets(&template, &self.inject, identity.as_ref())
                     .into_iter()
                     .map(|n| (ns.clone(), n)),
             );
@@ -458,7 +507,7 @@ impl Controller {
     }
 
     /// Counts a check skipped because its vault is down in this sweep as a failure.
-    fn postpone(&mut self, reference: &Reference, interval: Duration, now: Instant) {
+    fn postpone(&mut self, reference: &Read, interval: Duration, now: Instant) {
         if let Some(poll) = self.polls.get_mut(reference) {
             poll.failures += 1;
             poll.next = now + Duration::from_secs(2u64.saturating_pow(poll.failures.min(8))).min(interval);
@@ -478,7 +527,7 @@ impl Controller {
     ) {
         let mut by_vault: BTreeMap<&str, Vec<Due<'_>>> = BTreeMap::new();
         for d in due {
-            by_vault.entry(d.0.vault.as_str()).or_default().push(d);
+            by_vault.entry(d.0.reference.vault.as_str()).or_default().push(d);
         }
         for (vault, refs) in by_vault {
             let mut refs = refs.into_iter();
@@ -491,7 +540,7 @@ impl Controller {
                 }
                 continue;
             }
-            let result = self.source.fetch(first).await;
+            let result = self.source.fetch(&first.reference, first.identity.as_ref()).await;
             let (changed, outage) = self.apply(first, secrets, interval, now, result).await;
             dirty.extend(changed);
             if outage {
@@ -502,14 +551,14 @@ impl Controller {
                 continue;
             }
             // Owned inputs: the futures must not borrow from the sweep's state.
-            let rest: Vec<(Reference, Vec<Arc<Secret>>, Duration)> =
+            let rest: Vec<(Read, Vec<Arc<Secret>>, Duration)> =
                 refs.map(|(r, s, i)| (r.clone(), s.to_vec(), i)).collect();
             let source = self.source.clone();
             let fetched: Vec<_> = futures::stream::iter(rest)
                 .map(move |(r, secrets, interval)| {
                     let source = source.clone();
                     async move {
-                        let result = source.fetch(&r).await;
+                        let result = source.fetch(&r.reference, r.identity.as_ref()).await;
                         (r, secrets, interval, result)
                     }
                 })
@@ -531,7 +580,7 @@ impl Controller {
     /// the vault itself could not be used.
     async fn apply(
         &mut self,
-        reference: &Reference,
+        reference: &Read,
         secrets: &[Arc<Secret>],
         interval: Duration,
         now: Instant,
@@ -570,11 +619,17 @@ impl Controller {
                 let first = poll.failures == 1;
                 warn!(reference = %reference, error = %e, retry_in = ?wait, "could not check for a new version; keeping the materialized value");
                 if first {
+                    // An answer about this secret or this identity is not an outage.
+                    let reason = if e.is_outage() {
+                        "KeyVaultUnreachable"
+                    } else {
+                        "KeyVaultRefused"
+                    };
                     for secret in secrets {
                         self.event(
                             secret.as_ref(),
                             EventType::Warning,
-                            "KeyVaultUnreachable",
+                            reason,
                             format!(
                                 "{reference}: {e}; keeping version {}",
                                 decide::version_of(secret).unwrap_or("?")
@@ -700,11 +755,12 @@ impl Controller {
             + 'static,
     {
         let Some((template, selector)) = spec else { return };
-        let names = decide::workload_secrets(template, &self.inject);
+        let ns = workload.meta().namespace.clone().unwrap_or_default();
+        let identity = self.template_identity(&ns, template);
+        let names = decide::workload_secrets(template, &self.inject, identity.as_ref());
         if names.is_empty() {
             return;
         }
-        let ns = workload.meta().namespace.clone().unwrap_or_default();
         let mut versions = BTreeMap::new();
         for name in names {
             let object = reflector::ObjectRef::<Secret>::new(&name).within(&ns);
@@ -1015,9 +1071,23 @@ fn needed_for(secret: &Secret) -> Option<Needed> {
         (Some("kubernetes.io/dockerconfigjson"), _, _) => Source::DockerConfig(reference),
         _ => Source::Env(reference),
     };
+    let identity = match (
+        annotations.get(materialize::SERVICE_ACCOUNT_ANNOTATION),
+        annotations.get(materialize::CLIENT_ID_ANNOTATION),
+        annotations.get(materialize::TENANT_ID_ANNOTATION),
+    ) {
+        (Some(sa), Some(client_id), Some(tenant_id)) => Some(crate::identity::WorkloadIdentity {
+            namespace: secret.namespace().unwrap_or_default(),
+            service_account: sa.clone(),
+            client_id: client_id.clone(),
+            tenant_id: tenant_id.clone(),
+        }),
+        _ => None,
+    };
     Some(Needed {
         secret_name: secret.name_any(),
         source,
+        identity,
     })
 }
 
@@ -1042,7 +1112,11 @@ mod tests {
 
     #[async_trait::async_trait]
     impl SecretSource for CountingVault {
-        async fn fetch(&self, reference: &Reference) -> Result<Fetched, FetchError> {
+        async fn fetch(
+            &self,
+            reference: &Reference,
+            _: Option<&crate::identity::WorkloadIdentity>,
+        ) -> Result<Fetched, FetchError> {
             self.calls.fetch_add(1, Ordering::SeqCst);
             let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
             self.max_in_flight.fetch_max(now, Ordering::SeqCst);
@@ -1095,6 +1169,7 @@ mod tests {
                 let needed = Needed {
                     secret_name: source.secret_name(),
                     source,
+                    identity: None,
                 };
                 materialize::desired_secret(
                     "ns",
@@ -1222,6 +1297,7 @@ mod tests {
             let needed = Needed {
                 secret_name: source.secret_name(),
                 source,
+                identity: None,
             };
             let value = |v: &str| Fetched {
                 value: SecretValue::new(v),

@@ -173,7 +173,11 @@ mod tests {
     struct CountingSource(AtomicUsize);
     #[async_trait]
     impl SecretSource for CountingSource {
-        async fn fetch(&self, r: &Reference) -> Result<Fetched, FetchError> {
+        async fn fetch(
+            &self,
+            r: &Reference,
+            _: Option<&crate::identity::WorkloadIdentity>,
+        ) -> Result<Fetched, FetchError> {
             self.0.fetch_add(1, Ordering::SeqCst);
             tokio::time::sleep(Duration::from_millis(50)).await;
             match r.name.as_str() {

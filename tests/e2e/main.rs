@@ -6,6 +6,7 @@ mod support;
 
 mod access;
 mod conformance;
+mod identity;
 mod inject;
 mod install;
 mod outage;

@@ -73,9 +73,12 @@ jwks = {}  # kid -> (n, e), loaded from --jwks once the apiserver wrote it  # Ke
 
 
 def save():
+    """Secrets, and Entra ID's records (an outage of the bed's vault is not a new tenant)."""
     tmp = args.state + ".tmp"
+    entra = {"federation": {k: sorted(v) for k, v in federation.items()}, "issued": issued,
+             "vault_access": {k: sorted(v) for k, v in vault_access.items()}}
     with open(tmp, "w") as f:
-        json.dump(state, f)
+        json.dump(dict(state, entra=entra), f)
     os.replace(tmp, args.state)
 
 
@@ -84,6 +87,10 @@ def load():
     if os.path.exists(args.state):
         with open(args.state) as f:
             state = json.load(f)
+        entra = state.pop("entra", {})
+        federation.update({k: set(v) for k, v in entra.get("federation", {}).items()})
+        issued.update(entra.get("issued", {}))
+        vault_access.update({k: set(v) for k, v in entra.get("vault_access", {}).items()})
 
 
 def attributes(v):
@@ -396,6 +403,8 @@ class Handler(BaseHTTPRequestHandler):
             counters["tokens"] += 1
             token = "testbed." + secrets.token_hex(16)
             issued[token] = client_id
+            with lock:
+                save()
             return self.reply(200, {"token_type": "Bearer", "expires_in": 3599, "ext_expires_in": 3599,
                                     "access_token": token})
         if parts[:1] == ["_testbed"]:
@@ -411,11 +420,15 @@ class Handler(BaseHTTPRequestHandler):
             if method == "POST" and parts[1:] == ["federate"]:
                 b = self.body()
                 federation.setdefault(b["client_id"], set()).add(b["subject"])
+                with lock:
+                    save()
                 return self.reply(204)
             # A role assignment: identity `client_id` may read `secrets` (and only those).
             if method == "POST" and parts[1:] == ["vault-access"]:
                 b = self.body()
                 vault_access[b["client_id"]] = {n.lower() for n in b["secrets"]}
+                with lock:
+                    save()
                 return self.reply(204)
         return self.reply(404, {"error": "not_found"})
 

@@ -63,6 +63,12 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- if and (eq .Values.tls.source "secret") (not .Values.tls.caBundle) -}}
 {{- fail "tls.caBundle: tls.source=secret needs the CA (base64), e.g. the line `kvinject certs` prints" -}}
 {{- end -}}
+{{- if not (has .Values.identity.default (list "kvinject" "workload")) -}}
+{{- fail (printf "identity.default: %q is not kvinject or workload" .Values.identity.default) -}}
+{{- end -}}
+{{- if and (eq .Values.identity.default "workload") (not .Values.identity.perServiceAccount) -}}
+{{- fail "identity.default: workload needs identity.perServiceAccount=true (kvinject must mint ServiceAccount tokens)" -}}
+{{- end -}}
 {{- if not (has .Values.accessPolicy (list "required" "off")) -}}
 {{- fail (printf "accessPolicy: %q is not required or off" .Values.accessPolicy) -}}
 {{- end -}}
