@@ -147,6 +147,10 @@ async fn chart_lints_renders_and_the_plain_manifests_are_in_sync() {
         ),
         ("tls.source=vault", "tls.source: \"vault\" is not one of"),
         (
+            "identity.default=workload",
+            "identity.default: workload needs identity.perServiceAccount=true",
+        ),
+        (
             "accessPolicy=maybe",
             "accessPolicy: \"maybe\" is not required or off",
         ),
@@ -195,6 +199,46 @@ fn apply_manifests() {
         None,
     );
     assert!(ok, "the apiserver refused the manifests:\n{out}\n{err}");
+}
+
+/// Applies the chart rendered with the plain manifests' values and `sets` (server-side, as
+/// `apply_manifests`).
+fn apply_chart(sets: &[&str]) {
+    let _ = support::kubectl(
+        &[
+            "delete",
+            "mutatingwebhookconfiguration",
+            NAME,
+            "--ignore-not-found",
+        ],
+        None,
+    );
+    let mut args = vec![
+        "template",
+        "kvinject",
+        "deploy/helm/kvinject",
+        "-n",
+        NS,
+        "--include-crds",
+        "-f",
+        "deploy/manifests/values.yaml",
+    ];
+    for set in sets {
+        args.extend(["--set", set]);
+    }
+    let (ok, rendered, err) = helm(&args);
+    assert!(ok, "helm template: {err}");
+    let (ok, out, err) = support::kubectl(
+        &[
+            "apply",
+            "--server-side",
+            "--field-manager=platform-team",
+            "-f",
+            "-",
+        ],
+        Some(&rendered),
+    );
+    assert!(ok, "the apiserver refused the chart:\n{out}\n{err}");
 }
 
 /// Points the chart's webhook at a local address (the bed has no Service network). The
@@ -332,7 +376,9 @@ async fn the_apiserver_accepts_the_manifests_and_kvinject_works_on_the_charts_pe
     let _rotation = support::ROTATION.lock().await;
     let _install = INSTALL.lock().await;
     let client = support::kube().await;
-    apply_manifests();
+    // The chart with ServiceAccounts allowed to read as their own Azure identity: kvinject
+    // may then mint their tokens, within the chart's admission policy.
+    apply_chart(&["identity.perServiceAccount=true"]);
 
     // What the apiserver stored is what the chart promises.
     let mwc = Api::<MutatingWebhookConfiguration>::all(client.clone())
@@ -616,7 +662,12 @@ async fn the_apiserver_accepts_the_manifests_and_kvinject_works_on_the_charts_pe
     // The chart's ValidatingAdmissionPolicies contain the ServiceAccount itself: what its RBAC
     // allows, the apiserver still refuses outside kvinject's own objects. Their expressions
     // type-check against every kind they match (a warning there is a rule that can fail).
-    for policy in ["kvinject-secrets", "kvinject-workloads", "kvinject-replicas"] {
+    for policy in [
+        "kvinject-secrets",
+        "kvinject-workloads",
+        "kvinject-replicas",
+        "kvinject-tokens",
+    ] {
         support::eventually(
             Duration::from_secs(20),
             &format!("{policy} to be type-checked"),
@@ -662,7 +713,7 @@ async fn the_apiserver_accepts_the_manifests_and_kvinject_works_on_the_charts_pe
         message.contains("may write only Secrets labelled app.kubernetes.io/managed-by=kvinject"),
         "an unlabelled Secret written as kvinject's ServiceAccount: {message}"
     );
-    let as_kvinject_deployments: Api<Deployment> = Api::namespaced(as_kvinject, &ns);
+    let as_kvinject_deployments: Api<Deployment> = Api::namespaced(as_kvinject.clone(), &ns);
     let image = json!({"spec": {"template": {"spec": {"containers": [{"name": "app", "image": "evil.invalid/miner:1"}]}}}});
     let refused = as_kvinject_deployments
         .patch("restart", &PatchParams::default(), &Patch::Strategic(&image))
@@ -672,6 +723,53 @@ async fn the_apiserver_accepts_the_manifests_and_kvinject_works_on_the_charts_pe
         message.contains("may change only kvinject.io/ annotations"),
         "an image change as kvinject's ServiceAccount: {message}"
     );
+    // Tokens: kvinject's ServiceAccount may mint ServiceAccount tokens for Entra ID's
+    // audience only (the chart's admission policy), and a ServiceAccount reading as its own
+    // identity works on the chart's permissions.
+    let sa: ServiceAccount = serde_json::from_value(json!({"metadata": {"name": "wi", "annotations": {
+        "kvinject.io/identity": "workload", "azure.workload.identity/client-id": "install-wi"}}}))
+    .unwrap();
+    Api::<ServiceAccount>::namespaced(client.clone(), &ns)
+        .create(&pp, &sa)
+        .await
+        .unwrap();
+    support::federate("install-wi", &ns, "wi").await;
+    let wi_secret = support::unique("wi");
+    support::seed_secret(&wi_secret, "v").await;
+    let mut wi_pod = inject::pod("as-wi", &[("X", &reference(&wi_secret))], json!({}));
+    wi_pod.spec.as_mut().unwrap().service_account_name = Some("wi".into());
+    pods.create(&pp, &wi_pod)
+        .await
+        .expect("a ServiceAccount reads as its own identity on the chart's permissions");
+    let token_for = |audience: &str, seconds: i64| k8s_openapi::api::authentication::v1::TokenRequest {
+        spec: k8s_openapi::api::authentication::v1::TokenRequestSpec {
+            audiences: vec![audience.to_owned()],
+            expiration_seconds: Some(seconds),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let as_kvinject_sas: Api<ServiceAccount> = Api::namespaced(as_kvinject.clone(), &ns);
+    let refused = as_kvinject_sas
+        .create_token_request("wi", &pp, &token_for("https://kubernetes.default.svc", 600))
+        .await;
+    let message = format!("{refused:?}");
+    assert!(
+        message.contains("only for the audience api://AzureADTokenExchange"),
+        "another audience: {message}"
+    );
+    let refused = as_kvinject_sas
+        .create_token_request("wi", &pp, &token_for("api://AzureADTokenExchange", 86400))
+        .await;
+    assert!(
+        format!("{refused:?}").contains("at most 1 hour"),
+        "a day-long token: {refused:?}"
+    );
+    as_kvinject_sas
+        .create_token_request("wi", &pp, &token_for("api://AzureADTokenExchange", 600))
+        .await
+        .expect("a token for Entra ID's audience");
+
     let own = json!({"metadata": {"annotations": {"kvinject.io/probe": "ok"}}});
     as_kvinject_deployments
         .patch("restart", &PatchParams::default(), &Patch::Merge(&own))
