@@ -21,7 +21,7 @@ use k8s_openapi::api::core::v1::{Namespace, Secret};
 use kube::runtime::{reflector::store::Writer, watcher};
 use kvinject::{
     access::{NamespaceLabels, Policies, grant::Index, policy::AccessPolicy},
-    inject::{Injector, SecretWriter, WriteError},
+    inject::{Injector, SecretWriter, ServiceAccounts, WriteError},
     keyvault::source::{FetchError, Fetched, SecretSource},
     materialize,
     metrics::Metrics,
@@ -158,6 +158,12 @@ fn warm_router(n: usize, calls: Arc<NoCalls>) -> Router {
     )
     .with_namespaces(NamespaceLabels::new(namespaces.as_reader(), None))
     .with_scope(Scope::new("team", []).unwrap())
+    .with_identities(ServiceAccounts {
+        store: Writer::<k8s_openapi::api::core::v1::ServiceAccount>::default().as_reader(),
+        client: None,
+        default: kvinject::identity::Mode::Kvinject,
+        tenant: None,
+    })
     .with_access(handle);
     router(WebhookState {
         injector: Arc::new(injector),
