@@ -126,6 +126,7 @@ async fn main() {
                     vault,
                     name,
                     version: None,
+                    field: None,
                 });
                 let needed = Needed {
                     secret_name: source.secret_name(),

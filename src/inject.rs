@@ -70,6 +70,12 @@ pub enum Denied {
     Access(#[from] AccessDenied),
     #[error(transparent)]
     Identity(#[from] IdentityError),
+    #[error("{places}: {denied}")]
+    At {
+        places: String,
+        #[source]
+        denied: Box<Denied>,
+    },
     #[error("{reference} was never materialized in namespace {namespace}, and {source}")]
     Unavailable {
         reference: String,
@@ -234,9 +240,9 @@ impl Injector {
     /// checked first; only when all are good are the missing ones created, so a denied pod
     /// leaves nothing behind. On a dry run nothing is written, and the answer is the same.
     pub async fn admit(&self, namespace: &str, pod: &Pod, dry_run: bool) -> Result<Admitted, Denied> {
-        let labels = match &self.namespaces {
-            Some(n) if self.scope.is_some() || self.access.is_some() => n.get(namespace).await,
-            _ => BTreeMap::new(),
+        let (labels, namespace_annotations) = match &self.namespaces {
+            Some(n) => n.get(namespace).await,
+            None => Default::default(),
         };
         // Anything that reaches the port can POST a review naming any namespace: act only
         // for the ones the registration selects.
@@ -259,6 +265,9 @@ impl Injector {
             Some(identities) => identities.of(namespace, grant::service_account_of(pod)).await?,
             None => None,
         };
+        // Registry credentials the namespace gives every pod.
+        let effective = mutate::with_namespace_pull_secrets(pod, &namespace_annotations);
+        let pod = effective.as_ref().unwrap_or(pod);
         let plan = mutate::plan_as(pod, &self.config, identity.as_ref())?;
         // Before any read or write, on the warm path too: a materialized Secret is no
         // reason to hand a reference to someone the policies no longer grant it to.
@@ -277,7 +286,15 @@ impl Injector {
             futures::future::join_all(plan.needed.iter().map(|n| self.prepare(namespace, n))).await;
         let mut warnings = plan.warnings;
         let mut missing = Vec::new();
-        for p in prepared {
+        for (p, needed) in prepared.into_iter().zip(&plan.needed) {
+            // Name every place in the pod that uses the reference the answer is about.
+            let p = p.map_err(|e| match plan.locations.get(&needed.secret_name) {
+                Some(places) => Denied::At {
+                    places: places.join(", "),
+                    denied: Box::new(e),
+                },
+                None => e,
+            });
             match p? {
                 Prepared::Materialized { warning } => warnings.extend(warning),
                 Prepared::Missing(secret) => missing.push(*secret),
@@ -392,7 +409,8 @@ impl Injector {
         reference: &Reference,
         identity: Option<&WorkloadIdentity>,
     ) -> Result<Result<Fetched, FetchError>, Denied> {
-        let key = (reference.clone(), identity.cloned());
+        // One read per secret, whatever fields of it pods use.
+        let key = (reference.secret(), identity.cloned());
         if let Some(hit) = self.values.get(&key).await {
             self.metrics.cache("value", true);
             return Ok(Ok(hit));

@@ -12,6 +12,9 @@ pub struct Reference {
     pub vault: String,
     pub name: String,
     pub version: Option<String>,
+    /// One field of a JSON secret (`#a.b`: key `b` of the object under key `a`; a number
+    /// indexes an array); `None`: the whole value.
+    pub field: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -28,6 +31,10 @@ pub enum ReferenceError {
     BadSecretName(String),
     #[error("version `{0}` is not a Key Vault version id (32 hexadecimal characters)")]
     BadVersion(String),
+    #[error(
+        "field `{0}` must be names or array indexes of letters, digits, '_' and '-', joined by '.' (#a.b)"
+    )]
+    BadField(String),
 }
 
 impl Reference {
@@ -38,6 +45,25 @@ impl Reference {
     }
 
     fn parse_rest(whole: &str, rest: &str) -> Result<Reference, ReferenceError> {
+        let (rest, field) = match rest.split_once('#') {
+            Some((rest, field)) => (rest, Some(field)),
+            None => (rest, None),
+        };
+        let field = match field {
+            None => None,
+            Some(f)
+                if f.len() <= 256
+                    && f.split('.').all(|seg| {
+                        !seg.is_empty()
+                            && seg
+                                .chars()
+                                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+                    }) =>
+            {
+                Some(f.to_owned())
+            }
+            Some(f) => return Err(ReferenceError::BadField(f.to_owned())),
+        };
         let parts: Vec<&str> = rest.split('/').collect();
         let (vault, name, version) = match parts.as_slice() {
             [v, n] => (*v, *n, None),
@@ -68,7 +94,17 @@ impl Reference {
             vault: vault.to_owned(),
             name: name.to_owned(),
             version,
+            field,
         })
+    }
+
+    /// The Key Vault secret (and version) this reference reads, without its field: what is
+    /// fetched and cached, once for every field of one secret.
+    pub fn secret(&self) -> Reference {
+        Reference {
+            field: None,
+            ..self.clone()
+        }
     }
 }
 
@@ -77,6 +113,9 @@ impl fmt::Display for Reference {
         write!(f, "{SCHEME}{}/{}", self.vault, self.name)?;
         if let Some(v) = &self.version {
             write!(f, "/{v}")?;
+        }
+        if let Some(field) = &self.field {
+            write!(f, "#{field}")?;
         }
         Ok(())
     }
@@ -141,6 +180,7 @@ mod tests {
             vault: v.into(),
             name: n.into(),
             version: ver.map(Into::into),
+            field: None,
         }
     }
 
@@ -198,6 +238,29 @@ mod tests {
                 "akv://main/db/latest",
                 Some(Err(ReferenceError::BadVersion("latest".into()))),
             ),
+            (
+                "akv://main/db#a.b",
+                Some(Ok(Reference {
+                    field: Some("a.b".into()),
+                    ..r("main", "db", None)
+                })),
+            ),
+            (
+                "akv://main/db#items.0",
+                Some(Ok(Reference {
+                    field: Some("items.0".into()),
+                    ..r("main", "db", None)
+                })),
+            ),
+            ("akv://main/db#", Some(Err(ReferenceError::BadField("".into())))),
+            (
+                "akv://main/db#a..b",
+                Some(Err(ReferenceError::BadField("a..b".into()))),
+            ),
+            (
+                "akv://main/db#a b",
+                Some(Err(ReferenceError::BadField("a b".into()))),
+            ),
         ];
         for (input, want) in cases {
             assert_eq!(Reference::parse(input), want, "input {input:?}");
@@ -216,7 +279,12 @@ mod tests {
 
     #[test]
     fn displays_as_parsed() {
-        for s in ["akv://main/db", "akv://main/db/0123456789abcdef0123456789abcdef"] {
+        for s in [
+            "akv://main/db",
+            "akv://main/db/0123456789abcdef0123456789abcdef",
+            "akv://main/db#a.b",
+            "akv://main/db/0123456789abcdef0123456789abcdef#password",
+        ] {
             assert_eq!(Reference::parse(s).unwrap().unwrap().to_string(), s);
         }
     }

@@ -380,6 +380,7 @@ mod tests {
             vault: vault.into(),
             name: name.into(),
             version: None,
+            field: None,
         }
     }
 

@@ -129,18 +129,25 @@ impl NamespaceLabels {
         Self { store, client }
     }
 
-    pub async fn get(&self, namespace: &str) -> BTreeMap<String, String> {
+    /// The namespace's labels and annotations.
+    pub async fn get(&self, namespace: &str) -> (BTreeMap<String, String>, BTreeMap<String, String>) {
+        let of = |ns: &Namespace| {
+            (
+                ns.metadata.labels.clone().unwrap_or_default(),
+                ns.metadata.annotations.clone().unwrap_or_default(),
+            )
+        };
         if let Some(ns) = self.store.get(&ObjectRef::new(namespace)) {
-            return ns.metadata.labels.clone().unwrap_or_default();
+            return of(&ns);
         }
         let Some(client) = &self.client else {
-            return BTreeMap::new();
+            return Default::default();
         };
         match Api::<Namespace>::all(client.clone()).get_opt(namespace).await {
-            Ok(ns) => ns.and_then(|n| n.metadata.labels).unwrap_or_default(),
+            Ok(ns) => ns.as_ref().map(of).unwrap_or_default(),
             Err(e) => {
                 warn!(namespace, error = %e, "reading a namespace's labels; deciding without them");
-                BTreeMap::new()
+                Default::default()
             }
         }
     }

@@ -36,12 +36,20 @@ pub enum ValueError {
         size: usize,
         max: usize,
     },
-    #[error("annotation `{annotation}`: the value of {reference} is not a docker config JSON ({why})")]
-    NotDockerConfig {
-        annotation: &'static str,
+    #[error("the value of {reference} is not JSON ({why}), so it has no field `{field}`")]
+    NotJson {
         reference: String,
+        field: String,
         why: String,
     },
+    #[error("the JSON value of {reference} has no field `{field}` (it stops at `{missing}`)")]
+    NoField {
+        reference: String,
+        field: String,
+        missing: String,
+    },
+    #[error("the value of {reference} is not a docker config JSON ({why})")]
+    NotDockerConfig { reference: String, why: String },
 }
 
 /// True when `secret` carries kvinject's managed-by label.
@@ -64,7 +72,11 @@ pub fn desired_secret(
     keys: &seal::Keys,
 ) -> Result<Secret, ValueError> {
     let reference = needed.source.reference().to_string();
-    let raw = fetched.value.expose();
+    let extracted = match &needed.source.reference().field {
+        Some(field) => Some(extract_field(fetched.value.expose(), field, &reference)?),
+        None => None,
+    };
+    let raw = extracted.as_deref().unwrap_or(fetched.value.expose());
     if raw.len() > MAX_VALUE_BYTES {
         return Err(ValueError::TooLarge {
             reference,
@@ -87,11 +99,7 @@ pub fn desired_secret(
     let (type_, key, data) = match &needed.source {
         Source::Env(_) => ("Opaque", mutate::VALUE_KEY, raw.as_bytes().to_vec()),
         Source::DockerConfig(_) => {
-            check_docker_config(raw).map_err(|why| ValueError::NotDockerConfig {
-                annotation: mutate::PULL_SECRETS_ANNOTATION,
-                reference,
-                why,
-            })?;
+            check_docker_config(raw).map_err(|why| ValueError::NotDockerConfig { reference, why })?;
             (
                 "kubernetes.io/dockerconfigjson",
                 ".dockerconfigjson",
@@ -124,6 +132,34 @@ pub fn desired_secret(
     secret.data = Some(BTreeMap::from([(key.to_owned(), ByteString(data))]));
     seal::seal(keys, &mut secret);
     Ok(secret)
+}
+
+/// The value of `field` (`a.b`: key `b` under key `a`; a number indexes an array) in the JSON
+/// document `raw`: a string as it is, anything else as its JSON text. Errors name positions
+/// and fields only, never the content.
+fn extract_field(raw: &str, field: &str, reference: &str) -> Result<String, ValueError> {
+    let doc: Value = serde_json::from_str(raw).map_err(|e| ValueError::NotJson {
+        reference: reference.to_owned(),
+        field: field.to_owned(),
+        why: format!("syntax error at line {} column {}", e.line(), e.column()),
+    })?;
+    let mut at = &doc;
+    for segment in field.split('.') {
+        let next = match at {
+            Value::Object(map) => map.get(segment),
+            Value::Array(items) => segment.parse::<usize>().ok().and_then(|i| items.get(i)),
+            _ => None,
+        };
+        at = next.ok_or_else(|| ValueError::NoField {
+            reference: reference.to_owned(),
+            field: field.to_owned(),
+            missing: segment.to_owned(),
+        })?;
+    }
+    Ok(match at {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    })
 }
 
 /// Checks the shape the kubelet expects: `{"auths": {"<registry>": {...}, ...}}`. The
@@ -159,6 +195,7 @@ mod tests {
             vault: "main".into(),
             name: name.into(),
             version: None,
+            field: None,
         }
     }
 
@@ -226,7 +263,10 @@ mod tests {
             let err = desired_secret("ns", &n, &fetched(bad), &Default::default())
                 .unwrap_err()
                 .to_string();
-            assert!(err.starts_with("annotation `kvinject.io/image-pull-secrets`: the value of akv://main/acr is not a docker config JSON"), "{err}");
+            assert!(
+                err.starts_with("the value of akv://main/acr is not a docker config JSON"),
+                "{err}"
+            );
             assert!(!err.contains("hunter2"), "the value leaked into {err}");
         }
     }
@@ -247,6 +287,49 @@ mod tests {
         assert_eq!(
             s.metadata.annotations.unwrap()["kvinject.io/registry"],
             "r.example"
+        );
+    }
+
+    #[test]
+    fn one_field_of_a_json_secret_is_materialized_and_errors_never_echo_it() {
+        let doc = r#"{"username": "app", "password": "hunter2", "db": {"port": 5432, "hosts": ["a", "b"]}}"#;
+        let with_field = |f: &str| {
+            let mut r = r("svc");
+            r.field = Some(f.into());
+            needed(Source::Env(r))
+        };
+        let value = |f: &str| {
+            desired_secret("ns", &with_field(f), &fetched(doc), &Default::default())
+                .map(|s| s.data.unwrap()["value"].0.clone())
+        };
+        assert_eq!(value("password").unwrap(), b"hunter2");
+        assert_eq!(value("db.port").unwrap(), b"5432", "a number as its JSON text");
+        assert_eq!(value("db.hosts.1").unwrap(), b"b");
+        assert_eq!(value("db").unwrap(), br#"{"hosts":["a","b"],"port":5432}"#);
+        let missing = value("db.user").unwrap_err().to_string();
+        assert_eq!(
+            missing,
+            "the JSON value of akv://main/svc#db.user has no field `db.user` (it stops at `user`)"
+        );
+        let not_json = desired_secret(
+            "ns",
+            &with_field("password"),
+            &fetched("hunter2 is not json"),
+            &Default::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            not_json.starts_with("the value of akv://main/svc#password is not JSON"),
+            "{not_json}"
+        );
+        for err in [missing, not_json] {
+            assert!(!err.contains("hunter2"), "the value leaked into {err}");
+        }
+        assert_ne!(
+            with_field("password").secret_name,
+            with_field("username").secret_name,
+            "a Secret per field"
         );
     }
 

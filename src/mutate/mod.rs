@@ -75,7 +75,11 @@ impl Source {
             .map(|i| format!("\n{}\n{}\n{}", i.service_account, i.client_id, i.tenant_id))
             .unwrap_or_default();
         match self {
-            Source::Env(_) => reference::object_name("kvi", &[&r.vault, &r.name], &format!("{r}{reader}")),
+            Source::Env(_) => reference::object_name(
+                "kvi",
+                &[&r.vault, &r.name, r.field.as_deref().unwrap_or_default()],
+                &format!("{r}{reader}"),
+            ),
             Source::DockerConfig(_) => {
                 reference::object_name("kvi-pull", &[&r.vault, &r.name], &format!("{r}{reader}"))
             }
@@ -133,6 +137,38 @@ pub enum Denial {
         annotation: &'static str,
         message: String,
     },
+}
+
+/// `pod` as kvinject plans it in a namespace annotated with `kvinject.io/image-pull-secrets`:
+/// the namespace's registry credentials join the pod's own (each once, the pod's first), as
+/// if the pod carried them. Unchanged when the namespace says nothing or the pod opts out.
+pub fn with_namespace_pull_secrets(
+    pod: &Pod,
+    namespace_annotations: &BTreeMap<String, String>,
+) -> Option<Pod> {
+    let from_namespace = namespace_annotations.get(PULL_SECRETS_ANNOTATION)?;
+    let annotations = pod.metadata.annotations.clone().unwrap_or_default();
+    if annotations.get(INJECT_ANNOTATION).map(String::as_str) == Some("false") {
+        return None;
+    }
+    let own = annotations
+        .get(PULL_SECRETS_ANNOTATION)
+        .map(String::as_str)
+        .unwrap_or_default();
+    let mut seen = BTreeSet::new();
+    let merged: Vec<&str> = own
+        .split(',')
+        .chain(from_namespace.split(','))
+        .map(str::trim)
+        .filter(|r| !r.is_empty() && seen.insert(*r))
+        .collect();
+    let mut effective = pod.clone();
+    effective
+        .metadata
+        .annotations
+        .get_or_insert_with(Default::default)
+        .insert(PULL_SECRETS_ANNOTATION.to_owned(), merged.join(","));
+    Some(effective)
 }
 
 /// Plans the rewrite of `pod`. Applying the patch and planning again yields no patch.
@@ -394,6 +430,7 @@ mod tests {
             vault: v.into(),
             name: n.into(),
             version: None,
+            field: None,
         })
     }
 
@@ -533,6 +570,7 @@ mod tests {
             vault: "main".into(),
             name: "acr".into(),
             version: None,
+            field: None,
         });
         let login = Source::RegistryLogin {
             registry: "r.example".into(),
@@ -541,6 +579,7 @@ mod tests {
                 vault: "main".into(),
                 name: "sp-secret".into(),
                 version: None,
+                field: None,
             },
         };
         let p = pod(json!({
@@ -569,6 +608,38 @@ mod tests {
             None,
             "second admission is a no-op"
         );
+    }
+
+    #[test]
+    fn a_namespace_gives_its_registry_credentials_to_every_pod_once() {
+        let ns = BTreeMap::from([(
+            PULL_SECRETS_ANNOTATION.to_owned(),
+            "akv://main/acr, akv://other/acr".to_owned(),
+        )]);
+        let bare = pod(json!({"spec": {"containers": [{"name": "c"}]}}));
+        let got = apply(
+            &bare,
+            &plan(&with_namespace_pull_secrets(&bare, &ns).unwrap(), &config()).unwrap(),
+        );
+        assert_eq!(got["spec"]["imagePullSecrets"].as_array().unwrap().len(), 2);
+        let own = pod(
+            json!({"metadata": {"annotations": {PULL_SECRETS_ANNOTATION: "akv://other/acr,akv://main/mine"}},
+                             "spec": {"containers": [{"name": "c"}]}}),
+        );
+        let merged = with_namespace_pull_secrets(&own, &ns).unwrap();
+        assert_eq!(
+            merged.metadata.annotations.unwrap()[PULL_SECRETS_ANNOTATION],
+            "akv://other/acr,akv://main/mine,akv://main/acr",
+            "the pod's first, each once"
+        );
+        let out = pod(
+            json!({"metadata": {"annotations": {INJECT_ANNOTATION: "false"}}, "spec": {"containers": []}}),
+        );
+        assert!(
+            with_namespace_pull_secrets(&out, &ns).is_none(),
+            "a pod that opts out stays out"
+        );
+        assert!(with_namespace_pull_secrets(&bare, &BTreeMap::new()).is_none());
     }
 
     #[test]
@@ -607,6 +678,7 @@ mod tests {
             vault: "main".into(),
             name: "db".into(),
             version: Some(v.into()),
+            field: None,
         });
         assert_ne!(a.secret_name(), b.secret_name());
         assert_ne!(

@@ -143,12 +143,14 @@ pub fn workload_secrets(
     template: &PodTemplateSpec,
     config: &InjectConfig,
     identity: Option<&crate::identity::WorkloadIdentity>,
+    namespace_annotations: &BTreeMap<String, String>,
 ) -> Vec<String> {
     let pod = Pod {
         metadata: template.metadata.clone().unwrap_or_default(),
         spec: template.spec.clone(),
         status: None,
     };
+    let pod = mutate::with_namespace_pull_secrets(&pod, namespace_annotations).unwrap_or(pod);
     mutate::plan_as(&pod, config, identity)
         .map(|p| p.needed.into_iter().map(|n| n.secret_name).collect())
         .unwrap_or_default()
@@ -352,7 +354,7 @@ mod tests {
             "spec": {"containers": [{"name": "c", "env": [{"name": "X", "value": "akv://v/db"}]}]}
         }))
         .unwrap();
-        let names = workload_secrets(&template, &config, None);
+        let names = workload_secrets(&template, &config, None, &BTreeMap::new());
         assert_eq!(names.len(), 2);
         assert!(
             names.iter().any(|n| n.starts_with("kvi-v-db-"))

@@ -90,7 +90,7 @@ impl Controller {
         let reference = needed.source.reference();
         let pinned = Reference {
             version: Some(version.to_owned()),
-            ..reference.clone()
+            ..reference.secret()
         };
         let fetched = match self.source.fetch(&pinned, needed.identity.as_ref()).await {
             Ok(f) => f,

@@ -244,6 +244,15 @@ impl Controller {
         self
     }
 
+    /// A namespace's annotations, from the cache.
+    fn namespace_annotations(&self, ns: &str) -> BTreeMap<String, String> {
+        self.caches
+            .namespaces
+            .get(&reflector::ObjectRef::new(ns))
+            .and_then(|n| n.metadata.annotations.clone())
+            .unwrap_or_default()
+    }
+
     /// The identity a workload's pods read as (from the ServiceAccount cache).
     fn template_identity(
         &self,
@@ -315,7 +324,7 @@ impl Controller {
             if revoked.contains(&key_of(s)) {
                 continue;
             }
-            if let Some(reference) = decide::followed_reference(s) {
+            if let Some(reference) = decide::followed_reference(s).map(|r| r.secret()) {
                 let identity = needed_for(s).and_then(|n| n.identity);
                 by_reference
                     .entry(Read { reference, identity })
@@ -427,8 +436,9 @@ impl Controller {
             .collect::<Vec<_>>();
         for (ns, template) in templates {
             let identity = self.template_identity(&ns, &template);
+            let annotations = self.namespace_annotations(&ns);
             referenced.extend(
-                decide::workload_secrets(&template, &self.inject, identity.as_ref())
+                decide::workload_secrets(&template, &self.inject, identity.as_ref(), &annotations)
                     .into_iter()
                     .map(|n| (ns.clone(), n)),
             );
@@ -757,7 +767,12 @@ impl Controller {
         let Some((template, selector)) = spec else { return };
         let ns = workload.meta().namespace.clone().unwrap_or_default();
         let identity = self.template_identity(&ns, template);
-        let names = decide::workload_secrets(template, &self.inject, identity.as_ref());
+        let names = decide::workload_secrets(
+            template,
+            &self.inject,
+            identity.as_ref(),
+            &self.namespace_annotations(&ns),
+        );
         if names.is_empty() {
             return;
         }
@@ -1165,6 +1180,7 @@ mod tests {
                     vault: (*vault).into(),
                     name: (*name).into(),
                     version: None,
+                    field: None,
                 });
                 let needed = Needed {
                     secret_name: source.secret_name(),
@@ -1278,11 +1294,13 @@ mod tests {
                 vault: "v".into(),
                 name: "db".into(),
                 version: None,
+                field: None,
             }),
             Source::DockerConfig(Reference {
                 vault: "v".into(),
                 name: "acr".into(),
                 version: None,
+                field: None,
             }),
             Source::RegistryLogin {
                 registry: "r.example".into(),
@@ -1291,6 +1309,7 @@ mod tests {
                     vault: "v".into(),
                     name: "sp".into(),
                     version: None,
+                    field: None,
                 },
             },
         ] {

@@ -346,6 +346,24 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_key_vault_answer_names_every_place_the_reference_is_used() {
+        let h = harness();
+        let pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"},
+            "spec": {
+                "initContainers": [{"name": "init", "image": "i", "env": [{"name": "A", "value": "akv://main/missing"}]}],
+                "containers": [{"name": "c", "image": "i", "env": [
+                    {"name": "B", "value": "akv://main/missing"}, {"name": "OK", "value": "akv://main/db"},
+                    {"name": "C", "value": "akv://main/missing"}]}]}});
+        let (_, body) = post(&h.app, review_of(pod, false).to_string()).await;
+        let message = body["response"]["status"]["message"].as_str().unwrap();
+        assert_eq!(
+            message,
+            "init container `init` env `A`, container `c` env `B`, container `c` env `C`: \
+             Key Vault secret akv://main/missing was not found"
+        );
+    }
+
+    #[tokio::test]
     async fn a_denied_pod_leaves_no_secret_behind() {
         let h = harness();
         let pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"},

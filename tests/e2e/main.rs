@@ -10,6 +10,7 @@ mod identity;
 mod inject;
 mod install;
 mod outage;
+mod reach;
 mod rotation;
 mod serving;
 mod trust;

@@ -1,0 +1,202 @@
+//! Reach: one field of a JSON secret, and denials that point at every place a reference is
+//! used, through the real apiserver.
+
+use crate::{
+    inject::{self, pod},
+    rotation::{rotation_args, version},
+    support,
+};
+use k8s_openapi::api::{core::v1::Secret, events::v1::Event};
+use kube::{Api, api::ListParams};
+use serde_json::json;
+use std::time::Duration;
+
+async fn reads_of(name: &str) -> u64 {
+    support::vault_counters().await["secrets_get_by_name"][name.to_lowercase()]
+        .as_u64()
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn fields_of_one_json_secret_are_materialized_from_one_read_and_follow_rotation() {
+    let _vault = support::VAULT.read().await;
+    let _rotation = support::ROTATION.lock().await;
+    let args = rotation_args(&support::unique("lease"), "1h");
+    let s = support::setup("json", &args.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    let name = support::unique("db-creds");
+    let password = support::unique("pw");
+    support::seed_secret(
+        &name,
+        &json!({"username": "app", "password": password, "db": {"port": 5432}}).to_string(),
+    )
+    .await;
+    let field = |f: &str| format!("{}#{f}", inject::reference(&name));
+    let p = pod(
+        "app",
+        &[
+            ("USER", &field("username")),
+            ("PASSWORD", &field("password")),
+            ("PORT", &field("db.port")),
+        ],
+        json!({"kvinject.io/refresh-interval": "1s"}),
+    );
+    let stored = inject::create(&s, &p).await.expect("fields of a JSON secret");
+    let secrets: Api<Secret> = Api::namespaced(s.client.clone(), &s.ns);
+    let value = |env: &str| {
+        let (secrets, name) = (secrets.clone(), inject::secret_key_ref(&stored, env).unwrap());
+        async move {
+            String::from_utf8(secrets.get(&name).await.unwrap().data.unwrap()["value"].0.clone()).unwrap()
+        }
+    };
+    assert_eq!(value("USER").await, "app");
+    assert_eq!(value("PASSWORD").await, password);
+    assert_eq!(value("PORT").await, "5432", "a number as its JSON text");
+    assert_eq!(reads_of(&name).await, 1, "three fields, one Key Vault read");
+
+    // A field the secret lacks, and a secret that is not JSON: denied, naming the env var,
+    // the reference and the field, never the value.
+    let denied = inject::create(&s, &pod("missing", &[("X", &field("db.user"))], json!({})))
+        .await
+        .unwrap_err();
+    assert!(
+        denied.contains(&format!(
+            "container `app` env `X`: the JSON value of {} has no field `db.user`",
+            field("db.user")
+        )),
+        "{denied}"
+    );
+    let plain = support::unique("plain");
+    support::seed_secret(&plain, "not-json-at-all").await;
+    let denied = inject::create(
+        &s,
+        &pod(
+            "plain",
+            &[("Y", &format!("{}#a", inject::reference(&plain)))],
+            json!({}),
+        ),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        denied.contains("container `app` env `Y`") && denied.contains("is not JSON"),
+        "{denied}"
+    );
+    assert!(
+        !denied.contains("not-json-at-all"),
+        "a denial echoed the value: {denied}"
+    );
+
+    // Rotation re-extracts the field; a new version without it keeps the old value.
+    let user_secret = inject::secret_key_ref(&stored, "USER").unwrap();
+    let without = support::seed_secret(&name, &json!({"password": "x"}).to_string()).await;
+    let events: Api<Event> = Api::namespaced(s.client.clone(), &s.ns);
+    support::eventually(
+        Duration::from_secs(20),
+        "a RotationRefused Event for the missing field",
+        || async {
+            events
+                .list(&ListParams::default())
+                .await
+                .unwrap()
+                .items
+                .iter()
+                .any(|e| {
+                    e.reason.as_deref() == Some("RotationRefused")
+                        && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(user_secret.as_str())
+                        && e.note
+                            .as_deref()
+                            .is_some_and(|n| n.contains("has no field `username`"))
+                })
+        },
+    )
+    .await;
+    assert_eq!(value("USER").await, "app", "the old value is kept");
+    assert_ne!(version(&secrets.get(&user_secret).await.unwrap()), without);
+    let with = support::seed_secret(
+        &name,
+        &json!({"username": "app2", "password": "y", "db": {"port": 1}}).to_string(),
+    )
+    .await;
+    support::eventually(
+        Duration::from_secs(20),
+        "the field to follow the new version",
+        || async { version(&secrets.get(&user_secret).await.unwrap()) == with },
+    )
+    .await;
+    assert_eq!(value("USER").await, "app2");
+    assert!(
+        !s.kvinject.logs().contains(&password),
+        "a secret value reached kvinject's log"
+    );
+}
+
+#[tokio::test]
+async fn a_namespace_gives_every_pod_its_registry_credentials() {
+    let _vault = support::VAULT.read().await;
+    let s = support::setup("nspull", &[]).await;
+    let (shared, own) = (support::unique("ns-acr"), support::unique("own-acr"));
+    for name in [&shared, &own] {
+        support::seed_secret(name, r#"{"auths":{"acr.example":{"auth":"dTpw"}}}"#).await;
+    }
+    let patch =
+        json!({"metadata": {"annotations": {"kvinject.io/image-pull-secrets": inject::reference(&shared)}}});
+    Api::<k8s_openapi::api::core::v1::Namespace>::all(s.client.clone())
+        .patch(
+            &s.ns,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&patch),
+        )
+        .await
+        .unwrap();
+    let pull = |p: &k8s_openapi::api::core::v1::Pod| -> Vec<String> {
+        p.spec
+            .as_ref()
+            .unwrap()
+            .image_pull_secrets
+            .iter()
+            .flatten()
+            .map(|r| r.name.clone())
+            .collect()
+    };
+    // The namespace cache catches up within a moment: dry runs show when.
+    let pods = Api::<k8s_openapi::api::core::v1::Pod>::namespaced(s.client.clone(), &s.ns);
+    support::eventually(
+        Duration::from_secs(10),
+        "the namespace's credentials on a new pod",
+        || async {
+            let dry = kube::api::PostParams {
+                dry_run: true,
+                ..Default::default()
+            };
+            pods.create(&dry, &pod("probe", &[], json!({})))
+                .await
+                .map(|p| pull(&p).len() == 1)
+                .unwrap_or(false)
+        },
+    )
+    .await;
+    let bare = pod("bare", &[], json!({}));
+    let stored = inject::create(&s, &bare).await.unwrap();
+    assert_eq!(
+        pull(&stored).len(),
+        1,
+        "a pod without annotations gets the namespace's"
+    );
+    // A pod with its own list: both, each once (the namespace's named again is not doubled).
+    let both = format!("{},{}", inject::reference(&own), inject::reference(&shared));
+    let stored = inject::create(
+        &s,
+        &pod("both", &[], json!({"kvinject.io/image-pull-secrets": both})),
+    )
+    .await
+    .unwrap();
+    let names = pull(&stored);
+    assert_eq!(names.len(), 2, "{names:?}");
+    let secrets: Api<Secret> = Api::namespaced(s.client.clone(), &s.ns);
+    for name in names {
+        assert_eq!(
+            secrets.get(&name).await.unwrap().type_.as_deref(),
+            Some("kubernetes.io/dockerconfigjson")
+        );
+    }
+}
