@@ -36,6 +36,30 @@ pub enum Command {
     },
     /// Print the AccessPolicy CustomResourceDefinition (YAML), as the chart ships it.
     Crd,
+    /// Check the kvinject references in manifests (files, folders or stdin) before they
+    /// reach a cluster: syntax, vaults, access policies, opt-in. Exits 1 on any error.
+    Lint(LintArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct LintArgs {
+    /// YAML files or folders; `-` or none: stdin (`helm template ... | kvinject lint`).
+    pub paths: Vec<String>,
+    /// The vaults kvinject serves (`NAME` or `NAME=URL`, as `serve --vault`); none: any.
+    #[arg(long = "vault", value_delimiter = ',')]
+    pub vaults: Vec<String>,
+    /// Files or folders of AccessPolicy objects, besides those among the inputs.
+    #[arg(long = "policy")]
+    pub policies: Vec<String>,
+    /// Namespace of objects that name none.
+    #[arg(long, default_value = "default")]
+    pub namespace: String,
+    /// The namespaces kvinject acts for (the registration's label), as a label selector.
+    #[arg(long, default_value = "kvinject.io/injection=enabled")]
+    pub namespace_selector: String,
+    /// Print the findings as a JSON array.
+    #[arg(long = "json")]
+    pub output_json: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -56,7 +80,7 @@ pub struct AccessCheckArgs {
     /// What the reference is used for.
     #[arg(long = "use", value_enum, default_value = "env")]
     pub use_: crate::access::policy::Use,
-    /// The reference, akv://<vault>/<secret>[/<version>].
+    /// The reference, akv://<vault>/<secret>[/<version>][#<field>].
     pub reference: String,
 }
 

@@ -10,6 +10,7 @@ pub mod identity;
 pub mod inject;
 pub mod keyvault;
 pub mod limit;
+pub mod lint;
 pub mod materialize;
 pub mod metrics;
 pub mod mutate;

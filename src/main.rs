@@ -28,6 +28,14 @@ async fn main() -> anyhow::Result<ExitCode> {
                 }
             })
         }
+        config::Command::Lint(args) => Ok(match kvinject::lint::cli::run(&args) {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::from(1),
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::from(2)
+            }
+        }),
         config::Command::Crd => {
             access::cli::crd();
             Ok(ExitCode::SUCCESS)

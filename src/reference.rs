@@ -1,4 +1,4 @@
-//! `akv://<vault>/<secret>[/<version>]` references: parsing, validation and the
+//! `akv://<vault>/<secret>[/<version>][#<field>]` references: parsing, validation and the
 //! deterministic name of the Secret each one is materialized as. Pure.
 
 use sha2::{Digest, Sha256};
@@ -19,11 +19,11 @@ pub struct Reference {
 
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum ReferenceError {
-    #[error("`{0}` has no vault: write akv://<vault>/<secret>[/<version>]")]
+    #[error("`{0}` has no vault: write akv://<vault>/<secret>[/<version>][#<field>]")]
     MissingVault(String),
-    #[error("`{0}` has no secret name: write akv://<vault>/<secret>[/<version>]")]
+    #[error("`{0}` has no secret name: write akv://<vault>/<secret>[/<version>][#<field>]")]
     MissingSecret(String),
-    #[error("`{0}` has too many parts: write akv://<vault>/<secret>[/<version>]")]
+    #[error("`{0}` has too many parts: write akv://<vault>/<secret>[/<version>][#<field>]")]
     TooManyParts(String),
     #[error("vault name `{0}` may hold only letters, digits and '-'")]
     BadVault(String),

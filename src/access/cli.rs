@@ -15,7 +15,7 @@ pub async fn check(args: &AccessCheckArgs) -> anyhow::Result<bool> {
     let reference = match Reference::parse(&args.reference) {
         Some(parsed) => parsed?,
         None => bail!(
-            "`{}` is not a reference: write akv://<vault>/<secret>[/<version>]",
+            "`{}` is not a reference: write akv://<vault>/<secret>[/<version>][#<field>]",
             args.reference
         ),
     };

@@ -211,7 +211,7 @@ pub fn plan_as(
                 let location = format!("{what} `{}` env `{}`", container.name, env.name);
                 match Reference::parse(value) {
                     None if value.contains(reference::SCHEME) => warnings.push(format!(
-                        "{location} contains akv:// but is not a reference (the whole value must be akv://<vault>/<secret>[/<version>]); left unchanged"
+                        "{location} contains akv:// but is not a reference (the whole value must be akv://<vault>/<secret>[/<version>][#<field>]); left unchanged"
                     )),
                     None => {}
                     Some(parsed) => {

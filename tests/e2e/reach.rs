@@ -200,3 +200,59 @@ async fn a_namespace_gives_every_pod_its_registry_credentials() {
         );
     }
 }
+
+/// `kvinject lint` as GitOps CI runs it: on a folder, and on `helm template | kvinject lint -`.
+#[test]
+fn lint_checks_a_repository_and_exits_by_what_it_found() {
+    use std::{io::Write, process::Stdio};
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/lint");
+    let lint = |args: &[&str], stdin: Option<&str>| {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_kvinject"))
+            .arg("lint")
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(stdin.unwrap_or_default().as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (code, out) = lint(&[repo.to_str().unwrap(), "--vault", "main"], None);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("helm-output.yaml:3: Deployment/shop/api: error: container `api` env `STRIPE_KEY`"),
+        "{out}"
+    );
+    assert!(out.contains("broken.yaml:2: error: not YAML"), "{out}");
+    assert_eq!(out.lines().count(), 6, "{out}");
+    let (code, out) = lint(
+        &["-", "--vault", "main", "--json"],
+        Some(&std::fs::read_to_string(repo.join("kustomize-output.yaml")).unwrap()),
+    );
+    assert_eq!(code, Some(1));
+    let findings: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(findings[0]["file"], "<stdin>");
+    // Without the helm output's AccessPolicy, no grant is checked: opt-in and vault remain.
+    assert_eq!(findings.as_array().unwrap().len(), 2, "{out}");
+    let clean = "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec: {containers: [{name: c, env: [{name: X, value: akv://main/x}]}]}\n";
+    assert_eq!(
+        lint(&["--vault", "main"], Some(clean)).0,
+        Some(0),
+        "a clean input exits 0"
+    );
+    assert_eq!(
+        lint(&["no/such/file.yaml"], None).0,
+        Some(2),
+        "an unreadable input is not a verdict"
+    );
+}
