@@ -115,6 +115,9 @@ pub struct Plan {
     /// Where in the pod each needed Secret's reference is written (by Secret name), for
     /// denials that point at every place.
     pub locations: BTreeMap<String, Vec<String>>,
+    /// Secrets the pod uses only as files (kubelet updates those in place: a rotation need
+    /// not restart it).
+    pub files_only: BTreeSet<String>,
 }
 
 /// Why a pod is denied; every variant names where the problem is.
@@ -137,7 +140,14 @@ pub enum Denial {
         annotation: &'static str,
         message: String,
     },
+    #[error("volume `{volume}`: {message}")]
+    BadVolume { volume: String, message: String },
 }
+
+/// The CSI driver name of kvinject's file volumes. No such driver is installed: a pod that
+/// reaches a node unmutated (the webhook down with `failurePolicy: Ignore`) fails visibly at
+/// mount instead of starting with empty files.
+pub const VOLUME_DRIVER: &str = "kvinject.io";
 
 /// `pod` as kvinject plans it in a namespace annotated with `kvinject.io/image-pull-secrets`:
 /// the namespace's registry credentials join the pod's own (each once, the pod's first), as
@@ -232,6 +242,82 @@ pub fn plan_as(
         }
     }
 
+    // File volumes: `csi: {driver: kvinject.io, volumeAttributes: {<file>: akv://...}}`
+    // becomes a projected volume over the materialized Secrets, mounted where it was.
+    let mut in_files = BTreeSet::new();
+    for (vi, volume) in spec.volumes.iter().flatten().enumerate() {
+        let Some(csi) = volume.csi.as_ref().filter(|c| c.driver == VOLUME_DRIVER) else {
+            continue;
+        };
+        let bad = |message: String| Denial::BadVolume {
+            volume: volume.name.clone(),
+            message,
+        };
+        let files = csi.volume_attributes.clone().unwrap_or_default();
+        if files.is_empty() {
+            return Err(bad(
+                "names no file: set volumeAttributes to `<file name>: akv://<vault>/<secret>`".into(),
+            ));
+        }
+        let mut sources = Vec::new();
+        for (file, value) in &files {
+            if file.is_empty()
+                || file.len() > 253
+                || file == "."
+                || file == ".."
+                || !file
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+            {
+                return Err(bad(format!(
+                    "`{file}` is not a file name (letters, digits, '.', '_' and '-')"
+                )));
+            }
+            let location = format!("volume `{}` file `{file}`", volume.name);
+            let r = match Reference::parse(value) {
+                Some(parsed) => parsed.map_err(|source| Denial::BadReference {
+                    location: location.clone(),
+                    source,
+                })?,
+                None => {
+                    return Err(bad(format!(
+                        "file `{file}`: the value must be an akv:// reference, never the secret itself"
+                    )));
+                }
+            };
+            check_vault(&r, &location, config)?;
+            let source = Source::Env(r);
+            let secret_name = source.secret_name_as(identity);
+            sources
+                .push(json!({"secret": {"name": secret_name, "items": [{"key": VALUE_KEY, "path": file}]}}));
+            locations.entry(secret_name.clone()).or_default().push(location);
+            in_files.insert(secret_name.clone());
+            needed.insert(secret_name, source);
+        }
+        // kubelet never updates a subPath mount: refuse it rather than let rotations miss.
+        for c in spec
+            .containers
+            .iter()
+            .chain(spec.init_containers.iter().flatten())
+        {
+            if c.volume_mounts
+                .iter()
+                .flatten()
+                .any(|m| m.name == volume.name && m.sub_path.as_deref().is_some_and(|p| !p.is_empty()))
+            {
+                return Err(bad(format!(
+                    "container `{}` mounts it with subPath, which kubelet never updates on rotation: mount the whole volume",
+                    c.name
+                )));
+            }
+        }
+        let vi = vi.to_string();
+        ops.push(patch::replace(
+            &["spec", "volumes", &vi],
+            json!({"name": volume.name, "projected": {"sources": sources}}),
+        ));
+    }
+
     let pull = pull_sources(&annotations, config)?;
     if !pull.is_empty() {
         let mut seen: BTreeSet<String> = spec
@@ -291,6 +377,14 @@ pub fn plan_as(
             .collect(),
         patch: (!ops.is_empty()).then_some(Patch(ops)),
         warnings,
+        files_only: in_files
+            .into_iter()
+            .filter(|name| {
+                locations
+                    .get(name)
+                    .is_some_and(|places| places.iter().all(|p| p.starts_with("volume ")))
+            })
+            .collect(),
         locations,
     })
 }
@@ -640,6 +734,99 @@ mod tests {
             "a pod that opts out stays out"
         );
         assert!(with_namespace_pull_secrets(&bare, &BTreeMap::new()).is_none());
+    }
+
+    #[test]
+    fn file_volumes_become_projected_volumes_over_the_materialized_secrets() {
+        let p = pod(json!({"spec": {
+            "volumes": [{"name": "other", "emptyDir": {}},
+                        {"name": "creds", "csi": {"driver": "kvinject.io", "volumeAttributes": {"db-password": "akv://main/db", "config.json": "akv://main/cfg#app"}}}],
+            "containers": [{"name": "c", "volumeMounts": [{"name": "creds", "mountPath": "/etc/creds"}],
+                            "env": [{"name": "DB", "value": "akv://main/db"}]}]}}));
+        let plan = plan(&p, &config()).unwrap();
+        let got = apply(&p, &plan);
+        let db = name(env_ref("main", "db"));
+        let cfg = Source::Env(Reference {
+            field: Some("app".into()),
+            ..env_ref("main", "cfg").reference().clone()
+        })
+        .secret_name();
+        assert_eq!(
+            got["spec"]["volumes"][1],
+            json!({"name": "creds", "projected": {"sources": [
+            {"secret": {"name": cfg, "items": [{"key": "value", "path": "config.json"}]}},
+            {"secret": {"name": db, "items": [{"key": "value", "path": "db-password"}]}}]}})
+        );
+        assert_eq!(
+            got["spec"]["volumes"][0],
+            json!({"name": "other", "emptyDir": {}}),
+            "other volumes stay"
+        );
+        assert_eq!(
+            got["spec"]["containers"][0]["volumeMounts"],
+            json!([{"name": "creds", "mountPath": "/etc/creds"}])
+        );
+        assert_eq!(
+            plan.files_only,
+            BTreeSet::from([cfg.clone()]),
+            "db is used as env too"
+        );
+        assert_eq!(
+            plan.locations[&cfg],
+            vec!["volume `creds` file `config.json`".to_owned()]
+        );
+        assert_eq!(
+            super::plan(&pod(got), &config()).unwrap().patch,
+            None,
+            "mutating again is a no-op"
+        );
+    }
+
+    #[test]
+    fn bad_file_volumes_are_denied_naming_the_volume() {
+        let with = |attributes: Value, mount: Value| {
+            pod(
+                json!({"spec": {"volumes": [{"name": "creds", "csi": {"driver": "kvinject.io", "volumeAttributes": attributes}}],
+                                "containers": [{"name": "c", "volumeMounts": [mount]}]}}),
+            )
+        };
+        let mount = json!({"name": "creds", "mountPath": "/x"});
+        let cases = [
+            (json!({}), mount.clone(), "volume `creds`: names no file"),
+            (
+                json!({"../etc/passwd": "akv://main/db"}),
+                mount.clone(),
+                "volume `creds`: `../etc/passwd` is not a file name",
+            ),
+            (
+                json!({"pw": "hunter2"}),
+                mount.clone(),
+                "volume `creds`: file `pw`: the value must be an akv:// reference",
+            ),
+            (
+                json!({"pw": "akv://nope/db"}),
+                mount.clone(),
+                "volume `creds` file `pw`: vault `nope` is not configured",
+            ),
+            (
+                json!({"pw": "akv://main/db"}),
+                json!({"name": "creds", "mountPath": "/x/pw", "subPath": "pw"}),
+                "volume `creds`: container `c` mounts it with subPath",
+            ),
+        ];
+        for (attributes, mount, want) in cases {
+            let err = plan(&with(attributes, mount), &config()).unwrap_err().to_string();
+            assert!(err.starts_with(want), "{err:?} should start with {want:?}");
+            assert!(!err.contains("hunter2"), "{err}");
+        }
+        let foreign = pod(
+            json!({"spec": {"volumes": [{"name": "v", "csi": {"driver": "secrets-store.csi.k8s.io"}}], "containers": []}}),
+        );
+        assert_eq!(
+            plan(&foreign, &config()).unwrap(),
+            Plan::default(),
+            "other CSI drivers are left alone"
+        );
     }
 
     #[test]

@@ -73,7 +73,8 @@ pub fn requested_intervals<'a>(
     out
 }
 
-/// The Secrets a pod refers to through env secretKeyRefs and imagePullSecrets.
+/// The Secrets a pod refers to through env secretKeyRefs, imagePullSecrets and projected
+/// volumes.
 pub fn pod_secret_names(pod: &Pod) -> impl Iterator<Item = &str> {
     let spec = pod.spec.as_ref();
     let env = spec
@@ -86,7 +87,13 @@ pub fn pod_secret_names(pod: &Pod) -> impl Iterator<Item = &str> {
         .into_iter()
         .flat_map(|s| s.image_pull_secrets.iter().flatten())
         .map(|r| r.name.as_str());
-    env.chain(pull)
+    let files = spec
+        .into_iter()
+        .flat_map(|s| s.volumes.iter().flatten())
+        .filter_map(|v| v.projected.as_ref()?.sources.as_ref())
+        .flatten()
+        .filter_map(|source| Some(source.secret.as_ref()?.name.as_str()));
+    env.chain(pull).chain(files)
 }
 
 /// Marks a materialized Secret kvinject may delete once nothing has referred to it for the
@@ -145,15 +152,36 @@ pub fn workload_secrets(
     identity: Option<&crate::identity::WorkloadIdentity>,
     namespace_annotations: &BTreeMap<String, String>,
 ) -> Vec<String> {
+    workload_plan(template, config, identity, namespace_annotations).map_or_else(Vec::new, |p| {
+        p.needed.into_iter().map(|n| n.secret_name).collect()
+    })
+}
+
+/// The webhook's plan for a workload's pods (`None` when they would be denied).
+pub fn workload_plan(
+    template: &PodTemplateSpec,
+    config: &InjectConfig,
+    identity: Option<&crate::identity::WorkloadIdentity>,
+    namespace_annotations: &BTreeMap<String, String>,
+) -> Option<mutate::Plan> {
     let pod = Pod {
         metadata: template.metadata.clone().unwrap_or_default(),
         spec: template.spec.clone(),
         status: None,
     };
     let pod = mutate::with_namespace_pull_secrets(&pod, namespace_annotations).unwrap_or(pod);
-    mutate::plan_as(&pod, config, identity)
-        .map(|p| p.needed.into_iter().map(|n| n.secret_name).collect())
-        .unwrap_or_default()
+    mutate::plan_as(&pod, config, identity).ok()
+}
+
+/// The Secrets whose versions decide whether a workload rolls: those its pods read at start.
+/// Files update in place, so a Secret used only as files counts only when the workload
+/// itself asks to roll (`kvinject.io/rollout-on-rotation: "true"`), not by default.
+pub fn rollout_secrets(plan: &mutate::Plan, workload_asks: bool) -> Vec<String> {
+    plan.needed
+        .iter()
+        .map(|n| n.secret_name.clone())
+        .filter(|n| workload_asks || !plan.files_only.contains(n))
+        .collect()
 }
 
 /// SHA-256 over `secret name = version` lines, sorted: the same versions, the same hash.
@@ -266,6 +294,36 @@ mod tests {
             requested_intervals(&pods[3..], Duration::ZERO).get(&key("a")),
             None,
             "a bad value is ignored"
+        );
+    }
+
+    #[test]
+    fn secrets_used_only_as_files_roll_a_workload_only_when_it_asks() {
+        let template: PodTemplateSpec = serde_json::from_value(json!({"spec": {
+            "volumes": [{"name": "f", "csi": {"driver": "kvinject.io", "volumeAttributes": {"t": "akv://v/token"}}}],
+            "containers": [{"name": "c", "env": [{"name": "DB", "value": "akv://v/db"}]}]}}))
+        .unwrap();
+        let config = InjectConfig {
+            vaults: ["v".to_string()].into(),
+            ..Default::default()
+        };
+        let plan = workload_plan(&template, &config, None, &BTreeMap::new()).unwrap();
+        let db = plan
+            .needed
+            .iter()
+            .find(|n| n.source.reference().name == "db")
+            .unwrap()
+            .secret_name
+            .clone();
+        assert_eq!(
+            rollout_secrets(&plan, false),
+            vec![db],
+            "the file-only token does not count by default"
+        );
+        assert_eq!(
+            rollout_secrets(&plan, true).len(),
+            2,
+            "a workload that asks rolls for its files too"
         );
     }
 

@@ -767,12 +767,22 @@ impl Controller {
         let Some((template, selector)) = spec else { return };
         let ns = workload.meta().namespace.clone().unwrap_or_default();
         let identity = self.template_identity(&ns, template);
-        let names = decide::workload_secrets(
+        let Some(plan) = decide::workload_plan(
             template,
             &self.inject,
             identity.as_ref(),
             &self.namespace_annotations(&ns),
-        );
+        ) else {
+            return;
+        };
+        let asks = workload
+            .meta()
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(decide::ROLLOUT_ANNOTATION))
+            .map(String::as_str)
+            == Some("true");
+        let names = decide::rollout_secrets(&plan, asks);
         if names.is_empty() {
             return;
         }

@@ -256,3 +256,104 @@ fn lint_checks_a_repository_and_exits_by_what_it_found() {
         "an unreadable input is not a verdict"
     );
 }
+
+#[tokio::test]
+async fn secrets_as_files_are_projected_and_rotate_in_place_without_a_rollout() {
+    use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
+    let _vault = support::VAULT.read().await;
+    let _rotation = support::ROTATION.lock().await;
+    let mut args = rotation_args(&support::unique("lease"), "1h");
+    // Rollouts on for every workload: file-only users must still not roll.
+    args.extend(["--rollout-on-rotation".to_owned(), "true".to_owned()]);
+    let s = support::setup("files", &args.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    let name = support::unique("token");
+    support::seed_secret(&name, "first-value").await;
+    let deployment: Deployment = serde_json::from_value(json!({
+        "metadata": {"name": "files"},
+        "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "files"}}, "template": {
+            "metadata": {"labels": {"app": "files"}, "annotations": {"kvinject.io/refresh-interval": "1s"}},
+            "spec": {
+                "volumes": [{"name": "creds", "csi": {"driver": "kvinject.io", "volumeAttributes": {"token": inject::reference(&name)}}}],
+                "containers": [{"name": "app", "image": "registry.invalid/app:1", "volumeMounts": [{"name": "creds", "mountPath": "/etc/creds", "readOnly": true}]}]}}}
+    }))
+    .unwrap();
+    Api::<Deployment>::namespaced(s.client.clone(), &s.ns)
+        .create(&Default::default(), &deployment)
+        .await
+        .unwrap();
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(s.client.clone(), &s.ns);
+    let projected = || async {
+        let list = pods
+            .list(&ListParams::default().labels("app=files"))
+            .await
+            .unwrap();
+        list.items.first().and_then(|p| {
+            let v = &p.spec.as_ref()?.volumes.as_ref()?[0];
+            Some(
+                v.projected.as_ref()?.sources.as_ref()?[0]
+                    .secret
+                    .as_ref()?
+                    .name
+                    .clone(),
+            )
+        })
+    };
+    support::eventually(
+        Duration::from_secs(20),
+        "the Deployment's pod with a projected volume",
+        || async { projected().await.is_some() },
+    )
+    .await;
+    let secret_name = projected().await.unwrap();
+    let secrets: Api<Secret> = Api::namespaced(s.client.clone(), &s.ns);
+    assert_eq!(
+        secrets.get(&secret_name).await.unwrap().data.unwrap()["value"].0,
+        b"first-value"
+    );
+    // A few reconcile intervals with the first version: a workload that counted this Secret
+    // would have its versions recorded now, and roll at the rotation below.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let recorded = Api::<Deployment>::namespaced(s.client.clone(), &s.ns)
+        .get("files")
+        .await
+        .unwrap();
+    assert!(
+        !recorded
+            .metadata
+            .annotations
+            .unwrap_or_default()
+            .contains_key("kvinject.io/secret-versions"),
+        "a Secret used only as files does not decide rollouts"
+    );
+    let second = support::seed_secret(&name, "second-value").await;
+    support::eventually(
+        Duration::from_secs(20),
+        "the file's Secret to carry the new value",
+        || async { version(&secrets.get(&secret_name).await.unwrap()) == second },
+    )
+    .await;
+    assert_eq!(
+        secrets.get(&secret_name).await.unwrap().data.unwrap()["value"].0,
+        b"second-value"
+    );
+    tokio::time::sleep(Duration::from_secs(4)).await; // four reconcile intervals
+    let replica_sets = Api::<ReplicaSet>::namespaced(s.client.clone(), &s.ns)
+        .list(&ListParams::default().labels("app=files"))
+        .await
+        .unwrap();
+    assert_eq!(
+        replica_sets.items.len(),
+        1,
+        "a file-only use rolls nothing: kubelet updates the file in place"
+    );
+
+    // A bad attribute is denied, naming the volume.
+    let mut bad = pod("bad", &[], json!({}));
+    bad.spec.as_mut().unwrap().volumes =
+        Some(vec![serde_json::from_value(json!({"name": "creds", "csi": {"driver": "kvinject.io", "volumeAttributes": {"a/b": inject::reference(&name)}}})).unwrap()]);
+    let denied = inject::create(&s, &bad).await.unwrap_err();
+    assert!(
+        denied.contains("volume `creds`: `a/b` is not a file name"),
+        "{denied}"
+    );
+}
