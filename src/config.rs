@@ -60,6 +60,18 @@ pub struct LintArgs {
     /// Print the findings as a JSON array.
     #[arg(long = "json")]
     pub output_json: bool,
+    /// Also ask Key Vault, with the same credentials as `serve`, whether each secret exists,
+    /// is enabled and not expired, and whether a pinned version exists (needs `--vault`).
+    #[arg(long)]
+    pub check_vault: bool,
+    /// DNS suffix of vaults given by name alone.
+    #[arg(long, env = "KVINJECT_VAULT_DNS_SUFFIX", default_value = "vault.azure.net")]
+    pub vault_dns_suffix: String,
+    /// Bound on one Key Vault read.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub keyvault_timeout: Duration,
+    #[command(flatten)]
+    pub azure: AzureArgs,
 }
 
 #[derive(Subcommand, Debug)]
@@ -587,7 +599,7 @@ pub fn parse_vaults(entries: &[String], dns_suffix: &str) -> anyhow::Result<BTre
     Ok(vaults)
 }
 
-fn credential(args: &AzureArgs, federated_token_file: bool) -> anyhow::Result<CredentialConfig> {
+pub(crate) fn credential(args: &AzureArgs, federated_token_file: bool) -> anyhow::Result<CredentialConfig> {
     let kind = match args.azure_credential {
         CredentialKind::Auto if federated_token_file => CredentialKind::WorkloadIdentity,
         CredentialKind::Auto if args.azure_client_secret.is_some() => CredentialKind::ClientSecret,

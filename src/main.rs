@@ -28,7 +28,7 @@ async fn main() -> anyhow::Result<ExitCode> {
                 }
             })
         }
-        config::Command::Lint(args) => Ok(match kvinject::lint::cli::run(&args) {
+        config::Command::Lint(args) => Ok(match kvinject::lint::cli::run(&args).await {
             Ok(true) => ExitCode::SUCCESS,
             Ok(false) => ExitCode::from(1),
             Err(e) => {

@@ -49,7 +49,7 @@ fn read_inputs(paths: &[String]) -> anyhow::Result<Vec<Document>> {
 }
 
 /// Prints the findings; `Ok(true)` when none is an error.
-pub fn run(args: &LintArgs) -> anyhow::Result<bool> {
+pub async fn run(args: &LintArgs) -> anyhow::Result<bool> {
     let docs = read_inputs(&args.paths)?;
     let mut extra_policies = Vec::new();
     for path in &args.policies {
@@ -73,9 +73,58 @@ pub fn run(args: &LintArgs) -> anyhow::Result<bool> {
             .map_err(|e| anyhow::anyhow!("--namespace-selector: {e}"))?,
         extra_policies,
     };
-    let findings = lint(&docs, &options);
+    let mut findings = lint(&docs, &options);
+    if args.check_vault {
+        findings.extend(check_vault(args, &super::uses(&docs, &options)).await?);
+    }
     print(&findings, args.output_json)?;
     Ok(!findings.iter().any(|f| f.severity == Severity::Error))
+}
+
+/// Reads each distinct secret once (without its field) and reports what Key Vault says of it
+/// at every place it is used.
+async fn check_vault(args: &LintArgs, uses: &[super::Use]) -> anyhow::Result<Vec<Finding>> {
+    use crate::keyvault::{AzureConfig, source::KeyVault};
+    if args.vaults.is_empty() {
+        bail!("--check-vault needs the vaults: --vault NAME or NAME=URL");
+    }
+    let vaults = crate::config::parse_vaults(&args.vaults, &args.vault_dns_suffix)?;
+    let azure = AzureConfig {
+        credential: crate::config::credential(
+            &args.azure,
+            std::env::var_os("AZURE_FEDERATED_TOKEN_FILE").is_some(),
+        )?,
+        ca_bundle: args.azure.azure_ca_bundle.clone(),
+        authority_host: args.azure.azure_authority_host.clone(),
+        attempt_timeout: args.keyvault_timeout,
+        max_retries: 1,
+    };
+    let connector = azure.connect().context("setting up Key Vault access")?;
+    let source = KeyVault::new(&connector, &vaults, args.keyvault_timeout * 2)
+        .context("setting up Key Vault clients")?;
+    let mut answers = std::collections::BTreeMap::new();
+    for u in uses {
+        let secret = u.reference.secret();
+        if !answers.contains_key(&secret) {
+            let answer = crate::keyvault::source::SecretSource::fetch(source.as_ref(), &secret, None)
+                .await
+                .err();
+            answers.insert(secret.clone(), answer);
+        }
+    }
+    Ok(uses
+        .iter()
+        .filter_map(|u| {
+            let why = answers.get(&u.reference.secret())?.as_ref()?;
+            Some(Finding {
+                file: u.file.clone(),
+                document: u.document,
+                object: u.object.clone(),
+                severity: Severity::Error,
+                message: format!("{}: {why}", u.places),
+            })
+        })
+        .collect())
 }
 
 fn print(findings: &[Finding], json: bool) -> anyhow::Result<()> {

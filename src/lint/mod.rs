@@ -219,6 +219,62 @@ pub fn lint(documents: &[Document], options: &Options) -> Vec<Finding> {
     findings
 }
 
+/// Where a reference is used: the document, the object and the places in its pod.
+#[derive(Clone, Debug)]
+pub struct Use {
+    pub file: String,
+    pub document: usize,
+    pub object: String,
+    pub places: String,
+    pub reference: Reference,
+}
+
+/// Every reference the inputs' pods would materialize (those that plan without a denial).
+pub fn uses(documents: &[Document], options: &Options) -> Vec<Use> {
+    let docs: Vec<&Value> = documents.iter().filter_map(|d| d.content.as_ref().ok()).collect();
+    let vaults = if options.vaults.is_empty() {
+        vaults_named(&docs)
+    } else {
+        options.vaults.clone()
+    };
+    let config = InjectConfig {
+        vaults,
+        ..Default::default()
+    };
+    let mut out = Vec::new();
+    for d in documents {
+        let Ok(doc) = &d.content else { continue };
+        let Some(pod) = pod_of(doc).and_then(|p| serde_json::from_value::<Pod>(p).ok()) else {
+            continue;
+        };
+        let Ok(plan) = mutate::plan(&pod, &config) else {
+            continue;
+        };
+        let namespace = doc["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or(&options.default_namespace);
+        let object = format!(
+            "{}/{namespace}/{}",
+            doc["kind"].as_str().unwrap_or_default(),
+            doc["metadata"]["name"].as_str().unwrap_or_default()
+        );
+        for needed in &plan.needed {
+            out.push(Use {
+                file: d.file.clone(),
+                document: d.index,
+                object: object.clone(),
+                places: plan
+                    .locations
+                    .get(&needed.secret_name)
+                    .map(|l| l.join(", "))
+                    .unwrap_or_default(),
+                reference: needed.source.reference().clone(),
+            });
+        }
+    }
+    out
+}
+
 /// Splits a YAML stream into documents, each parsed to JSON or with its syntax error.
 pub fn documents(file: &str, text: &str) -> Vec<Document> {
     use serde::Deserialize;

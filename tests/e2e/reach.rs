@@ -357,3 +357,81 @@ async fn secrets_as_files_are_projected_and_rotate_in_place_without_a_rollout() 
         "{denied}"
     );
 }
+
+/// `kvinject lint --check-vault` asks the bed's vault, with `serve`'s credentials.
+#[tokio::test]
+async fn lint_check_vault_reports_what_key_vault_says_of_each_reference() {
+    let _vault = support::VAULT.read().await;
+    let bed = support::testbed();
+    let (present, disabled) = (support::unique("lint-ok"), support::unique("lint-off"));
+    support::seed_secret(&present, r#"{"k": "v"}"#).await;
+    let off = azure_security_keyvault_secrets::models::SecretAttributes {
+        enabled: Some(false),
+        ..Default::default()
+    };
+    support::seed_secret_with(&disabled, "v", off).await;
+    let missing = support::unique("lint-missing");
+    let v = &bed.vault_name;
+    let manifest = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: p, namespace: team}}\nspec:\n  containers:\n  - name: c\n    env:\n\
+         \x20   - {{name: OK, value: 'akv://{v}/{present}#k'}}\n\
+         \x20   - {{name: GONE, value: 'akv://{v}/{missing}'}}\n\
+         \x20   - {{name: OFF, value: 'akv://{v}/{disabled}'}}\n\
+         \x20   - {{name: OLD, value: 'akv://{v}/{present}/0123456789abcdef0123456789abcdef'}}\n"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("pod.yaml");
+    std::fs::write(&file, manifest).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kvinject"))
+        .args([
+            "lint",
+            file.to_str().unwrap(),
+            "--check-vault",
+            "--vault",
+            &format!("{v}={}", bed.vault_url),
+        ])
+        .args([
+            "--azure-credential",
+            "client-secret",
+            "--azure-tenant-id",
+            "testbed-tenant",
+            "--azure-client-id",
+            "kvinject-tests",
+        ])
+        .arg("--azure-ca-bundle")
+        .arg(&bed.ca)
+        .args(["--azure-authority-host", &bed.authority])
+        .env("AZURE_CLIENT_SECRET", "testbed-client-secret")
+        .env_remove("AZURE_FEDERATED_TOKEN_FILE")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains(&format!(
+            "container `c` env `GONE`: Key Vault secret akv://{v}/{missing} was not found"
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!(
+            "container `c` env `OFF`: Key Vault secret akv://{v}/{disabled} is disabled"
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains("container `c` env `OLD`: Key Vault secret")
+            && text.contains("/0123456789abcdef0123456789abcdef was not found"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("env `OK`"),
+        "an existing secret and field is fine: {text}"
+    );
+    assert_eq!(text.lines().count(), 3, "{text}");
+}
