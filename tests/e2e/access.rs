@@ -28,6 +28,7 @@ struct Tenants {
 impl Drop for Tenants {
     fn drop(&mut self) {
         for ns in &self.namespaces {
+            support::keep_events(ns);
             support::delete_from_drop::<k8s_openapi::api::core::v1::Namespace>(ns.clone());
         }
     }

@@ -146,6 +146,7 @@ pub fn secret_client() -> azure_security_keyvault_secrets::SecretClient {
 /// Writes a new version of `name` in the bed's vault and returns that version's id.
 pub async fn seed_secret(name: &str, value: &str) -> String {
     use azure_security_keyvault_secrets::{ResourceExt, models::SetSecretParameters};
+    record_seeded(value);
     let params = SetSecretParameters {
         value: Some(value.to_owned()),
         ..Default::default()
@@ -160,12 +161,23 @@ pub async fn seed_secret(name: &str, value: &str) -> String {
 }
 
 /// Writes a new version with explicit attributes (enabled, expiry, not-before).
+/// Remembers a value seeded in the vault, for the suite-wide scan (tests/scan-values) that
+/// proves no value reached kvinject's logs, Events or metrics.
+pub fn record_seeded(value: &str) {
+    use std::io::Write;
+    let path = testbed().dir.join("seeded-values.jsonl");
+    if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
+        let _ = writeln!(f, "{}", serde_json::Value::from(value));
+    }
+}
+
 pub async fn seed_secret_with(
     name: &str,
     value: &str,
     attributes: azure_security_keyvault_secrets::models::SecretAttributes,
 ) -> String {
     use azure_security_keyvault_secrets::{ResourceExt, models::SetSecretParameters};
+    record_seeded(value);
     let params = SetSecretParameters {
         value: Some(value.to_owned()),
         secret_attributes: Some(attributes),
@@ -516,6 +528,8 @@ impl Kvinject {
 
 impl Drop for Kvinject {
     fn drop(&mut self) {
+        // Its /metrics, kept beside its log for the suite-wide scan for values.
+        let _ = std::fs::write(self.log.with_extension("metrics"), scrape(self.admin_port));
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -536,6 +550,19 @@ fn test_defaults(args: &[&str]) -> Vec<&'static str> {
         .filter(|(flag, _)| !args.contains(flag))
         .flat_map(|(flag, value)| [*flag, *value])
         .collect()
+}
+
+/// A plain HTTP GET of /metrics on 127.0.0.1:`port` (no async runtime: used from `Drop`).
+fn scrape(port: u16) -> String {
+    use std::io::{Read, Write};
+    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return String::new();
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    let _ = stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n");
+    let mut body = String::new();
+    let _ = stream.read_to_string(&mut body);
+    body
 }
 
 /// Waits until the apiserver calls the webhook for namespace `ns`: a dry-run pod naming a
@@ -572,7 +599,23 @@ pub struct Setup {
 impl Drop for Setup {
     /// Deletes the test's namespace, so later tests' controllers do not see its Secrets.
     fn drop(&mut self) {
+        keep_events(&self.ns);
         delete_from_drop::<Namespace>(self.ns.clone());
+    }
+}
+
+/// Saves a namespace's Events beside kvinject's logs before the namespace goes, for the
+/// suite-wide scan for values (tests/scan-values).
+pub fn keep_events(ns: &str) {
+    let (ok, out, _) = kubectl(&["get", "events.events.k8s.io", "-n", ns, "-o", "json"], None);
+    if ok {
+        let _ = std::fs::write(
+            testbed()
+                .dir
+                .join("logs")
+                .join(format!("kvinject-events-{ns}.json")),
+            out,
+        );
     }
 }
 
