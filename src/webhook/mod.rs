@@ -138,6 +138,12 @@ fn encode_review(response: AdmissionResponse) -> Vec<u8> {
     if let (Some(bytes), Some(slot)) = (patch, doc.pointer_mut("/response/patch")) {
         *slot = base64::engine::general_purpose::STANDARD.encode(bytes).into();
     }
+    // The registration speaks v1 only: answer as such, whatever type a caller wrote (kube-rs
+    // echoes the request's `kind`, so a misspelled one came back; found by fuzzing).
+    if let Some(map) = doc.as_object_mut() {
+        map.insert("apiVersion".into(), "admission.k8s.io/v1".into());
+        map.insert("kind".into(), "AdmissionReview".into());
+    }
     serde_json::to_vec(&doc).unwrap_or_default()
 }
 
@@ -416,6 +422,20 @@ mod tests {
                 "body {body:?}: {review}"
             );
         }
+    }
+
+    #[tokio::test]
+    async fn the_answer_is_a_v1_admission_review_whatever_the_request_called_itself() {
+        let h = harness();
+        let mut r = review_of(pod_with("plain"), false);
+        r["kind"] = "AdmissmonReview".into();
+        r["apiVersion"] = "admission.k8s.io/v1beta1".into();
+        let (_, body) = post(&h.app, r.to_string()).await;
+        assert_eq!(
+            (body["apiVersion"].as_str(), body["kind"].as_str()),
+            (Some("admission.k8s.io/v1"), Some("AdmissionReview"))
+        );
+        assert_eq!(body["response"]["uid"], "u-1");
     }
 
     #[tokio::test]
