@@ -44,7 +44,10 @@ impl SecretSource for Vault {
             return Err(FetchError::NotFound(r.to_string()));
         }
         let value = format!(r#"{{"auths":{{"r.example":{{"auth":"{MARK}"}}}},"mark":"{MARK}"}}"#);
-        Ok(Fetched { value: SecretValue::new(value), version: "0123456789abcdef0123456789abcdef".into() })
+        Ok(Fetched {
+            value: SecretValue::new(value),
+            version: "0123456789abcdef0123456789abcdef".into(),
+        })
     }
     async fn probe(&self, _: &str) -> Result<(), FetchError> {
         Ok(())
@@ -62,18 +65,39 @@ impl SecretWriter for Discard {
 
 fn runtime() -> &'static tokio::runtime::Runtime {
     static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
-    RT.get_or_init(|| tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap())
+    RT.get_or_init(|| {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap()
+    })
 }
 
 fn app() -> Router {
-    let config = InjectConfig { vaults: ["main".to_owned()].into(), ..Default::default() };
+    let config = InjectConfig {
+        vaults: ["main".to_owned()].into(),
+        ..Default::default()
+    };
     let store = Writer::<Secret>::default().as_reader();
-    let injector = Injector::new(config, Arc::new(Vault), Arc::new(Discard), store, Duration::from_secs(60), Metrics::default());
-    router(WebhookState { injector: Arc::new(injector), deadline: Duration::from_secs(5) })
+    let injector = Injector::new(
+        config,
+        Arc::new(Vault),
+        Arc::new(Discard),
+        store,
+        Duration::from_secs(60),
+        Metrics::default(),
+    );
+    router(WebhookState {
+        injector: Arc::new(injector),
+        deadline: Duration::from_secs(5),
+    })
 }
 
 async fn answer(app: &Router, body: Vec<u8>) -> Value {
-    let req = Request::post("/mutate").header("content-type", "application/json").body(Body::from(body)).unwrap();
+    let req = Request::post("/mutate")
+        .header("content-type", "application/json")
+        .body(Body::from(body))
+        .unwrap();
     let res = app.clone().oneshot(req).await.unwrap();
     assert_eq!(res.status(), 200, "every answer is a 200");
     let bytes = res.into_body().collect().await.unwrap().to_bytes();

@@ -5,7 +5,10 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|input: &str| {
     let docs = documents("fuzz.yaml", input);
-    let options = Options { default_namespace: "default".into(), ..Default::default() };
+    let options = Options {
+        default_namespace: "default".into(),
+        ..Default::default()
+    };
     for finding in lint(&docs, &options) {
         assert!(!finding.message.is_empty());
     }

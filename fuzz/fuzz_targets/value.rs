@@ -25,11 +25,22 @@ fuzz_target!(|input: &str| {
         Source::Env(r(Some("a.b"))),
         Source::Env(r(Some("items.0"))),
         Source::DockerConfig(r(None)),
-        Source::RegistryLogin { registry: "r.example".into(), username: "u".into(), password: r(None) },
+        Source::RegistryLogin {
+            registry: "r.example".into(),
+            username: "u".into(),
+            password: r(None),
+        },
     ];
-    let fetched = Fetched { value: SecretValue::new(value), version: "0123456789abcdef0123456789abcdef".into() };
+    let fetched = Fetched {
+        value: SecretValue::new(value),
+        version: "0123456789abcdef0123456789abcdef".into(),
+    };
     for source in sources {
-        let needed = Needed { secret_name: source.secret_name(), source, identity: None };
+        let needed = Needed {
+            secret_name: source.secret_name(),
+            source,
+            identity: None,
+        };
         if let Err(e) = desired_secret("ns", &needed, &fetched, &Default::default()) {
             let message = e.to_string();
             assert!(!message.contains(MARK), "a refusal echoed the value: {message}");
