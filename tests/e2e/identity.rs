@@ -5,7 +5,7 @@
 
 use crate::{
     inject::{self, pod},
-    rotation::{rotation_args, version},
+    rotation::{rotation_setup, version},
     support::{self, Setup},
 };
 use k8s_openapi::api::core::v1::{Pod, Secret, ServiceAccount};
@@ -42,8 +42,7 @@ async fn each_service_account_reads_as_its_own_identity_and_never_shares_a_value
     // Exclusive: the vault and its token endpoint are stopped midway.
     let _vault = support::VAULT.write().await;
     let _rotation = support::ROTATION.lock().await;
-    let args = rotation_args(&support::unique("lease"), "1h");
-    let s = support::setup("identity", &args.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    let s = rotation_setup("identity", &[]).await;
     let (a, b) = (support::unique("client-a"), support::unique("client-b"));
     let workload = |client_id: &str| json!({"kvinject.io/identity": "workload", "azure.workload.identity/client-id": client_id});
     service_account(&s, "a", workload(&a)).await;

@@ -3,7 +3,7 @@
 
 use crate::{
     inject::{self, pod},
-    rotation::{rotation_args, version},
+    rotation::{rotation_setup, version},
     support,
 };
 use k8s_openapi::api::{core::v1::Secret, events::v1::Event};
@@ -21,8 +21,7 @@ async fn reads_of(name: &str) -> u64 {
 async fn fields_of_one_json_secret_are_materialized_from_one_read_and_follow_rotation() {
     let _vault = support::VAULT.read().await;
     let _rotation = support::ROTATION.lock().await;
-    let args = rotation_args(&support::unique("lease"), "1h");
-    let s = support::setup("json", &args.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    let s = rotation_setup("json", &[]).await;
     let name = support::unique("db-creds");
     let password = support::unique("pw");
     support::seed_secret(
@@ -262,10 +261,8 @@ async fn secrets_as_files_are_projected_and_rotate_in_place_without_a_rollout() 
     use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
     let _vault = support::VAULT.read().await;
     let _rotation = support::ROTATION.lock().await;
-    let mut args = rotation_args(&support::unique("lease"), "1h");
     // Rollouts on for every workload: file-only users must still not roll.
-    args.extend(["--rollout-on-rotation".to_owned(), "true".to_owned()]);
-    let s = support::setup("files", &args.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    let s = rotation_setup("files", &["--rollout-on-rotation", "true"]).await;
     let name = support::unique("token");
     support::seed_secret(&name, "first-value").await;
     let deployment: Deployment = serde_json::from_value(json!({

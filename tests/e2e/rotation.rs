@@ -40,8 +40,13 @@ pub(crate) fn rotation_args(lease: &str, refresh: &str) -> Vec<String> {
 
 /// A namespace, webhook and kvinject running the rotation controller on its own Lease.
 /// The caller holds `VAULT` and `ROTATION`.
-async fn rotation_setup(prefix: &str, extra: &[&str]) -> Setup {
-    let mut args = rotation_args(&support::unique("lease"), "1h");
+pub(crate) async fn rotation_setup(prefix: &str, extra: &[&str]) -> Setup {
+    rotation_setup_every(prefix, "1h", extra).await
+}
+
+/// `rotation_setup` with checks every `refresh` by default.
+pub(crate) async fn rotation_setup_every(prefix: &str, refresh: &str, extra: &[&str]) -> Setup {
+    let mut args = rotation_args(&support::unique("lease"), refresh);
     args.extend(extra.iter().map(|s| s.to_string()));
     support::setup(prefix, &args.iter().map(String::as_str).collect::<Vec<_>>()).await
 }

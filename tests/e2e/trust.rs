@@ -5,7 +5,7 @@
 
 use crate::{
     inject::{self, pod},
-    rotation::{rotation_args, version},
+    rotation::{rotation_setup, rotation_setup_every, version},
     support::{self, Kvinject},
 };
 use k8s_openapi::api::{core::v1::Secret, events::v1::Event};
@@ -58,8 +58,7 @@ async fn events_for(client: &Client, ns: &str, reason: &str, name: &str) -> usiz
 async fn labelled_secrets_kvinject_did_not_seal_are_never_filled_used_or_deleted() {
     let _vault = support::VAULT.read().await;
     let _rotation = support::ROTATION.lock().await;
-    let args = rotation_args(&support::unique("lease"), "2s");
-    let s = support::setup("trust", &args.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    let s = rotation_setup_every("trust", "2s", &[]).await;
     let prod = support::unique("prod-admin");
     let prod_value = support::unique("production-value");
     support::seed_secret(&prod, &prod_value).await;
@@ -173,8 +172,7 @@ async fn labelled_secrets_kvinject_did_not_seal_are_never_filled_used_or_deleted
 async fn a_hand_edited_value_is_restored_from_key_vault() {
     let _vault = support::VAULT.read().await;
     let _rotation = support::ROTATION.lock().await;
-    let args = rotation_args(&support::unique("lease"), "1h");
-    let s = support::setup("edited", &args.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    let s = rotation_setup("edited", &[]).await;
     let name = support::unique("edited");
     let value = support::unique("real-value");
     let first = support::seed_secret(&name, &value).await;
@@ -292,9 +290,7 @@ async fn a_review_posted_for_a_namespace_kvinject_does_not_act_for_writes_nothin
 async fn a_pod_asking_for_a_check_every_millisecond_gets_the_floor() {
     let _vault = support::VAULT.read().await;
     let _rotation = support::ROTATION.lock().await;
-    let mut args = rotation_args(&support::unique("lease"), "1h");
-    args.extend(["--min-refresh-interval".to_owned(), "3s".to_owned()]);
-    let s = support::setup("floor", &args.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    let s = rotation_setup("floor", &["--min-refresh-interval", "3s"]).await;
     let name = support::unique("hammered");
     support::seed_secret(&name, "v").await;
     let manifest = json!({
