@@ -214,8 +214,19 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
                 ..identities.clone()
             });
             let lease = rotation::lease::run(client.clone(), settings.lease, leading_tx);
+            // Whether this replica leads, for the no-Lease-holder alert.
+            let leader_gauge = {
+                let (mut leading, metrics) = (leading_rx.clone(), metrics.clone());
+                async move {
+                    while leading.changed().await.is_ok() {
+                        metrics
+                            .rotation_leader
+                            .set(i64::from(*leading.borrow_and_update()));
+                    }
+                }
+            };
             Box::pin(async move {
-                tokio::join!(watches, lease, controller.run(leading_rx));
+                tokio::join!(watches, lease, controller.run(leading_rx), leader_gauge);
             })
         }
     };

@@ -42,6 +42,7 @@ pub struct Metrics {
     pub access_policies: Gauge,
     pub access_denials: Counter,
     pub access_revoked: Gauge,
+    pub rotation_leader: Gauge,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -143,6 +144,12 @@ impl Default for Metrics {
             "Materialized Secrets whose grant was revoked: no longer refreshed, deleted once no pod uses them",
             access_revoked.clone(),
         );
+        let rotation_leader = Gauge::default();
+        registry.register(
+            "rotation_leader",
+            "1 while this replica holds the rotation Lease (the controller acts), 0 otherwise",
+            rotation_leader.clone(),
+        );
         Self {
             registry: Arc::new(registry),
             admissions,
@@ -160,6 +167,7 @@ impl Default for Metrics {
             access_policies,
             access_denials,
             access_revoked,
+            rotation_leader,
         }
     }
 }

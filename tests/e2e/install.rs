@@ -1034,6 +1034,7 @@ async fn optional_cert_manager_and_service_monitor_objects_match_their_crds() {
         "certificates.cert-manager.io",
         "issuers.cert-manager.io",
         "servicemonitors.monitoring.coreos.com",
+        "prometheusrules.monitoring.coreos.com",
     ]
     .map(|c| format!("crd/{c}"));
     let mut wait = vec!["wait", "--for", "condition=Established", "--timeout=60s"];
@@ -1068,6 +1069,8 @@ async fn optional_cert_manager_and_service_monitor_objects_match_their_crds() {
             "tls.source=certManager",
             "--set",
             "serviceMonitor.enabled=true",
+            "--set",
+            "prometheusRule.enabled=true",
         ];
         args.extend_from_slice(extra);
         let (ok, rendered, err) = helm(&args);
@@ -1099,6 +1102,12 @@ async fn optional_cert_manager_and_service_monitor_objects_match_their_crds() {
             ),
             "{out}"
         );
+        assert!(
+            out.contains(
+                "prometheusrule.monitoring.coreos.com/kvinject-cm serverside-applied (server dry run)"
+            ),
+            "{out}"
+        );
     }
 
     // The dry run does check the schema: a misspelled field is refused.
@@ -1110,4 +1119,55 @@ async fn optional_cert_manager_and_service_monitor_objects_match_their_crds() {
         Some(&typo),
     );
     assert!(!ok && err.contains("dnsNamez"), "{err}");
+}
+
+/// The chart's alerts, tested by promtool (built from its Go module) with synthetic series:
+/// each fires when it should and stays quiet otherwise (tests/alerts/kvinject.test.yaml).
+#[test]
+fn the_charts_alerts_fire_when_they_should() {
+    let ok = Command::new(repo().join("tests/testbed/build.sh"))
+        .arg("promtool")
+        .status()
+        .expect("building promtool");
+    assert!(ok.success(), "tests/testbed/build.sh promtool failed");
+    let (ok, rendered, err) = helm(&[
+        "template",
+        "kvinject",
+        "deploy/helm/kvinject",
+        "-n",
+        NS,
+        "-f",
+        "deploy/manifests/values.yaml",
+        "--set",
+        "prometheusRule.enabled=true",
+        "-s",
+        "templates/prometheusrule.yaml",
+    ]);
+    assert!(ok, "{err}");
+    let rule: serde_json::Value = serde_yaml::from_str(&rendered).expect("the PrometheusRule is YAML");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("rules.yaml"),
+        serde_yaml::to_string(&rule["spec"]).unwrap(),
+    )
+    .unwrap();
+    std::fs::copy(
+        repo().join("tests/alerts/kvinject.test.yaml"),
+        dir.path().join("kvinject.test.yaml"),
+    )
+    .unwrap();
+    let out = Command::new(bed_cache().join("bin/promtool"))
+        .args(["test", "rules", "kvinject.test.yaml"])
+        .current_dir(dir.path())
+        .output()
+        .expect("running promtool");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && text.contains("SUCCESS"),
+        "promtool test rules:\n{text}"
+    );
 }

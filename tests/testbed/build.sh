@@ -4,6 +4,8 @@
 #   kube-apiserver, kube-controller-manager  from k8s.io/kubernetes (go/kube)
 #   etcd                                      from go.etcd.io/etcd/server/v3 (go/etcd)
 #   helm                                      from helm.sh/helm/v3 (go/helm), for the chart tests
+#   promtool                                  from github.com/prometheus/prometheus (go/promtool),
+#                                             for the chart's alert tests
 #   crds/current/  cert-manager and ServiceMonitor CustomResourceDefinitions, copied from the
 #                  modules github.com/cert-manager/cert-manager and
 #                  github.com/prometheus-operator/prometheus-operator (only their CRDs: the
@@ -48,7 +50,7 @@ module_dir() { # module@version -> its directory in the module cache
 }
 
 fetch_crds() {
-  local dst="$out/crds/cm-$CERT_MANAGER_VERSION-po-$PROMETHEUS_OPERATOR_VERSION"
+  local dst="$out/crds/cm-$CERT_MANAGER_VERSION-po-$PROMETHEUS_OPERATOR_VERSION-rules"
   if [[ ! -d $dst ]]; then
     echo "testbed: fetching the cert-manager and ServiceMonitor CRDs" >&2
     local cm po
@@ -57,7 +59,7 @@ fetch_crds() {
     [[ -n $cm && -n $po ]] || { echo "testbed: could not download the CRD modules" >&2; exit 1; }
     rm -rf "$dst.tmp" && mkdir -p "$dst.tmp"
     cp "$cm"/deploy/crds/cert-manager.io_{certificates,certificaterequests,issuers,clusterissuers}.yaml "$dst.tmp/"
-    cp "$po"/example/prometheus-operator-crd/monitoring.coreos.com_servicemonitors.yaml "$dst.tmp/"
+    cp "$po"/example/prometheus-operator-crd/monitoring.coreos.com_{servicemonitors,prometheusrules}.yaml "$dst.tmp/"
     chmod -R u+w "$dst.tmp" && mv "$dst.tmp" "$dst"
   fi
   ln -sfn "$(basename "$dst")" "$out/crds/current"
@@ -74,6 +76,7 @@ case $what in
   kube-apiserver) build_go kube kube-apiserver k8s.io/kubernetes/cmd/kube-apiserver "$(kube_ldflags)" ;;
   kube-controller-manager) build_go kube kube-controller-manager k8s.io/kubernetes/cmd/kube-controller-manager "$(kube_ldflags)" ;;
   helm) build_go helm helm helm.sh/helm/v3/cmd/helm "$(helm_ldflags)" ;;
+  promtool) build_go promtool promtool github.com/prometheus/prometheus/cmd/promtool "-s -w" ;;
   crds) fetch_crds ;;
   all)
     build_go etcd etcd go.etcd.io/etcd/server/v3 "-s -w"
@@ -82,5 +85,5 @@ case $what in
     build_go kube kube-apiserver k8s.io/kubernetes/cmd/kube-apiserver "$(kube_ldflags)"
     build_go kube kube-controller-manager k8s.io/kubernetes/cmd/kube-controller-manager "$(kube_ldflags)"
     ;;
-  *) echo "usage: $0 [all|etcd|kube-apiserver|kube-controller-manager|helm|crds]" >&2; exit 2 ;;
+  *) echo "usage: $0 [all|etcd|kube-apiserver|kube-controller-manager|helm|promtool|crds]" >&2; exit 2 ;;
 esac
