@@ -424,17 +424,9 @@ async fn a_revoked_grant_denies_at_once_then_the_secret_stops_rotating_and_goes_
         Duration::from_secs(20),
         "an AccessRevoked Event on the Secret",
         || async {
-            let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(t.client.clone(), ns);
-            events
-                .list(&ListParams::default())
+            !support::events_about(&t.client, ns, "AccessRevoked", &secret_name)
                 .await
-                .unwrap()
-                .items
-                .iter()
-                .any(|e| {
-                    e.reason.as_deref() == Some("AccessRevoked")
-                        && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(secret_name.as_str())
-                })
+                .is_empty()
         },
     )
     .await;

@@ -6,7 +6,7 @@ use crate::{
     rotation::{rotation_setup, version},
     support,
 };
-use k8s_openapi::api::{core::v1::Secret, events::v1::Event};
+use k8s_openapi::api::core::v1::Secret;
 use kube::{Api, api::ListParams};
 use serde_json::json;
 use std::time::Duration;
@@ -88,24 +88,16 @@ async fn fields_of_one_json_secret_are_materialized_from_one_read_and_follow_rot
     // Rotation re-extracts the field; a new version without it keeps the old value.
     let user_secret = inject::secret_key_ref(&stored, "USER").unwrap();
     let without = support::seed_secret(&name, &json!({"password": "x"}).to_string()).await;
-    let events: Api<Event> = Api::namespaced(s.client.clone(), &s.ns);
     support::eventually(
         Duration::from_secs(20),
         "a RotationRefused Event for the missing field",
         || async {
-            events
-                .list(&ListParams::default())
-                .await
-                .unwrap()
-                .items
-                .iter()
-                .any(|e| {
-                    e.reason.as_deref() == Some("RotationRefused")
-                        && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(user_secret.as_str())
-                        && e.note
-                            .as_deref()
-                            .is_some_and(|n| n.contains("has no field `username`"))
-                })
+            let refused = support::events_about(&s.client, &s.ns, "RotationRefused", &user_secret).await;
+            refused.iter().any(|e| {
+                e.note
+                    .as_deref()
+                    .is_some_and(|n| n.contains("has no field `username`"))
+            })
         },
     )
     .await;

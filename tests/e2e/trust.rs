@@ -8,7 +8,7 @@ use crate::{
     rotation::{rotation_setup, rotation_setup_every, version},
     support::{self, Kvinject},
 };
-use k8s_openapi::api::{core::v1::Secret, events::v1::Event};
+use k8s_openapi::api::core::v1::Secret;
 use kube::{
     Api, Client,
     api::{ListParams, Patch, PatchParams, PostParams},
@@ -40,18 +40,7 @@ fn base64_of(v: &str) -> String {
 }
 
 async fn events_for(client: &Client, ns: &str, reason: &str, name: &str) -> usize {
-    let events: Api<Event> = Api::namespaced(client.clone(), ns);
-    events
-        .list(&ListParams::default())
-        .await
-        .unwrap()
-        .items
-        .iter()
-        .filter(|e| {
-            e.reason.as_deref() == Some(reason)
-                && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name)
-        })
-        .count()
+    support::events_about(client, ns, reason, name).await.len()
 }
 
 #[tokio::test]

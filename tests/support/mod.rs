@@ -604,6 +604,24 @@ impl Drop for Setup {
     }
 }
 
+/// The Events in `ns` with `reason` about the object named `name`.
+pub async fn events_about(
+    client: &Client,
+    ns: &str,
+    reason: &str,
+    name: &str,
+) -> Vec<k8s_openapi::api::events::v1::Event> {
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), ns);
+    let list = events.list(&Default::default()).await.expect("listing Events");
+    list.items
+        .into_iter()
+        .filter(|e| {
+            e.reason.as_deref() == Some(reason)
+                && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name)
+        })
+        .collect()
+}
+
 /// Saves a namespace's Events beside kvinject's logs before the namespace goes, for the
 /// suite-wide scan for values (tests/scan-values).
 pub fn keep_events(ns: &str) {
