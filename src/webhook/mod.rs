@@ -94,6 +94,9 @@ async fn review(state: &WebhookState, body: &[u8]) -> AdmissionResponse {
     let Some(pod) = request.object.as_ref() else {
         return response.deny("the AdmissionReview has no pod object");
     };
+    if !has_metadata(body) {
+        return response.deny("the pod object in the AdmissionReview has no metadata");
+    }
     span.record(
         "pod",
         pod.metadata
@@ -128,6 +131,25 @@ async fn review(state: &WebhookState, body: &[u8]) -> AdmissionResponse {
             Err(e) => response.deny(format!("kvinject could not encode its patch: {e}")),
         },
     }
+}
+
+/// Whether `request.object.metadata` is an object. The typed pod defaults a missing one,
+/// and a patch that adds under `/metadata` would then not apply to what was sent. The
+/// apiserver always sends it; a hand-made review may not.
+fn has_metadata(body: &[u8]) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Review {
+        request: Request,
+    }
+    #[derive(serde::Deserialize)]
+    struct Request {
+        object: Object,
+    }
+    #[derive(serde::Deserialize)]
+    struct Object {
+        metadata: Option<serde::de::IgnoredAny>,
+    }
+    serde_json::from_slice::<Review>(body).is_ok_and(|r| r.request.object.metadata.is_some())
 }
 
 /// Serializes the review with `patch` in its documented form, a base64 string (the
@@ -174,6 +196,24 @@ mod tests {
         atomic::{AtomicUsize, Ordering},
     };
     use tower::ServiceExt;
+
+    #[test]
+    fn a_pod_without_metadata_is_told_so() {
+        // Found by the admission fuzz target: the typed pod defaulted the missing metadata,
+        // and the patch added under /metadata, which the sent object did not have.
+        let review = |object: Value| {
+            serde_json::to_vec(
+                &json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+                "request": {"uid": "u", "object": object}}),
+            )
+            .unwrap()
+        };
+        assert!(!has_metadata(&review(
+            json!({"kind": "Pod", "spec": {"containers": []}})
+        )));
+        assert!(!has_metadata(&review(json!({"kind": "Pod", "metadata": null}))));
+        assert!(has_metadata(&review(json!({"kind": "Pod", "metadata": {}}))));
+    }
 
     #[derive(Default)]
     struct CountingSource(AtomicUsize);
