@@ -143,6 +143,7 @@ impl AzureConfig {
         )))
     }
 
+    /// The options of Entra ID's token requests: the SDK's retries, bounded by ours.
     fn client_options(&self, transport: &Transport) -> ClientOptions {
         let mut options = ClientOptions {
             transport: Some(transport.clone()),
@@ -202,9 +203,20 @@ impl AzureConfig {
                 )?
             }
         };
+        // Key Vault calls are retried by kvinject itself (`source::KeyVault`): the SDK's policy
+        // sleeps a 429's whole Retry-After, however long, and hides each attempt's cause.
+        let vault_options = ClientOptions {
+            retry: RetryOptions::none(),
+            ..client_options.clone()
+        };
         Ok(Connector {
             credential,
             client_options,
+            vault_options,
+            attempts: Attempts {
+                timeout: self.attempt_timeout,
+                retries: self.max_retries,
+            },
         })
     }
 }
@@ -213,11 +225,23 @@ fn signed(d: Duration) -> azure_core::time::Duration {
     azure_core::time::Duration::try_from(d).unwrap_or(azure_core::time::Duration::MAX)
 }
 
+/// How kvinject tries one Key Vault call: attempts of at most `timeout`, and `retries` more
+/// after a failure that may pass (a timeout, a transport error, a 5xx, a 429).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Attempts {
+    pub timeout: Duration,
+    pub retries: u32,
+}
+
 /// Makes secret clients that share one credential (and its token cache) and one transport.
 #[derive(Clone)]
 pub struct Connector {
     credential: Arc<dyn TokenCredential>,
+    /// For Entra ID (token requests).
     client_options: ClientOptions,
+    /// For Key Vault: no SDK retries.
+    vault_options: ClientOptions,
+    pub attempts: Attempts,
 }
 
 impl Connector {
@@ -232,7 +256,7 @@ impl Connector {
         credential: Arc<dyn TokenCredential>,
     ) -> Result<SecretClient, SetupError> {
         let options = SecretClientOptions {
-            client_options: self.client_options.clone(),
+            client_options: self.vault_options.clone(),
             ..Default::default()
         };
         SecretClient::new(vault_url, credential, Some(options)).map_err(|source| SetupError::Client {

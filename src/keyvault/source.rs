@@ -1,6 +1,6 @@
 //! Reading one secret from Key Vault, with errors a pod's author can act on.
 
-use super::{Connector, SecretValue, SetupError};
+use super::{Attempts, Connector, SecretValue, SetupError};
 use crate::{identity::WorkloadIdentity, reference::Reference};
 use async_trait::async_trait;
 use azure_core::error::ErrorKind;
@@ -79,6 +79,14 @@ impl FetchError {
         }
     }
 
+    /// True for a failure that may pass by itself, so that another attempt may succeed.
+    pub fn may_pass(&self) -> bool {
+        matches!(
+            self,
+            FetchError::Unreachable { .. } | FetchError::Timeout { .. } | FetchError::Throttled { .. }
+        )
+    }
+
     /// True when the vault itself could not be used, as opposed to an answer about the secret.
     pub fn is_outage(&self) -> bool {
         matches!(
@@ -108,7 +116,9 @@ pub trait SecretSource: Send + Sync {
 /// identity once one reads.
 pub struct KeyVault {
     clients: BTreeMap<String, SecretClient>,
+    /// The whole budget of one read, retries included.
     timeout: Duration,
+    attempts: Attempts,
     urls: BTreeMap<String, String>,
     connector: Connector,
     /// Mints ServiceAccount tokens for workload identities; `None`: none may be used.
@@ -151,6 +161,7 @@ impl KeyVault {
         Ok(Self {
             clients,
             timeout,
+            attempts: connector.attempts,
             urls: vaults.clone(),
             connector: connector.clone(),
             kube,
@@ -286,25 +297,14 @@ impl SecretSource for KeyVault {
             secret_version: reference.version.clone(),
             ..Default::default()
         };
-        let call = async {
-            let response = client.get_secret(&reference.name, Some(options)).await?;
-            response.into_model()
-        };
-        let secret = match tokio::time::timeout(self.timeout, call).await {
-            Err(_) => {
-                return Err(FetchError::Timeout {
-                    vault: reference.vault.clone(),
-                    timeout: self.timeout,
-                });
-            }
-            Ok(Err(e)) => {
-                return Err(as_reader(
-                    classify(&reference.vault, &reference.to_string(), &e),
-                    identity,
-                ));
-            }
-            Ok(Ok(s)) => s,
-        };
+        let what = reference.to_string();
+        let secret = self
+            .attempt(&reference.vault, &what, || async {
+                let response = client.get_secret(&reference.name, Some(options.clone())).await?;
+                response.into_model()
+            })
+            .await
+            .map_err(|e| as_reader(e, identity))?;
         let r = reference.to_string();
         if let Some(attrs) = &secret.attributes {
             let now = OffsetDateTime::now_utc();
@@ -345,37 +345,144 @@ impl SecretSource for KeyVault {
     async fn probe(&self, vault: &str) -> Result<(), FetchError> {
         use futures::TryStreamExt;
         let client = self.client(vault)?;
-        let call = async {
-            let mut pages = client.list_secret_properties(None)?.into_pages();
-            pages.try_next().await.map(|_| ())
-        };
-        match tokio::time::timeout(self.timeout, call).await {
-            Err(_) => Err(FetchError::Timeout {
-                vault: vault.to_owned(),
-                timeout: self.timeout,
-            }),
-            Ok(Err(e)) => match classify(vault, "(listing)", &e) {
-                // an answer, even a refusal, means the vault is there
-                FetchError::Forbidden { .. } | FetchError::NotFound(_) => Ok(()),
-                other => Err(other),
-            },
-            Ok(Ok(())) => Ok(()),
+        let listed = self
+            .attempt(vault, "(listing)", || async {
+                let mut pages = client.list_secret_properties(None)?.into_pages();
+                pages.try_next().await.map(|_| ())
+            })
+            .await;
+        match listed {
+            // an answer, even a refusal, means the vault is there
+            Err(FetchError::Forbidden { .. } | FetchError::NotFound(_)) => Ok(()),
+            other => other,
         }
     }
 }
 
-/// The messages of an error and its sources, each once.
-fn messages(e: &azure_core::Error) -> String {
-    let mut out: Vec<String> = vec![e.to_string()];
-    let mut next = std::error::Error::source(e);
-    while let Some(source) = next {
-        let m = source.to_string();
-        if !out.iter().any(|o| o.contains(&m)) {
-            out.push(m);
-        }
-        next = source.source();
+impl KeyVault {
+    async fn attempt<T, F, Fut>(&self, vault: &str, what: &str, call: F) -> Result<T, FetchError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = azure_core::Result<T>>,
+    {
+        attempt(self.attempts, self.timeout, vault, what, call).await
     }
-    out.join(": ")
+}
+
+/// Runs `call` in attempts of at most `attempts.timeout` each, and tries again after a
+/// failure that may pass, as long as the next attempt fits in `budget`. A 429's Retry-After
+/// is waited for only when it fits; otherwise the throttling is the answer.
+async fn attempt<T, F, Fut>(
+    attempts: Attempts,
+    budget: Duration,
+    vault: &str,
+    what: &str,
+    mut call: F,
+) -> Result<T, FetchError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = azure_core::Result<T>>,
+{
+    let started = tokio::time::Instant::now();
+    let mut retry = 0;
+    loop {
+        let failed = match tokio::time::timeout(attempts.timeout, call()).await {
+            Ok(Ok(answer)) => return Ok(answer),
+            // The HTTP client's own bound on the attempt may fire first: still a timeout.
+            Ok(Err(e)) if timed_out(&e) => FetchError::Timeout {
+                vault: vault.to_owned(),
+                timeout: attempts.timeout,
+            },
+            Ok(Err(e)) => classify(vault, what, &e),
+            Err(_) => FetchError::Timeout {
+                vault: vault.to_owned(),
+                timeout: attempts.timeout,
+            },
+        };
+        if retry >= attempts.retries || !failed.may_pass() {
+            return Err(failed);
+        }
+        let wait = failed.retry_after().unwrap_or_else(|| backoff(retry));
+        if started.elapsed() + wait + attempts.timeout > budget {
+            return Err(failed);
+        }
+        tokio::time::sleep(wait).await;
+        retry += 1;
+    }
+}
+
+/// Whether a transport error is the HTTP client giving up on a silent peer.
+fn timed_out(e: &azure_core::Error) -> bool {
+    if !matches!(e.kind(), ErrorKind::Io | ErrorKind::Connection) {
+        return false;
+    }
+    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(error) = next {
+        if error
+            .downcast_ref::<reqwest::Error>()
+            .is_some_and(reqwest::Error::is_timeout)
+            || error
+                .downcast_ref::<std::io::Error>()
+                .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
+        {
+            return true;
+        }
+        next = error.source();
+    }
+    false
+}
+
+/// The pause before retry `n` (from 0): 200 ms, doubling, at most 1 s.
+fn backoff(n: u32) -> Duration {
+    Duration::from_millis(200u64.saturating_mul(1 << n.min(3))).min(Duration::from_secs(1))
+}
+
+/// The SDK's words that say nothing about what failed.
+const SDK_NOISE: [&str; 3] = [
+    "non-transport error occurred which will not be retried",
+    "retry policy expired and the request will no longer be retried",
+    "error converting `reqwest` request into a byte stream",
+];
+
+/// The messages of an error and its sources, each once, on one line (admission warnings
+/// must not hold control characters), without the SDK's boilerplate and troubleshooting
+/// links. An HTTP status met on the way (Entra ID's, under a credential error) is named.
+fn messages(e: &azure_core::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(error) = next {
+        if let Some(ErrorKind::HttpResponse { status, .. }) = error
+            .downcast_ref::<azure_core::Error>()
+            .map(azure_core::Error::kind)
+        {
+            let status = format!("HTTP {}", u16::from(*status));
+            if !parts.contains(&status) {
+                parts.push(status);
+            }
+        }
+        let mut text = error.to_string();
+        if let Some(at) = text.find("To troubleshoot, visit") {
+            text.truncate(at);
+        }
+        for noise in SDK_NOISE {
+            text = text.replace(noise, " ");
+        }
+        let text = one_line(&text);
+        let text = text.trim_matches(|c: char| c == ':' || c == '.' || c.is_whitespace());
+        if !text.is_empty() && !parts.iter().any(|p| p.contains(text)) {
+            parts.push(text.to_owned());
+        }
+        next = error.source();
+    }
+    parts.join(": ")
+}
+
+/// `text` with control characters replaced and runs of whitespace collapsed.
+pub fn one_line(text: &str) -> String {
+    text.split(|c: char| c.is_whitespace() || c.is_control())
+        .filter(|w| !w.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// Names who was refused: a workload identity's refusals (by Entra ID, or Key Vault's 401
@@ -446,7 +553,7 @@ fn classify(vault: &str, reference: &str, e: &azure_core::Error) -> FetchError {
         }
         ErrorKind::Connection | ErrorKind::Io => FetchError::Unreachable {
             vault,
-            detail: e.to_string(),
+            detail: messages(e),
         },
         // The SDK wraps Entra ID's answer (an AADSTS code and its description, never a
         // secret) in layers: keep every layer's message.
@@ -456,7 +563,7 @@ fn classify(vault: &str, reference: &str, e: &azure_core::Error) -> FetchError {
         },
         _ => FetchError::Other {
             vault,
-            detail: e.to_string(),
+            detail: messages(e),
         },
     }
 }
@@ -482,6 +589,98 @@ mod tests {
             },
             "failed",
         )
+    }
+
+    const ATTEMPTS: Attempts = Attempts {
+        timeout: Duration::from_secs(1),
+        retries: 1,
+    };
+    const BUDGET: Duration = Duration::from_secs(3);
+
+    /// Runs the retry loop on answers given in turn (a double of the SDK call: the loop's
+    /// arithmetic, in paused time; the bed checks the same faults end to end, tests/e2e/faults.rs).
+    async fn attempts_on(
+        answers: Vec<Option<azure_core::Error>>,
+    ) -> (Result<(), FetchError>, usize, Duration) {
+        let answers = std::sync::Mutex::new(answers.into_iter());
+        let calls = std::sync::atomic::AtomicUsize::new(0);
+        let started = tokio::time::Instant::now();
+        let result = attempt(ATTEMPTS, BUDGET, "v", "akv://v/s", || {
+            calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let next = answers.lock().unwrap().next();
+            async move {
+                match next {
+                    Some(Some(e)) => Err(e),
+                    Some(None) => Ok(()),
+                    None => std::future::pending().await, // hangs: a vault that never answers
+                }
+            }
+        })
+        .await;
+        (result, calls.into_inner(), started.elapsed())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_throttled_read_waits_for_retry_after_only_when_it_fits() {
+        let throttled = |secs: &str| {
+            let mut h = Headers::new();
+            h.insert(RETRY_AFTER, secs.to_owned());
+            Some(http_error(429, h, "{}"))
+        };
+        // Retry-After 7 s does not fit in 3 s: the throttling is the answer, at once.
+        let (result, calls, took) = attempts_on(vec![throttled("7"), None]).await;
+        assert_eq!(result.unwrap_err().metric_label(), "throttled");
+        assert_eq!((calls, took), (1, Duration::ZERO));
+        // Retry-After 1 s fits: one wait of 1 s, then the read.
+        let (result, calls, took) = attempts_on(vec![throttled("1"), None]).await;
+        assert!(result.is_ok());
+        assert_eq!((calls, took), (2, Duration::from_secs(1)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_vault_that_does_not_answer_is_named_as_a_timeout_within_the_budget() {
+        let (result, calls, took) = attempts_on(vec![]).await;
+        let e = result.unwrap_err();
+        assert_eq!(e.to_string(), "Key Vault `v` did not answer within 1s");
+        assert_eq!(calls, 2);
+        assert!(took <= BUDGET, "{took:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn answers_about_the_secret_are_not_retried_and_outages_are() {
+        let (result, calls, _) = attempts_on(vec![Some(http_error(404, Headers::new(), "{}"))]).await;
+        assert_eq!((result.unwrap_err().metric_label(), calls), ("not_found", 1));
+        let (result, calls, _) = attempts_on(vec![Some(http_error(503, Headers::new(), "{}")), None]).await;
+        assert!(result.is_ok());
+        assert_eq!(calls, 2);
+    }
+
+    #[test]
+    fn error_details_are_one_line_without_the_sdk_boilerplate() {
+        let inner = azure_core::Error::with_message(
+            ErrorKind::HttpResponse {
+                status: StatusCode::from(500),
+                error_code: None,
+                raw_response: None,
+            },
+            "AADSTS90033: A transient error has occurred.",
+        );
+        let e = azure_core::Error::with_error(
+            ErrorKind::Credential,
+            inner,
+            "ClientSecretCredential authentication failed. retry policy expired and the request will no longer be retried\nTo troubleshoot, visit https://aka.ms/azsdk/rust/identity/troubleshoot#client-secret",
+        );
+        let wrapped = azure_core::Error::with_error(
+            ErrorKind::Credential,
+            e,
+            "non-transport error occurred which will not be retried",
+        );
+        let text = messages(&wrapped);
+        assert_eq!(
+            text,
+            "ClientSecretCredential authentication failed: HTTP 500: AADSTS90033: A transient error has occurred"
+        );
+        assert_eq!(one_line("a\n\tb  c\r"), "a b c");
     }
 
     #[test]

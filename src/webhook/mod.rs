@@ -122,7 +122,15 @@ async fn review(state: &WebhookState, body: &[u8]) -> AdmissionResponse {
     };
     let mut response = response;
     if !admitted.warnings.is_empty() {
-        response.warnings = Some(admitted.warnings);
+        // The apiserver drops a warning that holds a control character (a newline from an
+        // SDK message, say) without a word: each goes out on one line.
+        response.warnings = Some(
+            admitted
+                .warnings
+                .iter()
+                .map(|w| crate::keyvault::source::one_line(w))
+                .collect(),
+        );
     }
     match admitted.patch {
         None => response,
