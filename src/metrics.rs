@@ -43,6 +43,8 @@ pub struct Metrics {
     pub access_denials: Counter,
     pub access_revoked: Gauge,
     pub rotation_leader: Gauge,
+    pub runtime_tasks: Gauge,
+    pub resident_memory: Gauge,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -150,6 +152,18 @@ impl Default for Metrics {
             "1 while this replica holds the rotation Lease (the controller acts), 0 otherwise",
             rotation_leader.clone(),
         );
+        let runtime_tasks = Gauge::default();
+        registry.register(
+            "runtime_alive_tasks",
+            "Tasks alive in the async runtime, at the time of the scrape (a leak shows as growth)",
+            runtime_tasks.clone(),
+        );
+        let resident_memory = Gauge::default();
+        registry.register(
+            "process_resident_memory_bytes",
+            "Resident set size of the process, at the time of the scrape",
+            resident_memory.clone(),
+        );
         Self {
             registry: Arc::new(registry),
             admissions,
@@ -168,12 +182,29 @@ impl Default for Metrics {
             access_denials,
             access_revoked,
             rotation_leader,
+            runtime_tasks,
+            resident_memory,
         }
     }
 }
 
+/// The resident set size from `/proc/self/status` (Linux), in bytes.
+fn resident_bytes() -> Option<i64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: i64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
 impl Metrics {
     pub fn encode(&self) -> String {
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            self.runtime_tasks
+                .set(i64::try_from(runtime.metrics().num_alive_tasks()).unwrap_or(i64::MAX));
+        }
+        if let Some(rss) = resident_bytes() {
+            self.resident_memory.set(rss);
+        }
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = encode(&mut out, &self.registry);
