@@ -6,6 +6,7 @@ mod support;
 
 mod access;
 mod conformance;
+mod faults;
 mod identity;
 mod inject;
 mod install;

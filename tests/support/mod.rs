@@ -220,6 +220,50 @@ pub async fn vault_control(path: &str) {
     );
 }
 
+/// Starts a fault of the bed's vault or token endpoint (kvstandin.py lists them), replacing
+/// any fault in force; `None` ends every fault.
+pub async fn vault_fault(fault: Option<serde_json::Value>) {
+    let ca = reqwest::Certificate::from_pem(&std::fs::read(&testbed().ca).unwrap()).unwrap();
+    let http = reqwest::Client::builder().tls_certs_merge([ca]).build().unwrap();
+    let url = format!("{}/_testbed/fault", testbed().authority);
+    let res = match &fault {
+        Some(f) => http
+            .post(url)
+            .header("content-type", "application/json")
+            .body(f.to_string()),
+        None => http.delete(url),
+    }
+    .send()
+    .await
+    .expect("vault fault control");
+    assert!(
+        res.status().is_success(),
+        "vault fault {fault:?}: {}",
+        res.status()
+    );
+}
+
+/// Ends every fault of the bed's vault, from a `Drop` (no async runtime there).
+pub fn end_vault_faults_blocking() {
+    let bed = testbed();
+    let _ = Command::new("curl")
+        .args(["-sf", "-X", "DELETE", "--cacert"])
+        .arg(&bed.ca)
+        .arg(format!("{}/_testbed/fault", bed.authority))
+        .status();
+}
+
+/// A value no test output would contain by chance: 24 random hex digits after a marker.
+pub fn distinctive_value() -> String {
+    use std::io::Read;
+    let mut bytes = [0u8; 12];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .expect("reading /dev/urandom");
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    format!("kvv-{hex}")
+}
+
 /// Calls a test-control endpoint of the bed's Entra ID with a JSON body (`federate`,
 /// `vault-access`).
 pub async fn entra_control(path: &str, body: serde_json::Value) {
@@ -470,6 +514,38 @@ impl Kvinject {
 
     pub fn logs(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Like `metric`, but a metric that is not exported at all fails the test, by name.
+    pub async fn strict_metric(&self, name: &str, filters: &[&str]) -> f64 {
+        self.metric_if_exported(name, filters)
+            .await
+            .unwrap_or_else(|| panic!("kvinject exports no metric {name} with {filters:?}"))
+    }
+
+    /// The sum of a metric's samples, or `None` while kvinject exports none.
+    pub async fn metric_if_exported(&self, name: &str, filters: &[&str]) -> Option<f64> {
+        let text = reqwest::get(format!("http://127.0.0.1:{}/metrics", self.admin_port))
+            .await
+            .expect("scraping kvinject's /metrics")
+            .text()
+            .await
+            .expect("reading kvinject's /metrics");
+        let samples: Vec<f64> = text
+            .lines()
+            .filter(|l| {
+                l.starts_with(name) && (l[name.len()..].starts_with('{') || l[name.len()..].starts_with(' '))
+            })
+            .filter(|l| filters.iter().all(|f| l.contains(f)))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .collect();
+        (!samples.is_empty()).then(|| samples.iter().sum())
+    }
+
+    /// kvinject's log; a log that cannot be read fails the test.
+    pub fn strict_logs(&self) -> String {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_else(|e| panic!("reading kvinject's log {}: {e}", self.log.display()))
     }
 
     /// The sum of a metric's samples whose line contains every one of `filters`.

@@ -32,17 +32,34 @@ the real service; tests/e2e/conformance.rs checks both (fixtures in conformance/
 State is kept in a JSON file so a stop/start (an outage in a test) keeps the secrets.
 
 Test-control endpoints live on the token port under /_testbed/ (request counters, forcing
-a 403 for a secret name); they are the only things Key Vault itself does not have.
+a 403 for a secret name, faults); they are the only things Key Vault itself does not have.
+
+Faults (POST /_testbed/fault with a JSON object, DELETE /_testbed/fault to end them all; they
+are not saved, so a restart ends them too). Each is what a client sees of a real failure:
+  {"latency": S}          every vault answer waits S seconds (a slow vault or network);
+  {"status": 429, "retry_after": S}
+                          every vault request is throttled, as Key Vault does past its
+                          service limits (error code Throttled, Retry-After in seconds);
+  {"status": 500 | 503}   every vault request fails on the server side;
+  {"reset": true}         every vault answer is cut after its headers and part of its body,
+                          with a TCP reset (a load balancer or the network dropping it);
+  {"untrusted_cert": true}
+                          the vault's TLS handshake presents a certificate the bed's CA did not
+                          sign (a TLS-inspecting proxy, a DNS hijack, a wrong endpoint);
+  {"token": "down" | 500} Entra ID's token endpoint resets every connection / answers 500.
 """
 import argparse
 import base64
+import io
 import hashlib
 import hmac
 import json
 import os
 import re
 import secrets
+import socket
 import ssl
+import struct
 import sys
 import threading
 import time
@@ -69,7 +86,10 @@ PAGE = 25
 federation = {}
 issued = {}
 vault_access = {}
-jwks = {}  # kid -> (n, e), loaded from --jwks once the apiserver wrote it  # Key Vault's default and largest page
+jwks = {}  # kid -> (n, e), loaded from --jwks once the apiserver wrote it
+faults = {}  # what is failing now (see the module's doc); set and cleared by /_testbed/fault
+untrusted_ctx = None  # a TLS context whose certificate the bed's CA did not sign
+vault_server = None  # the vault port's server
 
 
 def save():
@@ -188,6 +208,18 @@ class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "kvstandin"
 
+    def setup(self):
+        super().setup()
+        with self.server.open_lock:
+            self.server.open.add(self.connection)
+
+    def finish(self):
+        try:
+            super().finish()
+        finally:
+            with self.server.open_lock:
+                self.server.open.discard(self.connection)
+
     def log_message(self, fmt, *a):  # one line per request, never a value
         sys.stderr.write("%s %s\n" % (self.address_string(), fmt % a))
 
@@ -214,6 +246,12 @@ class Handler(BaseHTTPRequestHandler):
         if inner:
             err["innererror"] = {"code": inner}
         self.reply(code, {"error": err})
+
+    def drain(self):
+        """Reads and drops the request body."""
+        n = int(self.headers.get("Content-Length") or 0)
+        if n:
+            self.rfile.read(n)
 
     def body(self):
         n = int(self.headers.get("Content-Length") or 0)
@@ -251,8 +289,46 @@ class Handler(BaseHTTPRequestHandler):
             return entry
         return None
 
+    def reset(self, status, body):
+        """Sends the status line, the headers and half the body, then a TCP reset."""
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json; charset=utf-8")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data[: len(data) // 2])
+        self.wfile.flush()
+        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.connection.close()
+        self.close_connection = True
+        self.wfile = io.BytesIO()  # what the server still flushes goes nowhere
+
+    def vault_fault(self):
+        """Applies the vault-side faults in force; True when the request was answered by one."""
+        f = dict(faults)
+        if f.get("latency"):
+            time.sleep(float(f["latency"]))
+        if f.get("reset"):
+            self.drain()
+            self.reset(200, {"value": [], "nextLink": None})
+            return True
+        status = f.get("status")
+        if status:
+            self.drain()
+            if status == 429:
+                self.reply(429, {"error": {"code": "Throttled", "message": "Request was not allowed because we detected an unusually high number of requests to this vault. Please retry after the delay in the Retry-After header."}},
+                           {"Retry-After": str(f.get("retry_after", 1))})
+            elif status == 503:
+                self.reply(503, {"error": {"code": "ServiceUnavailable", "message": "The service is temporarily unavailable. Please retry later."}})
+            else:
+                self.reply(int(status), {"error": {"code": "InternalServerError", "message": "An unexpected error occurred."}})
+            return True
+        return False
+
     # ---- Key Vault port -------------------------------------------------------------
     def vault(self, method):
+        if self.vault_fault():
+            return
         u = urlsplit(self.path)
         q = parse_qs(u.query)
         parts = [p for p in u.path.split("/") if p]
@@ -386,6 +462,13 @@ class Handler(BaseHTTPRequestHandler):
         u = urlsplit(self.path)
         parts = [p for p in u.path.split("/") if p]
         if method == "POST" and len(parts) == 4 and parts[1:] == ["oauth2", "v2.0", "token"]:
+            token_fault = faults.get("token")
+            if token_fault == "down":
+                self.drain()
+                return self.reset(200, {"token_type": "Bearer"})
+            if token_fault:
+                self.drain()
+                return self.reply(int(token_fault), {"error": "temporarily_unavailable", "error_description": "AADSTS90033: A transient error has occurred. Please try again.", "error_codes": [90033]})
             n = int(self.headers.get("Content-Length") or 0)
             form = parse_qs(self.rfile.read(n).decode())
             if form.get("grant_type", [""])[0] not in ("client_credentials",):
@@ -410,6 +493,26 @@ class Handler(BaseHTTPRequestHandler):
         if parts[:1] == ["_testbed"]:
             if method == "GET" and parts[1:] == ["counters"]:
                 return self.reply(200, counters)
+            if method == "POST" and parts[1:] == ["fault"]:
+                b = self.body()
+                known = {"latency", "status", "retry_after", "reset", "untrusted_cert", "token"}
+                if not isinstance(b, dict) or not set(b) <= known:
+                    return self.reply(400, {"error": f"faults are {sorted(known)}"})
+                faults.clear()
+                faults.update(b)
+                # A fault starts now for every client: the vault's open keep-alive
+                # connections end, as when a proxy or a new endpoint comes into the path.
+                with vault_server.open_lock:
+                    sys.stderr.write(f"fault {sorted(b)}: ending {len(vault_server.open)} open vault connections\n")
+                    for sock in list(vault_server.open):
+                        try:
+                            sock.shutdown(socket.SHUT_RDWR)
+                        except OSError:
+                            pass
+                return self.reply(204)
+            if method == "DELETE" and parts[1:] == ["fault"]:
+                faults.clear()
+                return self.reply(204)
             if method == "POST" and len(parts) == 3 and parts[1] == "forbid":
                 forbidden.add(parts[2].lower())
                 return self.reply(204)
@@ -457,9 +560,18 @@ class Handler(BaseHTTPRequestHandler):
         self.dispatch("DELETE")
 
 
+def choose_certificate(sock, server_name, ctx):
+    """The SNI callback of the vault port: the untrusted certificate while that fault is on."""
+    if faults.get("untrusted_cert") and untrusted_ctx is not None:
+        sock.context = untrusted_ctx
+    return None
+
+
 def serve(port, role, ctx):
     srv = ThreadingHTTPServer(("127.0.0.1", port), Handler)
     srv.role = role
+    srv.open = set()  # connections being served, so that a fault can end them
+    srv.open_lock = threading.Lock()
     srv.daemon_threads = True
     srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
     return srv
@@ -478,14 +590,28 @@ def main():
     p.add_argument("--tenant", default="testbed-tenant")
     p.add_argument("--jwks", help="the apiserver's service-account keys (JWKS), for federated assertions")
     p.add_argument("--sa-issuer", default="https://kubernetes.default.svc", help="the service-account token issuer")
+    p.add_argument("--untrusted-cert", help="a certificate the bed's CA did not sign (the untrusted_cert fault)")
+    p.add_argument("--untrusted-key")
     p.add_argument("--transition-seconds", type=float, default=0.5,
                    help="how long a deletion or recovery takes, during which Key Vault answers 404/409")
     args = p.parse_args()
     load()
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(args.cert, args.key)
-    vault = serve(args.port, "vault", ctx)
-    tok = serve(args.token_port, "token", ctx)
+    tctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tctx.load_cert_chain(args.cert, args.key)
+    if args.untrusted_cert:
+        global untrusted_ctx
+        untrusted_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        untrusted_ctx.load_cert_chain(args.untrusted_cert, args.untrusted_key)
+        ctx.sni_callback = choose_certificate
+        # No session resumption: a resumed session skips the certificate, and a client that
+        # resumed would never meet the fault's (a real interceptor could not resume either).
+        ctx.options |= ssl.OP_NO_TICKET
+        ctx.num_tickets = 0
+    global vault_server
+    vault = vault_server = serve(args.port, "vault", ctx)
+    tok = serve(args.token_port, "token", tctx)
     threading.Thread(target=tok.serve_forever, daemon=True).start()
     print(f"kvstandin: vault on 127.0.0.1:{args.port}, token on 127.0.0.1:{args.token_port}", flush=True)
     vault.serve_forever()
