@@ -6,7 +6,7 @@ pub mod source;
 use azure_core::{
     cloud::{CloudConfiguration, CustomConfiguration},
     credentials::{Secret, TokenCredential},
-    http::{ClientOptions, ExponentialRetryOptions, RetryOptions, Transport},
+    http::{ClientOptions, RetryOptions, Transport},
 };
 use azure_identity::{
     ClientSecretCredential, ClientSecretCredentialOptions, ManagedIdentityCredential,
@@ -143,17 +143,13 @@ impl AzureConfig {
         )))
     }
 
-    /// The options of Entra ID's token requests: the SDK's retries, bounded by ours.
+    /// The options of every Azure call: no SDK retries. kvinject retries itself
+    /// (`source::KeyVault`), within the admission budget: the SDK's policy sleeps a 429's
+    /// whole Retry-After, however long, and hides each attempt's cause.
     fn client_options(&self, transport: &Transport) -> ClientOptions {
         let mut options = ClientOptions {
             transport: Some(transport.clone()),
-            // The SDK's default (8 tries within 60 s) outlives any admission timeout.
-            retry: RetryOptions::exponential(ExponentialRetryOptions {
-                initial_delay: azure_core::time::Duration::milliseconds(200),
-                max_retries: self.max_retries,
-                max_total_elapsed: signed(self.attempt_timeout * (self.max_retries + 1)),
-                max_delay: azure_core::time::Duration::seconds(1),
-            }),
+            retry: RetryOptions::none(),
             ..Default::default()
         };
         if let Some(host) = &self.authority_host {
@@ -203,26 +199,15 @@ impl AzureConfig {
                 )?
             }
         };
-        // Key Vault calls are retried by kvinject itself (`source::KeyVault`): the SDK's policy
-        // sleeps a 429's whole Retry-After, however long, and hides each attempt's cause.
-        let vault_options = ClientOptions {
-            retry: RetryOptions::none(),
-            ..client_options.clone()
-        };
         Ok(Connector {
             credential,
             client_options,
-            vault_options,
             attempts: Attempts {
                 timeout: self.attempt_timeout,
                 retries: self.max_retries,
             },
         })
     }
-}
-
-fn signed(d: Duration) -> azure_core::time::Duration {
-    azure_core::time::Duration::try_from(d).unwrap_or(azure_core::time::Duration::MAX)
 }
 
 /// How kvinject tries one Key Vault call: attempts of at most `timeout`, and `retries` more
@@ -237,10 +222,7 @@ pub struct Attempts {
 #[derive(Clone)]
 pub struct Connector {
     credential: Arc<dyn TokenCredential>,
-    /// For Entra ID (token requests).
     client_options: ClientOptions,
-    /// For Key Vault: no SDK retries.
-    vault_options: ClientOptions,
     pub attempts: Attempts,
 }
 
@@ -256,7 +238,7 @@ impl Connector {
         credential: Arc<dyn TokenCredential>,
     ) -> Result<SecretClient, SetupError> {
         let options = SecretClientOptions {
-            client_options: self.vault_options.clone(),
+            client_options: self.client_options.clone(),
             ..Default::default()
         };
         SecretClient::new(vault_url, credential, Some(options)).map_err(|source| SetupError::Client {

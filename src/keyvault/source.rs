@@ -386,20 +386,23 @@ where
     let started = tokio::time::Instant::now();
     let mut retry = 0;
     loop {
-        let failed = match tokio::time::timeout(attempts.timeout, call()).await {
+        let timeout = || FetchError::Timeout {
+            vault: vault.to_owned(),
+            timeout: attempts.timeout,
+        };
+        let (failed, may_pass) = match tokio::time::timeout(attempts.timeout, call()).await {
             Ok(Ok(answer)) => return Ok(answer),
             // The HTTP client's own bound on the attempt may fire first: still a timeout.
-            Ok(Err(e)) if timed_out(&e) => FetchError::Timeout {
-                vault: vault.to_owned(),
-                timeout: attempts.timeout,
-            },
-            Ok(Err(e)) => classify(vault, what, &e),
-            Err(_) => FetchError::Timeout {
-                vault: vault.to_owned(),
-                timeout: attempts.timeout,
-            },
+            Ok(Err(e)) if timed_out(&e) => (timeout(), true),
+            Ok(Err(e)) => {
+                let failed = classify(vault, what, &e);
+                // Entra ID down for a moment is worth another try; a refusal is not.
+                let may_pass = failed.may_pass() || (failed.metric_label() == "auth" && transient(&e));
+                (failed, may_pass)
+            }
+            Err(_) => (timeout(), true),
         };
-        if retry >= attempts.retries || !failed.may_pass() {
+        if retry >= attempts.retries || !may_pass {
             return Err(failed);
         }
         let wait = failed.retry_after().unwrap_or_else(|| backoff(retry));
@@ -425,6 +428,32 @@ fn timed_out(e: &azure_core::Error) -> bool {
                 .downcast_ref::<std::io::Error>()
                 .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
         {
+            return true;
+        }
+        next = error.source();
+    }
+    false
+}
+
+/// Whether an error has a transport failure, a 5xx or a 429 anywhere in its chain (under a
+/// credential error: Entra ID's token endpoint was unreachable or failing, not refusing).
+fn transient(e: &azure_core::Error) -> bool {
+    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(error) = next {
+        match error
+            .downcast_ref::<azure_core::Error>()
+            .map(azure_core::Error::kind)
+        {
+            Some(ErrorKind::Io | ErrorKind::Connection) => return true,
+            Some(ErrorKind::HttpResponse { status, .. }) => {
+                let status = u16::from(*status);
+                if status >= 500 || status == 429 {
+                    return true;
+                }
+            }
+            _ => {}
+        }
+        if error.downcast_ref::<reqwest::Error>().is_some() {
             return true;
         }
         next = error.source();
@@ -653,6 +682,24 @@ mod tests {
         let (result, calls, _) = attempts_on(vec![Some(http_error(503, Headers::new(), "{}")), None]).await;
         assert!(result.is_ok());
         assert_eq!(calls, 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn entra_id_failing_for_a_moment_is_tried_again_and_a_refusal_is_not() {
+        let auth = |inner: azure_core::Error| {
+            Some(azure_core::Error::with_error(
+                ErrorKind::Credential,
+                inner,
+                "ClientSecretCredential authentication failed",
+            ))
+        };
+        let reset = azure_core::Error::with_message(ErrorKind::Io, "connection reset");
+        let (result, calls, _) = attempts_on(vec![auth(reset), None]).await;
+        assert!(result.is_ok());
+        assert_eq!(calls, 2);
+        let refused = http_error(401, Headers::new(), r#"{"error":"invalid_client"}"#);
+        let (result, calls, _) = attempts_on(vec![auth(refused), None]).await;
+        assert_eq!((result.unwrap_err().metric_label(), calls), ("auth", 1));
     }
 
     #[test]

@@ -46,6 +46,9 @@ use std::{
 use tokio::{sync::watch, time::Instant};
 use tracing::{debug, info, warn};
 
+/// Writes of one rotated value: the first, and again on the current Secret after a conflict.
+const CONFLICT_TRIES: u32 = 3;
+
 #[derive(Clone, Debug)]
 pub struct RotationConfig {
     /// Default interval between version checks of one Secret.
@@ -689,29 +692,60 @@ impl Controller {
                 return false;
             }
         };
-        let mut updated = secret.clone();
-        updated.data = desired.data;
-        updated.type_ = desired.type_;
-        updated
-            .metadata
-            .annotations
-            .get_or_insert_with(Default::default)
-            .extend(desired.metadata.annotations.unwrap_or_default());
-        updated.metadata.managed_fields = None;
         let api: Api<Secret> = Api::namespaced(self.client.clone(), &ns);
-        // resourceVersion makes this conditional: a concurrent change wins, and the next
-        // sweep sees it.
         let params = PostParams {
             field_manager: Some(FIELD_MANAGER.into()),
             ..Default::default()
         };
-        match api.replace(&secret.name_any(), &params, &updated).await {
-            Ok(_) => true,
-            Err(e) => {
-                warn!(secret = %secret.name_any(), namespace = %ns, error = %e, "could not update the Secret; retrying next sweep");
-                false
+        let name = secret.name_any();
+        let reference = |s: &Secret| {
+            s.metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(materialize::REFERENCE_ANNOTATION).cloned())
+        };
+        // resourceVersion makes each write conditional. When someone else wrote the Secret
+        // meanwhile (409), the write is made again on the Secret as it is now, so their
+        // change (a label, say) stays; three tries, then the next check.
+        let mut current = secret.clone();
+        for attempt in 1..=CONFLICT_TRIES {
+            let mut updated = current.clone();
+            updated.data = desired.data.clone();
+            updated.type_ = desired.type_.clone();
+            updated
+                .metadata
+                .annotations
+                .get_or_insert_with(Default::default)
+                .extend(desired.metadata.annotations.clone().unwrap_or_default());
+            updated.metadata.managed_fields = None;
+            match api.replace(&name, &params, &updated).await {
+                Ok(_) => return true,
+                Err(kube::Error::Api(status)) if status.code == 409 && attempt < CONFLICT_TRIES => {
+                    debug!(secret = %name, namespace = %ns, attempt, "conflict; writing again on the current Secret");
+                    match api.get(&name).await {
+                        // Still kvinject's Secret for the same reference: try again on it.
+                        Ok(fresh)
+                            if materialize::is_managed(&fresh) && reference(&fresh) == reference(secret) =>
+                        {
+                            current = fresh;
+                        }
+                        Ok(_) => {
+                            warn!(secret = %name, namespace = %ns, "the Secret changed owner or reference meanwhile; not written");
+                            return false;
+                        }
+                        Err(e) => {
+                            warn!(secret = %name, namespace = %ns, error = %e, "could not read the Secret after a conflict; retrying at the next check");
+                            return false;
+                        }
+                    }
+                }
+                Err(e) => {
+                    warn!(secret = %name, namespace = %ns, error = %e, "could not update the Secret; retrying at the next check");
+                    return false;
+                }
             }
         }
+        false
     }
 
     /// Compares opted-in workloads (in `only` namespaces, or all) with the versions of the
