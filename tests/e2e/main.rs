@@ -6,6 +6,7 @@ mod support;
 
 mod access;
 mod conformance;
+mod disruption;
 mod faults;
 mod identity;
 mod inject;
