@@ -1,5 +1,6 @@
-//! One rotation sweep over many materialized Secrets, against the test bed, side by side
-//! with a baseline in the same run: polling Key Vault once per Secret, as a controller
+//! One rotation sweep over many materialized Secrets, against the test bed, three ways in
+//! the same run: from the vault's paged listing (kvinject's default), one GET per distinct
+//! secret (`--list-sweep false`), and polling Key Vault once per Secret, as a controller
 //! without kvinject's per-reference grouping would.
 //!
 //! Run with `tests/bench` (it starts the bed). Sizes: KVINJECT_BENCH_SECRETS (default
@@ -31,6 +32,43 @@ use std::{
     collections::BTreeMap,
     time::{Duration, Instant},
 };
+
+/// The bench's own vault on the bed (each host is a vault of its own there), so that its
+/// listing holds the bench's secrets only, whatever the tests left in `kvtest`.
+const VAULT: &str = "other";
+
+fn vault_url() -> String {
+    let bed = support::testbed();
+    bed.vault_url
+        .replacen(&format!("//{}.", bed.vault_name), &format!("//{VAULT}."), 1)
+}
+
+fn vault_client() -> azure_security_keyvault_secrets::SecretClient {
+    support::azure_config()
+        .connect()
+        .unwrap()
+        .secret_client(&vault_url())
+        .unwrap()
+}
+
+/// Sets `name` in the bench's vault; returns the new version.
+async fn seed(name: &str, value: &str) -> String {
+    use azure_security_keyvault_secrets::{ResourceExt, models::SetSecretParameters};
+    let params = SetSecretParameters {
+        value: Some(value.to_owned()),
+        ..Default::default()
+    };
+    vault_client()
+        .set_secret(name, params.try_into().unwrap(), None)
+        .await
+        .unwrap_or_else(|e| panic!("seeding {name}: {e}"))
+        .into_model()
+        .unwrap()
+        .resource_id()
+        .unwrap()
+        .version
+        .expect("a version")
+}
 
 fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -71,7 +109,6 @@ async fn main() {
     let namespaces = env_usize("KVINJECT_BENCH_NAMESPACES", 10).max(1);
     let distinct = (total / namespaces).max(1);
     let concurrency = env_usize("KVINJECT_BENCH_CONCURRENCY", 8).max(1);
-    let bed = support::testbed();
     // The keys the controller below verifies with: the Secrets are sealed as kvinject would.
     let keys = kvinject::materialize::seal::Keys::default();
     let client = support::kube().await;
@@ -84,7 +121,7 @@ async fn main() {
     let started = Instant::now();
     let versions: BTreeMap<String, String> = stream::iter((0..distinct).map(|i| format!("{run}-{i}")))
         .map(|name| async move {
-            let v = support::seed_secret(&name, "benchmark-value").await;
+            let v = seed(&name, "benchmark-value").await;
             (name, v)
         })
         .buffer_unordered(16)
@@ -119,7 +156,7 @@ async fn main() {
     stream::iter(work)
         .map(|(ns, name, version)| {
             let client = client.clone();
-            let vault = bed.vault_name.clone();
+            let vault = VAULT.to_owned();
             let keys = keys.clone();
             async move {
                 let source = Source::Env(Reference {
@@ -172,9 +209,8 @@ async fn main() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let connector = support::azure_config().connect().unwrap();
-    let vaults = BTreeMap::from([(bed.vault_name.clone(), bed.vault_url.clone())]);
+    let vaults = BTreeMap::from([(VAULT.to_owned(), vault_url())]);
     let source = KeyVault::new(&connector, &vaults, Duration::from_secs(10)).unwrap();
-    let metrics = Metrics::default();
     let config = RotationConfig {
         refresh_interval: Duration::from_millis(1),
         rollout_by_default: false,
@@ -182,57 +218,80 @@ async fn main() {
         gc_grace: None,
         evict_ready_timeout: Duration::from_secs(1),
         keyvault_concurrency: concurrency,
+        list_sweep: true,
+        full_refresh_interval: Duration::from_secs(3600),
     };
     let inject = InjectConfig {
-        vaults: [bed.vault_name.clone()].into(),
+        vaults: [VAULT.to_owned()].into(),
         keys: keys.clone(),
         ..Default::default()
     };
-    let mut controller = rotation::Controller::new(
-        client.clone(),
-        config.clone(),
-        inject.clone(),
-        source.clone(),
-        caches.clone(),
-        metrics.clone(),
-        "bench",
-    );
-    controller.sweep().await; // first sight: schedules every reference
+    let controller = |name: &str, config: RotationConfig, metrics: &Metrics| {
+        rotation::Controller::new(
+            client.clone(),
+            config,
+            inject.clone(),
+            source.clone(),
+            caches.clone(),
+            metrics.clone(),
+            name,
+        )
+    };
+    // Requests on the wire, from the bed vault's own counters (GETs and list pages).
+    let wire = || async {
+        let c = support::vault_counters().await;
+        (
+            c["secrets_get"].as_f64().unwrap_or(0.0),
+            c["secrets_list"].as_f64().unwrap_or(0.0),
+        )
+    };
+    // A sweep in which every reference is due; returns (GETs, list pages, time).
+    async fn measured<F, Fut>(c: &mut rotation::Controller, wire: F) -> (f64, f64, Duration)
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = (f64, f64)>,
+    {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let (g0, l0) = wire().await;
+        let started = Instant::now();
+        c.sweep().await;
+        let took = started.elapsed();
+        let (g1, l1) = wire().await;
+        (g1 - g0, l1 - l0, took)
+    }
+
+    // kvinject's sweep from the vault's listing (the default).
+    let metrics = Metrics::default();
+    let mut listed = controller("bench-list", config.clone(), &metrics);
+    listed.sweep().await; // first sight: schedules every reference
     tokio::time::sleep(Duration::from_millis(10)).await;
     let rss_cached = rss_kib();
-
-    // The same sweep with one Key Vault read at a time (the previous behaviour).
-    let serial_metrics = Metrics::default();
-    let serial_config = RotationConfig {
-        keyvault_concurrency: 1,
-        ..config
-    };
-    let mut serial = rotation::Controller::new(
-        client.clone(),
-        serial_config,
-        inject,
-        source.clone(),
-        caches,
-        serial_metrics.clone(),
-        "bench-serial",
-    );
-    serial.sweep().await;
-    tokio::time::sleep(Duration::from_millis(10)).await;
-    let started = Instant::now();
-    serial.sweep().await;
-    let serial_time = started.elapsed();
-
-    // The measured sweep: every reference due, nothing changed in Key Vault.
-    let reads_before = counter(&metrics, "kvinject_keyvault_requests_total");
-    let started = Instant::now();
-    controller.sweep().await;
-    let sweep_time = started.elapsed();
-    let reads = counter(&metrics, "kvinject_keyvault_requests_total") - reads_before;
+    let (first_gets, first_pages, _) = measured(&mut listed, wire).await; // reads each once
+    let (list_gets, list_pages, list_time) = measured(&mut listed, wire).await;
     let writes = counter(&metrics, "kvinject_rotations_total")
         + counter(&metrics, "kvinject_rollouts_total")
         + counter(&metrics, "kvinject_secrets_collected_total");
+    // One secret gets a new version: the listing shows it, and only it is read.
+    let changed = versions.keys().next().unwrap().clone();
+    seed(&changed, "benchmark-value-2").await;
+    tokio::time::sleep(Duration::from_millis(1100)).await; // a later second than the reads
+    let (changed_gets, changed_pages, _) = measured(&mut listed, wire).await;
+    let rotated = counter(&metrics, "kvinject_rotations_total");
+
+    // The same controller reading each distinct secret with a GET (--list-sweep false).
+    let mut per_secret = controller(
+        "bench-get",
+        RotationConfig {
+            list_sweep: false,
+            ..config.clone()
+        },
+        &Metrics::default(),
+    );
+    per_secret.sweep().await;
+    let (get_gets, get_pages, get_time) = measured(&mut per_secret, wire).await;
 
     // Baseline, same run, same vault: one Key Vault read per Secret.
+    let (g0, _) = wire().await;
     let started = Instant::now();
     for s in store.state() {
         let r =
@@ -242,39 +301,54 @@ async fn main() {
         source.fetch(&r, None).await.expect("baseline read");
     }
     let baseline_time = started.elapsed();
-    let baseline_reads = store.state().len() as f64;
+    let baseline_reads = wire().await.0 - g0;
 
+    let list_requests = list_gets + list_pages;
+    let get_requests = get_gets + get_pages;
     println!();
-    println!("| measure | kvinject sweep | baseline (per-Secret polling) | ratio |");
+    println!(
+        "Key Vault requests per sweep, nothing changed, counted by the bed's vault ({distinct} referenced secrets; the vault lists {list_pages:.0} pages):"
+    );
+    println!("| sweep | requests | per distinct secret | time |");
     println!("| --- | --- | --- | --- |");
     println!(
-        "| Key Vault requests per sweep | {reads:.0} | {baseline_reads:.0} | {:.1}x fewer |",
-        baseline_reads / reads.max(1.0)
+        "| from the listing (kvinject's default) | {list_requests:.0} ({list_pages:.0} list pages, {list_gets:.0} GETs) | {:.3} | {list_time:.2?} |",
+        list_requests / distinct as f64
     );
     println!(
-        "| sweep time | {:.2?} | {:.2?} | {:.1}x faster |",
-        sweep_time,
-        baseline_time,
-        baseline_time.as_secs_f64() / sweep_time.as_secs_f64().max(1e-9)
+        "| one GET per distinct secret (--list-sweep false) | {get_requests:.0} | {:.3} | {get_time:.2?} |",
+        get_requests / distinct as f64
     );
     println!(
-        "| sweep time, one read at a time | {:.2?} | {:.2?} | {:.1}x faster |",
-        serial_time,
-        baseline_time,
-        baseline_time.as_secs_f64() / serial_time.as_secs_f64().max(1e-9)
+        "| per-Secret polling (baseline) | {baseline_reads:.0} | {:.3} | {baseline_time:.2?} |",
+        baseline_reads / distinct as f64
     );
-    println!("| apiserver writes, nothing changed | {writes:.0} | - | - |");
     println!(
-        "| controller cache memory (RSS growth) | {} KiB for {total} Secrets ({:.2} KiB per Secret) | - | - |",
+        "first listing sweep (reads each once): {first_gets:.0} GETs + {first_pages:.0} pages; after one new version: {changed_gets:.0} GET + {changed_pages:.0} pages, {rotated:.0} Secrets rotated"
+    );
+    println!(
+        "controller cache memory (RSS growth): {} KiB for {total} Secrets ({:.2} KiB per Secret)",
         rss_cached.saturating_sub(rss_before),
         rss_cached.saturating_sub(rss_before) as f64 / total as f64
     );
     assert_eq!(
-        reads as usize, distinct,
-        "one Key Vault request per distinct secret"
+        get_gets as usize, distinct,
+        "one GET per distinct secret without the listing"
+    );
+    assert_eq!(list_gets, 0.0, "nothing changed: no GET with the listing");
+    assert_eq!(changed_gets, 1.0, "one new version: one GET");
+    assert_eq!(
+        rotated as usize,
+        ns_names.len(),
+        "the new version reached its Secret in every namespace"
     );
     assert_eq!(writes, 0.0, "no apiserver writes when nothing changed");
 
+    // The bench's vault is left as empty as it was found.
+    let vault = vault_client();
+    for name in versions.keys() {
+        let _ = vault.delete_secret(name, None).await;
+    }
     for ns in ns_names {
         let _ = Api::<Namespace>::all(client.clone())
             .delete(&ns, &Default::default())

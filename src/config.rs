@@ -219,6 +219,14 @@ pub struct RotationArgs {
     /// read showed the vault answers).
     #[arg(long, env = "KVINJECT_KEYVAULT_CONCURRENCY", default_value_t = 8)]
     pub keyvault_concurrency: usize,
+    /// Check a vault's secrets for new versions from its paged listing (25 per request), and
+    /// read only what changed; `false`: one read per referenced secret at every check.
+    #[arg(long, env = "KVINJECT_LIST_SWEEP", default_value_t = true, action = clap::ArgAction::Set)]
+    pub list_sweep: bool,
+    /// With the listing: read every referenced secret anyway at least this often (the
+    /// listing shows only the current version's attributes).
+    #[arg(long, env = "KVINJECT_FULL_REFRESH_INTERVAL", default_value = "1h", value_parser = parse_duration)]
+    pub full_refresh_interval: Duration,
     /// Namespace of the leader-election Lease (kvinject's own namespace).
     #[arg(long, env = "POD_NAMESPACE", default_value = "kvinject")]
     pub lease_namespace: String,
@@ -556,6 +564,8 @@ impl RotationArgs {
                 gc_grace: (!self.gc_grace_period.is_zero()).then_some(self.gc_grace_period),
                 evict_ready_timeout: self.evict_ready_timeout,
                 keyvault_concurrency: self.keyvault_concurrency,
+                list_sweep: self.list_sweep,
+                full_refresh_interval: self.full_refresh_interval,
             },
             lease: crate::rotation::lease::LeaseConfig {
                 namespace: self.lease_namespace,

@@ -45,6 +45,7 @@ pub struct Metrics {
     pub rotation_leader: Gauge,
     pub runtime_tasks: Gauge,
     pub resident_memory: Gauge,
+    pub keyvault_list_pages: Counter,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -164,6 +165,12 @@ impl Default for Metrics {
             "Resident set size of the process, at the time of the scrape",
             resident_memory.clone(),
         );
+        let keyvault_list_pages = Counter::default();
+        registry.register(
+            "keyvault_list_pages",
+            "Pages of vault listings read by rotation sweeps (one request each, 25 secrets a page)",
+            keyvault_list_pages.clone(),
+        );
         Self {
             registry: Arc::new(registry),
             admissions,
@@ -184,6 +191,7 @@ impl Default for Metrics {
             rotation_leader,
             runtime_tasks,
             resident_memory,
+            keyvault_list_pages,
         }
     }
 }

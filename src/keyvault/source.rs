@@ -19,6 +19,23 @@ pub struct Fetched {
     pub version: String,
 }
 
+/// What a vault's listing shows of one secret: its current version's attributes, never a
+/// value. `updated` (Unix seconds) changes with every new version and every attribute change.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Listed {
+    pub updated: Option<i64>,
+    pub enabled: bool,
+    pub expires: Option<i64>,
+}
+
+/// Every secret of a vault, by lower-case name (Key Vault names are case-insensitive), and
+/// how many pages (requests) the listing took.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Listing {
+    pub items: HashMap<String, Listed>,
+    pub pages: usize,
+}
+
 /// Why a secret could not be read. Messages never contain a value.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum FetchError {
@@ -110,6 +127,13 @@ pub trait SecretSource: Send + Sync {
     ) -> Result<Fetched, FetchError>;
     /// A cheap call that tells whether `vault` answers at all.
     async fn probe(&self, vault: &str) -> Result<(), FetchError>;
+    /// Lists `vault`'s secrets (attributes only), as kvinject's identity, every page.
+    async fn list(&self, vault: &str) -> Result<Listing, FetchError> {
+        Err(FetchError::Other {
+            vault: vault.to_owned(),
+            detail: "this source cannot list a vault".into(),
+        })
+    }
 }
 
 /// Key Vault through the Azure SDK, one client per configured vault, and per workload
@@ -357,9 +381,49 @@ impl SecretSource for KeyVault {
             other => other,
         }
     }
+
+    async fn list(&self, vault: &str) -> Result<Listing, FetchError> {
+        self.list_pages(vault).await
+    }
 }
 
 impl KeyVault {
+    /// Every page of `vault`'s listing, each page bounded by the attempt timeout. One failed
+    /// page fails the listing (the caller reads secret by secret instead).
+    async fn list_pages(&self, vault: &str) -> Result<Listing, FetchError> {
+        use futures::TryStreamExt;
+        let client = self.client(vault)?;
+        let failed = |e: azure_core::Error| classify(vault, "(listing)", &e);
+        let mut pages = client.list_secret_properties(None).map_err(failed)?.into_pages();
+        let mut listing = Listing::default();
+        loop {
+            let page = match tokio::time::timeout(self.attempts.timeout, pages.try_next()).await {
+                Err(_) => {
+                    return Err(FetchError::Timeout {
+                        vault: vault.to_owned(),
+                        timeout: self.attempts.timeout,
+                    });
+                }
+                Ok(Err(e)) => return Err(failed(e)),
+                Ok(Ok(None)) => return Ok(listing),
+                Ok(Ok(Some(page))) => page.into_model().map_err(failed)?,
+            };
+            listing.pages += 1;
+            for item in page.value {
+                let Ok(id) = item.resource_id() else { continue };
+                let a = item.attributes.unwrap_or_default();
+                listing.items.insert(
+                    id.name.to_ascii_lowercase(),
+                    Listed {
+                        updated: a.updated.map(OffsetDateTime::unix_timestamp),
+                        enabled: a.enabled.unwrap_or(true),
+                        expires: a.expires.map(OffsetDateTime::unix_timestamp),
+                    },
+                );
+            }
+        }
+    }
+
     async fn attempt<T, F, Fut>(&self, vault: &str, what: &str, call: F) -> Result<T, FetchError>
     where
         F: FnMut() -> Fut,

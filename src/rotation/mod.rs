@@ -4,6 +4,7 @@
 pub mod decide;
 mod integrity;
 pub mod lease;
+pub mod listing;
 mod revoke;
 
 use crate::{
@@ -61,6 +62,10 @@ pub struct RotationConfig {
     pub gc_grace: Option<Duration>,
     /// `evict` strategy: how long to wait for a replacement pod to become Ready.
     pub evict_ready_timeout: Duration,
+    /// Check references from their vault's listing (when that costs fewer requests).
+    pub list_sweep: bool,
+    /// With the listing: read each reference with a GET at least this often anyway.
+    pub full_refresh_interval: Duration,
     /// Key Vault reads in flight at once during a sweep (per vault, after a first read
     /// showed the vault answers).
     pub keyvault_concurrency: usize,
@@ -202,6 +207,12 @@ pub struct Controller {
     foreign: BTreeSet<(String, String)>,
     /// Which identity each ServiceAccount's pods read as; `None`: kvinject's, always.
     identities: Option<crate::inject::ServiceAccounts>,
+    /// Per reference, what the listing showed when it was last read with a GET.
+    known: HashMap<Read, listing::Known>,
+    /// Per reference read in this sweep after a listing: the `updated` it showed.
+    listed_updated: HashMap<Read, Option<i64>>,
+    /// Pages each vault's last listing took.
+    list_pages: HashMap<String, usize>,
 }
 
 impl Controller {
@@ -238,6 +249,9 @@ impl Controller {
             seals: HashMap::new(),
             foreign: BTreeSet::new(),
             identities: None,
+            known: HashMap::new(),
+            listed_updated: HashMap::new(),
+            list_pages: HashMap::new(),
         }
     }
 
@@ -294,6 +308,7 @@ impl Controller {
             info!("leading: rotation controller started");
             // A new term starts from what the apiserver says, not from a previous term.
             self.polls.clear();
+            self.known.clear();
             self.last_full_reconcile = None;
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -336,6 +351,7 @@ impl Controller {
             }
         }
         self.polls.retain(|r, _| by_reference.contains_key(r));
+        self.known.retain(|r, _| by_reference.contains_key(r));
         let asked = decide::requested_intervals(
             self.caches.pods.state().iter().map(AsRef::as_ref),
             self.inject.min_refresh_interval,
@@ -366,7 +382,22 @@ impl Controller {
                 due.push((reference, secrets.as_slice(), interval));
             }
         }
+        if self.config.list_sweep {
+            let listed;
+            (due, listed) = self
+                .narrow_by_listing(due, &by_reference, &interval_of, now)
+                .await;
+            // Every reference of a listed vault was checked, read or not.
+            checked.extend(
+                by_reference
+                    .keys()
+                    .filter(|r| listed.contains(&r.reference.vault))
+                    .cloned(),
+            );
+            checked.extend(due.iter().map(|(r, _, _)| (*r).clone()));
+        }
         self.check_all(due, &mut down, &mut dirty, now).await;
+        self.listed_updated.clear();
         // Secrets rotated together should roll a workload once: when something changed,
         // check at once the other references used in the same namespaces.
         let peers: Vec<Due<'_>> = by_reference
@@ -409,6 +440,77 @@ impl Controller {
         if full {
             self.guard_integrity(&all, &verdicts).await;
         }
+    }
+
+    /// For each vault with a reference due, where listing costs less than reading each
+    /// reference: lists the vault once and keeps, of all its references (due or not), those
+    /// the listing cannot vouch for (`listing::needs_read`); the others count as checked now.
+    /// A vault whose listing fails keeps its due references as they are (read one by one).
+    async fn narrow_by_listing<'a>(
+        &mut self,
+        due: Vec<Due<'a>>,
+        by_reference: &'a BTreeMap<Read, Vec<Arc<Secret>>>,
+        interval_of: &(dyn Fn(&[Arc<Secret>]) -> Duration + Sync),
+        now: Instant,
+    ) -> (Vec<Due<'a>>, BTreeSet<String>) {
+        let due_vaults: BTreeSet<String> = due.iter().map(|(r, _, _)| r.reference.vault.clone()).collect();
+        let vaults: BTreeSet<String> = due_vaults
+            .iter()
+            .filter(|v| self.listable(v, by_reference))
+            .cloned()
+            .collect();
+        let mut kept: Vec<Due<'a>> = due
+            .into_iter()
+            .filter(|(r, _, _)| !vaults.contains(&r.reference.vault))
+            .collect();
+        let unix_now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let mut listed = BTreeSet::new();
+        for vault in &vaults {
+            let listing = match self.source.list(vault).await {
+                Ok(l) => l,
+                Err(e) => {
+                    debug!(vault = %vault, error = %e, "could not list the vault; reading secret by secret");
+                    for (r, secrets) in by_reference.iter().filter(|(r, _)| &r.reference.vault == vault) {
+                        if self.polls.get(r).is_some_and(|p| p.next <= now) {
+                            kept.push((r, secrets.as_slice(), interval_of(secrets)));
+                        }
+                    }
+                    continue;
+                }
+            };
+            self.metrics.keyvault_list_pages.inc_by(listing.pages as u64);
+            self.list_pages.insert(vault.clone(), listing.pages);
+            listed.insert(vault.clone());
+            let before = kept.len();
+            for (r, secrets) in by_reference.iter().filter(|(r, _)| &r.reference.vault == vault) {
+                let listed = listing.items.get(&r.reference.name.to_ascii_lowercase());
+                let interval = interval_of(secrets);
+                if listing::needs_read(
+                    self.known.get(r),
+                    listed,
+                    unix_now,
+                    self.config.full_refresh_interval,
+                ) {
+                    self.listed_updated
+                        .insert(r.clone(), listed.and_then(|l| l.updated));
+                    kept.push((r, secrets.as_slice(), interval));
+                } else if let Some(poll) = self.polls.get_mut(r) {
+                    poll.next = now + interval;
+                    poll.failures = 0;
+                    poll.last_success = Some(now);
+                }
+            }
+            debug!(vault = %vault, pages = listing.pages, items = listing.items.len(), to_read = kept.len() - before, "checked from the listing");
+        }
+        (kept, listed)
+    }
+
+    /// Whether `vault` (with a reference due) is checked from its listing.
+    fn listable(&self, vault: &str, by_reference: &BTreeMap<Read, Vec<Arc<Secret>>>) -> bool {
+        listing::worth_listing(
+            by_reference.keys().filter(|r| r.reference.vault == vault).count(),
+            self.list_pages.get(vault).copied(),
+        )
     }
 
     /// Marks, unmarks and deletes kvinject's Secrets by whether any injected pod or any
@@ -612,6 +714,13 @@ impl Controller {
                 poll.failures = 0;
                 poll.last_success = Some(now);
                 poll.next = now + interval;
+                self.known.insert(
+                    reference.clone(),
+                    listing::Known {
+                        updated: self.listed_updated.get(reference).copied().flatten(),
+                        read_at: time::OffsetDateTime::now_utc().unix_timestamp(),
+                    },
+                );
                 for secret in secrets
                     .iter()
                     .filter(|s| decide::version_of(s) != Some(fetched.version.as_str()))
@@ -1259,6 +1368,8 @@ mod tests {
             gc_grace: None,
             evict_ready_timeout: Duration::from_secs(1),
             keyvault_concurrency: concurrency,
+            list_sweep: true,
+            full_refresh_interval: Duration::from_secs(3600),
         };
         Controller::new(client, config, inject, source, caches, Metrics::default(), "test")
     }

@@ -11,6 +11,7 @@ mod faults;
 mod identity;
 mod inject;
 mod install;
+mod listing;
 mod outage;
 mod reach;
 mod rotation;

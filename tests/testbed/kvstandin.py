@@ -70,11 +70,13 @@ API_VERSIONS = {"7.0", "7.1", "7.2", "7.3", "7.4", "7.5", "7.6", "2025-07-01"}
 NAME_RE = re.compile(r"^[0-9a-zA-Z-]{1,127}$")
 
 lock = threading.Lock()
-# lower-case name -> {"name": display name (as first set), "versions": [version dicts, oldest
-# first], "visible_at": when a recovery finishes}; Key Vault names are case-insensitive.
-state = {"secrets": {}, "deleted": {}}
+# Per vault (the first label of the Host: kvtest.vault.kvinject.test is vault `kvtest`; each
+# vault is separate, as in Azure): lower-case name -> {"name": display name (as first set),
+# "versions": [version dicts, oldest first], "visible_at": when a recovery finishes}; Key
+# Vault names are case-insensitive.
+state = {"vaults": {}}
 forbidden = set()  # names that answer 403 (an RBAC denial, which Key Vault decides per identity)
-counters = {"secrets_get": 0, "secrets_put": 0, "challenges": 0, "tokens": 0, "assertion_tokens": 0,
+counters = {"secrets_get": 0, "secrets_list": 0, "secrets_put": 0, "challenges": 0, "tokens": 0, "assertion_tokens": 0,
             # GETs of one secret (any version) by its name, so a test can prove who read what
             # while other tests use the vault too; and by client id, then name
             "secrets_get_by_name": {}, "secrets_get_by_client": {}}
@@ -108,6 +110,8 @@ def load():
         with open(args.state) as f:
             state = json.load(f)
         entra = state.pop("entra", {})
+        if "secrets" in state:  # a state file from before vaults were separate
+            state = {"vaults": {"kvtest": {"secrets": state.pop("secrets"), "deleted": state.pop("deleted", {})}}}
         federation.update({k: set(v) for k, v in entra.get("federation", {}).items()})
         issued.update(entra.get("issued", {}))
         vault_access.update({k: set(v) for k, v in entra.get("vault_access", {}).items()})
@@ -284,7 +288,7 @@ class Handler(BaseHTTPRequestHandler):
         return self.reply(200, {"value": [item for _, item in chunk], "nextLink": next_link})
 
     def live(self, key, now):
-        entry = state["secrets"].get(key)
+        entry = self.vs["secrets"].get(key)
         if entry and entry.get("visible_at", 0) <= now:
             return entry
         return None
@@ -347,6 +351,9 @@ class Handler(BaseHTTPRequestHandler):
         if av not in API_VERSIONS:
             return self.error(400, "BadParameter", f"The specified version ({av}) is not recognized. Consider using the latest supported version ({sorted(API_VERSIONS)[-1]}).")
         host = self.headers.get("Host", "")
+        label = host.split(":")[0].split(".")[0]
+        vault_name = "kvtest" if not label or label[0].isdigit() else label.lower()
+        self.vs = state["vaults"].setdefault(vault_name, {"secrets": {}, "deleted": {}})
         name = parts[1] if len(parts) > 1 else ""
         if name and not NAME_RE.match(name):
             return self.error(400, "BadParameter", f"The request URI contains an invalid name: {name}")
@@ -364,12 +371,13 @@ class Handler(BaseHTTPRequestHandler):
     def secrets_route(self, method, parts, q, u, host, key, name, av):
         now = time.time()
         if method == "GET" and len(parts) == 1:
-            live = sorted((e for k, e in state["secrets"].items() if e.get("visible_at", 0) <= now), key=lambda e: e["name"].lower())
+            counters["secrets_list"] += 1
+            live = sorted((e for k, e in self.vs["secrets"].items() if e.get("visible_at", 0) <= now), key=lambda e: e["name"].lower())
             return self.page(u, q, host, [(e["name"].lower(), list_item(host, e["name"], e["versions"][-1], False)) for e in live], av)
         if method == "PUT" and len(parts) == 2:
             counters["secrets_put"] += 1
-            if key in state["deleted"]:
-                gone = state["deleted"][key]
+            if key in self.vs["deleted"]:
+                gone = self.vs["deleted"][key]
                 if gone["ready_at"] > now:
                     return self.error(409, "Conflict", f"Secret {name} is currently being deleted.", "ObjectIsBeingDeleted")
                 return self.error(409, "Conflict", f"Secret {name} is currently in a deleted but recoverable state, and its name cannot be reused; in this state, the secret can only be recovered or purged.", "ObjectIsDeletedButRecoverable")
@@ -383,7 +391,7 @@ class Handler(BaseHTTPRequestHandler):
                     attrs[k] = b["attributes"][k]
             v = {"version": secrets.token_hex(16), "value": b["value"], "attributes": attrs,
                  "contentType": b.get("contentType"), "tags": b.get("tags")}
-            entry = state["secrets"].setdefault(key, {"name": name, "versions": []})
+            entry = self.vs["secrets"].setdefault(key, {"name": name, "versions": []})
             entry["versions"].append(v)
             save()
             return self.reply(200, bundle(host, entry["name"], v))
@@ -391,13 +399,13 @@ class Handler(BaseHTTPRequestHandler):
             entry = self.live(key, now)
             if entry is None:
                 return self.not_found(name)
-            del state["secrets"][key]
+            del self.vs["secrets"][key]
             # Deletion takes a moment in Key Vault: meanwhile the deleted secret cannot be
             # read, recovered or purged (ObjectIsBeingDeleted).
             gone = dict(entry, deletedDate=int(now), scheduledPurgeDate=int(now) + 90 * 86400,
                         ready_at=now + args.transition_seconds)
             gone.pop("visible_at", None)
-            state["deleted"][key] = gone
+            self.vs["deleted"][key] = gone
             save()
             return self.reply(200, deleted_bundle(host, gone))
         entry = self.live(key, now)
@@ -435,9 +443,9 @@ class Handler(BaseHTTPRequestHandler):
     def deleted(self, method, parts, q, u, host, key, name, av):
         now = time.time()
         if method == "GET" and len(parts) == 1:
-            ready = sorted((e for e in state["deleted"].values() if e["ready_at"] <= now), key=lambda e: e["name"].lower())
+            ready = sorted((e for e in self.vs["deleted"].values() if e["ready_at"] <= now), key=lambda e: e["name"].lower())
             return self.page(u, q, host, [(e["name"].lower(), deleted_item(host, e)) for e in ready], av)
-        gone = state["deleted"].get(key)
+        gone = self.vs["deleted"].get(key)
         if gone is None or (method == "GET" and gone["ready_at"] > now):
             return self.error(404, "SecretNotFound", f"Deleted Secret not found: {name}")
         if gone["ready_at"] > now:
@@ -445,14 +453,14 @@ class Handler(BaseHTTPRequestHandler):
         if method == "GET" and len(parts) == 2:
             return self.reply(200, deleted_bundle(host, gone))
         if method == "DELETE" and len(parts) == 2:
-            del state["deleted"][key]
+            del self.vs["deleted"][key]
             save()
             return self.reply(204)
         if method == "POST" and len(parts) == 3 and parts[2] == "recover":
-            del state["deleted"][key]
+            del self.vs["deleted"][key]
             # Recovery takes a moment too: the secret answers 404 until it is back.
             entry = {"name": gone["name"], "versions": gone["versions"], "visible_at": now + args.transition_seconds}
-            state["secrets"][key] = entry
+            self.vs["secrets"][key] = entry
             save()
             return self.reply(200, bundle(host, entry["name"], entry["versions"][-1], value=False))
         return self.error(405, "BadRequest", f"{method} {u.path} is not supported by the test bed's vault")
