@@ -11,7 +11,7 @@ async fn main() -> anyhow::Result<ExitCode> {
         .install_default()
         .map_err(|_| anyhow::anyhow!("a rustls crypto provider was already installed"))?;
     let cli = config::Cli::parse();
-    telemetry::init(&cli.log);
+    let _log = telemetry::init(&cli.log);
     match cli.command {
         config::Command::Serve(args) => app::serve(args.validate()?).await.map(|()| ExitCode::SUCCESS),
         config::Command::Certs(args) => kvinject::certs::cli::run(args).map(|()| ExitCode::SUCCESS),

@@ -94,7 +94,9 @@ async fn review(state: &WebhookState, body: &[u8]) -> AdmissionResponse {
     let Some(pod) = request.object.as_ref() else {
         return response.deny("the AdmissionReview has no pod object");
     };
-    if !has_metadata(body) {
+    // A pod from the apiserver always has a name or generateName: only an empty metadata
+    // needs the second look at the body.
+    if pod.metadata == Default::default() && !has_metadata(body) {
         return response.deny("the pod object in the AdmissionReview has no metadata");
     }
     span.record(
@@ -160,21 +162,54 @@ fn has_metadata(body: &[u8]) -> bool {
     serde_json::from_slice::<Review>(body).is_ok_and(|r| r.request.object.metadata.is_some())
 }
 
-/// Serializes the review with `patch` in its documented form, a base64 string (the
-/// apiserver's `[]byte`); kube-rs would write a JSON array of numbers.
+/// The AdmissionReview kvinject answers, as the apiserver reads it: `patch` in its
+/// documented form, a base64 string (the apiserver's `[]byte`; kube-rs would write a JSON
+/// array of numbers), and always `admission.k8s.io/v1` `AdmissionReview`, whatever type a
+/// caller wrote (kube-rs echoes the request's `kind`, so a misspelled one came back; found
+/// by fuzzing). Serialized once, straight from the response.
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Answer<'a> {
+    api_version: &'static str,
+    kind: &'static str,
+    response: Answered<'a>,
+}
+
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Answered<'a> {
+    uid: &'a str,
+    allowed: bool,
+    status: &'a kube::core::Status,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    patch: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    patch_type: Option<&'static str>,
+    #[serde(skip_serializing_if = "std::collections::HashMap::is_empty")]
+    audit_annotations: &'a std::collections::HashMap<String, String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    warnings: Option<&'a Vec<String>>,
+}
+
 fn encode_review(response: AdmissionResponse) -> Vec<u8> {
-    let patch = response.patch.clone();
-    let mut doc = serde_json::to_value(response.into_review()).unwrap_or_default();
-    if let (Some(bytes), Some(slot)) = (patch, doc.pointer_mut("/response/patch")) {
-        *slot = base64::engine::general_purpose::STANDARD.encode(bytes).into();
-    }
-    // The registration speaks v1 only: answer as such, whatever type a caller wrote (kube-rs
-    // echoes the request's `kind`, so a misspelled one came back; found by fuzzing).
-    if let Some(map) = doc.as_object_mut() {
-        map.insert("apiVersion".into(), "admission.k8s.io/v1".into());
-        map.insert("kind".into(), "AdmissionReview".into());
-    }
-    serde_json::to_vec(&doc).unwrap_or_default()
+    let patch = response
+        .patch
+        .as_ref()
+        .map(|bytes| base64::engine::general_purpose::STANDARD.encode(bytes));
+    let answer = Answer {
+        api_version: "admission.k8s.io/v1",
+        kind: "AdmissionReview",
+        response: Answered {
+            uid: &response.uid,
+            allowed: response.allowed,
+            status: &response.result,
+            patch_type: patch.as_ref().map(|_| "JSONPatch"),
+            patch,
+            audit_annotations: &response.audit_annotations,
+            warnings: response.warnings.as_ref(),
+        },
+    };
+    serde_json::to_vec(&answer).unwrap_or_default()
 }
 
 #[cfg(test)]
