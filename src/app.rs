@@ -175,7 +175,8 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         let injector = injector.clone();
         reflector(
             writer,
-            watcher(secrets, watcher::Config::default().labels(materialize::SELECTOR)),
+            watcher(secrets, watcher::Config::default().labels(materialize::SELECTOR))
+                .modify(crate::rotation::prune),
         )
         .default_backoff()
         .for_each(move |event| {

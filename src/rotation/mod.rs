@@ -97,13 +97,24 @@ impl Caches {
     }
 }
 
+/// What no cache of kvinject reads: managed fields (often the largest part of an object's
+/// metadata) and the last-applied annotation; each object drops them before it is stored.
+pub fn prune<K: Resource>(object: &mut K) {
+    let meta = object.meta_mut();
+    meta.managed_fields = None;
+    if let Some(a) = meta.annotations.as_mut() {
+        a.remove("kubectl.kubernetes.io/last-applied-configuration");
+    }
+}
+
 /// A watch-backed cache of every `K` matching `config`, and the future that keeps it.
+/// Objects are stored pruned (`prune`).
 pub fn reflect_with<K>(api: Api<K>, config: watcher::Config) -> (Store<K>, BoxFuture<'static, ()>)
 where
     K: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
 {
     let (store, writer) = reflector::store();
-    let fut = reflector::reflector(writer, watcher(api, config))
+    let fut = reflector::reflector(writer, watcher(api, config).modify(prune))
         .default_backoff()
         .applied_objects()
         .for_each(|e| async move {
@@ -129,10 +140,30 @@ pub fn watch_workloads(
     secrets: Store<Secret>,
     namespaces: Store<Namespace>,
 ) -> (Caches, impl Future<Output = ()> + Send + use<>) {
-    let (pods, p) = reflect_with(
-        Api::<Pod>::all(client.clone()),
-        watcher::Config::default().labels(&format!("{}=true", crate::mutate::INJECTED_LABEL)),
-    );
+    // Pods without their status: the controller decides from their spec and annotations.
+    let (pods, p) = {
+        let (store, writer) = reflector::store();
+        let config = watcher::Config::default().labels(&format!("{}=true", crate::mutate::INJECTED_LABEL));
+        let watch = watcher(Api::<Pod>::all(client.clone()), config).modify(|p: &mut Pod| {
+            prune(p);
+            if let Some(status) = p.status.as_mut() {
+                // Readiness is all the evict strategy reads.
+                *status = k8s_openapi::api::core::v1::PodStatus {
+                    conditions: status.conditions.take(),
+                    ..Default::default()
+                };
+            }
+        });
+        let fut = reflector::reflector(writer, watch)
+            .default_backoff()
+            .applied_objects()
+            .for_each(|e| async move {
+                if let Err(e) = e {
+                    warn!(error = %e, "watch failed; retrying");
+                }
+            });
+        (store, Box::pin(fut) as BoxFuture<'static, ()>)
+    };
     let (deployments, d) = reflect(Api::<Deployment>::all(client.clone()));
     let (statefulsets, s) = reflect(Api::<StatefulSet>::all(client.clone()));
     let (daemonsets, ds) = reflect(Api::<DaemonSet>::all(client.clone()));
