@@ -213,6 +213,9 @@ class Handler(BaseHTTPRequestHandler):
     server_version = "kvstandin"
 
     def setup(self):
+        # The TLS handshake happens here, in the connection's own thread, not in the accept
+        # loop, where one slow client would hold up every other.
+        self.request.do_handshake()
         super().setup()
         # An answer goes out in two writes (headers, then body): with Nagle's algorithm the
         # second waits for the client's delayed ACK, about 40 ms. Key Vault answers at once.
@@ -578,13 +581,19 @@ def choose_certificate(sock, server_name, ctx):
     return None
 
 
+class Server(ThreadingHTTPServer):
+    # socketserver's default backlog is 5: a burst of new connections (16 clients at once,
+    # each handshaking in turn) would find it full. A real service accepts them.
+    request_queue_size = 256
+
+
 def serve(port, role, ctx):
-    srv = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+    srv = Server(("127.0.0.1", port), Handler)
     srv.role = role
     srv.open = set()  # connections being served, so that a fault can end them
     srv.open_lock = threading.Lock()
     srv.daemon_threads = True
-    srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
+    srv.socket = ctx.wrap_socket(srv.socket, server_side=True, do_handshake_on_connect=False)
     return srv
 
 
