@@ -499,8 +499,8 @@ class Handler(BaseHTTPRequestHandler):
                 counters["assertion_tokens"] += 1
             counters["tokens"] += 1
             token = "testbed." + secrets.token_hex(16)
-            issued[token] = client_id
-            with lock:
+            with lock:  # every change to the saved records under the lock: save() reads them all
+                issued[token] = client_id
                 save()
             return self.reply(200, {"token_type": "Bearer", "expires_in": 3599, "ext_expires_in": 3599,
                                     "access_token": token})
@@ -536,15 +536,15 @@ class Handler(BaseHTTPRequestHandler):
             # A federated identity credential: client id `client_id` trusts `subject`.
             if method == "POST" and parts[1:] == ["federate"]:
                 b = self.body()
-                federation.setdefault(b["client_id"], set()).add(b["subject"])
                 with lock:
+                    federation.setdefault(b["client_id"], set()).add(b["subject"])
                     save()
                 return self.reply(204)
             # A role assignment: identity `client_id` may read `secrets` (and only those).
             if method == "POST" and parts[1:] == ["vault-access"]:
                 b = self.body()
-                vault_access[b["client_id"]] = {n.lower() for n in b["secrets"]}
                 with lock:
+                    vault_access[b["client_id"]] = {n.lower() for n in b["secrets"]}
                     save()
                 return self.reply(204)
         return self.reply(404, {"error": "not_found"})
