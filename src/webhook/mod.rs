@@ -19,7 +19,7 @@ use std::{
     sync::Arc,
     time::{Duration, Instant},
 };
-use tracing::{Span, field::Empty, info, instrument, warn};
+use tracing::{Instrument, Span, info, info_span, warn};
 
 /// AdmissionReviews for pods are bounded by the apiserver's request size (3 MiB by default).
 const MAX_BODY: usize = 8 * 1024 * 1024;
@@ -38,10 +38,10 @@ pub fn router(state: WebhookState) -> Router {
         .with_state(state)
 }
 
-#[instrument(skip_all, fields(uid = Empty, namespace = Empty, pod = Empty, dry_run = Empty, result = Empty))]
 async fn mutate_handler(State(state): State<WebhookState>, body: Bytes) -> impl IntoResponse {
     let started = Instant::now();
-    let response = review(&state, &body).await;
+    let (response, span) = review(&state, &body).await;
+    let _in = span.enter();
     let result = if response.allowed {
         if response.patch.is_some() {
             "patched"
@@ -56,15 +56,14 @@ async fn mutate_handler(State(state): State<WebhookState>, body: Bytes) -> impl 
     let metrics = &state.injector.metrics;
     metrics.admissions.get_or_create(&ResultLabels { result }).inc();
     metrics.admission_seconds.observe(started.elapsed().as_secs_f64());
-    let span = Span::current();
-    span.record("result", result);
     if response.allowed {
         info!(
+            result,
             warnings = response.warnings.as_ref().map_or(0, Vec::len),
             "admission"
         );
     } else {
-        warn!(reason = %response.result.message, "admission");
+        warn!(result, reason = %response.result.message, "admission");
     }
     (
         [(header::CONTENT_TYPE, "application/json")],
@@ -73,53 +72,65 @@ async fn mutate_handler(State(state): State<WebhookState>, body: Bytes) -> impl 
 }
 
 /// Parses the body and decides; never fails: a body that is not an AdmissionReview for a
-/// pod gets an `invalid` response naming what is wrong.
-async fn review(state: &WebhookState, body: &[u8]) -> AdmissionResponse {
+/// pod gets an `invalid` response naming what is wrong. Also returns the request's span
+/// (uid, namespace, pod, dry run), made once with all its fields, which are cheaper to set
+/// at once than one by one; the decision runs in it.
+async fn review(state: &WebhookState, body: &[u8]) -> (AdmissionResponse, Span) {
     let review: AdmissionReview<Pod> = match serde_json::from_slice(body) {
         Ok(r) => r,
-        Err(e) => return AdmissionResponse::invalid(format!("request body is not an AdmissionReview: {e}")),
+        Err(e) => {
+            let invalid = AdmissionResponse::invalid(format!("request body is not an AdmissionReview: {e}"));
+            return (invalid, Span::none());
+        }
     };
     let request: AdmissionRequest<Pod> = match review.try_into() {
         Ok(r) => r,
         Err(e) => {
-            return AdmissionResponse::invalid(format!("AdmissionReview carries no usable request: {e}"));
+            let invalid =
+                AdmissionResponse::invalid(format!("AdmissionReview carries no usable request: {e}"));
+            return (invalid, Span::none());
         }
     };
-    let span = Span::current();
-    span.record("uid", request.uid.as_str());
-    span.record("dry_run", request.dry_run);
     let namespace = request.namespace.clone().unwrap_or_default();
-    span.record("namespace", namespace.as_str());
+    let pod_name = request
+        .object
+        .as_ref()
+        .and_then(|p| p.metadata.name.as_deref().or(p.metadata.generate_name.as_deref()))
+        .unwrap_or("");
+    let span = info_span!(
+        "admission",
+        uid = request.uid.as_str(),
+        namespace = namespace.as_str(),
+        pod = pod_name,
+        dry_run = request.dry_run
+    );
     let response = AdmissionResponse::from(&request);
     let Some(pod) = request.object.as_ref() else {
-        return response.deny("the AdmissionReview has no pod object");
+        return (response.deny("the AdmissionReview has no pod object"), span);
     };
     // A pod from the apiserver always has a name or generateName: only an empty metadata
     // needs the second look at the body.
     if pod.metadata == Default::default() && !has_metadata(body) {
-        return response.deny("the pod object in the AdmissionReview has no metadata");
+        return (
+            response.deny("the pod object in the AdmissionReview has no metadata"),
+            span,
+        );
     }
-    span.record(
-        "pod",
-        pod.metadata
-            .name
-            .as_deref()
-            .or(pod.metadata.generate_name.as_deref())
-            .unwrap_or(""),
-    );
     let decision = tokio::time::timeout(
         state.deadline,
         state.injector.admit(&namespace, pod, request.dry_run),
     )
+    .instrument(span.clone())
     .await;
     let admitted = match decision {
         Err(_) => {
-            return response.deny(format!(
+            let late = response.deny(format!(
                 "kvinject could not decide within {:?}; Key Vault or the apiserver is slow",
                 state.deadline
             ));
+            return (late, span);
         }
-        Ok(Err(denied)) => return response.deny(denied.to_string()),
+        Ok(Err(denied)) => return (response.deny(denied.to_string()), span),
         Ok(Ok(a)) => a,
     };
     let mut response = response;
@@ -134,13 +145,14 @@ async fn review(state: &WebhookState, body: &[u8]) -> AdmissionResponse {
                 .collect(),
         );
     }
-    match admitted.patch {
+    let answer = match admitted.patch {
         None => response,
         Some(patch) => match response.clone().with_patch(patch) {
             Ok(r) => r,
             Err(e) => response.deny(format!("kvinject could not encode its patch: {e}")),
         },
-    }
+    };
+    (answer, span)
 }
 
 /// Whether `request.object.metadata` is an object. The typed pod defaults a missing one,
