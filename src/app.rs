@@ -175,8 +175,10 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         let injector = injector.clone();
         reflector(
             writer,
+            // Managed fields only: the rotation controller writes Secrets back whole (a
+            // conditional replace), so every annotation stays.
             watcher(secrets, watcher::Config::default().labels(materialize::SELECTOR))
-                .modify(crate::rotation::prune),
+                .modify(|s: &mut Secret| s.metadata.managed_fields = None),
         )
         .default_backoff()
         .for_each(move |event| {

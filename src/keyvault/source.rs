@@ -461,7 +461,8 @@ where
             Ok(Err(e)) => {
                 let failed = classify(vault, what, &e);
                 // Entra ID down for a moment is worth another try; a refusal is not.
-                let may_pass = failed.may_pass() || (failed.metric_label() == "auth" && transient(&e));
+                let may_pass =
+                    failed.may_pass() || (matches!(failed, FetchError::Auth { .. }) && transient(&e));
                 (failed, may_pass)
             }
             Err(_) => (timeout(), true),
