@@ -42,7 +42,8 @@ use tower::ServiceExt;
 
 const NAMESPACE: &str = "team-7";
 const VERSION: &str = "0123456789abcdef0123456789abcdef";
-const ALLOWED: &[u8] = br#""allowed":true,"patch""#;
+const ALLOWED: &[u8] = br#""allowed":true"#;
+const PATCHED: &[u8] = br#""patch":""#;
 
 /// Counts calls; the warm path must make none.
 #[derive(Default)]
@@ -181,7 +182,8 @@ async fn round(app: &Router, body: &str, count: usize) -> Duration {
         let res = app.clone().oneshot(req.unwrap()).await.unwrap();
         let bytes = res.into_body().collect().await.unwrap().to_bytes();
         assert!(
-            bytes.windows(ALLOWED.len()).any(|w| w == ALLOWED),
+            bytes.windows(ALLOWED.len()).any(|w| w == ALLOWED)
+                && bytes.windows(PATCHED.len()).any(|w| w == PATCHED),
             "{}",
             String::from_utf8_lossy(&bytes)
         );
