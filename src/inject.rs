@@ -163,9 +163,8 @@ pub struct Injector {
     reads: ReadBuckets,
     /// Which identity reads for a pod's ServiceAccount; `None`: always kvinject's.
     identities: Option<ServiceAccounts>,
-    /// What each cached Secret's seal says (by uid), for the resourceVersion checked: a
-    /// Secret is verified once per change, not at every admission.
-    verdicts: std::sync::Mutex<std::collections::HashMap<String, (String, Verdict)>>,
+    /// What each cached Secret's seal says: verified once per change, not at every admission.
+    verdicts: seal::Verdicts,
 }
 
 impl Injector {
@@ -377,29 +376,9 @@ impl Injector {
             secret.metadata.name.clone().unwrap_or_default(),
         );
         self.created.invalidate(&key).await;
-        if let (Some(uid), Ok(mut verdicts)) = (&secret.metadata.uid, self.verdicts.lock()) {
-            verdicts.remove(uid);
+        if let Some(gone) = &secret.metadata.uid {
+            self.verdicts.retain(|uid| uid != gone);
         }
-    }
-
-    /// `seal::verify` of a cached Secret, remembered per uid and resourceVersion.
-    fn verdict(&self, secret: &Secret) -> Verdict {
-        let (Some(uid), Some(version)) = (&secret.metadata.uid, &secret.metadata.resource_version) else {
-            return seal::verify(&self.config.keys, secret);
-        };
-        if let Some(known) = self
-            .verdicts
-            .lock()
-            .ok()
-            .and_then(|m| m.get(uid).filter(|(v, _)| v == version).map(|(_, d)| *d))
-        {
-            return known;
-        }
-        let verdict = seal::verify(&self.config.keys, secret);
-        if let Ok(mut m) = self.verdicts.lock() {
-            m.insert(uid.clone(), (version.clone(), verdict));
-        }
-        verdict
     }
 
     /// The version of the materialized Secret and what its seal says, from the watch cache
@@ -408,7 +387,7 @@ impl Injector {
     fn materialized(&self, key: &(String, String)) -> Result<Option<(String, Verdict)>, Denied> {
         let object = ObjectRef::<Secret>::new(&key.1).within(&key.0);
         if let Some(secret) = self.store.get(&object).filter(|s| materialize::is_managed(s)) {
-            let verdict = self.verdict(&secret);
+            let verdict = self.verdicts.of(&self.config.keys, &secret);
             if verdict == Verdict::Foreign {
                 return Err(Denied::Foreign {
                     namespace: key.0.clone(),

@@ -17,7 +17,11 @@
 use aws_lc_rs::hmac;
 use base64::Engine;
 use k8s_openapi::api::core::v1::Secret;
-use std::{collections::BTreeMap, fmt, sync::Arc};
+use std::{
+    collections::{BTreeMap, HashMap},
+    fmt,
+    sync::{Arc, Mutex},
+};
 
 pub const SIGNATURE_ANNOTATION: &str = "kvinject.io/signature";
 const VERSION_TAG: &str = "v1";
@@ -112,6 +116,40 @@ pub enum Verdict {
     Edited,
     /// Not made by kvinject (or its metadata was changed): never used, never written.
     Foreign,
+}
+
+/// What each Secret's seal said, by uid, for the resourceVersion checked: a Secret is
+/// verified once per change, not every time it is looked at. The webhook's warm path and
+/// the rotation controller each keep one.
+#[derive(Debug, Default)]
+pub struct Verdicts(Mutex<HashMap<String, (String, Verdict)>>);
+
+impl Verdicts {
+    /// `verify`, remembered; a Secret without a uid or resourceVersion is verified every time.
+    pub fn of(&self, keys: &Keys, secret: &Secret) -> Verdict {
+        let (Some(uid), Some(version)) = (&secret.metadata.uid, &secret.metadata.resource_version) else {
+            return verify(keys, secret);
+        };
+        let known = self.0.lock().ok().and_then(|m| {
+            m.get(uid)
+                .filter(|(checked, _)| checked == version)
+                .map(|(_, v)| *v)
+        });
+        known.unwrap_or_else(|| {
+            let v = verify(keys, secret);
+            if let Ok(mut m) = self.0.lock() {
+                m.insert(uid.clone(), (version.clone(), v));
+            }
+            v
+        })
+    }
+
+    /// Forgets every Secret whose uid `keep` refuses.
+    pub fn retain(&self, keep: impl Fn(&str) -> bool) {
+        if let Ok(mut m) = self.0.lock() {
+            m.retain(|uid, _| keep(uid));
+        }
+    }
 }
 
 fn field(secret: &Secret, annotation: &str) -> String {

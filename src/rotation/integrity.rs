@@ -30,22 +30,10 @@ impl Controller {
         let mut out = HashMap::new();
         let mut seen = BTreeSet::new();
         for s in secrets.iter().filter(|s| materialize::is_managed(s)) {
-            let (uid, rv) = (
-                s.uid().unwrap_or_default(),
-                s.resource_version().unwrap_or_default(),
-            );
-            let verdict = match self.seals.get(&uid) {
-                Some((checked, v)) if *checked == rv => *v,
-                _ => {
-                    let v = seal::verify(&self.inject.keys, s);
-                    self.seals.insert(uid.clone(), (rv, v));
-                    v
-                }
-            };
-            seen.insert(uid);
-            out.insert(key_of(s), verdict);
+            seen.insert(s.uid().unwrap_or_default());
+            out.insert(key_of(s), self.seals.of(&self.inject.keys, s));
         }
-        self.seals.retain(|uid, _| seen.contains(uid));
+        self.seals.retain(|uid| seen.contains(uid));
         out
     }
 

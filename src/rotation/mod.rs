@@ -233,7 +233,7 @@ pub struct Controller {
     /// Secrets (`namespace`, `name`) known to be revoked, so each gets one Event.
     revoked: BTreeSet<(String, String)>,
     /// What each labelled Secret's seal said, by uid, for the resourceVersion checked.
-    seals: HashMap<String, (String, Verdict)>,
+    seals: materialize::seal::Verdicts,
     /// Foreign Secrets already reported, so each gets one Event.
     foreign: BTreeSet<(String, String)>,
     /// Which identity each ServiceAccount's pods read as; `None`: kvinject's, always.
@@ -277,7 +277,7 @@ impl Controller {
             leading: None,
             access: None,
             revoked: BTreeSet::new(),
-            seals: HashMap::new(),
+            seals: Default::default(),
             foreign: BTreeSet::new(),
             identities: None,
             known: HashMap::new(),
