@@ -113,8 +113,20 @@ pub fn reflect_with<K>(api: Api<K>, config: watcher::Config) -> (Store<K>, BoxFu
 where
     K: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
 {
+    reflect_modified(api, config, prune)
+}
+
+/// Like `reflect_with`, with `modify` applied to each object before it is stored.
+fn reflect_modified<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    modify: impl FnMut(&mut K) + Send + 'static,
+) -> (Store<K>, BoxFuture<'static, ()>)
+where
+    K: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
+{
     let (store, writer) = reflector::store();
-    let fut = reflector::reflector(writer, watcher(api, config).modify(prune))
+    let fut = reflector::reflector(writer, watcher(api, config).modify(modify))
         .default_backoff()
         .applied_objects()
         .for_each(|e| async move {
@@ -141,10 +153,10 @@ pub fn watch_workloads(
     namespaces: Store<Namespace>,
 ) -> (Caches, impl Future<Output = ()> + Send + use<>) {
     // Pods without their status: the controller decides from their spec and annotations.
-    let (pods, p) = {
-        let (store, writer) = reflector::store();
-        let config = watcher::Config::default().labels(&format!("{}=true", crate::mutate::INJECTED_LABEL));
-        let watch = watcher(Api::<Pod>::all(client.clone()), config).modify(|p: &mut Pod| {
+    let (pods, p) = reflect_modified(
+        Api::<Pod>::all(client.clone()),
+        watcher::Config::default().labels(&format!("{}=true", crate::mutate::INJECTED_LABEL)),
+        |p: &mut Pod| {
             prune(p);
             if let Some(status) = p.status.as_mut() {
                 // Readiness is all the evict strategy reads.
@@ -153,17 +165,8 @@ pub fn watch_workloads(
                     ..Default::default()
                 };
             }
-        });
-        let fut = reflector::reflector(writer, watch)
-            .default_backoff()
-            .applied_objects()
-            .for_each(|e| async move {
-                if let Err(e) = e {
-                    warn!(error = %e, "watch failed; retrying");
-                }
-            });
-        (store, Box::pin(fut) as BoxFuture<'static, ()>)
-    };
+        },
+    );
     let (deployments, d) = reflect(Api::<Deployment>::all(client.clone()));
     let (statefulsets, s) = reflect(Api::<StatefulSet>::all(client.clone()));
     let (daemonsets, ds) = reflect(Api::<DaemonSet>::all(client.clone()));
