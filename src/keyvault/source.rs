@@ -481,49 +481,31 @@ where
 
 /// Whether a transport error is the HTTP client giving up on a silent peer.
 fn timed_out(e: &azure_core::Error) -> bool {
-    if !matches!(e.kind(), ErrorKind::Io | ErrorKind::Connection) {
-        return false;
-    }
-    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(error) = next {
-        if error
-            .downcast_ref::<reqwest::Error>()
-            .is_some_and(reqwest::Error::is_timeout)
-            || error
-                .downcast_ref::<std::io::Error>()
-                .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
-        {
-            return true;
-        }
-        next = error.source();
-    }
-    false
+    matches!(e.kind(), ErrorKind::Io | ErrorKind::Connection)
+        && chain(e).any(|error| {
+            error
+                .downcast_ref::<reqwest::Error>()
+                .is_some_and(reqwest::Error::is_timeout)
+                || error
+                    .downcast_ref::<std::io::Error>()
+                    .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
+        })
 }
 
 /// Whether an error has a transport failure, a 5xx or a 429 anywhere in its chain (under a
 /// credential error: Entra ID's token endpoint was unreachable or failing, not refusing).
 fn transient(e: &azure_core::Error) -> bool {
-    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(error) = next {
-        match error
+    chain(e).any(|error| {
+        let status = match error
             .downcast_ref::<azure_core::Error>()
             .map(azure_core::Error::kind)
         {
             Some(ErrorKind::Io | ErrorKind::Connection) => return true,
-            Some(ErrorKind::HttpResponse { status, .. }) => {
-                let status = u16::from(*status);
-                if status >= 500 || status == 429 {
-                    return true;
-                }
-            }
-            _ => {}
-        }
-        if error.downcast_ref::<reqwest::Error>().is_some() {
-            return true;
-        }
-        next = error.source();
-    }
-    false
+            Some(ErrorKind::HttpResponse { status, .. }) => u16::from(*status),
+            _ => 0,
+        };
+        status >= 500 || status == 429 || error.downcast_ref::<reqwest::Error>().is_some()
+    })
 }
 
 /// The pause before retry `n` (from 0): 200 ms, doubling, at most 1 s.
@@ -543,8 +525,7 @@ const SDK_NOISE: [&str; 3] = [
 /// links. An HTTP status met on the way (Entra ID's, under a credential error) is named.
 fn messages(e: &azure_core::Error) -> String {
     let mut parts: Vec<String> = Vec::new();
-    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(error) = next {
+    for error in chain(e) {
         if let Some(ErrorKind::HttpResponse { status, .. }) = error
             .downcast_ref::<azure_core::Error>()
             .map(azure_core::Error::kind)
@@ -566,9 +547,13 @@ fn messages(e: &azure_core::Error) -> String {
         if !text.is_empty() && !parts.iter().any(|p| p.contains(text)) {
             parts.push(text.to_owned());
         }
-        next = error.source();
     }
     parts.join(": ")
+}
+
+/// An error and its sources, outermost first.
+fn chain(e: &azure_core::Error) -> impl Iterator<Item = &(dyn std::error::Error + 'static)> {
+    std::iter::successors(Some(e as &(dyn std::error::Error + 'static)), |e| e.source())
 }
 
 /// `text` with control characters replaced and runs of whitespace collapsed.
