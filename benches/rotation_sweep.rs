@@ -38,36 +38,16 @@ use std::{
 const VAULT: &str = "other";
 
 fn vault_url() -> String {
-    let bed = support::testbed();
-    bed.vault_url
-        .replacen(&format!("//{}.", bed.vault_name), &format!("//{VAULT}."), 1)
+    support::vault_url_of(VAULT)
 }
 
 fn vault_client() -> azure_security_keyvault_secrets::SecretClient {
-    support::azure_config()
-        .connect()
-        .unwrap()
-        .secret_client(&vault_url())
-        .unwrap()
+    support::secret_client_of(&vault_url())
 }
 
 /// Sets `name` in the bench's vault; returns the new version.
 async fn seed(name: &str, value: &str) -> String {
-    use azure_security_keyvault_secrets::{ResourceExt, models::SetSecretParameters};
-    let params = SetSecretParameters {
-        value: Some(value.to_owned()),
-        ..Default::default()
-    };
-    vault_client()
-        .set_secret(name, params.try_into().unwrap(), None)
-        .await
-        .unwrap_or_else(|e| panic!("seeding {name}: {e}"))
-        .into_model()
-        .unwrap()
-        .resource_id()
-        .unwrap()
-        .version
-        .expect("a version")
+    support::seed_secret_in(&vault_url(), name, value).await
 }
 
 fn env_usize(name: &str, default: usize) -> usize {

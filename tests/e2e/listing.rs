@@ -15,27 +15,11 @@ use std::time::Duration;
 const REFERENCES: usize = 30;
 
 fn other_url() -> String {
-    let bed = support::testbed();
-    bed.vault_url
-        .replacen(&format!("//{}.", bed.vault_name), "//other.", 1)
+    support::vault_url_of("other")
 }
 
 async fn seed_other(name: &str, value: &str) {
-    use azure_security_keyvault_secrets::models::SetSecretParameters;
-    support::record_seeded(value);
-    let client = support::azure_config()
-        .connect()
-        .unwrap()
-        .secret_client(&other_url())
-        .unwrap();
-    let params = SetSecretParameters {
-        value: Some(value.to_owned()),
-        ..Default::default()
-    };
-    client
-        .set_secret(name, params.try_into().unwrap(), None)
-        .await
-        .unwrap_or_else(|e| panic!("seeding {name} in vault other: {e}"));
+    support::seed_secret_in(&other_url(), name, value).await;
 }
 
 /// GETs the bed's vault answered for `names`, summed.
@@ -166,12 +150,8 @@ async fn a_vault_with_many_references_is_checked_from_its_listing_and_only_chang
         others_before <= 2 * others.len() as u64,
         "at most two reads per unchanged secret in all: {others_before}"
     );
+    let client = support::secret_client_of(&other_url());
     for n in &names {
-        let client = support::azure_config()
-            .connect()
-            .unwrap()
-            .secret_client(&other_url())
-            .unwrap();
         let _ = client.delete_secret(n, None).await; // keeps the `other` vault small
     }
 }

@@ -136,22 +136,45 @@ pub fn azure_config() -> AzureConfig {
 }
 
 pub fn secret_client() -> azure_security_keyvault_secrets::SecretClient {
+    secret_client_of(&testbed().vault_url)
+}
+
+/// A client of the bed's vault at `url` (each vault host is a vault of its own there).
+pub fn secret_client_of(url: &str) -> azure_security_keyvault_secrets::SecretClient {
     azure_config()
         .connect()
         .expect("azure setup")
-        .secret_client(&testbed().vault_url)
+        .secret_client(url)
         .expect("secret client")
+}
+
+/// The URL of the bed's vault named `vault` (`other`: one no test but its own uses).
+pub fn vault_url_of(vault: &str) -> String {
+    let bed = testbed();
+    bed.vault_url
+        .replacen(&format!("//{}.", bed.vault_name), &format!("//{vault}."), 1)
+}
+
+/// An HTTP client that trusts the bed's CA, for its test-control endpoints.
+fn bed_http() -> reqwest::Client {
+    let ca = reqwest::Certificate::from_pem(&std::fs::read(&testbed().ca).unwrap()).unwrap();
+    reqwest::Client::builder().tls_certs_merge([ca]).build().unwrap()
 }
 
 /// Writes a new version of `name` in the bed's vault and returns that version's id.
 pub async fn seed_secret(name: &str, value: &str) -> String {
+    seed_secret_in(&testbed().vault_url, name, value).await
+}
+
+/// Like `seed_secret`, in the bed's vault at `url`.
+pub async fn seed_secret_in(url: &str, name: &str, value: &str) -> String {
     use azure_security_keyvault_secrets::{ResourceExt, models::SetSecretParameters};
     record_seeded(value);
     let params = SetSecretParameters {
         value: Some(value.to_owned()),
         ..Default::default()
     };
-    let secret = secret_client()
+    let secret = secret_client_of(url)
         .set_secret(name, params.try_into().unwrap(), None)
         .await
         .unwrap_or_else(|e| panic!("seeding secret {name}: {e}"))
@@ -194,8 +217,7 @@ pub async fn seed_secret_with(
 
 /// The bed vault's request counters (secrets_get, tokens, assertion_tokens, ...).
 pub async fn vault_counters() -> serde_json::Value {
-    let ca = reqwest::Certificate::from_pem(&std::fs::read(&testbed().ca).unwrap()).unwrap();
-    let http = reqwest::Client::builder().tls_certs_merge([ca]).build().unwrap();
+    let http = bed_http();
     let res = http
         .get(format!("{}/_testbed/counters", testbed().authority))
         .send()
@@ -206,8 +228,7 @@ pub async fn vault_counters() -> serde_json::Value {
 
 /// Calls one of the bed vault's test-control endpoints (`forbid/NAME`, `allow/NAME`).
 pub async fn vault_control(path: &str) {
-    let ca = reqwest::Certificate::from_pem(&std::fs::read(&testbed().ca).unwrap()).unwrap();
-    let http = reqwest::Client::builder().tls_certs_merge([ca]).build().unwrap();
+    let http = bed_http();
     let res = http
         .post(format!("{}/_testbed/{path}", testbed().authority))
         .send()
@@ -223,8 +244,7 @@ pub async fn vault_control(path: &str) {
 /// Starts a fault of the bed's vault or token endpoint (kvstandin.py lists them), replacing
 /// any fault in force; `None` ends every fault.
 pub async fn vault_fault(fault: Option<serde_json::Value>) {
-    let ca = reqwest::Certificate::from_pem(&std::fs::read(&testbed().ca).unwrap()).unwrap();
-    let http = reqwest::Client::builder().tls_certs_merge([ca]).build().unwrap();
+    let http = bed_http();
     let url = format!("{}/_testbed/fault", testbed().authority);
     let res = match &fault {
         Some(f) => http
@@ -267,8 +287,7 @@ pub fn distinctive_value() -> String {
 /// Calls a test-control endpoint of the bed's Entra ID with a JSON body (`federate`,
 /// `vault-access`).
 pub async fn entra_control(path: &str, body: serde_json::Value) {
-    let ca = reqwest::Certificate::from_pem(&std::fs::read(&testbed().ca).unwrap()).unwrap();
-    let http = reqwest::Client::builder().tls_certs_merge([ca]).build().unwrap();
+    let http = bed_http();
     let res = http
         .post(format!("{}/_testbed/{path}", testbed().authority))
         .header("content-type", "application/json")
