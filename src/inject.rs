@@ -111,9 +111,17 @@ pub struct Admitted {
     pub warnings: Vec<String>,
 }
 
+/// A materialized Secret, as the webhook sees it.
+struct Found {
+    version: String,
+    verdict: Verdict,
+    /// When Key Vault was first found not to have its secret any more.
+    missing_since: Option<String>,
+}
+
 /// One needed Secret, before anything is written.
 enum Prepared {
-    /// Already there; with a warning when its vault is unreachable.
+    /// Already there; with a warning when its vault is unreachable or no longer has it.
     Materialized { warning: Option<String> },
     /// To be created.
     Missing(Box<Secret>),
@@ -316,11 +324,22 @@ impl Injector {
     async fn prepare(&self, namespace: &str, needed: &Needed) -> Result<Prepared, Denied> {
         let key = (namespace.to_owned(), needed.secret_name.clone());
         let reference = needed.source.reference();
-        if let Some((version, verdict)) = self.materialized(&key)? {
+        if let Some(found) = self.materialized(&key)? {
             self.metrics.cache("secret", true);
+            let Found {
+                version,
+                verdict,
+                missing_since,
+            } = found;
             let mut warning = self.health.outage(&reference.vault).map(|why| {
                 format!("{reference}: Key Vault is unreachable ({why}); using the materialized Secret {} (version {version})", needed.secret_name)
             });
+            if let Some(since) = missing_since {
+                warning = Some(format!(
+                    "{reference}: Key Vault no longer has this secret (not found since {since}; deleted in the vault?); using the materialized Secret {} (version {version})",
+                    needed.secret_name
+                ));
+            }
             if verdict == Verdict::Edited {
                 warning = Some(format!(
                     "Secret {} was changed by hand; kvinject restores its value from Key Vault (version {version})",
@@ -381,10 +400,10 @@ impl Injector {
         }
     }
 
-    /// The version of the materialized Secret and what its seal says, from the watch cache
-    /// or our own creations. A Secret of that name that kvinject did not seal is an error:
-    /// it is never handed to a pod.
-    fn materialized(&self, key: &(String, String)) -> Result<Option<(String, Verdict)>, Denied> {
+    /// The version of the materialized Secret, what its seal says and whether Key Vault
+    /// still has its secret, from the watch cache or our own creations. A Secret of that
+    /// name that kvinject did not seal is an error: it is never handed to a pod.
+    fn materialized(&self, key: &(String, String)) -> Result<Option<Found>, Denied> {
         let object = ObjectRef::<Secret>::new(&key.1).within(&key.0);
         if let Some(secret) = self.store.get(&object).filter(|s| materialize::is_managed(s)) {
             let verdict = self.verdicts.of(&self.config.keys, &secret);
@@ -394,17 +413,18 @@ impl Injector {
                     name: key.1.clone(),
                 });
             }
-            let version = secret
-                .metadata
-                .annotations
-                .as_ref()
-                .and_then(|a| a.get(materialize::VERSION_ANNOTATION).cloned());
-            return Ok(Some((version.unwrap_or_default(), verdict)));
+            let annotation = |name: &str| secret.metadata.annotations.as_ref()?.get(name).cloned();
+            return Ok(Some(Found {
+                version: annotation(materialize::VERSION_ANNOTATION).unwrap_or_default(),
+                verdict,
+                missing_since: annotation(materialize::MISSING_ANNOTATION),
+            }));
         }
-        Ok(self
-            .created
-            .contains_key(key)
-            .then(|| ("just created".to_owned(), Verdict::Genuine)))
+        Ok(self.created.contains_key(key).then(|| Found {
+            version: "just created".to_owned(),
+            verdict: Verdict::Genuine,
+            missing_since: None,
+        }))
     }
 
     /// Reads `reference` for a first use in `namespace`: from the value cache, or from Key

@@ -1,5 +1,6 @@
 //! Prometheus metrics, served on the admin port at /metrics. Labels carry results and
-//! vault names, never a value or a secret name.
+//! vault names, never a value. Key Vault secret names appear in one gauge only
+//! (`kvinject_keyvault_secret_missing`), for references that are committed to git anyway.
 
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
@@ -24,6 +25,12 @@ pub struct VaultLabels {
     pub vault: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
+pub struct SecretLabels {
+    pub vault: String,
+    pub secret: String,
+}
+
 #[derive(Clone)]
 pub struct Metrics {
     registry: Arc<Registry>,
@@ -46,6 +53,8 @@ pub struct Metrics {
     pub runtime_tasks: Gauge,
     pub resident_memory: Gauge,
     pub keyvault_list_pages: Counter,
+    pub secrets_recreated: Counter,
+    pub keyvault_secret_missing: Family<SecretLabels, Gauge>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -171,6 +180,18 @@ impl Default for Metrics {
             "Pages of vault listings read by rotation sweeps (one request each, 25 secrets a page)",
             keyvault_list_pages.clone(),
         );
+        let secrets_recreated = Counter::default();
+        registry.register(
+            "secrets_recreated",
+            "Materialized Secrets recreated from Key Vault after they were deleted while a pod or a workload still used them",
+            secrets_recreated.clone(),
+        );
+        let keyvault_secret_missing = Family::<SecretLabels, Gauge>::default();
+        registry.register(
+            "keyvault_secret_missing",
+            "1 per followed Key Vault secret that the vault no longer has (deleted there); its materialized Secrets keep their value",
+            keyvault_secret_missing.clone(),
+        );
         Self {
             registry: Arc::new(registry),
             admissions,
@@ -192,6 +213,8 @@ impl Default for Metrics {
             runtime_tasks,
             resident_memory,
             keyvault_list_pages,
+            secrets_recreated,
+            keyvault_secret_missing,
         }
     }
 }

@@ -25,6 +25,10 @@ pub const USERNAME_ANNOTATION: &str = "kvinject.io/username";
 pub const SERVICE_ACCOUNT_ANNOTATION: &str = "kvinject.io/service-account";
 pub const CLIENT_ID_ANNOTATION: &str = "kvinject.io/client-id";
 pub const TENANT_ID_ANNOTATION: &str = "kvinject.io/tenant-id";
+/// On a materialized Secret whose Key Vault secret was not found at the last check (deleted
+/// in the vault): when that was first seen. The value is kept; the rotation controller
+/// sets and clears it, the webhook warns about it.
+pub const MISSING_ANNOTATION: &str = "kvinject.io/missing-in-vault-since";
 /// Secrets hold at most 1 MiB of data; the rest is left for metadata.
 pub const MAX_VALUE_BYTES: usize = 1024 * 1024 - 16 * 1024;
 

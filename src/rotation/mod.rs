@@ -2,6 +2,7 @@
 //! them, and rolls the workloads that opted in. Runs only on the Lease holder.
 
 pub mod decide;
+mod heal;
 mod integrity;
 pub mod lease;
 pub mod listing;
@@ -10,7 +11,7 @@ mod revoke;
 use crate::{
     access::Policies,
     inject::FIELD_MANAGER,
-    keyvault::source::{Fetched, SecretSource},
+    keyvault::source::{FetchError, Fetched, SecretSource},
     materialize::{self, seal::Verdict},
     metrics::Metrics,
     mutate::{InjectConfig, Needed, Source},
@@ -247,6 +248,12 @@ pub struct Controller {
     listed_updated: HashMap<Read, Option<i64>>,
     /// Pages each vault's last listing took.
     list_pages: HashMap<String, usize>,
+    /// kvinject's Secrets at the last full pass: what a Secret deleted since was made from.
+    seen: Vec<Arc<Secret>>,
+    /// Secrets deleted while something uses them, to recreate.
+    lost: BTreeMap<(String, String), heal::Lost>,
+    /// Followed Key Vault secrets the vault no longer has, as the gauge shows them.
+    missing: BTreeSet<crate::metrics::SecretLabels>,
 }
 
 impl Controller {
@@ -286,6 +293,9 @@ impl Controller {
             known: HashMap::new(),
             listed_updated: HashMap::new(),
             list_pages: HashMap::new(),
+            seen: Vec::new(),
+            lost: BTreeMap::new(),
+            missing: BTreeSet::new(),
         }
     }
 
@@ -343,6 +353,8 @@ impl Controller {
             // A new term starts from what the apiserver says, not from a previous term.
             self.polls.clear();
             self.known.clear();
+            self.seen.clear();
+            self.lost.clear();
             self.last_full_reconcile = None;
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -384,6 +396,7 @@ impl Controller {
                     .push(s.clone());
             }
         }
+        self.count_missing(&by_reference);
         self.polls.retain(|r, _| by_reference.contains_key(r));
         self.known.retain(|r, _| by_reference.contains_key(r));
         let asked = decide::requested_intervals(
@@ -463,7 +476,9 @@ impl Controller {
             .is_none_or(|t| now.duration_since(t) >= self.config.reconcile_interval);
         if full {
             self.last_full_reconcile = Some(now);
+            self.find_lost(&all, &secrets, now);
         }
+        self.recreate_due(now).await;
         self.reconcile_workloads(if full { None } else { Some(&dirty) })
             .await;
         if full && let Some(grace) = self.config.gc_grace {
@@ -517,6 +532,11 @@ impl Controller {
             listed.insert(vault.clone());
             let before = kept.len();
             for (r, secrets) in by_reference.iter().filter(|(r, _)| &r.reference.vault == vault) {
+                // A reference whose last reads failed (deleted in the vault, say) keeps its
+                // backoff: the listing is no reason to read it again sooner.
+                if self.polls.get(r).is_some_and(|p| p.failures > 0 && p.next > now) {
+                    continue;
+                }
                 let listed = listing.items.get(&r.reference.name.to_ascii_lowercase());
                 let interval = interval_of(secrets);
                 if listing::needs_read(
@@ -551,37 +571,8 @@ impl Controller {
     /// workload template in their namespace refers to them. Secrets without kvinject's
     /// label and reference annotation are never touched.
     async fn collect_garbage(&self, secrets: &[Arc<Secret>], grace: Duration) {
-        let mut referenced = self.used_by_pods();
-        let templates = self
-            .caches
-            .deployments
-            .state()
-            .iter()
-            .filter_map(|d| Some((d.namespace()?, d.spec.as_ref()?.template.clone())))
-            .chain(
-                self.caches
-                    .statefulsets
-                    .state()
-                    .iter()
-                    .filter_map(|d| Some((d.namespace()?, d.spec.as_ref()?.template.clone()))),
-            )
-            .chain(
-                self.caches
-                    .daemonsets
-                    .state()
-                    .iter()
-                    .filter_map(|d| Some((d.namespace()?, d.spec.as_ref()?.template.clone()))),
-            )
-            .collect::<Vec<_>>();
-        for (ns, template) in templates {
-            let identity = self.template_identity(&ns, &template);
-            let annotations = self.namespace_annotations(&ns);
-            referenced.extend(
-                decide::workload_secrets(&template, &self.inject, identity.as_ref(), &annotations)
-                    .into_iter()
-                    .map(|n| (ns.clone(), n)),
-            );
-        }
+        let mut referenced = self.used_by_pods(None);
+        referenced.extend(self.template_needs(None).into_keys());
         let now = k8s_openapi::jiff::Timestamp::now();
         for secret in secrets
             .iter()
@@ -627,14 +618,51 @@ impl Controller {
         }
     }
 
-    /// The Secrets (`namespace`, `name`) that injected pods refer to.
-    fn used_by_pods(&self) -> BTreeSet<(String, String)> {
+    /// The Secrets (`namespace`, `name`) that injected pods (in namespace `only`, or all)
+    /// refer to.
+    fn used_by_pods(&self, only: Option<&str>) -> BTreeSet<(String, String)> {
         let mut used = BTreeSet::new();
         for p in self.caches.pods.state() {
             let ns = p.namespace().unwrap_or_default();
+            if only.is_some_and(|o| o != ns) {
+                continue;
+            }
             used.extend(decide::pod_secret_names(&p).map(|n| (ns.clone(), n.to_owned())));
         }
         used
+    }
+
+    /// The Secrets (`namespace`, `name`) that the pods of workload templates (in namespace
+    /// `only`, or all) will use, as the webhook plans them: what each is made from, and
+    /// which workload (`Kind/name`) uses it.
+    fn template_needs(&self, only: Option<&str>) -> BTreeMap<(String, String), (Needed, String)> {
+        let mut out = BTreeMap::new();
+        let mut add = |kind: &str, meta: &kube::api::ObjectMeta, template: Option<&PodTemplateSpec>| {
+            let (Some(ns), Some(name), Some(template)) = (&meta.namespace, &meta.name, template) else {
+                return;
+            };
+            if only.is_some_and(|o| o != ns) {
+                return;
+            }
+            let identity = self.template_identity(ns, template);
+            let annotations = self.namespace_annotations(ns);
+            if let Some(plan) = decide::workload_plan(template, &self.inject, identity.as_ref(), &annotations)
+            {
+                for n in plan.needed {
+                    out.insert((ns.clone(), n.secret_name.clone()), (n, format!("{kind}/{name}")));
+                }
+            }
+        };
+        for d in self.caches.deployments.state() {
+            add("Deployment", &d.metadata, d.spec.as_ref().map(|s| &s.template));
+        }
+        for d in self.caches.statefulsets.state() {
+            add("StatefulSet", &d.metadata, d.spec.as_ref().map(|s| &s.template));
+        }
+        for d in self.caches.daemonsets.state() {
+            add("DaemonSet", &d.metadata, d.spec.as_ref().map(|s| &s.template));
+        }
+        out
     }
 
     /// Deletes `secret` if it is still what was read (uid and resourceVersion): a Secret
@@ -755,6 +783,7 @@ impl Controller {
                         read_at: time::OffsetDateTime::now_utc().unix_timestamp(),
                     },
                 );
+                self.report_found(reference, secrets, &fetched.version).await;
                 for secret in secrets
                     .iter()
                     .filter(|s| decide::version_of(s) != Some(fetched.version.as_str()))
@@ -774,7 +803,10 @@ impl Controller {
                 poll.next = now + wait;
                 let first = poll.failures == 1;
                 warn!(reference = %reference, error = %e, retry_in = ?wait, "could not check for a new version; keeping the materialized value");
-                if first {
+                if matches!(e, FetchError::NotFound(_)) {
+                    // Deleted in the vault: reported once per change, not per failure.
+                    self.report_missing(reference, secrets).await;
+                } else if first {
                     // An answer about this secret or this identity is not an outage.
                     let reason = if e.is_outage() {
                         "KeyVaultUnreachable"
@@ -860,6 +892,10 @@ impl Controller {
                 .annotations
                 .get_or_insert_with(Default::default)
                 .extend(desired.metadata.annotations.clone().unwrap_or_default());
+            // A value read from Key Vault just now: its secret is not missing there.
+            if let Some(a) = updated.metadata.annotations.as_mut() {
+                a.remove(materialize::MISSING_ANNOTATION);
+            }
             updated.metadata.managed_fields = None;
             match api.replace(&name, &params, &updated).await {
                 Ok(_) => return true,

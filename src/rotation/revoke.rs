@@ -4,7 +4,7 @@
 //! Running pods keep running.
 
 use super::{Controller, key_of, needed_for};
-use crate::{access::grant::use_of, materialize};
+use crate::{access::grant::use_of, materialize, mutate::Needed};
 use k8s_openapi::api::core::v1::Secret;
 use kube::{
     ResourceExt,
@@ -19,26 +19,33 @@ impl Controller {
     /// kvinject's Secrets that no policy grants to their namespace, for any ServiceAccount,
     /// any more. None while access is off or the policies have not been listed yet.
     pub(super) fn revoked_now(&self, secrets: &[Arc<Secret>]) -> BTreeSet<Key> {
-        let Some(index) = self.access.as_ref().and_then(|p| p.loaded()) else {
+        if self.access.as_ref().and_then(|p| p.loaded()).is_none() {
             return BTreeSet::new();
-        };
+        }
         secrets
             .iter()
             .filter(|s| materialize::is_managed(s))
             .filter_map(|s| {
                 let needed = needed_for(s)?;
                 let ns = s.namespace()?;
-                let labels = self
-                    .caches
-                    .namespaces
-                    .get(&ObjectRef::new(&ns))
-                    .and_then(|n| n.metadata.labels.clone())
-                    .unwrap_or_default();
-                let granted =
-                    index.grants_namespace(&ns, &labels, needed.source.reference(), use_of(&needed.source));
-                (!granted).then(|| (ns, s.name_any()))
+                self.revoked_for(&ns, &needed).then(|| (ns, s.name_any()))
             })
             .collect()
+    }
+
+    /// Whether no policy grants what `needed` is made from to namespace `ns` any more
+    /// (false while access is off or the policies have not been listed yet).
+    pub(super) fn revoked_for(&self, ns: &str, needed: &Needed) -> bool {
+        let Some(index) = self.access.as_ref().and_then(|p| p.loaded()) else {
+            return false;
+        };
+        let labels = self
+            .caches
+            .namespaces
+            .get(&ObjectRef::new(ns))
+            .and_then(|n| n.metadata.labels.clone())
+            .unwrap_or_default();
+        !index.grants_namespace(ns, &labels, needed.source.reference(), use_of(&needed.source))
     }
 
     /// Records newly revoked Secrets, and deletes the revoked ones no pod uses.
@@ -64,7 +71,7 @@ impl Controller {
             self.revoked.clear();
             return;
         }
-        let in_use = self.used_by_pods();
+        let in_use = self.used_by_pods(None);
         for secret in secrets
             .iter()
             .filter(|s| revoked.contains(&key_of(s)) && !in_use.contains(&key_of(s)))

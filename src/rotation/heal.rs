@@ -1,0 +1,469 @@
+//! Self-healing, on the Lease holder.
+//! - A materialized Secret deleted while a pod or a workload template still uses it is
+//!   recreated from Key Vault: the same name and reference, and the version it held when
+//!   last seen (a pinned reference: its version). `Recreated` on the new Secret, or
+//!   `RecreateFailed` (once, then retries with backoff) while it cannot be.
+//! - A followed secret that Key Vault no longer has (deleted there) keeps its materialized
+//!   value: its Secrets get the `kvinject.io/missing-in-vault-since` annotation and one
+//!   `SecretNotFound` Event, the webhook warns new pods, and a gauge counts it; all of that
+//!   ends with a `SecretRecovered` Event when Key Vault has it again.
+
+use super::{Controller, Read, decide, key_of, needed_for, publish};
+use crate::{
+    inject::FIELD_MANAGER,
+    keyvault::source::{FetchError, Fetched},
+    materialize,
+    metrics::SecretLabels,
+    mutate::Needed,
+    reference::Reference,
+};
+use k8s_openapi::api::core::v1::{ObjectReference, Secret};
+use kube::{
+    Api, ResourceExt,
+    api::{Patch, PatchParams, PostParams},
+    runtime::events::EventType,
+};
+use serde_json::json;
+use std::{
+    collections::{BTreeMap, BTreeSet, HashSet},
+    sync::Arc,
+    time::Duration,
+};
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+type Key = (String, String);
+
+/// A Secret that is gone while something uses it, to be recreated.
+pub(super) struct Lost {
+    needed: Needed,
+    /// The version it held when last seen; `None` when only a template's plan knows it.
+    version: Option<String>,
+    failures: u32,
+    next: Instant,
+}
+
+/// Of the Secrets `seen` at the last pass and those `planned` for workload templates, the
+/// ones that are not `present` now but are `referenced`, with the version each held when
+/// last seen (pure).
+pub(super) fn lost_secrets(
+    seen: &[Arc<Secret>],
+    planned: &BTreeMap<Key, Needed>,
+    present: &dyn Fn(&Key) -> bool,
+    referenced: &BTreeSet<Key>,
+) -> BTreeMap<Key, (Needed, Option<String>)> {
+    let gone_but_used = |k: &Key| !present(k) && referenced.contains(k);
+    let mut out: BTreeMap<Key, (Needed, Option<String>)> = planned
+        .iter()
+        .filter(|(k, _)| gone_but_used(k))
+        .map(|(k, n)| (k.clone(), (n.clone(), None)))
+        .collect();
+    for s in seen {
+        let key = key_of(s);
+        if gone_but_used(&key)
+            && let Some(needed) = needed_for(s)
+        {
+            out.insert(key, (needed, decide::version_of(s).map(str::to_owned)));
+        }
+    }
+    out
+}
+
+/// The backoff after `failures` failed attempts, never longer than `cap`.
+fn backoff(failures: u32, cap: Duration) -> Duration {
+    Duration::from_secs(2u64.saturating_pow(failures.min(8))).min(cap)
+}
+
+/// A Secret that may not exist (any more), for Events about it.
+fn secret_ref(key: &Key) -> ObjectReference {
+    ObjectReference {
+        api_version: Some("v1".into()),
+        kind: Some("Secret".into()),
+        namespace: Some(key.0.clone()),
+        name: Some(key.1.clone()),
+        ..Default::default()
+    }
+}
+
+fn missing_since(secret: &Secret) -> Option<&str> {
+    secret
+        .metadata
+        .annotations
+        .as_ref()?
+        .get(materialize::MISSING_ANNOTATION)
+        .map(String::as_str)
+}
+
+impl Controller {
+    /// At a full pass: notes the Secrets seen at the previous pass, or planned for a
+    /// workload, that are gone now while a pod or a workload still uses them; they are due
+    /// at once. `all`: every labelled Secret in the cache; `secrets`: kvinject's own.
+    pub(super) fn find_lost(&mut self, all: &[Arc<Secret>], secrets: &[Arc<Secret>], now: Instant) {
+        let present: HashSet<Key> = all.iter().map(|s| key_of(s)).collect();
+        let planned: BTreeMap<Key, Needed> = self
+            .template_needs(None)
+            .into_iter()
+            .map(|(k, (n, _))| (k, n))
+            .collect();
+        let mut referenced = self.used_by_pods(None);
+        referenced.extend(planned.keys().cloned());
+        let seen = std::mem::replace(
+            &mut self.seen,
+            secrets
+                .iter()
+                .filter(|s| materialize::is_managed(s))
+                .cloned()
+                .collect(),
+        );
+        for (key, (needed, version)) in lost_secrets(&seen, &planned, &|k| present.contains(k), &referenced) {
+            // A revoked grant is no reason to bring a value back.
+            if self.lost.contains_key(&key) || self.revoked_for(&key.0, &needed) {
+                continue;
+            }
+            info!(secret = %key.1, namespace = %key.0, reference = %needed.source.reference(), "a Secret in use was deleted; recreating it");
+            self.lost.insert(
+                key,
+                Lost {
+                    needed,
+                    version,
+                    failures: 0,
+                    next: now,
+                },
+            );
+        }
+    }
+
+    /// Who still uses the Secret `key` (a pod, or `Kind/name` of a workload), read from the
+    /// caches now; `None` when nothing does.
+    fn user_of(&self, key: &Key) -> Option<String> {
+        if let Some(pod) = self.caches.pods.state().iter().find(|p| {
+            p.namespace().as_deref() == Some(key.0.as_str())
+                && decide::pod_secret_names(p).any(|n| n == key.1)
+        }) {
+            return Some(format!("pod {}", pod.name_any()));
+        }
+        self.template_needs(Some(&key.0))
+            .remove(key)
+            .map(|(_, workload)| workload)
+    }
+
+    /// Attempts the recreations that are due. Each is checked again against the caches
+    /// before the read and after it: a Secret that exists again (a new pod's admission made
+    /// it) or that nothing uses any more is dropped, so garbage collection and recreation
+    /// never act on one Secret at once. One failed read per vault per pass: when a vault
+    /// cannot be reached, its other recreations wait.
+    pub(super) async fn recreate_due(&mut self, now: Instant) {
+        let due: Vec<Key> = self
+            .lost
+            .iter()
+            .filter(|(_, l)| l.next <= now)
+            .map(|(k, _)| k.clone())
+            .collect();
+        let mut down: BTreeSet<String> = BTreeSet::new();
+        for key in due {
+            let Some((needed, version)) = self.lost.get(&key).map(|l| (l.needed.clone(), l.version.clone()))
+            else {
+                continue;
+            };
+            let Some(user) = self.still_lost(&key, &needed) else {
+                continue;
+            };
+            let vault = needed.source.reference().vault.clone();
+            if down.contains(&vault) {
+                self.recreate_failed(
+                    &key,
+                    &user,
+                    &format!("Key Vault `{vault}` could not be reached"),
+                    now,
+                )
+                .await;
+                continue;
+            }
+            let result = self.read_for_recreation(&needed, version.as_deref()).await;
+            // The read may have taken a while: look again.
+            let Some(user) = self.still_lost(&key, &needed) else {
+                continue;
+            };
+            let fetched = match result {
+                Ok(f) => f,
+                Err(e) => {
+                    if e.is_outage() {
+                        down.insert(vault);
+                    }
+                    self.recreate_failed(&key, &user, &e.to_string(), now).await;
+                    continue;
+                }
+            };
+            match self.create_lost(&key, &needed, &fetched, &user).await {
+                Ok(()) => {
+                    self.lost.remove(&key);
+                }
+                Err(why) => self.recreate_failed(&key, &user, &why, now).await,
+            }
+        }
+    }
+
+    /// Who still uses the lost Secret `key`, when it is still gone, still used and still
+    /// granted; otherwise forgets it and answers `None`.
+    fn still_lost(&mut self, key: &Key, needed: &Needed) -> Option<String> {
+        let object = kube::runtime::reflector::ObjectRef::<Secret>::new(&key.1).within(&key.0);
+        let why_not = if self.caches.secrets.get(&object).is_some() {
+            Some("it exists again")
+        } else if self.revoked_for(&key.0, needed) {
+            Some("its grant was revoked")
+        } else {
+            None
+        };
+        let user = match why_not {
+            Some(_) => None,
+            None => self.user_of(key),
+        };
+        if user.is_none() {
+            let why = why_not.unwrap_or("nothing uses it any more");
+            debug!(secret = %key.1, namespace = %key.0, why, "not recreated");
+            self.lost.remove(key);
+        }
+        user
+    }
+
+    /// The value to recreate `needed` with: the version it held (so running pods and the
+    /// new Secret agree, and a later rotation rolls as usual), or the current one when that
+    /// version cannot be read (disabled, say) and the reference follows the current one.
+    async fn read_for_recreation(
+        &self,
+        needed: &Needed,
+        version: Option<&str>,
+    ) -> Result<Fetched, FetchError> {
+        let reference = needed.source.reference();
+        let identity = needed.identity.as_ref();
+        let follows = reference.version.is_none();
+        let (Some(version), true) = (version, follows) else {
+            let result = self.source.fetch(&reference.secret(), identity).await;
+            self.metrics.keyvault_read(&result);
+            return result;
+        };
+        let pinned = Reference {
+            version: Some(version.to_owned()),
+            ..reference.secret()
+        };
+        let result = self.source.fetch(&pinned, identity).await;
+        self.metrics.keyvault_read(&result);
+        match result {
+            Err(e) if !e.is_outage() => {
+                debug!(reference = %reference, %version, error = %e, "the version last held cannot be read; recreating with the current one");
+                let result = self.source.fetch(&reference.secret(), identity).await;
+                self.metrics.keyvault_read(&result);
+                result
+            }
+            other => other,
+        }
+    }
+
+    /// Creates the Secret `key` again from `fetched`; the error says why it could not be.
+    async fn create_lost(
+        &self,
+        key: &Key,
+        needed: &Needed,
+        fetched: &Fetched,
+        user: &str,
+    ) -> Result<(), String> {
+        let desired = materialize::desired_secret(&key.0, needed, fetched, &self.inject.keys)
+            .map_err(|e| e.to_string())?;
+        let api: Api<Secret> = Api::namespaced(self.client.clone(), &key.0);
+        let params = PostParams {
+            field_manager: Some(FIELD_MANAGER.into()),
+            ..Default::default()
+        };
+        let reference = needed.source.reference();
+        match api.create(&params, &desired).await {
+            Ok(created) => {
+                self.metrics.secrets_recreated.inc();
+                info!(secret = %key.1, namespace = %key.0, %reference, version = %fetched.version, %user, "recreated a deleted Secret");
+                let note = format!(
+                    "{reference}: the Secret was deleted while {user} still used it; recreated from Key Vault (version {})",
+                    fetched.version
+                );
+                self.event(&created, EventType::Normal, "Recreated", note).await;
+                Ok(())
+            }
+            // Someone was first (a new pod's admission): nothing left to do.
+            Err(kube::Error::Api(status)) if status.code == 409 => {
+                debug!(secret = %key.1, namespace = %key.0, "exists again; not recreated");
+                Ok(())
+            }
+            Err(e) => Err(format!("creating it failed: {e}")),
+        }
+    }
+
+    /// Backs off a recreation; its first failure is recorded as a `RecreateFailed` Event.
+    async fn recreate_failed(&mut self, key: &Key, user: &str, why: &str, now: Instant) {
+        let cap = self.config.reconcile_interval;
+        let Some(lost) = self.lost.get_mut(key) else {
+            return;
+        };
+        lost.failures += 1;
+        let wait = backoff(lost.failures, cap);
+        lost.next = now + wait;
+        let reference = lost.needed.source.reference().to_string();
+        warn!(secret = %key.1, namespace = %key.0, %reference, error = %why, retry_in = ?wait, "could not recreate a deleted Secret");
+        if lost.failures == 1 {
+            let note = format!(
+                "{reference}: the Secret was deleted while {user} still uses it, and could not be recreated: {why}; retrying"
+            );
+            publish(
+                &self.recorder,
+                &secret_ref(key),
+                EventType::Warning,
+                "RecreateFailed",
+                note,
+            )
+            .await;
+        }
+    }
+
+    /// Keeps the gauge of secrets Key Vault no longer has in step with the annotations on
+    /// the Secrets that follow them.
+    pub(super) fn count_missing(&mut self, by_reference: &BTreeMap<Read, Vec<Arc<Secret>>>) {
+        let now: BTreeSet<SecretLabels> = by_reference
+            .iter()
+            .filter(|(_, secrets)| secrets.iter().any(|s| missing_since(s).is_some()))
+            .map(|(r, _)| SecretLabels {
+                vault: r.reference.vault.clone(),
+                secret: r.reference.name.clone(),
+            })
+            .collect();
+        for gone in self.missing.difference(&now) {
+            self.metrics.keyvault_secret_missing.remove(gone);
+        }
+        for labels in &now {
+            self.metrics.keyvault_secret_missing.get_or_create(labels).set(1);
+        }
+        self.missing = now;
+    }
+
+    /// Key Vault answered that `reference` does not exist: each Secret that follows it
+    /// keeps its value and is marked, with one `SecretNotFound` Event when first found so.
+    pub(super) async fn report_missing(&self, reference: &Read, secrets: &[Arc<Secret>]) {
+        let since = k8s_openapi::jiff::Timestamp::now().to_string();
+        for secret in secrets.iter().filter(|s| missing_since(s).is_none()) {
+            let patch = json!({"metadata": {"annotations": {materialize::MISSING_ANNOTATION: since}}});
+            if let Err(e) = self.patch_secret(secret, &patch).await {
+                warn!(secret = %secret.name_any(), namespace = ?secret.namespace(), error = %e, "could not mark a Secret whose Key Vault secret is gone; retrying at the next check");
+                continue;
+            }
+            let version = decide::version_of(secret).unwrap_or("?");
+            warn!(secret = %secret.name_any(), namespace = ?secret.namespace(), %reference, %version, "Key Vault no longer has the secret; keeping the materialized value");
+            let note = format!(
+                "{reference}: Key Vault no longer has this secret (deleted in the vault?); keeping version {version}; new pods still get it, with a warning"
+            );
+            self.event(secret.as_ref(), EventType::Warning, "SecretNotFound", note)
+                .await;
+        }
+    }
+
+    /// Key Vault has `reference` again: the marks end, each with a `SecretRecovered` Event.
+    /// Secrets about to be updated to `version` lose the mark with the update itself.
+    pub(super) async fn report_found(&self, reference: &Read, secrets: &[Arc<Secret>], version: &str) {
+        for secret in secrets.iter().filter(|s| missing_since(s).is_some()) {
+            if decide::version_of(secret) == Some(version) {
+                let patch = json!({"metadata": {"annotations": {materialize::MISSING_ANNOTATION: null}}});
+                if let Err(e) = self.patch_secret(secret, &patch).await {
+                    warn!(secret = %secret.name_any(), namespace = ?secret.namespace(), error = %e, "could not unmark a Secret whose Key Vault secret is back; retrying at the next check");
+                    continue;
+                }
+            }
+            info!(secret = %secret.name_any(), namespace = ?secret.namespace(), %reference, "Key Vault has the secret again");
+            let note = format!("{reference}: Key Vault has this secret again (version {version})");
+            self.event(secret.as_ref(), EventType::Normal, "SecretRecovered", note)
+                .await;
+        }
+    }
+
+    async fn patch_secret(&self, secret: &Secret, patch: &serde_json::Value) -> Result<Secret, kube::Error> {
+        let api: Api<Secret> = Api::namespaced(self.client.clone(), &secret.namespace().unwrap_or_default());
+        api.patch(&secret.name_any(), &PatchParams::default(), &Patch::Merge(patch))
+            .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mutate::Source;
+    use serde_json::json;
+
+    fn secret(ns: &str, name: &str, reference: &str, version: &str) -> Arc<Secret> {
+        Arc::new(
+            serde_json::from_value(json!({
+                "metadata": {"namespace": ns, "name": name, "annotations": {
+                    materialize::REFERENCE_ANNOTATION: reference,
+                    materialize::VERSION_ANNOTATION: version,
+                }},
+                "type": "Opaque",
+            }))
+            .unwrap(),
+        )
+    }
+
+    fn needed(name: &str, reference: &str) -> Needed {
+        Needed {
+            secret_name: name.into(),
+            source: Source::Env(Reference::parse(reference).unwrap().unwrap()),
+            identity: None,
+        }
+    }
+
+    fn key(ns: &str, name: &str) -> Key {
+        (ns.into(), name.into())
+    }
+
+    #[test]
+    fn only_gone_secrets_that_something_uses_are_lost() {
+        let seen = [
+            secret("a", "kvi-1", "akv://v/one", "v1"),
+            secret("a", "kvi-2", "akv://v/two", "v7"),
+            secret("a", "kvi-3", "akv://v/three", "v3"),
+        ];
+        let planned = BTreeMap::from([
+            (key("a", "kvi-1"), needed("kvi-1", "akv://v/one")),
+            (key("b", "kvi-4"), needed("kvi-4", "akv://v/four")),
+        ]);
+        // kvi-3 is still there; kvi-2 is gone but only a pod used it; kvi-1 is gone and a
+        // template uses it; kvi-4 was never seen but a template plans it.
+        let present = |k: &Key| k == &key("a", "kvi-3");
+        let referenced = BTreeSet::from([
+            key("a", "kvi-1"),
+            key("a", "kvi-2"),
+            key("a", "kvi-3"),
+            key("b", "kvi-4"),
+        ]);
+        let lost = lost_secrets(&seen, &planned, &present, &referenced);
+        let summary: Vec<(Key, String, Option<String>)> = lost
+            .into_iter()
+            .map(|(k, (n, v))| (k, n.source.reference().to_string(), v))
+            .collect();
+        assert_eq!(
+            summary,
+            vec![
+                (key("a", "kvi-1"), "akv://v/one".into(), Some("v1".into())),
+                (key("a", "kvi-2"), "akv://v/two".into(), Some("v7".into())),
+                (key("b", "kvi-4"), "akv://v/four".into(), None),
+            ],
+            "the version last seen wins over a plan's none"
+        );
+    }
+
+    #[test]
+    fn a_gone_secret_nothing_uses_is_not_lost() {
+        let seen = [secret("a", "kvi-1", "akv://v/one", "v1")];
+        let lost = lost_secrets(&seen, &BTreeMap::new(), &|_| false, &BTreeSet::new());
+        assert!(lost.is_empty());
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap() {
+        let cap = Duration::from_secs(5);
+        let waits: Vec<u64> = (1..=4).map(|f| backoff(f, cap).as_secs()).collect();
+        assert_eq!(waits, vec![2, 4, 5, 5]);
+    }
+}
