@@ -171,8 +171,10 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         injector = injector.with_access(policies.clone());
     }
     let injector = Arc::new(injector);
+    // Deletions the watch sees, for the rotation controller to recreate what is still used.
+    let deletions = rotation::heal::Deletions::default();
     let watch = {
-        let injector = injector.clone();
+        let (injector, deletions) = (injector.clone(), deletions.clone());
         reflector(
             writer,
             // Managed fields only: the rotation controller writes Secrets back whole (a
@@ -182,11 +184,14 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         )
         .default_backoff()
         .for_each(move |event| {
-            let injector = injector.clone();
+            let (injector, deletions) = (injector.clone(), deletions.clone());
             async move {
                 match event {
                     // A collected Secret must be created again by the next pod that needs it.
-                    Ok(watcher::Event::Delete(secret)) => injector.forget(&secret).await,
+                    Ok(watcher::Event::Delete(secret)) => {
+                        deletions.record(&secret);
+                        injector.forget(&secret).await
+                    }
                     Ok(_) => {}
                     Err(e) => warn!(error = %e, "watching kvinject's Secrets; retrying"),
                 }
@@ -212,6 +217,7 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
                 &identity,
             )
             .with_access(policies.clone())
+            .with_deletions(deletions)
             .with_identities(ServiceAccounts {
                 client: None,
                 ..identities.clone()

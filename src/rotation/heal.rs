@@ -1,7 +1,8 @@
 //! Self-healing, on the Lease holder.
 //! - A materialized Secret deleted while a pod or a workload template still uses it is
-//!   recreated from Key Vault: the same name and reference, and the version it held when
-//!   last seen (a pinned reference: its version). `Recreated` on the new Secret, or
+//!   recreated from Key Vault: the same name and reference, and the version it held (a
+//!   pinned reference: its version). The Secret watch reports deletions at once; each full
+//!   pass also checks every workload template's Secrets (deletions before this replica led). `Recreated` on the new Secret, or
 //!   `RecreateFailed` (once, then retries with backoff) while it cannot be.
 //! - A followed secret that Key Vault no longer has (deleted there) keeps its materialized
 //!   value: its Secrets get the `kvinject.io/missing-in-vault-since` annotation and one
@@ -12,7 +13,10 @@ use super::{Controller, Read, decide, key_of, needed_for, publish};
 use crate::{
     inject::FIELD_MANAGER,
     keyvault::source::{FetchError, Fetched},
-    materialize,
+    materialize::{
+        self,
+        seal::{self, Verdict},
+    },
     metrics::SecretLabels,
     mutate::Needed,
     reference::Reference,
@@ -26,7 +30,7 @@ use kube::{
 use serde_json::json;
 use std::{
     collections::{BTreeMap, BTreeSet, HashSet},
-    sync::Arc,
+    sync::{Arc, Mutex},
     time::Duration,
 };
 use tokio::time::Instant;
@@ -43,14 +47,15 @@ pub(super) struct Lost {
     next: Instant,
 }
 
-/// Of the Secrets `seen` at the last pass and those `planned` for workload templates, the
-/// ones that are not `present` now but are `referenced`, with the version each held when
-/// last seen (pure).
+/// Of the Secrets just `deleted` and those `planned` for workload templates, the ones that
+/// are not `present` now but are `referenced`, with the version each held when deleted
+/// (pure). A deleted Secret whose seal says it was not kvinject's is never among them.
 pub(super) fn lost_secrets(
-    seen: &[Arc<Secret>],
+    deleted: &[Secret],
     planned: &BTreeMap<Key, Needed>,
     present: &dyn Fn(&Key) -> bool,
     referenced: &BTreeSet<Key>,
+    keys: &seal::Keys,
 ) -> BTreeMap<Key, (Needed, Option<String>)> {
     let gone_but_used = |k: &Key| !present(k) && referenced.contains(k);
     let mut out: BTreeMap<Key, (Needed, Option<String>)> = planned
@@ -58,15 +63,56 @@ pub(super) fn lost_secrets(
         .filter(|(k, _)| gone_but_used(k))
         .map(|(k, n)| (k.clone(), (n.clone(), None)))
         .collect();
-    for s in seen {
+    for s in deleted {
         let key = key_of(s);
         if gone_but_used(&key)
+            && seal::verify(keys, s) != Verdict::Foreign
             && let Some(needed) = needed_for(s)
         {
             out.insert(key, (needed, decide::version_of(s).map(str::to_owned)));
         }
     }
     out
+}
+
+/// kvinject's Secrets deleted while this replica leads, as its Secret watch reports them:
+/// their metadata only (what each was made from, its version and seal), never their data.
+#[derive(Clone, Default)]
+pub struct Deletions(Arc<Mutex<(bool, Vec<Secret>)>>);
+
+impl Deletions {
+    /// Notes a deleted Secret, while the controller leads.
+    pub fn record(&self, secret: &Secret) {
+        if !materialize::is_managed(secret) {
+            return;
+        }
+        if let Ok(mut g) = self.0.lock()
+            && g.0
+        {
+            g.1.push(Secret {
+                metadata: kube::api::ObjectMeta {
+                    managed_fields: None,
+                    ..secret.metadata.clone()
+                },
+                type_: secret.type_.clone(),
+                ..Default::default()
+            });
+        }
+    }
+
+    /// Starts (a term begins) or stops (it ends) noting deletions; forgets any noted.
+    pub(super) fn set_active(&self, active: bool) {
+        if let Ok(mut g) = self.0.lock() {
+            *g = (active, Vec::new());
+        }
+    }
+
+    fn take(&self) -> Vec<Secret> {
+        self.0
+            .lock()
+            .map(|mut g| std::mem::take(&mut g.1))
+            .unwrap_or_default()
+    }
 }
 
 /// The backoff after `failures` failed attempts, never longer than `cap`.
@@ -95,27 +141,31 @@ fn missing_since(secret: &Secret) -> Option<&str> {
 }
 
 impl Controller {
-    /// At a full pass: notes the Secrets seen at the previous pass, or planned for a
-    /// workload, that are gone now while a pod or a workload still uses them; they are due
-    /// at once. `all`: every labelled Secret in the cache; `secrets`: kvinject's own.
-    pub(super) fn find_lost(&mut self, all: &[Arc<Secret>], secrets: &[Arc<Secret>], now: Instant) {
+    /// Notes the Secrets deleted since the last pass, and (at a full pass, which also
+    /// covers deletions made before this replica led) those planned for a workload, that
+    /// are gone while a pod or a workload uses them; they are due at once. `all`: every
+    /// labelled Secret in the cache.
+    pub(super) fn find_lost(&mut self, all: &[Arc<Secret>], full: bool, now: Instant) {
+        let deleted = self.deletions.take();
+        if deleted.is_empty() && !full {
+            return;
+        }
         let present: HashSet<Key> = all.iter().map(|s| key_of(s)).collect();
-        let planned: BTreeMap<Key, Needed> = self
-            .template_needs(None)
-            .into_iter()
-            .map(|(k, (n, _))| (k, n))
-            .collect();
+        let needs = self.template_needs(None);
         let mut referenced = self.used_by_pods(None);
-        referenced.extend(planned.keys().cloned());
-        let seen = std::mem::replace(
-            &mut self.seen,
-            secrets
-                .iter()
-                .filter(|s| materialize::is_managed(s))
-                .cloned()
-                .collect(),
+        referenced.extend(needs.keys().cloned());
+        let planned: BTreeMap<Key, Needed> = match full {
+            true => needs.into_iter().map(|(k, (n, _))| (k, n)).collect(),
+            false => BTreeMap::new(),
+        };
+        let lost = lost_secrets(
+            &deleted,
+            &planned,
+            &|k| present.contains(k),
+            &referenced,
+            &self.inject.keys,
         );
-        for (key, (needed, version)) in lost_secrets(&seen, &planned, &|k| present.contains(k), &referenced) {
+        for (key, (needed, version)) in lost {
             // A revoked grant is no reason to bring a value back.
             if self.lost.contains_key(&key) || self.revoked_for(&key.0, &needed) {
                 continue;
@@ -392,17 +442,19 @@ mod tests {
     use crate::mutate::Source;
     use serde_json::json;
 
-    fn secret(ns: &str, name: &str, reference: &str, version: &str) -> Arc<Secret> {
-        Arc::new(
-            serde_json::from_value(json!({
-                "metadata": {"namespace": ns, "name": name, "annotations": {
-                    materialize::REFERENCE_ANNOTATION: reference,
-                    materialize::VERSION_ANNOTATION: version,
-                }},
-                "type": "Opaque",
-            }))
-            .unwrap(),
-        )
+    /// A deleted Secret as the watch reports it, sealed with `keys`.
+    fn secret(keys: &seal::Keys, ns: &str, name: &str, reference: &str, version: &str) -> Secret {
+        let mut s: Secret = serde_json::from_value(json!({
+            "metadata": {"namespace": ns, "name": name, "labels": {materialize::MANAGED_BY_LABEL: materialize::MANAGED_BY}, "annotations": {
+                materialize::REFERENCE_ANNOTATION: reference,
+                materialize::VERSION_ANNOTATION: version,
+            }},
+            "type": "Opaque",
+            "data": {"value": "c2VjcmV0"},
+        }))
+        .unwrap();
+        seal::seal(keys, &mut s);
+        s
     }
 
     fn needed(name: &str, reference: &str) -> Needed {
@@ -419,17 +471,18 @@ mod tests {
 
     #[test]
     fn only_gone_secrets_that_something_uses_are_lost() {
-        let seen = [
-            secret("a", "kvi-1", "akv://v/one", "v1"),
-            secret("a", "kvi-2", "akv://v/two", "v7"),
-            secret("a", "kvi-3", "akv://v/three", "v3"),
+        let keys = seal::Keys::default();
+        let deleted = [
+            secret(&keys, "a", "kvi-1", "akv://v/one", "v1"),
+            secret(&keys, "a", "kvi-2", "akv://v/two", "v7"),
+            secret(&keys, "a", "kvi-3", "akv://v/three", "v3"),
         ];
         let planned = BTreeMap::from([
             (key("a", "kvi-1"), needed("kvi-1", "akv://v/one")),
             (key("b", "kvi-4"), needed("kvi-4", "akv://v/four")),
         ]);
-        // kvi-3 is still there; kvi-2 is gone but only a pod used it; kvi-1 is gone and a
-        // template uses it; kvi-4 was never seen but a template plans it.
+        // kvi-3 is there again; kvi-2 is gone and a pod uses it; kvi-1 is gone and a
+        // template uses it; kvi-4 was not deleted just now but a template plans it.
         let present = |k: &Key| k == &key("a", "kvi-3");
         let referenced = BTreeSet::from([
             key("a", "kvi-1"),
@@ -437,7 +490,7 @@ mod tests {
             key("a", "kvi-3"),
             key("b", "kvi-4"),
         ]);
-        let lost = lost_secrets(&seen, &planned, &present, &referenced);
+        let lost = lost_secrets(&deleted, &planned, &present, &referenced, &keys);
         let summary: Vec<(Key, String, Option<String>)> = lost
             .into_iter()
             .map(|(k, (n, v))| (k, n.source.reference().to_string(), v))
@@ -449,15 +502,45 @@ mod tests {
                 (key("a", "kvi-2"), "akv://v/two".into(), Some("v7".into())),
                 (key("b", "kvi-4"), "akv://v/four".into(), None),
             ],
-            "the version last seen wins over a plan's none"
+            "the version the deleted Secret held wins over a plan's none"
         );
     }
 
     #[test]
     fn a_gone_secret_nothing_uses_is_not_lost() {
-        let seen = [secret("a", "kvi-1", "akv://v/one", "v1")];
-        let lost = lost_secrets(&seen, &BTreeMap::new(), &|_| false, &BTreeSet::new());
+        let keys = seal::Keys::default();
+        let deleted = [secret(&keys, "a", "kvi-1", "akv://v/one", "v1")];
+        let lost = lost_secrets(&deleted, &BTreeMap::new(), &|_| false, &BTreeSet::new(), &keys);
         assert!(lost.is_empty());
+    }
+
+    #[test]
+    fn a_deleted_secret_kvinject_did_not_seal_is_never_lost() {
+        let keys = seal::Keys::default();
+        let forged = secret(&seal::Keys::default(), "a", "kvi-1", "akv://v/one", "v1");
+        let referenced = BTreeSet::from([key("a", "kvi-1")]);
+        let lost = lost_secrets(&[forged], &BTreeMap::new(), &|_| false, &referenced, &keys);
+        assert!(lost.is_empty());
+    }
+
+    #[test]
+    fn deletions_are_noted_only_while_leading_and_without_data() {
+        let keys = seal::Keys::default();
+        let deletions = Deletions::default();
+        let s = secret(&keys, "a", "kvi-1", "akv://v/one", "v1");
+        deletions.record(&s);
+        assert!(deletions.take().is_empty(), "not leading: nothing noted");
+        deletions.set_active(true);
+        deletions.record(&s);
+        let taken = deletions.take();
+        assert_eq!(taken.len(), 1);
+        assert!(taken[0].data.is_none(), "no value is kept");
+        assert_eq!(
+            seal::verify(&keys, &taken[0]),
+            Verdict::Edited,
+            "its origin still verifies without the data"
+        );
+        assert!(deletions.take().is_empty(), "taken once");
     }
 
     #[test]

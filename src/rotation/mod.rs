@@ -2,7 +2,7 @@
 //! them, and rolls the workloads that opted in. Runs only on the Lease holder.
 
 pub mod decide;
-mod heal;
+pub mod heal;
 mod integrity;
 pub mod lease;
 pub mod listing;
@@ -50,6 +50,8 @@ use tracing::{debug, info, warn};
 
 /// Writes of one rotated value: the first, and again on the current Secret after a conflict.
 const CONFLICT_TRIES: u32 = 3;
+/// The longest wait between checks of a followed secret Key Vault no longer has.
+const MISSING_BACKOFF_CAP: Duration = Duration::from_secs(60);
 
 #[derive(Clone, Debug)]
 pub struct RotationConfig {
@@ -248,8 +250,8 @@ pub struct Controller {
     listed_updated: HashMap<Read, Option<i64>>,
     /// Pages each vault's last listing took.
     list_pages: HashMap<String, usize>,
-    /// kvinject's Secrets at the last full pass: what a Secret deleted since was made from.
-    seen: Vec<Arc<Secret>>,
+    /// kvinject's Secrets deleted while this replica leads.
+    deletions: heal::Deletions,
     /// Secrets deleted while something uses them, to recreate.
     lost: BTreeMap<(String, String), heal::Lost>,
     /// Followed Key Vault secrets the vault no longer has, as the gauge shows them.
@@ -293,10 +295,16 @@ impl Controller {
             known: HashMap::new(),
             listed_updated: HashMap::new(),
             list_pages: HashMap::new(),
-            seen: Vec::new(),
+            deletions: heal::Deletions::default(),
             lost: BTreeMap::new(),
             missing: BTreeSet::new(),
         }
+    }
+
+    /// Recreates Secrets `deletions` reports (fed by the Secret watch) when still in use.
+    pub fn with_deletions(mut self, deletions: heal::Deletions) -> Self {
+        self.deletions = deletions;
+        self
     }
 
     /// Names workloads' Secrets as the webhook does for pods of their ServiceAccount.
@@ -353,8 +361,8 @@ impl Controller {
             // A new term starts from what the apiserver says, not from a previous term.
             self.polls.clear();
             self.known.clear();
-            self.seen.clear();
             self.lost.clear();
+            self.deletions.set_active(true);
             self.last_full_reconcile = None;
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -364,6 +372,7 @@ impl Controller {
                     _ = leading.changed() => {}
                 }
             }
+            self.deletions.set_active(false);
             info!("lost the lease: rotation controller stopped");
         }
     }
@@ -476,8 +485,8 @@ impl Controller {
             .is_none_or(|t| now.duration_since(t) >= self.config.reconcile_interval);
         if full {
             self.last_full_reconcile = Some(now);
-            self.find_lost(&all, &secrets, now);
         }
+        self.find_lost(&all, full, now);
         self.recreate_due(now).await;
         self.reconcile_workloads(if full { None } else { Some(&dirty) })
             .await;
@@ -532,12 +541,13 @@ impl Controller {
             listed.insert(vault.clone());
             let before = kept.len();
             for (r, secrets) in by_reference.iter().filter(|(r, _)| &r.reference.vault == vault) {
-                // A reference whose last reads failed (deleted in the vault, say) keeps its
-                // backoff: the listing is no reason to read it again sooner.
-                if self.polls.get(r).is_some_and(|p| p.failures > 0 && p.next > now) {
+                let listed = listing.items.get(&r.reference.name.to_ascii_lowercase());
+                // A reference whose last reads failed keeps its backoff while the listing
+                // still does not show it (deleted in the vault); once listed again
+                // (recovered), it is read at once.
+                if listed.is_none() && self.polls.get(r).is_some_and(|p| p.failures > 0 && p.next > now) {
                     continue;
                 }
-                let listed = listing.items.get(&r.reference.name.to_ascii_lowercase());
                 let interval = interval_of(secrets);
                 if listing::needs_read(
                     self.known.get(r),
@@ -798,7 +808,13 @@ impl Controller {
                 // Keep the last values; retry sooner than the interval, backing off, or when
                 // Key Vault said to (429 Retry-After).
                 poll.failures += 1;
-                let backoff = Duration::from_secs(2u64.saturating_pow(poll.failures.min(8))).min(interval);
+                // A secret deleted in the vault is a state, not a blip: its checks back off
+                // past a short interval, up to a minute.
+                let cap = match e {
+                    FetchError::NotFound(_) => interval.max(MISSING_BACKOFF_CAP),
+                    _ => interval,
+                };
+                let backoff = Duration::from_secs(2u64.saturating_pow(poll.failures.min(8))).min(cap);
                 let wait = e.retry_after().map_or(backoff, |d| d.max(Duration::from_secs(1)));
                 poll.next = now + wait;
                 let first = poll.failures == 1;
