@@ -192,6 +192,10 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
                         deletions.record(&secret);
                         injector.forget(&secret).await
                     }
+                    // Marked missing in Key Vault: its value is not reused for a first use.
+                    Ok(watcher::Event::Apply(secret) | watcher::Event::InitApply(secret)) => {
+                        injector.forget_missing(&secret).await
+                    }
                     Ok(_) => {}
                     Err(e) => warn!(error = %e, "watching kvinject's Secrets; retrying"),
                 }

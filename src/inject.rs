@@ -388,6 +388,34 @@ impl Injector {
             .map_err(|e: Arc<WriteError>| Denied::Write((*e).clone()))
     }
 
+    /// Drops the cached values of `secret`'s Key Vault secret once the rotation controller
+    /// (on any replica) has marked it missing in the vault: a first use elsewhere then asks
+    /// Key Vault, and is denied while the secret is gone, rather than served a deleted value.
+    pub async fn forget_missing(&self, secret: &Secret) {
+        let Some(annotations) = secret.metadata.annotations.as_ref() else {
+            return;
+        };
+        if !annotations.contains_key(materialize::MISSING_ANNOTATION) {
+            return;
+        }
+        let Some(Ok(reference)) = annotations
+            .get(materialize::REFERENCE_ANNOTATION)
+            .and_then(|r| Reference::parse(r))
+        else {
+            return;
+        };
+        let secret = reference.secret();
+        let stale: Vec<_> = self
+            .values
+            .iter()
+            .filter(|(k, _)| k.0.vault == secret.vault && k.0.name.eq_ignore_ascii_case(&secret.name))
+            .map(|(k, _)| (*k).clone())
+            .collect();
+        for key in stale {
+            self.values.invalidate(&key).await;
+        }
+    }
+
     /// Forgets that this process created `secret` (it was deleted).
     pub async fn forget(&self, secret: &Secret) {
         let key = (

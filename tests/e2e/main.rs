@@ -8,6 +8,7 @@ mod access;
 mod conformance;
 mod disruption;
 mod faults;
+mod heal;
 mod identity;
 mod inject;
 mod install;
