@@ -257,8 +257,17 @@ impl Controller {
     /// granted; otherwise forgets it and answers `None`.
     fn still_lost(&mut self, key: &Key, needed: &Needed) -> Option<String> {
         let object = kube::runtime::reflector::ObjectRef::<Secret>::new(&key.1).within(&key.0);
+        let terminating = self
+            .caches
+            .namespaces
+            .get(&kube::runtime::reflector::ObjectRef::new(&key.0))
+            .is_none_or(|n| n.metadata.deletion_timestamp.is_some());
         let why_not = if self.caches.secrets.get(&object).is_some() {
             Some("it exists again")
+        } else if terminating {
+            // A namespace being deleted takes its Secrets and pods with it. (Kubernetes
+            // with ordered namespace deletion removes the pods first; older ones may not.)
+            Some("its namespace is gone or being deleted")
         } else if self.revoked_for(&key.0, needed) {
             Some("its grant was revoked")
         } else {

@@ -418,3 +418,89 @@ async fn other_namespace(s: &Setup) -> (String, support::PolicyGuard) {
     support::wait_for_webhook(&s.client, &ns).await;
     (ns, grant)
 }
+
+#[tokio::test]
+async fn a_mistaken_delete_by_label_brings_back_env_and_registry_secrets_of_a_bare_pod() {
+    let _vault = support::VAULT.read().await;
+    let _rotation = support::ROTATION.lock().await;
+    let s = heal_setup("heal-label", "5s", &[]).await;
+    let (env, config, password) = (
+        support::unique("heal-env"),
+        support::unique("heal-acr"),
+        support::unique("heal-sp"),
+    );
+    support::seed_secret(&env, &support::distinctive_value()).await;
+    support::seed_secret(&config, r#"{"auths":{"acr.example":{"auth":"dXNlcjpwYXNz"}}}"#).await;
+    support::seed_secret(&password, &support::distinctive_value()).await;
+    let created = create(
+        &s,
+        &pod(
+            "bare",
+            &[("X", &reference(&env))],
+            json!({
+                "kvinject.io/image-pull-secrets": reference(&config),
+                "kvinject.io/image-pull-registry": "sp.example",
+                "kvinject.io/image-pull-username": "11111111-2222-3333-4444-555555555555",
+                "kvinject.io/image-pull-password": reference(&password),
+            }),
+        ),
+    )
+    .await
+    .unwrap();
+    let mut names: Vec<String> = created
+        .spec
+        .as_ref()
+        .unwrap()
+        .image_pull_secrets
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|r| r.name)
+        .collect();
+    names.push(crate::inject::secret_key_ref(&created, "X").unwrap());
+    assert_eq!(names.len(), 3, "two pull Secrets and one env Secret: {names:?}");
+    let secrets: Api<Secret> = Api::namespaced(s.client.clone(), &s.ns);
+    let mut before = Vec::new();
+    for n in &names {
+        before.push(secrets.get(n).await.unwrap());
+    }
+
+    let (ok, _, err) = support::kubectl(
+        &[
+            "delete",
+            "secret",
+            "-n",
+            &s.ns,
+            "-l",
+            "app.kubernetes.io/managed-by=kvinject",
+        ],
+        None,
+    );
+    assert!(ok, "{err}");
+    support::eventually(Duration::from_secs(5), "all three back", || async {
+        let mut all = true;
+        for n in &names {
+            all &= secrets.get_opt(n).await.unwrap().is_some();
+        }
+        all
+    })
+    .await;
+    for (n, old) in names.iter().zip(&before) {
+        let now = secrets.get(n).await.unwrap();
+        assert_eq!(
+            (now.type_.clone(), now.data.clone(), version(&now)),
+            (old.type_.clone(), old.data.clone(), version(old)),
+            "{n}: the same kind of Secret with the same value"
+        );
+        assert_eq!(
+            annotation(&now, "kvinject.io/reference"),
+            annotation(old, "kvinject.io/reference")
+        );
+    }
+    assert_eq!(
+        s.kvinject
+            .strict_metric("kvinject_secrets_recreated_total", &[])
+            .await,
+        3.0
+    );
+}
