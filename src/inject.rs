@@ -76,12 +76,20 @@ pub enum Denied {
         #[source]
         denied: Box<Denied>,
     },
-    #[error("{reference} was never materialized in namespace {namespace}, and {source}")]
+    #[error(
+        "{reference} {} in namespace {namespace}, and {source}",
+        .deleted_at.as_ref().map_or_else(
+            || "was never materialized".to_owned(),
+            |at| format!("was materialized, but its Secret was deleted at {at} (collected once nothing used it, or by hand)")
+        )
+    )]
     Unavailable {
         reference: String,
         namespace: String,
+        /// When this replica saw the reference's Secret deleted, if it did.
+        deleted_at: Option<String>,
         #[source]
-        source: FetchError,
+        source: Box<FetchError>,
     },
     #[error("{0}")]
     Fetch(#[source] FetchError),
@@ -173,6 +181,9 @@ pub struct Injector {
     identities: Option<ServiceAccounts>,
     /// What each cached Secret's seal says: verified once per change, not at every admission.
     verdicts: seal::Verdicts,
+    /// When each of kvinject's Secrets was seen deleted (a week at most), so a denial can say
+    /// a reference was materialized and collected rather than never materialized.
+    deleted: Cache<(String, String), String>,
 }
 
 impl Injector {
@@ -206,6 +217,10 @@ impl Injector {
             reads: ReadBuckets::default(),
             identities: None,
             verdicts: Default::default(),
+            deleted: Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(Duration::from_secs(7 * 24 * 3600))
+                .build(),
         }
     }
 
@@ -349,20 +364,18 @@ impl Injector {
             return Ok(Prepared::Materialized { warning });
         }
         self.metrics.cache("secret", false);
-        let fetched = self
-            .fetch(namespace, reference, needed.identity.as_ref())
-            .await?
-            .map_err(|e| {
-                if e.is_outage() {
-                    Denied::Unavailable {
-                        reference: reference.to_string(),
-                        namespace: namespace.to_owned(),
-                        source: e,
-                    }
-                } else {
-                    Denied::Fetch(e)
-                }
-            })?;
+        let fetched = match self.fetch(namespace, reference, needed.identity.as_ref()).await? {
+            Ok(f) => f,
+            Err(e) if e.is_outage() => {
+                return Err(Denied::Unavailable {
+                    reference: reference.to_string(),
+                    namespace: namespace.to_owned(),
+                    deleted_at: self.deleted.get(&key).await,
+                    source: Box::new(e),
+                });
+            }
+            Err(e) => return Err(Denied::Fetch(e)),
+        };
         Ok(Prepared::Missing(Box::new(materialize::desired_secret(
             namespace,
             needed,
@@ -423,6 +436,9 @@ impl Injector {
             secret.metadata.name.clone().unwrap_or_default(),
         );
         self.created.invalidate(&key).await;
+        self.deleted
+            .insert(key, k8s_openapi::jiff::Timestamp::now().to_string())
+            .await;
         if let Some(gone) = &secret.metadata.uid {
             self.verdicts.retain(|uid| uid != gone);
         }

@@ -110,7 +110,33 @@ pub enum Collect {
     Delete,
 }
 
-/// What garbage collection does with one of kvinject's Secrets (pure).
+/// Secret annotation (RFC 3339 time): keep the Secret until then, referenced or not, for
+/// pods kvinject cannot see coming (custom controllers, workflow engines).
+pub const RETAIN_UNTIL_ANNOTATION: &str = "kvinject.io/retain-until";
+/// Namespace annotation: the garbage-collection grace period of its Secrets (a duration;
+/// `0` never collects), instead of `--gc-grace-period`.
+pub const GC_GRACE_ANNOTATION: &str = "kvinject.io/gc-grace-period";
+
+/// The grace period for a namespace: its annotation when it parses, else `default`
+/// (`None`: never collect).
+pub fn grace_for(namespace_annotation: Option<&str>, default: Option<Duration>) -> Option<Duration> {
+    match namespace_annotation.map(parse_duration) {
+        Some(Ok(d)) if d.is_zero() => None,
+        Some(Ok(d)) => Some(d),
+        _ => default,
+    }
+}
+
+/// Whether `retain_until` (a Secret's `kvinject.io/retain-until`) is still ahead of `now`.
+/// An annotation that does not parse retains nothing.
+pub fn retained(retain_until: Option<&str>, now: k8s_openapi::jiff::Timestamp) -> bool {
+    retain_until
+        .and_then(|t| t.parse::<k8s_openapi::jiff::Timestamp>().ok())
+        .is_some_and(|t| t > now)
+}
+
+/// What garbage collection does with one of kvinject's Secrets (pure). A Secret retained
+/// (`retained`) counts as referenced.
 pub fn collect(
     referenced: bool,
     marked_at: Option<&str>,
@@ -440,6 +466,25 @@ mod tests {
                 "{referenced} {mark:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_namespace_grace_overrides_the_default_and_zero_never_collects() {
+        let hour = Some(Duration::from_secs(3600));
+        assert_eq!(grace_for(None, hour), hour);
+        assert_eq!(grace_for(Some("168h"), hour), Some(Duration::from_secs(168 * 3600)));
+        assert_eq!(grace_for(Some("168h"), None), Some(Duration::from_secs(168 * 3600)));
+        assert_eq!(grace_for(Some("0"), hour), None);
+        assert_eq!(grace_for(Some("a week"), hour), hour, "unparseable: the default");
+    }
+
+    #[test]
+    fn retain_until_keeps_a_secret_only_until_then() {
+        let now: k8s_openapi::jiff::Timestamp = "2026-11-28T12:00:00Z".parse().unwrap();
+        assert!(retained(Some("2026-12-01T00:00:00Z"), now));
+        assert!(!retained(Some("2026-11-28T11:59:59Z"), now));
+        assert!(!retained(Some("next week"), now));
+        assert!(!retained(None, now));
     }
 
     #[test]

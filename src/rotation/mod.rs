@@ -21,7 +21,8 @@ use decide::{Rollout, Strategy};
 use futures::{StreamExt, future::BoxFuture};
 use k8s_openapi::{
     api::{
-        apps::v1::{DaemonSet, Deployment, StatefulSet},
+        apps::v1::{DaemonSet, Deployment, ReplicaSet, StatefulSet},
+        batch::v1::{CronJob, Job},
         core::v1::{Namespace, Pod, PodTemplateSpec, Secret},
     },
     apimachinery::pkg::apis::meta::v1::LabelSelector,
@@ -82,6 +83,11 @@ pub struct Caches {
     pub deployments: Store<Deployment>,
     pub statefulsets: Store<StatefulSet>,
     pub daemonsets: Store<DaemonSet>,
+    /// Pod templates that only count as references (collection and recreation): bare and
+    /// old ReplicaSets, Jobs and CronJobs. Stored without their status.
+    pub replicasets: Store<ReplicaSet>,
+    pub jobs: Store<Job>,
+    pub cronjobs: Store<CronJob>,
     pub namespaces: Store<Namespace>,
 }
 
@@ -95,6 +101,9 @@ impl Caches {
             self.deployments.wait_until_ready(),
             self.statefulsets.wait_until_ready(),
             self.daemonsets.wait_until_ready(),
+            self.replicasets.wait_until_ready(),
+            self.jobs.wait_until_ready(),
+            self.cronjobs.wait_until_ready(),
             self.namespaces.wait_until_ready(),
         );
     }
@@ -173,16 +182,31 @@ pub fn watch_workloads(
     let (deployments, d) = reflect(Api::<Deployment>::all(client.clone()));
     let (statefulsets, s) = reflect(Api::<StatefulSet>::all(client.clone()));
     let (daemonsets, ds) = reflect(Api::<DaemonSet>::all(client.clone()));
+    let (replicasets, rs) = reflect_modified(Api::<ReplicaSet>::all(client.clone()), Default::default(), |o| {
+        prune(o);
+        o.status = None;
+    });
+    let (jobs, j) = reflect_modified(Api::<Job>::all(client.clone()), Default::default(), |o| {
+        prune(o);
+        o.status = None;
+    });
+    let (cronjobs, cj) = reflect_modified(Api::<CronJob>::all(client.clone()), Default::default(), |o| {
+        prune(o);
+        o.status = None;
+    });
     let caches = Caches {
         secrets,
         pods,
         deployments,
         statefulsets,
         daemonsets,
+        replicasets,
+        jobs,
+        cronjobs,
         namespaces,
     };
     let drive = async move {
-        futures::future::join_all([p, d, s, ds]).await;
+        futures::future::join_all([p, d, s, ds, rs, j, cj]).await;
     };
     (caches, drive)
 }
@@ -490,8 +514,8 @@ impl Controller {
         self.recreate_due(now).await;
         self.reconcile_workloads(if full { None } else { Some(&dirty) })
             .await;
-        if full && let Some(grace) = self.config.gc_grace {
-            self.collect_garbage(&secrets, grace).await;
+        if full {
+            self.collect_garbage(&secrets).await;
         }
         self.retire_revoked(&secrets, revoked).await;
         // Restores read Key Vault: once per reconcile interval, not every second.
@@ -580,28 +604,40 @@ impl Controller {
     /// Marks, unmarks and deletes kvinject's Secrets by whether any injected pod or any
     /// workload template in their namespace refers to them. Secrets without kvinject's
     /// label and reference annotation are never touched.
-    async fn collect_garbage(&self, secrets: &[Arc<Secret>], grace: Duration) {
+    async fn collect_garbage(&self, secrets: &[Arc<Secret>]) {
         let mut referenced = self.used_by_pods(None);
         referenced.extend(self.template_needs(None).into_keys());
         let now = k8s_openapi::jiff::Timestamp::now();
+        let mut graces: BTreeMap<String, Option<Duration>> = BTreeMap::new();
         for secret in secrets
             .iter()
             .filter(|s| materialize::is_managed(s) && needed_for(s).is_some())
         {
             let (ns, name) = (secret.namespace().unwrap_or_default(), secret.name_any());
-            let mark = secret
-                .metadata
-                .annotations
-                .as_ref()
-                .and_then(|a| a.get(decide::UNREFERENCED_ANNOTATION))
-                .map(String::as_str);
+            let grace = *graces.entry(ns.clone()).or_insert_with(|| {
+                decide::grace_for(
+                    self.namespace_annotations(&ns)
+                        .get(decide::GC_GRACE_ANNOTATION)
+                        .map(String::as_str),
+                    self.config.gc_grace,
+                )
+            });
+            let Some(grace) = grace else {
+                continue;
+            };
+            let annotation = |key: &str| {
+                secret
+                    .metadata
+                    .annotations
+                    .as_ref()
+                    .and_then(|a| a.get(key))
+                    .map(String::as_str)
+            };
+            let mark = annotation(decide::UNREFERENCED_ANNOTATION);
+            let used = referenced.contains(&(ns.clone(), name.clone()))
+                || decide::retained(annotation(decide::RETAIN_UNTIL_ANNOTATION), now);
             let api: Api<Secret> = Api::namespaced(self.client.clone(), &ns);
-            let result = match decide::collect(
-                referenced.contains(&(ns.clone(), name.clone())),
-                mark,
-                now,
-                grace,
-            ) {
+            let result = match decide::collect(used, mark, now, grace) {
                 decide::Collect::Keep => continue,
                 decide::Collect::Unmark => {
                     let patch = json!({"metadata": {"annotations": {decide::UNREFERENCED_ANNOTATION: null}}});
@@ -642,9 +678,11 @@ impl Controller {
         used
     }
 
-    /// The Secrets (`namespace`, `name`) that the pods of workload templates (in namespace
+    /// The Secrets (`namespace`, `name`) that the pods of every pod template (in namespace
     /// `only`, or all) will use, as the webhook plans them: what each is made from, and
-    /// which workload (`Kind/name`) uses it.
+    /// which object (`Kind/name`) uses it. Templates of Deployments, StatefulSets,
+    /// DaemonSets, ReplicaSets (bare, or a Deployment's old ones: a rollback needs them),
+    /// Jobs and CronJobs count, whatever their replicas or suspension.
     fn template_needs(&self, only: Option<&str>) -> BTreeMap<(String, String), (Needed, String)> {
         let mut out = BTreeMap::new();
         let mut add = |kind: &str, meta: &kube::api::ObjectMeta, template: Option<&PodTemplateSpec>| {
@@ -671,6 +709,20 @@ impl Controller {
         }
         for d in self.caches.daemonsets.state() {
             add("DaemonSet", &d.metadata, d.spec.as_ref().map(|s| &s.template));
+        }
+        for d in self.caches.replicasets.state() {
+            add("ReplicaSet", &d.metadata, d.spec.as_ref().and_then(|s| s.template.as_ref()));
+        }
+        for d in self.caches.jobs.state() {
+            add("Job", &d.metadata, d.spec.as_ref().map(|s| &s.template));
+        }
+        for d in self.caches.cronjobs.state() {
+            let template = d
+                .spec
+                .as_ref()
+                .and_then(|s| s.job_template.spec.as_ref())
+                .map(|s| &s.template);
+            add("CronJob", &d.metadata, template);
         }
         out
     }
@@ -1444,6 +1496,9 @@ mod tests {
             deployments: store_of(vec![]),
             statefulsets: store_of(vec![]),
             daemonsets: store_of(vec![]),
+            replicasets: store_of(vec![]),
+            jobs: store_of(vec![]),
+            cronjobs: store_of(vec![]),
             namespaces: store_of(vec![]),
         };
         let client = Client::try_from(kube::Config::new("http://127.0.0.1:1".parse().unwrap())).unwrap();
