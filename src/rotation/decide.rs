@@ -201,10 +201,13 @@ pub fn workload_plan(
 
 /// The Secrets whose versions decide whether a workload rolls: those its pods read at start.
 /// Files update in place, so a Secret used only as files counts only when the workload
-/// itself asks to roll (`kvinject.io/rollout-on-rotation: "true"`), not by default.
+/// itself asks to roll (`kvinject.io/rollout-on-rotation: "true"`), not by default. Registry
+/// credentials never count: kubelet reads them only when it pulls an image, so a restart
+/// changes nothing for running pods, and the next pull uses the new one anyway.
 pub fn rollout_secrets(plan: &mutate::Plan, workload_asks: bool) -> Vec<String> {
     plan.needed
         .iter()
+        .filter(|n| matches!(n.source, mutate::Source::Env(_)))
         .map(|n| n.secret_name.clone())
         .filter(|n| workload_asks || !plan.files_only.contains(n))
         .collect()
@@ -354,6 +357,30 @@ mod tests {
     }
 
     #[test]
+    fn registry_credentials_never_decide_a_rollout() {
+        let template: PodTemplateSpec = serde_json::from_value(json!({
+            "metadata": {"annotations": {"kvinject.io/image-pull-secrets": "akv://v/acr"}},
+            "spec": {"containers": [{"name": "c", "env": [{"name": "DB", "value": "akv://v/db"}]}]}}))
+        .unwrap();
+        let config = InjectConfig {
+            vaults: ["v".to_string()].into(),
+            ..Default::default()
+        };
+        let plan = workload_plan(&template, &config, None, &BTreeMap::new()).unwrap();
+        assert_eq!(plan.needed.len(), 2, "the plan has the pull Secret too");
+        let db = plan
+            .needed
+            .iter()
+            .find(|n| n.source.reference().name == "db")
+            .unwrap()
+            .secret_name
+            .clone();
+        for asks in [false, true] {
+            assert_eq!(rollout_secrets(&plan, asks), vec![db.clone()], "asks: {asks}");
+        }
+    }
+
+    #[test]
     fn pinned_references_are_not_followed() {
         let secret = |r: &str| -> Secret {
             serde_json::from_value(json!({"metadata": {"annotations": {"kvinject.io/reference": r}}}))
@@ -472,8 +499,14 @@ mod tests {
     fn a_namespace_grace_overrides_the_default_and_zero_never_collects() {
         let hour = Some(Duration::from_secs(3600));
         assert_eq!(grace_for(None, hour), hour);
-        assert_eq!(grace_for(Some("168h"), hour), Some(Duration::from_secs(168 * 3600)));
-        assert_eq!(grace_for(Some("168h"), None), Some(Duration::from_secs(168 * 3600)));
+        assert_eq!(
+            grace_for(Some("168h"), hour),
+            Some(Duration::from_secs(168 * 3600))
+        );
+        assert_eq!(
+            grace_for(Some("168h"), None),
+            Some(Duration::from_secs(168 * 3600))
+        );
         assert_eq!(grace_for(Some("0"), hour), None);
         assert_eq!(grace_for(Some("a week"), hour), hour, "unparseable: the default");
     }

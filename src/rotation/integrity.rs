@@ -4,7 +4,7 @@
 //! hand gets its value back from Key Vault (the same version) and a `Restored` Event; a
 //! Secret sealed with an older key is sealed again with the current one.
 
-use super::{Controller, decide, key_of, needed_for};
+use super::{Controller, Written, decide, key_of, needed_for};
 use crate::{
     inject::FIELD_MANAGER,
     materialize::{
@@ -87,7 +87,7 @@ impl Controller {
                 return;
             }
         };
-        if self.write_value(secret, &fetched).await {
+        if self.write_value(secret, &fetched).await == Written::Yes {
             info!(secret = %secret.name_any(), namespace = ?secret.namespace(), "restored a hand-edited value");
             let note = format!(
                 "its value was changed by hand; restored {reference} version {version} from Key Vault"

@@ -182,10 +182,11 @@ pub fn watch_workloads(
     let (deployments, d) = reflect(Api::<Deployment>::all(client.clone()));
     let (statefulsets, s) = reflect(Api::<StatefulSet>::all(client.clone()));
     let (daemonsets, ds) = reflect(Api::<DaemonSet>::all(client.clone()));
-    let (replicasets, rs) = reflect_modified(Api::<ReplicaSet>::all(client.clone()), Default::default(), |o| {
-        prune(o);
-        o.status = None;
-    });
+    let (replicasets, rs) =
+        reflect_modified(Api::<ReplicaSet>::all(client.clone()), Default::default(), |o| {
+            prune(o);
+            o.status = None;
+        });
     let (jobs, j) = reflect_modified(Api::<Job>::all(client.clone()), Default::default(), |o| {
         prune(o);
         o.status = None;
@@ -214,6 +215,17 @@ pub fn watch_workloads(
 /// A Secret's (`namespace`, `name`).
 fn key_of(secret: &Secret) -> (String, String) {
     (secret.namespace().unwrap_or_default(), secret.name_any())
+}
+
+/// How a write of a Secret's value went.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Written {
+    Yes,
+    /// The value cannot be used (too large, not the JSON a field needs, ...): retrying the
+    /// same version would not help.
+    Refused,
+    /// The apiserver did not take it: worth retrying soon.
+    Failed,
 }
 
 /// A reference due for a check, the Secrets that follow it, and its interval.
@@ -711,7 +723,11 @@ impl Controller {
             add("DaemonSet", &d.metadata, d.spec.as_ref().map(|s| &s.template));
         }
         for d in self.caches.replicasets.state() {
-            add("ReplicaSet", &d.metadata, d.spec.as_ref().and_then(|s| s.template.as_ref()));
+            add(
+                "ReplicaSet",
+                &d.metadata,
+                d.spec.as_ref().and_then(|s| s.template.as_ref()),
+            );
         }
         for d in self.caches.jobs.state() {
             add("Job", &d.metadata, d.spec.as_ref().map(|s| &s.template));
@@ -835,7 +851,7 @@ impl Controller {
         });
         match result {
             Ok(fetched) => {
-                poll.failures = 0;
+                let failures = std::mem::take(&mut poll.failures);
                 poll.last_success = Some(now);
                 poll.next = now + interval;
                 self.known.insert(
@@ -846,13 +862,26 @@ impl Controller {
                     },
                 );
                 self.report_found(reference, secrets, &fetched.version).await;
+                let mut failed = false;
                 for secret in secrets
                     .iter()
                     .filter(|s| decide::version_of(s) != Some(fetched.version.as_str()))
                 {
-                    if self.update(secret, &fetched).await {
-                        changed.insert(secret.namespace().unwrap_or_default());
+                    match self.update(secret, &fetched).await {
+                        Written::Yes => {
+                            changed.insert(secret.namespace().unwrap_or_default());
+                        }
+                        Written::Failed => failed = true,
+                        Written::Refused => {}
                     }
+                }
+                // A write the apiserver did not take is tried again at a coming sweep,
+                // backing off, not a whole interval later; and read again then, whatever
+                // the vault's listing shows.
+                if failed && let Some(poll) = self.polls.get_mut(reference) {
+                    poll.failures = failures + 1;
+                    poll.next = now + Duration::from_secs(2u64.saturating_pow(poll.failures.min(8))).min(interval);
+                    self.known.remove(reference);
                 }
             }
             Err(e) => {
@@ -899,10 +928,11 @@ impl Controller {
         (changed, outage)
     }
 
-    /// Writes the new value and version into `secret`; true when it was written.
-    async fn update(&self, secret: &Secret, fetched: &Fetched) -> bool {
-        if !self.write_value(secret, fetched).await {
-            return false;
+    /// Writes the new value and version into `secret`, with a `Rotated` Event.
+    async fn update(&self, secret: &Secret, fetched: &Fetched) -> Written {
+        let written = self.write_value(secret, fetched).await;
+        if written != Written::Yes {
+            return written;
         }
         let reference = needed_for(secret)
             .map(|n| n.source.reference().to_string())
@@ -913,15 +943,15 @@ impl Controller {
         self.metrics.rotations.inc();
         let note = format!("{reference}: version {from} -> {}", fetched.version);
         self.event(secret, EventType::Normal, "Rotated", note).await;
-        true
+        Written::Yes
     }
 
-    /// Replaces `secret`'s value and version with `fetched`, sealed; true when written. A
-    /// value that cannot be used keeps the old one, with a `RotationRefused` Event.
-    async fn write_value(&self, secret: &Secret, fetched: &Fetched) -> bool {
+    /// Replaces `secret`'s value and version with `fetched`, sealed. A value that cannot be
+    /// used keeps the old one, with a `RotationRefused` Event.
+    async fn write_value(&self, secret: &Secret, fetched: &Fetched) -> Written {
         let ns = secret.namespace().unwrap_or_default();
         let Some(needed) = needed_for(secret) else {
-            return false;
+            return Written::Refused;
         };
         let desired = match materialize::desired_secret(&ns, &needed, fetched, &self.inject.keys) {
             Ok(d) => d,
@@ -932,7 +962,7 @@ impl Controller {
                 );
                 self.event(secret, EventType::Warning, "RotationRefused", note)
                     .await;
-                return false;
+                return Written::Refused;
             }
         };
         let api: Api<Secret> = Api::namespaced(self.client.clone(), &ns);
@@ -966,7 +996,7 @@ impl Controller {
             }
             updated.metadata.managed_fields = None;
             match api.replace(&name, &params, &updated).await {
-                Ok(_) => return true,
+                Ok(_) => return Written::Yes,
                 Err(kube::Error::Api(status)) if status.code == 409 && attempt < CONFLICT_TRIES => {
                     debug!(secret = %name, namespace = %ns, attempt, "conflict; writing again on the current Secret");
                     match api.get(&name).await {
@@ -978,21 +1008,21 @@ impl Controller {
                         }
                         Ok(_) => {
                             warn!(secret = %name, namespace = %ns, "the Secret changed owner or reference meanwhile; not written");
-                            return false;
+                            return Written::Refused;
                         }
                         Err(e) => {
-                            warn!(secret = %name, namespace = %ns, error = %e, "could not read the Secret after a conflict; retrying at the next check");
-                            return false;
+                            warn!(secret = %name, namespace = %ns, error = %e, "could not read the Secret after a conflict; retrying at the next sweep");
+                            return Written::Failed;
                         }
                     }
                 }
                 Err(e) => {
-                    warn!(secret = %name, namespace = %ns, error = %e, "could not update the Secret; retrying at the next check");
-                    return false;
+                    warn!(secret = %name, namespace = %ns, error = %e, "could not update the Secret; retrying at the next sweep");
+                    return Written::Failed;
                 }
             }
         }
-        false
+        Written::Failed
     }
 
     /// Compares opted-in workloads (in `only` namespaces, or all) with the versions of the

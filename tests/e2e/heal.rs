@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 /// The settings: full reconcile every `reconcile`, Key Vault checked every 10 s
 /// unless a pod asks for less; the test's own Lease.
-async fn heal_setup(prefix: &str, reconcile: &str, extra: &[&str]) -> Setup {
+pub(crate) async fn heal_setup(prefix: &str, reconcile: &str, extra: &[&str]) -> Setup {
     let lease = support::unique("lease");
     let mut args = vec![
         "--rotation",

@@ -12,6 +12,7 @@ mod heal;
 mod identity;
 mod inject;
 mod install;
+mod lifecycle;
 mod listing;
 mod outage;
 mod reach;
