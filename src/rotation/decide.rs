@@ -213,6 +213,45 @@ pub fn rollout_secrets(plan: &mutate::Plan, workload_asks: bool) -> Vec<String> 
         .collect()
 }
 
+/// Workload annotation: SHA-256 over the names of the Secrets whose versions
+/// `VERSIONS_ANNOTATION` records, so a change of the set itself (a reference added, removed
+/// or re-pinned in git) is told apart from a new version.
+pub const NAMES_ANNOTATION: &str = "kvinject.io/secret-names";
+
+/// SHA-256 over the sorted names of `versions`.
+pub fn names_hash(versions: &BTreeMap<String, String>) -> String {
+    let mut h = Sha256::new();
+    for name in versions.keys() {
+        h.update(name.as_bytes());
+        h.update(b"\n");
+    }
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// `rollout`, told whether the set of Secrets changed since the record (`stored_names`
+/// against `current_names`). A changed set means the pod template changed in git, which
+/// rolls the workload by itself, with the current Secrets: a second roll by kvinject would
+/// restart every pod again for nothing, so the new versions are only recorded. A record
+/// without names (made before they were recorded) gets them, without a roll.
+pub fn rollout_by_set(
+    stored: Option<&str>,
+    stored_names: Option<&str>,
+    current: &str,
+    current_names: &str,
+    opted_in: bool,
+    strategy: Option<&str>,
+) -> Result<Rollout, String> {
+    let decision = rollout(stored, current, opted_in, strategy)?;
+    let set_changed = stored_names.is_some_and(|n| n != current_names);
+    Ok(match decision {
+        Rollout::Roll { hash, .. } if set_changed => Rollout::Record { hash },
+        Rollout::None if opted_in && stored.is_some() && stored_names.is_none() => Rollout::Record {
+            hash: current.to_owned(),
+        },
+        other => other,
+    })
+}
+
 /// SHA-256 over `secret name = version` lines, sorted: the same versions, the same hash.
 pub fn versions_hash(versions: &BTreeMap<String, String>) -> String {
     let mut h = Sha256::new();
@@ -443,6 +482,45 @@ mod tests {
                 "{stored:?} {opted} {strategy:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_changed_set_of_secrets_is_recorded_not_rolled() {
+        let (h, n) = ("h1", "n1");
+        let cases = [
+            // Same set, new versions: rolls.
+            (Some("h0"), Some("n1"), true, "roll"),
+            // A reference added or re-pinned in git: that change already rolls.
+            (Some("h0"), Some("n0"), true, "record"),
+            // A record from before names were kept: versions decide, as before.
+            (Some("h0"), None, true, "roll"),
+            // Nothing new, but no names yet: they are recorded, nothing rolls.
+            (Some("h1"), None, true, "record"),
+            (Some("h1"), Some("n1"), true, "none"),
+            // Not opted in: nothing, whatever changed.
+            (Some("h0"), Some("n0"), false, "none"),
+            (Some("h1"), None, false, "none"),
+        ];
+        for (stored, stored_names, opted, want) in cases {
+            let got = match rollout_by_set(stored, stored_names, h, n, opted, None).unwrap() {
+                Rollout::Roll { .. } => "roll",
+                Rollout::Record { hash } => {
+                    assert_eq!(hash, h);
+                    "record"
+                }
+                Rollout::None => "none",
+            };
+            assert_eq!(got, want, "{stored:?} {stored_names:?} {opted}");
+        }
+    }
+
+    #[test]
+    fn names_hash_depends_on_names_only() {
+        let a = BTreeMap::from([("s1".to_string(), "v1".to_string()), ("s2".into(), "v1".into())]);
+        let b = BTreeMap::from([("s1".to_string(), "v9".to_string()), ("s2".into(), "v9".into())]);
+        let c = BTreeMap::from([("s1".to_string(), "v1".to_string())]);
+        assert_eq!(names_hash(&a), names_hash(&b));
+        assert_ne!(names_hash(&a), names_hash(&c));
     }
 
     #[test]

@@ -1112,6 +1112,7 @@ impl Controller {
             versions.insert(name, version);
         }
         let current = decide::versions_hash(&versions);
+        let current_names = decide::names_hash(&versions);
         let annotations = workload.meta().annotations.clone().unwrap_or_default();
         let ns_annotation = self
             .caches
@@ -1129,9 +1130,11 @@ impl Controller {
             ns_annotation.as_deref(),
             self.config.rollout_by_default,
         );
-        let decision = decide::rollout(
+        let decision = decide::rollout_by_set(
             annotations.get(decide::VERSIONS_ANNOTATION).map(String::as_str),
+            annotations.get(decide::NAMES_ANNOTATION).map(String::as_str),
             &current,
+            &current_names,
             opted,
             annotations.get(decide::STRATEGY_ANNOTATION).map(String::as_str),
         );
@@ -1145,10 +1148,10 @@ impl Controller {
                 self.event(workload, EventType::Warning, "RolloutRefused", message)
                     .await;
                 // Record so the same refusal is not repeated every sweep.
-                json!({"metadata": {"annotations": {decide::VERSIONS_ANNOTATION: current}}})
+                json!({"metadata": {"annotations": {decide::VERSIONS_ANNOTATION: current, decide::NAMES_ANNOTATION: current_names}}})
             }
             Ok(Rollout::Record { hash }) => {
-                json!({"metadata": {"annotations": {decide::VERSIONS_ANNOTATION: hash}}})
+                json!({"metadata": {"annotations": {decide::VERSIONS_ANNOTATION: hash, decide::NAMES_ANNOTATION: current_names}}})
             }
             Ok(Rollout::Roll {
                 hash,
@@ -1164,14 +1167,14 @@ impl Controller {
                 )
                 .await;
                 // Pod template and stored hash in one write: rolled once per version set.
-                json!({"metadata": {"annotations": {decide::VERSIONS_ANNOTATION: hash}},
+                json!({"metadata": {"annotations": {decide::VERSIONS_ANNOTATION: hash, decide::NAMES_ANNOTATION: current_names}},
                        "spec": {"template": {"metadata": {"annotations": {decide::VERSIONS_ANNOTATION: hash}}}}})
             }
             Ok(Rollout::Roll {
                 hash,
                 strategy: Strategy::Evict,
             }) => {
-                self.start_eviction(workload, selector, hash).await;
+                self.start_eviction(workload, selector, hash, current_names).await;
                 return;
             }
         };
@@ -1197,7 +1200,7 @@ impl Controller {
     /// PodDisruptionBudgets, each after the previous one's replacement is Ready or a
     /// bounded wait ran out. The new versions are recorded when all are done, so a lease
     /// move or a crash mid-way runs the rollout again rather than losing it.
-    async fn start_eviction<K>(&self, workload: &K, selector: &LabelSelector, hash: String)
+    async fn start_eviction<K>(&self, workload: &K, selector: &LabelSelector, hash: String, names: String)
     where
         K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
             + Clone
@@ -1243,7 +1246,7 @@ impl Controller {
         tokio::spawn(async move {
             let done = evict_pods(&client, &recorder, &regarding, &ns, &selector, timeout, leading).await;
             if done {
-                let patch = json!({"metadata": {"annotations": {decide::VERSIONS_ANNOTATION: hash}}});
+                let patch = json!({"metadata": {"annotations": {decide::VERSIONS_ANNOTATION: hash, decide::NAMES_ANNOTATION: names}}});
                 match workloads
                     .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
                     .await
