@@ -197,6 +197,7 @@ async fn main() {
         reconcile_interval: Duration::from_secs(3600),
         gc_grace: None,
         evict_ready_timeout: Duration::from_secs(1),
+        max_concurrent_rollouts: 5,
         keyvault_concurrency: concurrency,
         list_sweep: true,
         full_refresh_interval: Duration::from_secs(3600),

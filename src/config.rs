@@ -215,6 +215,10 @@ pub struct RotationArgs {
     /// `evict` strategy: how long to wait for each replacement pod to become Ready.
     #[arg(long, env = "KVINJECT_EVICT_READY_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
     pub evict_ready_timeout: Duration,
+    /// Rollouts across the cluster: at most this many workloads evicting at once, and at
+    /// most this many restarted per sweep (one second); the others wait for the next sweep.
+    #[arg(long, env = "KVINJECT_MAX_CONCURRENT_ROLLOUTS", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_concurrent_rollouts: u32,
     /// Key Vault reads in flight at once during a rotation sweep, per vault (after a first
     /// read showed the vault answers).
     #[arg(long, env = "KVINJECT_KEYVAULT_CONCURRENCY", default_value_t = 8)]
@@ -563,6 +567,7 @@ impl RotationArgs {
                 reconcile_interval: self.reconcile_interval,
                 gc_grace: (!self.gc_grace_period.is_zero()).then_some(self.gc_grace_period),
                 evict_ready_timeout: self.evict_ready_timeout,
+                max_concurrent_rollouts: self.max_concurrent_rollouts as usize,
                 keyvault_concurrency: self.keyvault_concurrency,
                 list_sweep: self.list_sweep,
                 full_refresh_interval: self.full_refresh_interval,

@@ -54,6 +54,7 @@ pub struct Metrics {
     pub resident_memory: Gauge,
     pub keyvault_list_pages: Counter,
     pub secrets_recreated: Counter,
+    pub rollouts_halted: Counter,
     pub keyvault_secret_missing: Family<SecretLabels, Gauge>,
 }
 
@@ -186,6 +187,12 @@ impl Default for Metrics {
             "Materialized Secrets recreated from Key Vault after they were deleted while a pod or a workload still used them",
             secrets_recreated.clone(),
         );
+        let rollouts_halted = Counter::default();
+        registry.register(
+            "rollouts_halted",
+            "Evict rollouts stopped because a replacement pod did not become Ready in time",
+            rollouts_halted.clone(),
+        );
         let keyvault_secret_missing = Family::<SecretLabels, Gauge>::default();
         registry.register(
             "keyvault_secret_missing",
@@ -214,6 +221,7 @@ impl Default for Metrics {
             resident_memory,
             keyvault_list_pages,
             secrets_recreated,
+            rollouts_halted,
             keyvault_secret_missing,
         }
     }

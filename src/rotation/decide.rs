@@ -213,6 +213,11 @@ pub fn rollout_secrets(plan: &mutate::Plan, workload_asks: bool) -> Vec<String> 
         .collect()
 }
 
+/// Workload annotation: the versions hash for which an `evict` rollout halted (a
+/// replacement did not become Ready in time). Rollouts resume for other versions, or when
+/// it is removed.
+pub const HALTED_ANNOTATION: &str = "kvinject.io/rollout-halted";
+
 /// Workload annotation: SHA-256 over the names of the Secrets whose versions
 /// `VERSIONS_ANNOTATION` records, so a change of the set itself (a reference added, removed
 /// or re-pinned in git) is told apart from a new version.

@@ -66,6 +66,8 @@ pub struct RotationConfig {
     pub gc_grace: Option<Duration>,
     /// `evict` strategy: how long to wait for a replacement pod to become Ready.
     pub evict_ready_timeout: Duration,
+    /// Workloads evicting at once, and workloads restarted per sweep, at most.
+    pub max_concurrent_rollouts: usize,
     /// Check references from their vault's listing (when that costs fewer requests).
     pub list_sweep: bool,
     /// With the listing: read each reference with a GET at least this often anyway.
@@ -269,6 +271,10 @@ pub struct Controller {
     last_full_reconcile: Option<Instant>,
     /// Workloads with an eviction rollout under way (`kind/namespace/name`).
     evicting: Arc<std::sync::Mutex<BTreeSet<String>>>,
+    /// Workloads restarted in this sweep (paced by `max_concurrent_rollouts`).
+    restarts: std::sync::atomic::AtomicUsize,
+    /// Namespaces with a rollout that waited for its turn: reconciled at the next sweep.
+    deferred: std::sync::Mutex<BTreeSet<String>>,
     leading: Option<watch::Receiver<bool>>,
     /// `None` with `--access-policy off`.
     access: Option<Policies>,
@@ -322,6 +328,8 @@ impl Controller {
             polls: HashMap::new(),
             last_full_reconcile: None,
             evicting: Default::default(),
+            restarts: Default::default(),
+            deferred: Default::default(),
             leading: None,
             access: None,
             revoked: BTreeSet::new(),
@@ -524,6 +532,10 @@ impl Controller {
         }
         self.find_lost(&all, full, now);
         self.recreate_due(now).await;
+        self.restarts.store(0, std::sync::atomic::Ordering::Relaxed);
+        if let Ok(mut deferred) = self.deferred.lock() {
+            dirty.append(&mut deferred);
+        }
         self.reconcile_workloads(if full { None } else { Some(&dirty) })
             .await;
         if full {
@@ -880,7 +892,8 @@ impl Controller {
                 // the vault's listing shows.
                 if failed && let Some(poll) = self.polls.get_mut(reference) {
                     poll.failures = failures + 1;
-                    poll.next = now + Duration::from_secs(2u64.saturating_pow(poll.failures.min(8))).min(interval);
+                    poll.next =
+                        now + Duration::from_secs(2u64.saturating_pow(poll.failures.min(8))).min(interval);
                     self.known.remove(reference);
                 }
             }
@@ -1138,10 +1151,32 @@ impl Controller {
             opted,
             annotations.get(decide::STRATEGY_ANNOTATION).map(String::as_str),
         );
+        // An evict rollout that halted for these versions waits for new ones, or for the
+        // annotation's removal.
+        if let Ok(Rollout::Roll { hash, .. }) = &decision
+            && annotations.get(decide::HALTED_ANNOTATION) == Some(hash)
+        {
+            return;
+        }
         let api: Api<K> = Api::namespaced(self.client.clone(), &ns);
         let name = workload.meta().name.clone().unwrap_or_default();
         let kind = K::kind(&());
         let params = PatchParams::default();
+        // Restarts are paced: so many workloads a sweep, the others at the next one.
+        if matches!(
+            decision,
+            Ok(Rollout::Roll {
+                strategy: Strategy::Restart,
+                ..
+            })
+        ) && !on_delete(workload)
+            && self.restarts.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                >= self.config.max_concurrent_rollouts
+        {
+            debug!(%kind, %name, namespace = %ns, "as many restarts as allowed this sweep; the next sweep rolls it");
+            self.defer(&ns);
+            return;
+        }
         let patch = match decision {
             Ok(Rollout::None) => return,
             Err(message) => {
@@ -1151,6 +1186,22 @@ impl Controller {
                 json!({"metadata": {"annotations": {decide::VERSIONS_ANNOTATION: current, decide::NAMES_ANNOTATION: current_names}}})
             }
             Ok(Rollout::Record { hash }) => {
+                json!({"metadata": {"annotations": {decide::VERSIONS_ANNOTATION: hash, decide::NAMES_ANNOTATION: current_names}}})
+            }
+            Ok(Rollout::Roll {
+                hash,
+                strategy: Strategy::Restart,
+            }) if on_delete(workload) => {
+                // The template would change, but no pod would restart: say so, and do not
+                // claim a rollout.
+                warn!(%kind, %name, namespace = %ns, "a Secret it uses has a new version, but its updateStrategy is OnDelete");
+                self.event(
+                    workload,
+                    EventType::Warning,
+                    "RolloutNotApplied",
+                    "a Key Vault secret it uses has a new version, but its updateStrategy is OnDelete: restarting through the pod template restarts nothing. Delete its pods, or set kvinject.io/rollout-strategy: evict".into(),
+                )
+                .await;
                 json!({"metadata": {"annotations": {decide::VERSIONS_ANNOTATION: hash, decide::NAMES_ANNOTATION: current_names}}})
             }
             Ok(Rollout::Roll {
@@ -1167,7 +1218,7 @@ impl Controller {
                 )
                 .await;
                 // Pod template and stored hash in one write: rolled once per version set.
-                json!({"metadata": {"annotations": {decide::VERSIONS_ANNOTATION: hash, decide::NAMES_ANNOTATION: current_names}},
+                json!({"metadata": {"annotations": {decide::VERSIONS_ANNOTATION: hash, decide::NAMES_ANNOTATION: current_names, decide::HALTED_ANNOTATION: null}},
                        "spec": {"template": {"metadata": {"annotations": {decide::VERSIONS_ANNOTATION: hash}}}}})
             }
             Ok(Rollout::Roll {
@@ -1182,6 +1233,13 @@ impl Controller {
             warn!(%kind, %name, namespace = %ns, error = %e, "could not patch the workload; retrying next reconcile");
         } else {
             debug!(%kind, %name, namespace = %ns, "workload reconciled");
+        }
+    }
+
+    /// Reconciles `ns`'s workloads again at the next sweep (a rollout waited for its turn).
+    fn defer(&self, ns: &str) {
+        if let Ok(mut deferred) = self.deferred.lock() {
+            deferred.insert(ns.to_owned());
         }
     }
 
@@ -1224,13 +1282,25 @@ impl Controller {
             .await;
             return;
         };
-        if !self
-            .evicting
-            .lock()
-            .map(|mut set| set.insert(key.clone()))
-            .unwrap_or(false)
-        {
-            return; // already under way
+        let max = self.config.max_concurrent_rollouts;
+        let started = self.evicting.lock().map(|mut set| {
+            if set.contains(&key) {
+                Err(true) // already under way
+            } else if set.len() >= max {
+                Err(false)
+            } else {
+                set.insert(key.clone());
+                Ok(())
+            }
+        });
+        match started {
+            Ok(Ok(())) => {}
+            Ok(Err(true)) | Err(_) => return,
+            Ok(Err(false)) => {
+                debug!(workload = %key, max, "as many evictions as allowed are under way; waiting");
+                self.defer(&ns);
+                return;
+            }
         }
         info!(workload = %key, "rolling by eviction: a Secret it uses has a new version");
         let (client, recorder, metrics, evicting) = (
@@ -1244,17 +1314,36 @@ impl Controller {
         let regarding = workload.object_ref(&());
         let workloads: Api<K> = Api::namespaced(client.clone(), &ns);
         tokio::spawn(async move {
-            let done = evict_pods(&client, &recorder, &regarding, &ns, &selector, timeout, leading).await;
-            if done {
-                let patch = json!({"metadata": {"annotations": {decide::VERSIONS_ANNOTATION: hash, decide::NAMES_ANNOTATION: names}}});
+            let outcome = evict_pods(&client, &recorder, &regarding, &ns, &selector, timeout, leading).await;
+            let patch = match &outcome {
+                Evicted::Done => Some(json!({"metadata": {"annotations": {
+                    decide::VERSIONS_ANNOTATION: hash,
+                    decide::NAMES_ANNOTATION: names,
+                    decide::HALTED_ANNOTATION: null,
+                }}})),
+                Evicted::Halted { pod } => {
+                    warn!(workload = %key, %pod, "a replacement did not become Ready in time; evicting no further pod");
+                    metrics.rollouts_halted.inc();
+                    let note = format!(
+                        "no replacement pod became Ready within {timeout:?} after evicting {pod}; no further pod is evicted for these versions. kvinject resumes at the next new version, or when the annotation {} is removed",
+                        decide::HALTED_ANNOTATION
+                    );
+                    publish(&recorder, &regarding, EventType::Warning, "RolloutHalted", note).await;
+                    Some(json!({"metadata": {"annotations": {decide::HALTED_ANNOTATION: hash}}}))
+                }
+                Evicted::Stopped => None,
+            };
+            if let Some(patch) = patch {
                 match workloads
                     .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
                     .await
                 {
                     Ok(_) => {
-                        metrics.rollouts.inc();
+                        if outcome == Evicted::Done {
+                            metrics.rollouts.inc();
+                        }
                     }
-                    Err(e) => warn!(workload = %key, error = %e, "could not record the rolled versions"),
+                    Err(e) => warn!(workload = %key, error = %e, "could not record how the rollout ended"),
                 }
             }
             if let Ok(mut set) = evicting.lock() {
@@ -1283,6 +1372,19 @@ async fn publish(
     }
 }
 
+/// Whether a workload's pods change only when deleted (`updateStrategy: OnDelete`, which
+/// StatefulSets and DaemonSets may have).
+fn on_delete<K: k8s_openapi::serde::Serialize>(workload: &K) -> bool {
+    serde_json::to_value(workload)
+        .ok()
+        .and_then(|v| {
+            v.pointer("/spec/updateStrategy/type")?
+                .as_str()
+                .map(|t| t == "OnDelete")
+        })
+        .unwrap_or(false)
+}
+
 fn is_ready(pod: &Pod) -> bool {
     pod.status
         .as_ref()
@@ -1290,7 +1392,21 @@ fn is_ready(pod: &Pod) -> bool {
         .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
-/// Evicts the pods matching `selector` one by one; false when it had to stop.
+/// How an eviction rollout ended.
+#[derive(Debug, PartialEq, Eq)]
+enum Evicted {
+    /// Every pod was evicted and replaced by a Ready one.
+    Done,
+    /// Stopped before the end (lost the Lease, an eviction failed): retried later.
+    Stopped,
+    /// A replacement did not become Ready in time after evicting `pod`: no further pod is
+    /// evicted for these versions.
+    Halted { pod: String },
+}
+
+/// Evicts the pods matching `selector` one at a time. After each, waits until as many
+/// Ready pods that were not there before (by UID: a StatefulSet's replacement keeps its
+/// name) as pods evicted so far exist; when they do not come within `ready_timeout`, stops.
 async fn evict_pods(
     client: &Client,
     recorder: &Recorder,
@@ -1299,25 +1415,33 @@ async fn evict_pods(
     selector: &str,
     ready_timeout: Duration,
     leading: Option<watch::Receiver<bool>>,
-) -> bool {
+) -> Evicted {
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
     let list_params = kube::api::ListParams::default().labels(selector);
-    let initial: Vec<String> = match pods.list(&list_params).await {
-        Ok(l) => l
-            .items
-            .iter()
-            .filter(|p| p.metadata.deletion_timestamp.is_none())
-            .map(|p| p.name_any())
-            .collect(),
+    // Oldest first: those started longest ago are the likeliest to run old values (after a
+    // halt, the replacement made then is the newest).
+    let initial: Vec<(String, String)> = match pods.list(&list_params).await {
+        Ok(mut l) => {
+            l.items.sort_by(|a, b| {
+                (a.metadata.creation_timestamp.as_ref().map(|t| t.0), a.name_any())
+                    .cmp(&(b.metadata.creation_timestamp.as_ref().map(|t| t.0), b.name_any()))
+            });
+            l.items
+                .iter()
+                .filter(|p| p.metadata.deletion_timestamp.is_none())
+                .map(|p| (p.name_any(), p.uid().unwrap_or_default()))
+                .collect()
+        }
         Err(e) => {
             warn!(error = %e, "listing pods to evict");
-            return false;
+            return Evicted::Stopped;
         }
     };
+    let before: BTreeSet<&str> = initial.iter().map(|(_, uid)| uid.as_str()).collect();
     let still_leading = || leading.as_ref().is_none_or(|l| *l.borrow());
-    for pod in &initial {
+    for (evicted, (pod, _)) in initial.iter().enumerate() {
         if !still_leading() {
-            return false;
+            return Evicted::Stopped;
         }
         // A PodDisruptionBudget answers 429 while evicting would break it: wait and retry.
         let deadline = Instant::now() + ready_timeout.max(Duration::from_secs(30));
@@ -1325,7 +1449,7 @@ async fn evict_pods(
             match pods.evict(pod, &kube::api::EvictParams::default()).await {
                 Ok(_) => break,
                 Err(kube::Error::Api(s)) if s.code == 404 => break,
-                Err(kube::Error::Api(s)) if s.code == 429 && Instant::now() < deadline => {
+                Err(kube::Error::Api(s)) if s.code == 429 && Instant::now() < deadline && still_leading() => {
                     tokio::time::sleep(Duration::from_secs(2)).await
                 }
                 Err(e) => {
@@ -1337,7 +1461,7 @@ async fn evict_pods(
                         format!("evicting pod {pod}: {e}; the rollout will be retried"),
                     )
                     .await;
-                    return false;
+                    return Evicted::Stopped;
                 }
             }
         }
@@ -1349,26 +1473,35 @@ async fn evict_pods(
             format!("evicted pod {pod}: a Key Vault secret it uses has a new version"),
         )
         .await;
-        // Wait for a replacement (a pod that was not there before) to be Ready.
+        let wanted = evicted + 1;
         let waited = tokio::time::timeout(ready_timeout, async {
             loop {
-                if let Ok(list) = pods.list(&list_params).await
-                    && list
+                if !still_leading() {
+                    return false;
+                }
+                if let Ok(list) = pods.list(&list_params).await {
+                    let replaced = list
                         .items
                         .iter()
-                        .any(|p| !initial.contains(&p.name_any()) && is_ready(p))
-                {
-                    return;
+                        .filter(|p| !before.contains(p.uid().unwrap_or_default().as_str()) && is_ready(p))
+                        .count();
+                    if replaced >= wanted {
+                        return true;
+                    }
                 }
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
         })
         .await;
-        if waited.is_err() {
-            publish(recorder, regarding, EventType::Warning, "ReplacementNotReady", format!("no replacement pod became Ready within {ready_timeout:?} after evicting {pod}; continuing")).await;
+        match waited {
+            Ok(true) => {}
+            Ok(false) => return Evicted::Stopped,
+            Err(_) => {
+                return Evicted::Halted { pod: pod.clone() };
+            }
         }
     }
-    true
+    Evicted::Done
 }
 
 /// A label selector in the list API's string form; `None` for an operator it cannot express.
@@ -1541,6 +1674,7 @@ mod tests {
             reconcile_interval: Duration::from_secs(3600),
             gc_grace: None,
             evict_ready_timeout: Duration::from_secs(1),
+            max_concurrent_rollouts: 5,
             keyvault_concurrency: concurrency,
             list_sweep: true,
             full_refresh_interval: Duration::from_secs(3600),

@@ -5,10 +5,13 @@
 use crate::{
     heal::heal_setup,
     inject::{create, pod, reference},
-    rotation::secret_of_pod,
+    rotation::{
+        deployment, replica_sets, rotation_setup, secret_of_pod, stored_hash, template_hash, workload,
+    },
     support,
 };
 use k8s_openapi::api::{
+    apps::v1::{Deployment, StatefulSet},
     batch::v1::CronJob,
     core::v1::{Namespace, Pod, Secret},
 };
@@ -54,7 +57,14 @@ async fn delete_pods(pods: &Api<Pod>, selector: &str) {
 async fn a_cronjobs_secret_outlives_its_runs_and_serves_the_next_run_with_the_vault_stopped() {
     let _vault = support::VAULT.write().await;
     let _rotation = support::ROTATION.lock().await;
-    let s = heal_setup("cron", "1s", &["--gc-grace-period", "2s"]).await;
+    // Values read from Key Vault are reused for a second only: the last step needs the
+    // reference gone from every cache.
+    let s = heal_setup(
+        "cron",
+        "1s",
+        &["--gc-grace-period", "2s", "--value-cache-ttl", "1s"],
+    )
+    .await;
     let name = support::unique("nightly");
     support::seed_secret(&name, &support::distinctive_value()).await;
     let cronjob: CronJob = serde_json::from_value(json!({
@@ -233,4 +243,268 @@ async fn retain_until_and_a_namespace_grace_keep_secrets_no_pod_uses() {
         || async { secrets.get_opt(&retained_secret).await.unwrap().is_none() },
     )
     .await;
+}
+
+/// The versions kvinject recorded on a StatefulSet's metadata.
+fn recorded(ss: &StatefulSet) -> Option<String> {
+    ss.metadata
+        .annotations
+        .as_ref()?
+        .get("kvinject.io/secret-versions")
+        .cloned()
+}
+
+#[tokio::test]
+async fn an_evict_rollout_whose_replacement_never_becomes_ready_stops_after_one_pod() {
+    let _vault = support::VAULT.read().await;
+    let _rotation = support::ROTATION.lock().await;
+    let s = rotation_setup("ss-evict", &["--evict-ready-timeout", "3s"]).await;
+    let name = support::unique("ss-evict");
+    support::seed_secret(&name, &support::distinctive_value()).await;
+    let sets: Api<StatefulSet> = Api::namespaced(s.client.clone(), &s.ns);
+    let ss: StatefulSet = workload(
+        "db",
+        &name,
+        json!({"kvinject.io/rollout-on-rotation": "true", "kvinject.io/rollout-strategy": "evict"}),
+        json!({"replicas": 3, "serviceName": "db", "podManagementPolicy": "Parallel"}),
+    );
+    sets.create(&PostParams::default(), &ss).await.unwrap();
+    let pods: Api<Pod> = Api::namespaced(s.client.clone(), &s.ns);
+    let selector = ListParams::default().labels("app=db");
+    let uids = || async {
+        pods.list(&selector)
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .filter_map(|p| p.metadata.uid)
+            .collect::<Vec<_>>()
+    };
+    support::eventually(Duration::from_secs(30), "three pods", || async {
+        uids().await.len() == 3
+    })
+    .await;
+    let original = uids().await;
+    support::eventually(Duration::from_secs(20), "the baseline", || async {
+        recorded(&sets.get("db").await.unwrap()).is_some()
+    })
+    .await;
+
+    support::seed_secret(&name, &support::distinctive_value()).await;
+    support::eventually(Duration::from_secs(30), "a RolloutHalted Event", || async {
+        !support::events_about(&s.client, &s.ns, "RolloutHalted", "db")
+            .await
+            .is_empty()
+    })
+    .await;
+    // Three more timeouts: nothing else is evicted.
+    tokio::time::sleep(Duration::from_secs(9)).await;
+    let now = uids().await;
+    let kept = original.iter().filter(|u| now.contains(u)).count();
+    assert_eq!(
+        kept, 2,
+        "exactly one pod was evicted (its replacement has a new UID, the same name)"
+    );
+    let note = support::events_about(&s.client, &s.ns, "RolloutHalted", "db").await[0]
+        .note
+        .clone()
+        .unwrap_or_default();
+    assert!(note.contains("became Ready within 3s"), "{note}");
+    assert_eq!(
+        s.kvinject
+            .strict_metric("kvinject_rollouts_halted_total", &[])
+            .await,
+        1.0
+    );
+    assert_eq!(
+        s.kvinject.strict_metric("kvinject_rollouts_total", &[]).await,
+        0.0
+    );
+    let halted = sets.get("db").await.unwrap();
+    assert!(
+        halted
+            .metadata
+            .annotations
+            .as_ref()
+            .is_some_and(|a| a.contains_key("kvinject.io/rollout-halted")),
+        "the halt is recorded on the StatefulSet"
+    );
+
+    // The next version resumes the rollout (and, still with no Ready replacement, halts again
+    // after one more pod).
+    support::seed_secret(&name, &support::distinctive_value()).await;
+    support::eventually(Duration::from_secs(30), "one more pod evicted", || async {
+        let now = uids().await;
+        original.iter().filter(|u| now.contains(u)).count() == 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let now = uids().await;
+    assert_eq!(
+        original.iter().filter(|u| now.contains(u)).count(),
+        1,
+        "and no further one"
+    );
+}
+
+#[tokio::test]
+async fn a_rotated_registry_credential_updates_its_secret_and_rolls_nothing() {
+    let _vault = support::VAULT.read().await;
+    let _rotation = support::ROTATION.lock().await;
+    let s = rotation_setup("pull-roll", &[]).await;
+    let (env, config) = (support::unique("pull-env"), support::unique("pull-config"));
+    support::seed_secret(&env, &support::distinctive_value()).await;
+    support::seed_secret(&config, r#"{"auths":{"acr.example":{"auth":"dXNlcjpvbGQ="}}}"#).await;
+    let deployments: Api<Deployment> = Api::namespaced(s.client.clone(), &s.ns);
+    let mut d = deployment("pulls", &env, json!({"kvinject.io/rollout-on-rotation": "true"}));
+    d.spec
+        .as_mut()
+        .unwrap()
+        .template
+        .metadata
+        .as_mut()
+        .unwrap()
+        .annotations
+        .as_mut()
+        .unwrap()
+        .insert("kvinject.io/image-pull-secrets".into(), reference(&config));
+    deployments.create(&PostParams::default(), &d).await.unwrap();
+    let pod = {
+        let pods: Api<Pod> = Api::namespaced(s.client.clone(), &s.ns);
+        support::eventually(Duration::from_secs(30), "an injected pod", || async {
+            pods.list(&ListParams::default().labels("app=pulls"))
+                .await
+                .unwrap()
+                .items
+                .iter()
+                .any(|p| p.spec.as_ref().is_some_and(|s| s.image_pull_secrets.is_some()))
+        })
+        .await;
+        pods.list(&ListParams::default().labels("app=pulls"))
+            .await
+            .unwrap()
+            .items[0]
+            .clone()
+    };
+    let pull_secret = pod.spec.unwrap().image_pull_secrets.unwrap()[0].name.clone();
+    support::eventually(Duration::from_secs(20), "the baseline", || async {
+        stored_hash(&deployments.get("pulls").await.unwrap()).is_some()
+    })
+    .await;
+
+    let v2 = support::seed_secret(&config, r#"{"auths":{"acr.example":{"auth":"dXNlcjpuZXc="}}}"#).await;
+    let secrets: Api<Secret> = Api::namespaced(s.client.clone(), &s.ns);
+    support::eventually(Duration::from_secs(20), "the pull Secret rotated", || async {
+        crate::rotation::version(&secrets.get(&pull_secret).await.unwrap()) == v2
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await; // several reconciles
+    assert_eq!(
+        replica_sets(&s, "pulls").await,
+        1,
+        "no rollout for a registry credential"
+    );
+    assert_eq!(
+        s.kvinject.strict_metric("kvinject_rollouts_total", &[]).await,
+        0.0
+    );
+    assert!(template_hash(&deployments.get("pulls").await.unwrap()).is_none());
+}
+
+#[tokio::test]
+async fn adding_a_reference_in_git_makes_exactly_one_new_replicaset() {
+    let _vault = support::VAULT.read().await;
+    let _rotation = support::ROTATION.lock().await;
+    let s = rotation_setup("git-add", &[]).await;
+    let (first, second) = (support::unique("git-first"), support::unique("git-second"));
+    support::seed_secret(&first, &support::distinctive_value()).await;
+    support::seed_secret(&second, &support::distinctive_value()).await;
+    let deployments: Api<Deployment> = Api::namespaced(s.client.clone(), &s.ns);
+    deployments
+        .create(
+            &PostParams::default(),
+            &deployment("app", &first, json!({"kvinject.io/rollout-on-rotation": "true"})),
+        )
+        .await
+        .unwrap();
+    support::eventually(Duration::from_secs(30), "the baseline", || async {
+        stored_hash(&deployments.get("app").await.unwrap()).is_some()
+    })
+    .await;
+    let before = stored_hash(&deployments.get("app").await.unwrap());
+
+    // The change a GitOps tool applies: one more env reference in the pod template.
+    let mut d = deployments.get("app").await.unwrap();
+    d.metadata.managed_fields = None;
+    d.spec
+        .as_mut()
+        .unwrap()
+        .template
+        .spec
+        .as_mut()
+        .unwrap()
+        .containers[0]
+        .env
+        .as_mut()
+        .unwrap()
+        .push(serde_json::from_value(json!({"name": "Y", "value": reference(&second)})).unwrap());
+    deployments
+        .replace("app", &PostParams::default(), &d)
+        .await
+        .unwrap();
+    support::eventually(
+        Duration::from_secs(30),
+        "the new set of versions recorded",
+        || async { stored_hash(&deployments.get("app").await.unwrap()) != before },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await; // several reconciles
+    assert_eq!(
+        replica_sets(&s, "app").await,
+        2,
+        "the spec change's ReplicaSet, and no second one"
+    );
+    assert_eq!(
+        s.kvinject.strict_metric("kvinject_rollouts_total", &[]).await,
+        0.0
+    );
+    assert!(
+        template_hash(&deployments.get("app").await.unwrap()).is_none(),
+        "kvinject did not touch the template"
+    );
+}
+
+#[tokio::test]
+async fn an_on_delete_statefulset_gets_an_event_not_a_false_rollout() {
+    let _vault = support::VAULT.read().await;
+    let _rotation = support::ROTATION.lock().await;
+    let s = rotation_setup("ondelete", &[]).await;
+    let name = support::unique("ondelete");
+    support::seed_secret(&name, &support::distinctive_value()).await;
+    let sets: Api<StatefulSet> = Api::namespaced(s.client.clone(), &s.ns);
+    let ss: StatefulSet = workload(
+        "od",
+        &name,
+        json!({"kvinject.io/rollout-on-rotation": "true"}),
+        json!({"replicas": 1, "serviceName": "od", "updateStrategy": {"type": "OnDelete"}}),
+    );
+    sets.create(&PostParams::default(), &ss).await.unwrap();
+    support::eventually(Duration::from_secs(30), "the baseline", || async {
+        recorded(&sets.get("od").await.unwrap()).is_some()
+    })
+    .await;
+    let before = sets.get("od").await.unwrap();
+    support::seed_secret(&name, &support::distinctive_value()).await;
+    support::eventually(Duration::from_secs(30), "a RolloutNotApplied Event", || async {
+        !support::events_about(&s.client, &s.ns, "RolloutNotApplied", "od")
+            .await
+            .is_empty()
+    })
+    .await;
+    let after = sets.get("od").await.unwrap();
+    assert_eq!(after.spec, before.spec, "the template is left alone");
+    assert_eq!(
+        s.kvinject.strict_metric("kvinject_rollouts_total", &[]).await,
+        0.0
+    );
 }

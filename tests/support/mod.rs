@@ -915,3 +915,50 @@ impl Drop for WebhookGuard {
         delete_from_drop::<MutatingWebhookConfiguration>(self.name.clone());
     }
 }
+
+/// Reports every pod of a namespace Ready, as kubelet would once its containers pass their
+/// readiness checks (the bed has no kubelet). Stops when dropped.
+pub struct ReadyPods(tokio::task::JoinHandle<()>);
+
+impl ReadyPods {
+    pub fn start(client: &Client, ns: &str) -> ReadyPods {
+        use k8s_openapi::api::core::v1::Pod;
+        let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+        ReadyPods(tokio::spawn(async move {
+            let ready = serde_json::json!({"status": {"conditions": [
+                {"type": "Ready", "status": "True", "lastTransitionTime": k8s_openapi::jiff::Timestamp::now().to_string()}
+            ]}});
+            loop {
+                if let Ok(list) = pods.list(&Default::default()).await {
+                    for p in list
+                        .items
+                        .iter()
+                        .filter(|p| p.metadata.deletion_timestamp.is_none())
+                    {
+                        let is_ready = p
+                            .status
+                            .as_ref()
+                            .and_then(|s| s.conditions.as_ref())
+                            .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+                        if !is_ready {
+                            let _ = pods
+                                .patch_status(
+                                    p.metadata.name.as_deref().unwrap_or_default(),
+                                    &kube::api::PatchParams::default(),
+                                    &kube::api::Patch::Merge(&ready),
+                                )
+                                .await;
+                        }
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        }))
+    }
+}
+
+impl Drop for ReadyPods {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
