@@ -33,14 +33,35 @@ impl Readiness {
 struct AdminState {
     ready: Readiness,
     metrics: Metrics,
+    stuck_after: Option<std::time::Duration>,
 }
 
-pub fn router(ready: Readiness, metrics: Metrics) -> Router {
+/// The admin routes. `stuck_after`: /livez fails while this replica leads rotation and has
+/// not completed a sweep for that long.
+pub fn router(ready: Readiness, metrics: Metrics, stuck_after: Option<std::time::Duration>) -> Router {
     Router::new()
-        .route("/livez", get(|| async { "ok" }))
+        .route("/livez", get(livez))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_handler))
-        .with_state(AdminState { ready, metrics })
+        .with_state(AdminState {
+            ready,
+            metrics,
+            stuck_after,
+        })
+}
+
+async fn livez(State(s): State<AdminState>) -> (StatusCode, String) {
+    let age = s.metrics.sweep_age(crate::metrics::unix_now());
+    match (s.stuck_after, age) {
+        (Some(limit), Some(age)) if age > i64::try_from(limit.as_secs()).unwrap_or(i64::MAX) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "the rotation controller leads but has not completed a sweep for {age}s (limit {}s)",
+                limit.as_secs()
+            ),
+        ),
+        _ => (StatusCode::OK, "ok".into()),
+    }
 }
 
 async fn readyz(State(s): State<AdminState>) -> (StatusCode, &'static str) {
@@ -71,7 +92,7 @@ mod tests {
     async fn readyz_follows_readiness() {
         let ready = Readiness::default();
         let status = |r: Readiness| async move {
-            router(r, Metrics::default())
+            router(r, Metrics::default(), None)
                 .oneshot(Request::get("/readyz").body(Body::empty()).unwrap())
                 .await
                 .unwrap()
@@ -80,10 +101,35 @@ mod tests {
         assert_eq!(status(ready.clone()).await, StatusCode::SERVICE_UNAVAILABLE);
         ready.set_ready();
         assert_eq!(status(ready.clone()).await, StatusCode::OK);
-        let live = router(Readiness::default(), Metrics::default())
+        let live = router(Readiness::default(), Metrics::default(), None)
             .oneshot(Request::get("/livez").body(Body::empty()).unwrap())
             .await
             .unwrap();
         assert_eq!(live.status(), StatusCode::OK);
+    }
+
+    #[tokio::test]
+    async fn livez_fails_while_the_leading_controller_has_not_swept_for_too_long() {
+        let metrics = Metrics::default();
+        let limit = Some(std::time::Duration::from_secs(600));
+        let live = |m: Metrics| async move {
+            router(Readiness::default(), m, limit)
+                .oneshot(Request::get("/livez").body(Body::empty()).unwrap())
+                .await
+                .unwrap()
+                .status()
+        };
+        let now = crate::metrics::unix_now();
+        assert_eq!(live(metrics.clone()).await, StatusCode::OK, "not leading");
+        metrics.last_sweep.store(now - 5, Ordering::Relaxed);
+        assert_eq!(live(metrics.clone()).await, StatusCode::OK, "swept 5 s ago");
+        metrics.last_sweep.store(now - 601, Ordering::Relaxed);
+        assert_eq!(
+            live(metrics.clone()).await,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "stuck"
+        );
+        metrics.last_sweep.store(0, Ordering::Relaxed);
+        assert_eq!(live(metrics.clone()).await, StatusCode::OK, "no longer leading");
     }
 }

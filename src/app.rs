@@ -204,6 +204,7 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     };
 
     // The rotation controller: every replica campaigns; only the Lease holder works.
+    let stuck_after = config.rotation.as_ref().and_then(|r| r.stuck_after);
     let rotation: futures::future::BoxFuture<'static, ()> = match config.rotation.clone() {
         None => Box::pin(std::future::pending()),
         Some(settings) => {
@@ -269,7 +270,8 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding the admin port {}", config.admin_listen))?;
     // The admin port outlives the drain, so /readyz can say "not ready" meanwhile.
-    let admin_server = axum::serve(admin_listener, admin::router(ready.clone(), metrics)).into_future();
+    let admin_server =
+        axum::serve(admin_listener, admin::router(ready.clone(), metrics, stuck_after)).into_future();
 
     tokio::spawn({
         let (stop, handle, ready, delay) =

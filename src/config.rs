@@ -212,6 +212,11 @@ pub struct RotationArgs {
     /// has referred to for this long (`0` never deletes).
     #[arg(long, env = "KVINJECT_GC_GRACE_PERIOD", default_value = "1h", value_parser = parse_duration)]
     pub gc_grace_period: Duration,
+    /// On the Lease holder, /livez fails when the rotation controller has not completed a
+    /// sweep for this long (a hung call), so the container is restarted and another replica
+    /// leads (`0`: never).
+    #[arg(long, env = "KVINJECT_ROTATION_STUCK_AFTER", default_value = "10m", value_parser = parse_duration)]
+    pub rotation_stuck_after: Duration,
     /// `evict` strategy: how long to wait for each replacement pod to become Ready.
     #[arg(long, env = "KVINJECT_EVICT_READY_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
     pub evict_ready_timeout: Duration,
@@ -431,6 +436,8 @@ pub enum TlsConfig {
 pub struct RotationSettings {
     pub controller: crate::rotation::RotationConfig,
     pub lease: crate::rotation::lease::LeaseConfig,
+    /// /livez fails on the Lease holder after this long without a completed sweep.
+    pub stuck_after: Option<Duration>,
 }
 
 impl ServeArgs {
@@ -572,6 +579,7 @@ impl RotationArgs {
                 list_sweep: self.list_sweep,
                 full_refresh_interval: self.full_refresh_interval,
             },
+            stuck_after: (!self.rotation_stuck_after.is_zero()).then_some(self.rotation_stuck_after),
             lease: crate::rotation::lease::LeaseConfig {
                 namespace: self.lease_namespace,
                 name: self.lease_name,

@@ -7,7 +7,10 @@ use prometheus_client::{
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
-use std::sync::Arc;
+use std::sync::{
+    Arc,
+    atomic::{AtomicI64, Ordering},
+};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
@@ -55,6 +58,13 @@ pub struct Metrics {
     pub keyvault_list_pages: Counter,
     pub secrets_recreated: Counter,
     pub rollouts_halted: Counter,
+    pub sweep_age_seconds: Gauge,
+    /// Unix time of the oldest successful check among followed references (0: none yet),
+    /// set by the controller; the sync-age gauge is computed from it at each scrape, so it
+    /// grows while a sweep hangs.
+    pub oldest_success: Arc<AtomicI64>,
+    /// Unix time the controller last completed a sweep, or started leading (0: not leading).
+    pub last_sweep: Arc<AtomicI64>,
     pub keyvault_secret_missing: Family<SecretLabels, Gauge>,
 }
 
@@ -193,6 +203,12 @@ impl Default for Metrics {
             "Evict rollouts stopped because a replacement pod did not become Ready in time",
             rollouts_halted.clone(),
         );
+        let sweep_age_seconds = Gauge::default();
+        registry.register(
+            "rotation_sweep_age_seconds",
+            "On the Lease holder: seconds since the rotation controller last completed a sweep (it should stay near 1); 0 elsewhere",
+            sweep_age_seconds.clone(),
+        );
         let keyvault_secret_missing = Family::<SecretLabels, Gauge>::default();
         registry.register(
             "keyvault_secret_missing",
@@ -222,9 +238,18 @@ impl Default for Metrics {
             keyvault_list_pages,
             secrets_recreated,
             rollouts_halted,
+            sweep_age_seconds,
+            oldest_success: Arc::new(AtomicI64::new(0)),
+            last_sweep: Arc::new(AtomicI64::new(0)),
             keyvault_secret_missing,
         }
     }
+}
+
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
 /// The resident set size from `/proc/self/status` (Linux), in bytes.
@@ -244,10 +269,22 @@ impl Metrics {
         if let Some(rss) = resident_bytes() {
             self.resident_memory.set(rss);
         }
+        let now = unix_now();
+        let oldest = self.oldest_success.load(Ordering::Relaxed);
+        if oldest > 0 {
+            self.sync_age_seconds.set((now - oldest).max(0));
+        }
+        self.sweep_age_seconds.set(self.sweep_age(now).unwrap_or(0));
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = encode(&mut out, &self.registry);
         out
+    }
+
+    /// Seconds since the rotation controller last completed a sweep, while it leads.
+    pub fn sweep_age(&self, now: i64) -> Option<i64> {
+        let last = self.last_sweep.load(Ordering::Relaxed);
+        (last > 0).then(|| (now - last).max(0))
     }
 
     /// Counts one Key Vault read by its result (`ok` or the error's label).

@@ -56,16 +56,24 @@ pub async fn run(client: Client, config: LeaseConfig, leading: watch::Sender<boo
     let renew_every = config.duration / 3;
     let mut last_renewal: Option<tokio::time::Instant> = None;
     loop {
-        let ok = match try_once(&api, &config).await {
-            Ok(held) => held,
-            Err(e) => {
+        // Every round is bounded: an apiserver that stops answering must not keep this
+        // replica believing it leads. A renewal counts from when it was asked for, as the
+        // other replicas count the lease from its renewTime.
+        let started = tokio::time::Instant::now();
+        let ok = match tokio::time::timeout(renew_every, try_once(&api, &config)).await {
+            Ok(Ok(held)) => held,
+            Ok(Err(e)) => {
                 warn!(error = %e, lease = %config.name, "lease call failed");
+                false
+            }
+            Err(_) => {
+                warn!(lease = %config.name, timeout = ?renew_every, "lease call did not answer in time");
                 false
             }
         };
         let now = tokio::time::Instant::now();
         if ok {
-            last_renewal = Some(now);
+            last_renewal = Some(started);
         }
         // Lead only while the last renewal is younger than the lease duration.
         let lead = last_renewal.is_some_and(|t| now.duration_since(t) < config.duration);
@@ -73,12 +81,12 @@ pub async fn run(client: Client, config: LeaseConfig, leading: watch::Sender<boo
             info!(identity = %config.identity, leading = lead, "rotation leadership changed");
         }
         leading.send_replace(lead);
-        tokio::time::sleep(if lead {
+        let pause = if lead {
             renew_every
         } else {
             renew_every.max(Duration::from_secs(1))
-        })
-        .await;
+        };
+        tokio::time::sleep(pause.saturating_sub(now.duration_since(started))).await;
     }
 }
 

@@ -43,7 +43,7 @@ use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     fmt::Debug,
     future::Future,
-    sync::Arc,
+    sync::{Arc, atomic::Ordering},
     time::Duration,
 };
 use tokio::{sync::watch, time::Instant};
@@ -408,15 +408,29 @@ impl Controller {
             self.lost.clear();
             self.deletions.set_active(true);
             self.last_full_reconcile = None;
+            let heartbeat = self.metrics.last_sweep.clone();
+            heartbeat.store(crate::metrics::unix_now(), Ordering::Relaxed);
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             while *leading.borrow() {
                 tokio::select! {
-                    _ = tick.tick() => self.sweep().await,
+                    _ = tick.tick() => {
+                        // Losing the Lease ends a sweep where it is (a hung call included):
+                        // another replica acts now.
+                        let mut lost = leading.clone();
+                        tokio::select! {
+                            _ = self.sweep() => heartbeat.store(crate::metrics::unix_now(), Ordering::Relaxed),
+                            _ = lost.wait_for(|l| !*l) => warn!("lost the lease during a sweep; the sweep was cancelled"),
+                        }
+                    }
                     _ = leading.changed() => {}
                 }
             }
             self.deletions.set_active(false);
+            // Nothing here is in charge any more: the gauges of the term end with it.
+            heartbeat.store(0, Ordering::Relaxed);
+            self.metrics.oldest_success.store(0, Ordering::Relaxed);
+            self.metrics.sync_age_seconds.set(0);
             info!("lost the lease: rotation controller stopped");
         }
     }
@@ -520,9 +534,11 @@ impl Controller {
             .map(|t| end.duration_since(t).as_secs())
             .max()
             .unwrap_or(0);
-        self.metrics
-            .sync_age_seconds
-            .set(i64::try_from(stalest).unwrap_or(i64::MAX));
+        let unix = crate::metrics::unix_now();
+        self.metrics.oldest_success.store(
+            unix - i64::try_from(stalest).unwrap_or(i64::MAX).min(unix),
+            Ordering::Relaxed,
+        );
 
         let full = self
             .last_full_reconcile
