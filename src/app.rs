@@ -227,7 +227,12 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
                 client: None,
                 ..identities.clone()
             });
-            let lease = rotation::lease::run(client.clone(), settings.lease, leading_tx);
+            // Another replica leads: this one's view of staleness is no one's concern.
+            let follower = {
+                let metrics = metrics.clone();
+                move || metrics.forget_sync()
+            };
+            let lease = rotation::lease::run(client.clone(), settings.lease, leading_tx, follower);
             // Whether this replica leads, for the no-Lease-holder alert.
             let leader_gauge = {
                 let (mut leading, metrics) = (leading_rx.clone(), metrics.clone());

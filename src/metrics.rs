@@ -281,6 +281,12 @@ impl Metrics {
         out
     }
 
+    /// Stops reporting a sync age (another replica leads and reports its own).
+    pub fn forget_sync(&self) {
+        self.oldest_success.store(0, Ordering::Relaxed);
+        self.sync_age_seconds.set(0);
+    }
+
     /// Seconds since the rotation controller last completed a sweep, while it leads.
     pub fn sweep_age(&self, now: i64) -> Option<i64> {
         let last = self.last_sweep.load(Ordering::Relaxed);

@@ -51,7 +51,8 @@ pub fn step(spec: Option<&LeaseSpec>, identity: &str, now: Timestamp) -> Step {
 }
 
 /// Campaigns for and renews the lease forever, publishing whether this replica leads.
-pub async fn run(client: Client, config: LeaseConfig, leading: watch::Sender<bool>) {
+/// `follower` is called after each round that saw another replica hold the lease.
+pub async fn run(client: Client, config: LeaseConfig, leading: watch::Sender<bool>, follower: impl Fn()) {
     let api: Api<Lease> = Api::namespaced(client, &config.namespace);
     let renew_every = config.duration / 3;
     let mut last_renewal: Option<tokio::time::Instant> = None;
@@ -61,7 +62,12 @@ pub async fn run(client: Client, config: LeaseConfig, leading: watch::Sender<boo
         // other replicas count the lease from its renewTime.
         let started = tokio::time::Instant::now();
         let ok = match tokio::time::timeout(renew_every, try_once(&api, &config)).await {
-            Ok(Ok(held)) => held,
+            Ok(Ok(held)) => {
+                if !held {
+                    follower();
+                }
+                held
+            }
             Ok(Err(e)) => {
                 warn!(error = %e, lease = %config.name, "lease call failed");
                 false

@@ -427,10 +427,10 @@ impl Controller {
                 }
             }
             self.deletions.set_active(false);
-            // Nothing here is in charge any more: the gauges of the term end with it.
+            // The sweep age is the holder's; the sync age keeps growing here until another
+            // replica is seen to lead (lease::run then forgets it): with no leader at all
+            // (an apiserver that does not answer), staleness shows.
             heartbeat.store(0, Ordering::Relaxed);
-            self.metrics.oldest_success.store(0, Ordering::Relaxed);
-            self.metrics.sync_age_seconds.set(0);
             info!("lost the lease: rotation controller stopped");
         }
     }

@@ -73,6 +73,17 @@ async fn post(http: &reqwest::Client, url: &str, review: &Value) -> Result<(bool
     ))
 }
 
+/// The tests here stop or freeze the apiserver: one at a time.
+static APISERVER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Lets a frozen apiserver answer again when the test ends, however it ends.
+struct ResumeApiserver;
+impl Drop for ResumeApiserver {
+    fn drop(&mut self) {
+        support::testbed_cmd("apiserver-resume");
+    }
+}
+
 /// Starts the apiserver again when the test ends, however it ends.
 struct StartApiserver;
 impl Drop for StartApiserver {
@@ -83,6 +94,7 @@ impl Drop for StartApiserver {
 
 #[tokio::test]
 async fn an_apiserver_restart_keeps_the_warm_path_answering_and_watches_resume() {
+    let _apiserver = APISERVER.lock().await;
     let mut args = vec![
         "--rotation",
         "true",
@@ -296,5 +308,114 @@ async fn an_apiserver_restart_keeps_the_warm_path_answering_and_watches_resume()
         !logs.contains("panicked"),
         "nothing panicked: {}",
         s.kvinject.log.display()
+    );
+}
+
+/// An apiserver that stops answering (SIGSTOP: connections stay open, calls hang) for longer
+/// than the lease: the leader's Lease calls time out, it steps down and stops acting (no more
+/// Key Vault reads for rotation, its hung sweep cancelled), and its sync age grows, since no
+/// one can be seen to lead. When the apiserver answers again, rotation resumes.
+#[tokio::test]
+async fn a_frozen_apiserver_makes_the_leader_step_down_and_staleness_show() {
+    let _apiserver = APISERVER.lock().await;
+    let lease = support::unique("lease");
+    let args = [
+        "--rotation",
+        "true",
+        "--refresh-interval",
+        "1s",
+        "--reconcile-interval",
+        "1s",
+        "--lease-namespace",
+        "default",
+        "--lease-duration",
+        "3s",
+        "--lease-name",
+        &lease,
+    ];
+    let s = support::setup("freeze", &args).await;
+    let rotating = support::unique("freeze-rotating");
+    support::seed_secret(&rotating, &support::distinctive_value()).await;
+    let pods: Api<Pod> = Api::namespaced(s.client.clone(), &s.ns);
+    let mut p: Pod = serde_json::from_value(pod("uses", &rotating)).unwrap();
+    p.metadata
+        .annotations
+        .get_or_insert_with(Default::default)
+        .insert("kvinject.io/refresh-interval".into(), "1s".into());
+    pods.create(&PostParams::default(), &p).await.unwrap();
+    support::eventually(Duration::from_secs(20), "kvinject to lead", || async {
+        s.kvinject.strict_metric("kvinject_rotation_leader", &[]).await == 1.0
+    })
+    .await;
+    let reads = || async {
+        support::vault_counters().await["secrets_get_by_name"][rotating.to_lowercase()]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    let first = reads().await;
+    support::eventually(
+        Duration::from_secs(10),
+        "the controller checking every second",
+        || async { reads().await >= first + 2 },
+    )
+    .await;
+
+    support::testbed_cmd("apiserver-pause");
+    let resume = ResumeApiserver;
+    support::eventually(
+        Duration::from_secs(10),
+        "the leader to step down (lease 3 s)",
+        || async { s.kvinject.strict_metric("kvinject_rotation_leader", &[]).await == 0.0 },
+    )
+    .await;
+    let stepped_down = reads().await;
+    let age = s
+        .kvinject
+        .strict_metric("kvinject_secret_sync_age_seconds", &[])
+        .await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let later = s
+        .kvinject
+        .strict_metric("kvinject_secret_sync_age_seconds", &[])
+        .await;
+    let reads_since = reads().await - stepped_down;
+    drop(resume);
+    assert!(
+        later >= age + 4.0,
+        "the sync age grows while no one can be seen to lead: {age} then {later}"
+    );
+    assert!(
+        reads_since <= 1,
+        "a replica that stepped down stops acting: {reads_since} Key Vault reads in 5 s after it did"
+    );
+
+    // The apiserver answers again: the controller leads and rotates again.
+    support::eventually(Duration::from_secs(20), "kvinject to lead again", || async {
+        s.kvinject.strict_metric("kvinject_rotation_leader", &[]).await == 1.0
+    })
+    .await;
+    let v2 = support::seed_secret(&rotating, &support::distinctive_value()).await;
+    let secrets: Api<Secret> = Api::namespaced(s.client.clone(), &s.ns);
+    support::eventually(
+        Duration::from_secs(20),
+        "the rotation after the freeze",
+        || async {
+            secrets.list(&ListParams::default()).await.is_ok_and(|l| {
+                l.items.iter().any(|x| {
+                    x.metadata
+                        .annotations
+                        .as_ref()
+                        .is_some_and(|a| a.get("kvinject.io/version") == Some(&v2))
+                })
+            })
+        },
+    )
+    .await;
+    assert!(
+        s.kvinject
+            .strict_metric("kvinject_secret_sync_age_seconds", &[])
+            .await
+            < 5.0,
+        "fresh again"
     );
 }
