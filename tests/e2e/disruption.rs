@@ -82,6 +82,7 @@ async fn rotation_writes_that_conflict_are_made_again_from_fresh_state_and_roll_
                     let _ = held_tx.send(());
                     let _ = tokio::time::timeout(Duration::from_secs(10), release.notified()).await;
                 }
+                true
             })
         })
     };
@@ -196,9 +197,10 @@ async fn rotation_writes_that_conflict_are_made_again_from_fresh_state_and_roll_
     );
 }
 
-/// What a validating webhook on the test namespace's Secrets does with each review before
-/// it allows it: sleep (a slow apiserver), or hold a write while someone else writes.
-type Hook = Arc<dyn Fn(Value) -> futures::future::BoxFuture<'static, ()> + Send + Sync>;
+/// What a validating webhook on the test namespace's Secrets does with each review: sleep (a
+/// slow apiserver), or hold a write while someone else writes; then it allows the write, or
+/// refuses it (false), as a policy engine would.
+type Hook = Arc<dyn Fn(Value) -> futures::future::BoxFuture<'static, bool> + Send + Sync>;
 
 /// A validating webhook on Secret CREATE and `operations` in the test namespace, served here;
 /// the apiserver runs `hook` within every such write. Deregistered on drop.
@@ -220,12 +222,11 @@ async fn validate(
 ) -> Json<Value> {
     seen.fetch_add(1, Ordering::SeqCst);
     let uid = review["request"]["uid"].clone();
-    if review["request"]["dryRun"] != json!(true) {
-        hook(review).await;
-    }
+    let allowed = review["request"]["dryRun"] == json!(true) || hook(review).await;
     Json(
         json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
-                "response": {"uid": uid, "allowed": true}}),
+                "response": {"uid": uid, "allowed": allowed,
+                             "status": {"code": 403, "message": "refused by the test's policy"}}}),
     )
 }
 
@@ -334,7 +335,10 @@ async fn a_secret_creation_slower_than_the_deadline_denies_in_time_and_the_next_
         let delay_ms = delay_ms.clone();
         Arc::new(move |_| {
             let delay = Duration::from_millis(delay_ms.load(Ordering::SeqCst));
-            Box::pin(tokio::time::sleep(delay))
+            Box::pin(async move {
+                tokio::time::sleep(delay).await;
+                true
+            })
         })
     };
     let _slow = secret_webhook(&s, &[], hook).await;
@@ -368,5 +372,70 @@ async fn a_secret_creation_slower_than_the_deadline_denies_in_time_and_the_next_
             .collect::<Vec<_>>(),
         vec![used],
         "one Secret for the reference, and the pod uses it"
+    );
+}
+
+/// The apiserver refuses kvinject's write of a new version once (a policy webhook says no):
+/// the write is made again at a coming sweep, seconds later, not at the next check a whole
+/// refresh interval (here 30 s) away.
+#[tokio::test]
+async fn a_refused_rotation_write_is_retried_within_seconds() {
+    let _vault = support::VAULT.read().await;
+    let _rotation = support::ROTATION.lock().await;
+    let s = rotation_setup_every("refused", "1h", &[]).await;
+    let name = support::unique("refused");
+    support::seed_secret(&name, &support::distinctive_value()).await;
+    let mut d = deployment("app", &name, json!({}));
+    d.spec
+        .as_mut()
+        .unwrap()
+        .template
+        .metadata
+        .as_mut()
+        .unwrap()
+        .annotations
+        .as_mut()
+        .unwrap()
+        .insert("kvinject.io/refresh-interval".into(), "30s".into());
+    Api::<Deployment>::namespaced(s.client.clone(), &s.ns)
+        .create(&PostParams::default(), &d)
+        .await
+        .unwrap();
+    let secret_name = crate::rotation::secret_of_pod(&s.client, &s.ns, "app=app").await;
+
+    let armed = Arc::new(AtomicBool::new(true));
+    let (refused_tx, mut refused) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let hook: Hook = {
+        let armed = armed.clone();
+        Arc::new(move |review: Value| {
+            let request = &review["request"];
+            let refuse = request["object"]["data"] != request["oldObject"]["data"]
+                && armed.swap(false, Ordering::SeqCst);
+            if refuse {
+                let _ = refused_tx.send(());
+            }
+            Box::pin(async move { !refuse })
+        })
+    };
+    let _hook = secret_webhook(&s, &["UPDATE"], hook).await;
+    let v2 = support::seed_secret(&name, &support::distinctive_value()).await;
+    tokio::time::timeout(Duration::from_secs(45), refused.recv())
+        .await
+        .expect("kvinject writes the new value at its first check (within 30 s)");
+    let secrets: Api<Secret> = Api::namespaced(s.client.clone(), &s.ns);
+    let refused_at = Instant::now();
+    support::eventually(
+        Duration::from_secs(10),
+        "the refused write made again within seconds",
+        || async { version(&secrets.get(&secret_name).await.unwrap()) == v2 },
+    )
+    .await;
+    eprintln!("written {:?} after the refusal", refused_at.elapsed());
+    assert!(
+        s.kvinject
+            .strict_logs()
+            .contains("could not update the Secret; retrying at the next sweep"),
+        "the refusal is logged: {}",
+        s.kvinject.log.display()
     );
 }
