@@ -11,8 +11,9 @@
 
 use super::{Controller, Read, decide, key_of, needed_for, publish};
 use crate::{
+    identity::WorkloadIdentity,
     inject::FIELD_MANAGER,
-    keyvault::source::{FetchError, Fetched},
+    keyvault::source::{FetchError, Fetched, SecretSource},
     materialize::{
         self,
         seal::{self, Verdict},
@@ -21,6 +22,7 @@ use crate::{
     mutate::Needed,
     reference::Reference,
 };
+use futures::StreamExt;
 use k8s_openapi::api::core::v1::{ObjectReference, Secret};
 use kube::{
     Api, ResourceExt,
@@ -115,6 +117,38 @@ impl Deletions {
     }
 }
 
+/// One Key Vault read for recreations: the secret (without field), the version the lost
+/// Secret held if it follows the current one, and as whom.
+type ReadFor = (Reference, Option<String>, Option<WorkloadIdentity>);
+
+fn read_for(needed: &Needed, version: Option<&str>) -> ReadFor {
+    let reference = needed.source.reference();
+    // A pinned reference carries its version; one that follows asks for the version held.
+    let held = version.filter(|_| reference.version.is_none()).map(str::to_owned);
+    (reference.secret(), held, needed.identity.clone())
+}
+
+/// The value to recreate with: the version the Secret held (so running pods and the new
+/// Secret agree, and a later rotation rolls as usual), or the current one when that
+/// version cannot be read (disabled, say).
+async fn read_for_recreation(source: &dyn SecretSource, read: &ReadFor) -> Result<Fetched, FetchError> {
+    let (reference, held, identity) = read;
+    let Some(version) = held else {
+        return source.fetch(reference, identity.as_ref()).await;
+    };
+    let pinned = Reference {
+        version: Some(version.clone()),
+        ..reference.clone()
+    };
+    match source.fetch(&pinned, identity.as_ref()).await {
+        Err(e) if !e.is_outage() => {
+            debug!(%reference, %version, error = %e, "the version last held cannot be read; recreating with the current one");
+            source.fetch(reference, identity.as_ref()).await
+        }
+        other => other,
+    }
+}
+
 /// The backoff after `failures` failed attempts, never longer than `cap`.
 fn backoff(failures: u32, cap: Duration) -> Duration {
     Duration::from_secs(2u64.saturating_pow(failures.min(8))).min(cap)
@@ -198,10 +232,12 @@ impl Controller {
     }
 
     /// Attempts the recreations that are due. Each is checked again against the caches
-    /// before the read and after it: a Secret that exists again (a new pod's admission made
-    /// it) or that nothing uses any more is dropped, so garbage collection and recreation
-    /// never act on one Secret at once. One failed read per vault per pass: when a vault
-    /// cannot be reached, its other recreations wait.
+    /// before the reads and after them: a Secret that exists again (a new pod's admission
+    /// made it) or that nothing uses any more is dropped, so garbage collection and
+    /// recreation never act on one Secret at once. Key Vault is read once per secret
+    /// version and identity, however many namespaces lost it, `keyvault_concurrency` at a
+    /// time after a first read of each vault alone: when a vault cannot be reached, its
+    /// other reads wait (one failed call per vault per pass).
     pub(super) async fn recreate_due(&mut self, now: Instant) {
         let due: Vec<Key> = self
             .lost
@@ -209,48 +245,87 @@ impl Controller {
             .filter(|(_, l)| l.next <= now)
             .map(|(k, _)| k.clone())
             .collect();
-        let mut down: BTreeSet<String> = BTreeSet::new();
+        let mut todo: Vec<(Key, Needed, Option<String>)> = Vec::new();
         for key in due {
             let Some((needed, version)) = self.lost.get(&key).map(|l| (l.needed.clone(), l.version.clone()))
             else {
                 continue;
             };
-            let Some(user) = self.still_lost(&key, &needed) else {
-                continue;
-            };
-            let vault = needed.source.reference().vault.clone();
-            if down.contains(&vault) {
-                self.recreate_failed(
-                    &key,
-                    &user,
-                    &format!("Key Vault `{vault}` could not be reached"),
-                    now,
-                )
-                .await;
-                continue;
+            if self.still_lost(&key, &needed).is_some() {
+                todo.push((key, needed, version));
             }
-            let result = self.read_for_recreation(&needed, version.as_deref()).await;
-            // The read may have taken a while: look again.
+        }
+        if todo.is_empty() {
+            return;
+        }
+        let reads: BTreeSet<ReadFor> = todo.iter().map(|(_, n, v)| read_for(n, v.as_deref())).collect();
+        let results = self.read_all(reads).await;
+        for (key, needed, version) in todo {
+            // The reads may have taken a while: look again.
             let Some(user) = self.still_lost(&key, &needed) else {
                 continue;
             };
-            let fetched = match result {
-                Ok(f) => f,
-                Err(e) => {
-                    if e.is_outage() {
-                        down.insert(vault);
-                    }
+            let vault = &needed.source.reference().vault;
+            let fetched = match results.get(&read_for(&needed, version.as_deref())) {
+                Some(Ok(f)) => f,
+                Some(Err(e)) => {
                     self.recreate_failed(&key, &user, &e.to_string(), now).await;
                     continue;
                 }
+                None => {
+                    let why = format!("Key Vault `{vault}` could not be reached");
+                    self.recreate_failed(&key, &user, &why, now).await;
+                    continue;
+                }
             };
-            match self.create_lost(&key, &needed, &fetched, &user).await {
+            match self.create_lost(&key, &needed, fetched, &user).await {
                 Ok(()) => {
                     self.lost.remove(&key);
                 }
                 Err(why) => self.recreate_failed(&key, &user, &why, now).await,
             }
         }
+    }
+
+    /// Reads each of `reads`, vault by vault: the first alone, the rest concurrently unless
+    /// it showed the vault cannot be reached (those are absent from the answer).
+    async fn read_all(&self, reads: BTreeSet<ReadFor>) -> BTreeMap<ReadFor, Result<Fetched, FetchError>> {
+        let mut by_vault: BTreeMap<String, Vec<ReadFor>> = BTreeMap::new();
+        for r in reads {
+            by_vault.entry(r.0.vault.clone()).or_default().push(r);
+        }
+        let mut out = BTreeMap::new();
+        let concurrency = self.config.keyvault_concurrency.max(1);
+        for (_, reads) in by_vault {
+            let mut reads = reads.into_iter();
+            let Some(first) = reads.next() else {
+                continue;
+            };
+            let result = read_for_recreation(self.source.as_ref(), &first).await;
+            self.metrics.keyvault_read(&result);
+            let outage = result.as_ref().err().is_some_and(FetchError::is_outage);
+            out.insert(first, result);
+            if outage {
+                continue;
+            }
+            let source = self.source.clone();
+            let rest: Vec<(ReadFor, Result<Fetched, FetchError>)> = futures::stream::iter(reads)
+                .map(move |r| {
+                    let source = source.clone();
+                    async move {
+                        let result = read_for_recreation(source.as_ref(), &r).await;
+                        (r, result)
+                    }
+                })
+                .buffer_unordered(concurrency)
+                .collect()
+                .await;
+            for (r, result) in rest {
+                self.metrics.keyvault_read(&result);
+                out.insert(r, result);
+            }
+        }
+        out
     }
 
     /// Who still uses the lost Secret `key`, when it is still gone, still used and still
@@ -283,39 +358,6 @@ impl Controller {
             self.lost.remove(key);
         }
         user
-    }
-
-    /// The value to recreate `needed` with: the version it held (so running pods and the
-    /// new Secret agree, and a later rotation rolls as usual), or the current one when that
-    /// version cannot be read (disabled, say) and the reference follows the current one.
-    async fn read_for_recreation(
-        &self,
-        needed: &Needed,
-        version: Option<&str>,
-    ) -> Result<Fetched, FetchError> {
-        let reference = needed.source.reference();
-        let identity = needed.identity.as_ref();
-        let follows = reference.version.is_none();
-        let (Some(version), true) = (version, follows) else {
-            let result = self.source.fetch(&reference.secret(), identity).await;
-            self.metrics.keyvault_read(&result);
-            return result;
-        };
-        let pinned = Reference {
-            version: Some(version.to_owned()),
-            ..reference.secret()
-        };
-        let result = self.source.fetch(&pinned, identity).await;
-        self.metrics.keyvault_read(&result);
-        match result {
-            Err(e) if !e.is_outage() => {
-                debug!(reference = %reference, %version, error = %e, "the version last held cannot be read; recreating with the current one");
-                let result = self.source.fetch(&reference.secret(), identity).await;
-                self.metrics.keyvault_read(&result);
-                result
-            }
-            other => other,
-        }
     }
 
     /// Creates the Secret `key` again from `fetched`; the error says why it could not be.
@@ -550,6 +592,26 @@ mod tests {
             "its origin still verifies without the data"
         );
         assert!(deletions.take().is_empty(), "taken once");
+    }
+
+    #[test]
+    fn one_read_serves_every_namespace_that_lost_the_same_version() {
+        let env = needed("kvi-1", "akv://v/one");
+        let field = needed("kvi-2", "akv://v/one#user");
+        assert_eq!(
+            read_for(&env, Some("v1")),
+            read_for(&field, Some("v1")),
+            "fields share a read"
+        );
+        assert_ne!(read_for(&env, Some("v1")), read_for(&env, Some("v2")));
+        let v = "0123456789abcdef0123456789abcdef";
+        let pinned = needed("kvi-3", &format!("akv://v/one/{v}"));
+        assert_eq!(
+            read_for(&pinned, Some(v)).1,
+            None,
+            "a pinned reference carries its version itself"
+        );
+        assert_eq!(read_for(&pinned, Some(v)).0.version.as_deref(), Some(v));
     }
 
     #[test]
