@@ -213,9 +213,9 @@ pub fn rollout_secrets(plan: &mutate::Plan, workload_asks: bool) -> Vec<String> 
         .collect()
 }
 
-/// Workload annotation: the versions hash for which an `evict` rollout halted (a
-/// replacement did not become Ready in time). Rollouts resume for other versions, or when
-/// it is removed.
+/// Workload annotation: the versions hash for which a rollout halted (an `evict`
+/// replacement did not become Ready in time, or an `OnDelete` workload that a restart
+/// cannot roll). Rollouts resume for other versions, or when it is removed.
 pub const HALTED_ANNOTATION: &str = "kvinject.io/rollout-halted";
 
 /// Workload annotation: SHA-256 over the names of the Secrets whose versions

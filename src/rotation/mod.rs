@@ -1218,7 +1218,9 @@ impl Controller {
                     "a Key Vault secret it uses has a new version, but its updateStrategy is OnDelete: restarting through the pod template restarts nothing. Delete its pods, or set kvinject.io/rollout-strategy: evict".into(),
                 )
                 .await;
-                json!({"metadata": {"annotations": {decide::VERSIONS_ANNOTATION: hash, decide::NAMES_ANNOTATION: current_names}}})
+                // Not recorded as rolled (its pods still run the old versions); noted as
+                // halted for these versions, so the Event is not repeated every sweep.
+                json!({"metadata": {"annotations": {decide::HALTED_ANNOTATION: hash}}})
             }
             Ok(Rollout::Roll {
                 hash,
