@@ -504,6 +504,11 @@ async fn an_on_delete_statefulset_gets_an_event_not_a_false_rollout() {
     let after = sets.get("od").await.unwrap();
     assert_eq!(after.spec, before.spec, "the template is left alone");
     assert_eq!(
+        recorded(&after),
+        recorded(&before),
+        "its pods still run the old versions: not recorded as rolled"
+    );
+    assert_eq!(
         s.kvinject.strict_metric("kvinject_rollouts_total", &[]).await,
         0.0
     );
