@@ -184,19 +184,58 @@ pub fn watch_workloads(
     let (deployments, d) = reflect(Api::<Deployment>::all(client.clone()));
     let (statefulsets, s) = reflect(Api::<StatefulSet>::all(client.clone()));
     let (daemonsets, ds) = reflect(Api::<DaemonSet>::all(client.clone()));
-    let (replicasets, rs) =
-        reflect_modified(Api::<ReplicaSet>::all(client.clone()), Default::default(), |o| {
+    // Pod templates that only keep Secrets from collection: stored without status, and
+    // without their spec when it refers to nothing of kvinject's (most ReplicaSets and Jobs
+    // of a cluster), unless their namespace gives every pod registry credentials.
+    let keeps = |namespaces: Store<Namespace>| {
+        move |meta: &kube::api::ObjectMeta, spec: &dyn erased::Spec| {
+            spec.mentions_kvinject()
+                || meta.namespace.as_ref().is_some_and(|ns| {
+                    namespaces
+                        .get(&reflector::ObjectRef::new(ns))
+                        .and_then(|n| n.metadata.annotations.clone())
+                        .is_some_and(|a| a.contains_key(crate::mutate::PULL_SECRETS_ANNOTATION))
+                })
+        }
+    };
+    let (replicasets, rs) = {
+        let keeps = keeps(namespaces.clone());
+        reflect_modified(
+            Api::<ReplicaSet>::all(client.clone()),
+            Default::default(),
+            move |o| {
+                prune(o);
+                o.status = None;
+                if !o.spec.as_ref().is_some_and(|s| keeps(&o.metadata, s)) {
+                    o.spec = None;
+                }
+            },
+        )
+    };
+    let (jobs, j) = {
+        let keeps = keeps(namespaces.clone());
+        reflect_modified(Api::<Job>::all(client.clone()), Default::default(), move |o| {
             prune(o);
             o.status = None;
-        });
-    let (jobs, j) = reflect_modified(Api::<Job>::all(client.clone()), Default::default(), |o| {
-        prune(o);
-        o.status = None;
-    });
-    let (cronjobs, cj) = reflect_modified(Api::<CronJob>::all(client.clone()), Default::default(), |o| {
-        prune(o);
-        o.status = None;
-    });
+            if !o.spec.as_ref().is_some_and(|s| keeps(&o.metadata, s)) {
+                o.spec = None;
+            }
+        })
+    };
+    let (cronjobs, cj) = {
+        let keeps = keeps(namespaces.clone());
+        reflect_modified(
+            Api::<CronJob>::all(client.clone()),
+            Default::default(),
+            move |o| {
+                prune(o);
+                o.status = None;
+                if !o.spec.as_ref().is_some_and(|s| keeps(&o.metadata, s)) {
+                    o.spec = None;
+                }
+            },
+        )
+    };
     let caches = Caches {
         secrets,
         pods,
@@ -212,6 +251,21 @@ pub fn watch_workloads(
         futures::future::join_all([p, d, s, ds, rs, j, cj]).await;
     };
     (caches, drive)
+}
+
+mod erased {
+    /// A workload spec that may hold a pod template.
+    pub trait Spec {
+        /// Whether anything in it is kvinject's: an `akv://` reference or a `kvinject.io/`
+        /// annotation (a conservative text search over its JSON).
+        fn mentions_kvinject(&self) -> bool;
+    }
+
+    impl<T: k8s_openapi::serde::Serialize> Spec for T {
+        fn mentions_kvinject(&self) -> bool {
+            serde_json::to_string(self).is_ok_and(|j| j.contains("akv://") || j.contains("kvinject.io/"))
+        }
+    }
 }
 
 /// A Secret's (`namespace`, `name`).
