@@ -320,3 +320,26 @@ impl Metrics {
             .inc();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The tests' metric helper tells "declared, no sample yet" (0) from "not declared"
+    /// (a failure) by the `# TYPE` lines: families must be declared before their first sample.
+    #[test]
+    fn families_are_declared_before_their_first_sample() {
+        let text = Metrics::default().encode();
+        for declared in [
+            "# TYPE kvinject_keyvault_requests counter",
+            "# TYPE kvinject_admissions counter",
+            "# TYPE kvinject_keyvault_secret_missing gauge",
+        ] {
+            assert!(text.contains(declared), "{declared} in:\n{text}");
+        }
+        assert!(
+            !text.contains("kvinject_keyvault_requests_total{"),
+            "and no sample yet"
+        );
+    }
+}

@@ -531,8 +531,10 @@ impl Kvinject {
         format!("https://127.0.0.1:{}/mutate", self.port)
     }
 
+    /// kvinject's log; a log that cannot be read fails the test (a check that nothing leaked
+    /// must not pass without looking).
     pub fn logs(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        self.strict_logs()
     }
 
     /// Like `metric`, but a metric that is not exported at all fails the test, by name.
@@ -567,14 +569,25 @@ impl Kvinject {
             .unwrap_or_else(|e| panic!("reading kvinject's log {}: {e}", self.log.display()))
     }
 
-    /// The sum of a metric's samples whose line contains every one of `filters`.
+    /// The sum of a metric's samples whose line contains every one of `filters`: 0 when the
+    /// metric is declared (its `# TYPE` line) but has no such sample yet, as a counter family
+    /// before its first increment. A metric kvinject does not declare at all (renamed, say)
+    /// fails the test, by name, so a check for zero cannot pass by accident.
     pub async fn metric(&self, name: &str, filters: &[&str]) -> f64 {
         let text = reqwest::get(format!("http://127.0.0.1:{}/metrics", self.admin_port))
             .await
-            .unwrap()
+            .expect("scraping kvinject's /metrics")
             .text()
             .await
-            .unwrap();
+            .expect("reading kvinject's /metrics");
+        let base = name.strip_suffix("_total").unwrap_or(name);
+        assert!(
+            text.lines().any(|l| l
+                .strip_prefix("# TYPE ")
+                .and_then(|rest| rest.split_whitespace().next())
+                .is_some_and(|declared| declared == name || declared == base)),
+            "kvinject declares no metric {name}"
+        );
         text.lines()
             .filter(|l| {
                 l.starts_with(name) && (l[name.len()..].starts_with('{') || l[name.len()..].starts_with(' '))
