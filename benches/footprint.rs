@@ -88,7 +88,7 @@ async fn main() {
         .for_each_concurrent(16, |i| {
             let run = run.clone();
             async move {
-                support::seed_secret(&format!("{run}-{i}"), "benchmark-value").await;
+                support::seed_secret(&format!("{run}-{i}"), &support::distinctive_value()).await;
             }
         })
         .await;

@@ -243,7 +243,7 @@ async fn a_grant_limited_to_one_service_account_admits_only_its_pods() {
         .await
         .unwrap();
     let secret = support::unique("api-token");
-    support::seed_secret(&secret, "v").await;
+    support::seed_secret(&secret, &support::distinctive_value()).await;
     let _policy = support::access_policy(
         &t.client,
         &support::unique("api-only"),
@@ -470,7 +470,7 @@ async fn with_access_policy_off_every_configured_secret_is_usable_and_kvinject_s
     let _vault = support::VAULT.read().await;
     let t = tenants(&["open"], &["--access-policy", "off"]).await;
     let name = support::unique("open");
-    support::seed_secret(&name, "v").await;
+    support::seed_secret(&name, &support::distinctive_value()).await;
     create(
         &t.client,
         &t.namespaces[0],

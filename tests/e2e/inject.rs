@@ -53,10 +53,11 @@ async fn env_and_registry_credentials_are_materialized_and_rewritten() {
     let db = support::unique("db-password");
     let acr = support::unique("acr-config");
     let sp = support::unique("sp-secret");
-    let db_version = support::seed_secret(&db, "correct horse battery staple").await;
+    let (db_value, sp_value) = (support::distinctive_value(), support::distinctive_value());
+    let db_version = support::seed_secret(&db, &db_value).await;
     let docker_config = r#"{"auths":{"acr.example":{"auth":"dXNlcjpwYXNz"}}}"#;
     support::seed_secret(&acr, docker_config).await;
-    support::seed_secret(&sp, "sp-password").await;
+    support::seed_secret(&sp, &sp_value).await;
 
     let p = pod(
         "web",
@@ -105,7 +106,7 @@ async fn env_and_registry_credentials_are_materialized_and_rewritten() {
         .expect("the materialized Secret exists");
     assert_eq!(
         materialized.data.as_ref().unwrap()["value"].0,
-        b"correct horse battery staple"
+        db_value.as_bytes()
     );
     assert_eq!(
         materialized.data.as_ref().unwrap().len(),
@@ -145,7 +146,7 @@ async fn env_and_registry_credentials_are_materialized_and_rewritten() {
         config["auths"]["sp.example"]["username"],
         "11111111-2222-3333-4444-555555555555"
     );
-    assert_eq!(config["auths"]["sp.example"]["password"], "sp-password");
+    assert_eq!(config["auths"]["sp.example"]["password"], sp_value.as_str());
 
     // A second pod with the same references shares the Secrets and reads nothing anew.
     let reads_before = s.kvinject.metric("kvinject_keyvault_requests_total", &[]).await;
@@ -179,7 +180,7 @@ async fn env_and_registry_credentials_are_materialized_and_rewritten() {
     );
 
     let logs = s.kvinject.logs();
-    for value in ["correct horse battery staple", "sp-password", "dXNlcjpwYXNz"] {
+    for value in [db_value.as_str(), sp_value.as_str(), "dXNlcjpwYXNz"] {
         assert!(!logs.contains(value), "a secret value reached kvinject's log");
     }
 }
@@ -189,7 +190,7 @@ async fn a_dry_run_writes_nothing_and_returns_the_same_rewrite() {
     let _vault = support::VAULT.read().await;
     let s = support::setup("dryrun", &[]).await;
     let name = support::unique("dry");
-    support::seed_secret(&name, "v").await;
+    support::seed_secret(&name, &support::distinctive_value()).await;
     let p = pod("dry", &[("X", &reference(&name))], json!({}));
     let pods: Api<Pod> = Api::namespaced(s.client.clone(), &s.ns);
     let dry = pods
@@ -232,7 +233,7 @@ async fn bad_input_is_denied_with_what_and_where_and_writes_nothing() {
     let disabled = support::unique("disabled");
     support::seed_secret_with(
         &disabled,
-        "v",
+        &support::distinctive_value(),
         SecretAttributes {
             enabled: Some(false),
             ..Default::default()
@@ -243,7 +244,7 @@ async fn bad_input_is_denied_with_what_and_where_and_writes_nothing() {
     let past = time::OffsetDateTime::now_utc() - time::Duration::hours(1);
     support::seed_secret_with(
         &expired,
-        "v",
+        &support::distinctive_value(),
         SecretAttributes {
             expires: Some(past),
             ..Default::default()
@@ -251,12 +252,13 @@ async fn bad_input_is_denied_with_what_and_where_and_writes_nothing() {
     )
     .await;
     let forbidden = support::unique("forbidden");
-    support::seed_secret(&forbidden, "v").await;
+    support::seed_secret(&forbidden, &support::distinctive_value()).await;
     support::vault_control(&format!("forbid/{forbidden}")).await;
     let large = support::unique("large");
     support::seed_secret(&large, &"x".repeat(1024 * 1024 + 1)).await;
     let not_docker = support::unique("not-docker");
-    support::seed_secret(&not_docker, "hunter2").await;
+    let not_docker_value = support::distinctive_value();
+    support::seed_secret(&not_docker, &not_docker_value).await;
 
     let env_cases = [
         (
@@ -301,7 +303,7 @@ async fn bad_input_is_denied_with_what_and_where_and_writes_nothing() {
     }
     // One good reference beside a bad one: the pod is denied and the good one is not written.
     let good = support::unique("good");
-    support::seed_secret(&good, "fine").await;
+    support::seed_secret(&good, &support::distinctive_value()).await;
     let mixed = pod(
         "mixed",
         &[
@@ -329,7 +331,10 @@ async fn bad_input_is_denied_with_what_and_where_and_writes_nothing() {
             && err.contains("is not a docker config JSON"),
         "{err}"
     );
-    assert!(!err.contains("hunter2"), "a denial echoed the value: {err}");
+    assert!(
+        !err.contains(&not_docker_value),
+        "a denial echoed the value: {err}"
+    );
 
     let pods: Api<Pod> = Api::namespaced(s.client.clone(), &s.ns);
     assert!(
@@ -389,7 +394,7 @@ async fn concurrent_first_use_reads_key_vault_once_and_creates_one_secret() {
     let _vault = support::VAULT.read().await;
     let s = support::setup("flight", &[]).await;
     let name = support::unique("shared");
-    support::seed_secret(&name, "v").await;
+    support::seed_secret(&name, &support::distinctive_value()).await;
     let r = reference(&name);
     let pods: Vec<Pod> = (0..8)
         .map(|i| pod(&format!("p{i}"), &[("X", &r)], json!({})))

@@ -527,7 +527,7 @@ async fn the_apiserver_accepts_the_manifests_and_kvinject_works_on_the_charts_pe
         support::unique("collected"),
     );
     for s in [&rolled, &evicted, &collected] {
-        support::seed_secret(s, "v1").await;
+        support::seed_secret(s, &support::distinctive_value()).await;
     }
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
     let pp = PostParams::default();
@@ -599,8 +599,8 @@ async fn the_apiserver_accepts_the_manifests_and_kvinject_works_on_the_charts_pe
     }
 
     // Rotate and roll (restart, evict).
-    support::seed_secret(&rolled, "v2").await;
-    support::seed_secret(&evicted, "v2").await;
+    support::seed_secret(&rolled, &support::distinctive_value()).await;
+    support::seed_secret(&evicted, &support::distinctive_value()).await;
     support::eventually(
         Duration::from_secs(30),
         "the rotated Secret to carry the new version",
@@ -735,7 +735,7 @@ async fn the_apiserver_accepts_the_manifests_and_kvinject_works_on_the_charts_pe
         .unwrap();
     support::federate("install-wi", &ns, "wi").await;
     let wi_secret = support::unique("wi");
-    support::seed_secret(&wi_secret, "v").await;
+    support::seed_secret(&wi_secret, &support::distinctive_value()).await;
     let mut wi_pod = inject::pod("as-wi", &[("X", &reference(&wi_secret))], json!({}));
     wi_pod.spec.as_mut().unwrap().service_account_name = Some("wi".into());
     pods.create(&pp, &wi_pod)

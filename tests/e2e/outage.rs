@@ -21,8 +21,8 @@ async fn with_the_vault_down_materialized_pods_are_admitted_with_a_warning_and_n
     let mut s = support::setup("outage", &[]).await;
     let known = support::unique("offline-known");
     let never = support::unique("offline-never");
-    support::seed_secret(&known, "kept").await;
-    support::seed_secret(&never, "unseen").await;
+    support::seed_secret(&known, &support::distinctive_value()).await;
+    support::seed_secret(&never, &support::distinctive_value()).await;
     create(&s, &pod("before", &[("X", &reference(&known))], json!({})))
         .await
         .expect("admitted while the vault is up");

@@ -65,7 +65,8 @@ async fn fields_of_one_json_secret_are_materialized_from_one_read_and_follow_rot
         "{denied}"
     );
     let plain = support::unique("plain");
-    support::seed_secret(&plain, "not-json-at-all").await;
+    let plain_value = support::distinctive_value();
+    support::seed_secret(&plain, &plain_value).await;
     let denied = inject::create(
         &s,
         &pod(
@@ -81,7 +82,7 @@ async fn fields_of_one_json_secret_are_materialized_from_one_read_and_follow_rot
         "{denied}"
     );
     assert!(
-        !denied.contains("not-json-at-all"),
+        !denied.contains(&plain_value),
         "a denial echoed the value: {denied}"
     );
 
@@ -256,7 +257,8 @@ async fn secrets_as_files_are_projected_and_rotate_in_place_without_a_rollout() 
     // Rollouts on for every workload: file-only users must still not roll.
     let s = rotation_setup("files", &["--rollout-on-rotation", "true"]).await;
     let name = support::unique("token");
-    support::seed_secret(&name, "first-value").await;
+    let (first_value, second_value) = (support::distinctive_value(), support::distinctive_value());
+    support::seed_secret(&name, &first_value).await;
     let deployment: Deployment = serde_json::from_value(json!({
         "metadata": {"name": "files"},
         "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "files"}}, "template": {
@@ -297,7 +299,7 @@ async fn secrets_as_files_are_projected_and_rotate_in_place_without_a_rollout() 
     let secrets: Api<Secret> = Api::namespaced(s.client.clone(), &s.ns);
     assert_eq!(
         secrets.get(&secret_name).await.unwrap().data.unwrap()["value"].0,
-        b"first-value"
+        first_value.as_bytes()
     );
     // A few reconcile intervals with the first version: a workload that counted this Secret
     // would have its versions recorded now, and roll at the rotation below.
@@ -314,7 +316,7 @@ async fn secrets_as_files_are_projected_and_rotate_in_place_without_a_rollout() 
             .contains_key("kvinject.io/secret-versions"),
         "a Secret used only as files does not decide rollouts"
     );
-    let second = support::seed_secret(&name, "second-value").await;
+    let second = support::seed_secret(&name, &second_value).await;
     support::eventually(
         Duration::from_secs(20),
         "the file's Secret to carry the new value",
@@ -323,7 +325,7 @@ async fn secrets_as_files_are_projected_and_rotate_in_place_without_a_rollout() 
     .await;
     assert_eq!(
         secrets.get(&secret_name).await.unwrap().data.unwrap()["value"].0,
-        b"second-value"
+        second_value.as_bytes()
     );
     tokio::time::sleep(Duration::from_secs(4)).await; // four reconcile intervals
     let replica_sets = Api::<ReplicaSet>::namespaced(s.client.clone(), &s.ns)
@@ -358,7 +360,7 @@ async fn lint_check_vault_reports_what_key_vault_says_of_each_reference() {
         enabled: Some(false),
         ..Default::default()
     };
-    support::seed_secret_with(&disabled, "v", off).await;
+    support::seed_secret_with(&disabled, &support::distinctive_value(), off).await;
     let missing = support::unique("lint-missing");
     let v = &bed.vault_name;
     let manifest = format!(

@@ -155,7 +155,8 @@ async fn a_new_version_updates_the_secret_and_restarts_opted_in_deployments_once
     let _rotation = support::ROTATION.lock().await;
     let s = rotation_setup("rotate", &[]).await;
     let name = support::unique("rotating");
-    let v1 = support::seed_secret(&name, "first").await;
+    let (first, second) = (support::distinctive_value(), support::distinctive_value());
+    let v1 = support::seed_secret(&name, &first).await;
     let deployments: Api<Deployment> = Api::namespaced(s.client.clone(), &s.ns);
     deployments
         .create(
@@ -186,7 +187,7 @@ async fn a_new_version_updates_the_secret_and_restarts_opted_in_deployments_once
     );
     assert_eq!(replica_sets(&s, "opted").await, 1);
 
-    let v2 = support::seed_secret(&name, "second").await;
+    let v2 = support::seed_secret(&name, &second).await;
     let secrets: Api<Secret> = Api::namespaced(s.client.clone(), &s.ns);
     let secret_name = secret.metadata.name.clone().unwrap();
     support::eventually(
@@ -194,7 +195,7 @@ async fn a_new_version_updates_the_secret_and_restarts_opted_in_deployments_once
         "the Secret to follow the new version",
         || async {
             let now = secrets.get(&secret_name).await.unwrap();
-            version(&now) == v2 && now.data.as_ref().unwrap()["value"].0 == b"second"
+            version(&now) == v2 && now.data.as_ref().unwrap()["value"].0 == second.as_bytes()
         },
     )
     .await;
@@ -253,7 +254,7 @@ async fn a_new_version_updates_the_secret_and_restarts_opted_in_deployments_once
     );
     let logs = s.kvinject.logs();
     assert!(
-        !logs.contains("first") && !logs.contains("\"second"),
+        !logs.contains(&first) && !logs.contains(&second),
         "a value reached the log"
     );
 }
@@ -267,7 +268,7 @@ async fn restarts_and_lease_moves_roll_nothing_and_only_the_holder_polls() {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut s = support::setup("leader", &args).await;
     let name = support::unique("steady");
-    support::seed_secret(&name, "v").await;
+    support::seed_secret(&name, &support::distinctive_value()).await;
     let deployments: Api<Deployment> = Api::namespaced(s.client.clone(), &s.ns);
     deployments
         .create(
@@ -345,7 +346,7 @@ async fn with_the_vault_stopped_secrets_stay_and_staleness_rises() {
     let _rotation = support::ROTATION.lock().await;
     let s = rotation_setup("stale", &[]).await;
     let name = support::unique("stale");
-    support::seed_secret(&name, "kept").await;
+    support::seed_secret(&name, &support::distinctive_value()).await;
     let deployments: Api<Deployment> = Api::namespaced(s.client.clone(), &s.ns);
     deployments
         .create(
@@ -359,7 +360,7 @@ async fn with_the_vault_stopped_secrets_stay_and_staleness_rises() {
     // them concurrently).
     let others: Vec<String> = (0..5).map(|i| format!("{name}-{i}")).collect();
     for o in &others {
-        support::seed_secret(o, "kept").await;
+        support::seed_secret(o, &support::distinctive_value()).await;
     }
     let (env_names, refs): (Vec<String>, Vec<String>) = others
         .iter()
@@ -440,8 +441,8 @@ async fn unreferenced_secrets_are_collected_after_the_grace_period_and_foreign_o
     let _rotation = support::ROTATION.lock().await;
     let s = rotation_setup("gc", &["--gc-grace-period", "3s"]).await;
     let (gone, kept) = (support::unique("gc-gone"), support::unique("gc-kept"));
-    support::seed_secret(&gone, "a").await;
-    support::seed_secret(&kept, "b").await;
+    support::seed_secret(&gone, &support::distinctive_value()).await;
+    support::seed_secret(&kept, &support::distinctive_value()).await;
     let secret_of = |p: &Pod| {
         p.spec.as_ref().unwrap().containers[0].env.as_ref().unwrap()[0]
             .value_from
@@ -534,7 +535,7 @@ async fn evict_replaces_pods_without_touching_the_deployment_spec() {
     // No kubelet here: the test reports its pods Ready as kubelet would.
     let _kubelet = support::ReadyPods::start(&s.client, &s.ns);
     let name = support::unique("evicting");
-    support::seed_secret(&name, "first").await;
+    support::seed_secret(&name, &support::distinctive_value()).await;
     let deployments: Api<Deployment> = Api::namespaced(s.client.clone(), &s.ns);
     let mut d = deployment(
         "gitops",
@@ -563,7 +564,7 @@ async fn evict_replaces_pods_without_touching_the_deployment_spec() {
     .await;
     let before = deployments.get("gitops").await.unwrap();
 
-    support::seed_secret(&name, "second").await;
+    support::seed_secret(&name, &support::distinctive_value()).await;
     support::eventually(
         Duration::from_secs(60),
         "every original pod to be evicted and replaced",
@@ -628,8 +629,8 @@ async fn secrets_rotated_together_roll_a_workload_once() {
     let _rotation = support::ROTATION.lock().await;
     let s = rotation_setup("together", &[]).await;
     let (a, b) = (support::unique("pair-a"), support::unique("pair-b"));
-    support::seed_secret(&a, "a1").await;
-    support::seed_secret(&b, "b1").await;
+    support::seed_secret(&a, &support::distinctive_value()).await;
+    support::seed_secret(&b, &support::distinctive_value()).await;
     // `a` is polled every second (a pod asks for it); `b` only hourly.
     create(
         &s,
@@ -656,8 +657,8 @@ async fn secrets_rotated_together_roll_a_workload_once() {
     })
     .await;
 
-    support::seed_secret(&a, "a2").await;
-    let b2 = support::seed_secret(&b, "b2").await;
+    support::seed_secret(&a, &support::distinctive_value()).await;
+    let b2 = support::seed_secret(&b, &support::distinctive_value()).await;
     support::eventually(Duration::from_secs(20), "the rollout", || async {
         template_hash(&deployments.get("pair").await.unwrap()).is_some()
     })
@@ -697,7 +698,7 @@ async fn statefulsets_and_daemonsets_roll_like_deployments() {
     let _rotation = support::ROTATION.lock().await;
     let s = rotation_setup("kinds", &[]).await;
     let name = support::unique("kinds");
-    support::seed_secret(&name, "first").await;
+    support::seed_secret(&name, &support::distinctive_value()).await;
     let statefulsets: Api<StatefulSet> = Api::namespaced(s.client.clone(), &s.ns);
     let daemonsets: Api<DaemonSet> = Api::namespaced(s.client.clone(), &s.ns);
     statefulsets
@@ -756,7 +757,7 @@ async fn statefulsets_and_daemonsets_roll_like_deployments() {
     )
     .await;
 
-    let v2 = support::seed_secret(&name, "second").await;
+    let v2 = support::seed_secret(&name, &support::distinctive_value()).await;
     let secrets: Api<Secret> = Api::namespaced(s.client.clone(), &s.ns);
     support::eventually(
         Duration::from_secs(20),

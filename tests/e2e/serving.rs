@@ -45,7 +45,7 @@ async fn workload_identity_is_chosen_when_a_federated_token_file_is_mounted() {
     .await;
     let s = support::setup_for("wi", kvinject).await;
     let name = support::unique("wi");
-    support::seed_secret(&name, "v").await;
+    support::seed_secret(&name, &support::distinctive_value()).await;
     create(&s, &pod("wi", &[("X", &reference(&name))], json!({})))
         .await
         .expect("admitted with workload identity");
@@ -63,7 +63,7 @@ async fn pods_a_deployment_creates_are_rewritten() {
     let _vault = support::VAULT.read().await;
     let s = support::setup("deploy", &[]).await;
     let name = support::unique("deploy");
-    support::seed_secret(&name, "v").await;
+    support::seed_secret(&name, &support::distinctive_value()).await;
     let deployment: Deployment = serde_json::from_value(json!({
         "metadata": {"name": "web"},
         "spec": {

@@ -229,7 +229,7 @@ async fn a_review_posted_for_a_namespace_kvinject_does_not_act_for_writes_nothin
     let _vault = support::VAULT.read().await;
     let s = support::setup("post", &[]).await;
     let name = support::unique("prod-db");
-    support::seed_secret(&name, "v").await;
+    support::seed_secret(&name, &support::distinctive_value()).await;
     let outside = support::namespace(&s.client, "unlabelled", &[]).await;
     let _outside = NsGuard(outside.clone());
     for ns in ["kube-system", "kvinject", outside.as_str()] {
@@ -281,7 +281,7 @@ async fn a_pod_asking_for_a_check_every_millisecond_gets_the_floor() {
     let _rotation = support::ROTATION.lock().await;
     let s = rotation_setup("floor", &["--min-refresh-interval", "3s"]).await;
     let name = support::unique("hammered");
-    support::seed_secret(&name, "v").await;
+    support::seed_secret(&name, &support::distinctive_value()).await;
     let manifest = json!({
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": "greedy", "annotations": {"kvinject.io/refresh-interval": "1ms"}},
@@ -310,7 +310,7 @@ async fn first_use_reads_are_bounded_per_namespace() {
     .await;
     let names: Vec<String> = (0..3).map(|i| support::unique(&format!("burst{i}"))).collect();
     for n in &names {
-        support::seed_secret(n, "v").await;
+        support::seed_secret(n, &support::distinctive_value()).await;
     }
     for (i, n) in names.iter().enumerate().take(2) {
         inject::create(
@@ -358,7 +358,7 @@ async fn with_a_client_ca_only_the_apiserver_reaches_the_webhook() {
     // certificate its AdmissionConfiguration names.
     let s = support::setup("mtls", &["--client-ca", client_ca.to_str().unwrap()]).await;
     let name = support::unique("mtls");
-    support::seed_secret(&name, "v").await;
+    support::seed_secret(&name, &support::distinctive_value()).await;
     inject::create(
         &s,
         &pod(

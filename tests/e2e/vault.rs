@@ -7,8 +7,9 @@ use azure_security_keyvault_secrets::{ResourceExt, models::SecretClientGetSecret
 async fn the_sdk_reaches_the_bed_vault_through_the_challenge_flow() {
     let _vault = support::VAULT.read().await;
     let name = support::unique("skeleton-secret");
-    let v1 = support::seed_secret(&name, "first").await;
-    let v2 = support::seed_secret(&name, "second").await;
+    let (first_value, second_value) = (support::distinctive_value(), support::distinctive_value());
+    let v1 = support::seed_secret(&name, &first_value).await;
+    let v2 = support::seed_secret(&name, &second_value).await;
     assert_ne!(v1, v2);
 
     let client = support::secret_client();
@@ -18,7 +19,7 @@ async fn the_sdk_reaches_the_bed_vault_through_the_challenge_flow() {
         .expect("get latest")
         .into_model()
         .unwrap();
-    assert_eq!(latest.value.as_deref(), Some("second"));
+    assert_eq!(latest.value.as_deref(), Some(second_value.as_str()));
     assert_eq!(
         latest.resource_id().unwrap().version.as_deref(),
         Some(v2.as_str())
@@ -34,7 +35,7 @@ async fn the_sdk_reaches_the_bed_vault_through_the_challenge_flow() {
         .expect("get pinned")
         .into_model()
         .unwrap();
-    assert_eq!(first.value.as_deref(), Some("first"));
+    assert_eq!(first.value.as_deref(), Some(first_value.as_str()));
 
     let missing = client
         .get_secret(&support::unique("absent"), None)
@@ -101,8 +102,8 @@ async fn entra_checks_federated_assertions_and_the_vault_checks_each_identitys_a
     let (a, b) = (support::unique("client-a"), support::unique("client-b"));
     support::federate(&a, &ns, "api").await;
     let (x, y) = (support::unique("only-x"), support::unique("not-y"));
-    support::seed_secret(&x, "x").await;
-    support::seed_secret(&y, "y").await;
+    support::seed_secret(&x, &support::distinctive_value()).await;
+    support::seed_secret(&y, &support::distinctive_value()).await;
     support::entra_control(
         "vault-access",
         serde_json::json!({"client_id": a, "secrets": [x]}),
