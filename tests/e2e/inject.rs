@@ -254,8 +254,6 @@ async fn bad_input_is_denied_with_what_and_where_and_writes_nothing() {
     let forbidden = support::unique("forbidden");
     support::seed_secret(&forbidden, &support::distinctive_value()).await;
     support::vault_control(&format!("forbid/{forbidden}")).await;
-    let large = support::unique("large");
-    support::seed_secret(&large, &"x".repeat(1024 * 1024 + 1)).await;
     let not_docker = support::unique("not-docker");
     let not_docker_value = support::distinctive_value();
     support::seed_secret(&not_docker, &not_docker_value).await;
@@ -287,10 +285,6 @@ async fn bad_input_is_denied_with_what_and_where_and_writes_nothing() {
         ),
         (format!("akv://{vault}/{disabled}"), "is disabled".into()),
         (format!("akv://{vault}/{expired}"), "expired at".into()),
-        (
-            format!("akv://{vault}/{large}"),
-            "more than a Secret can hold".into(),
-        ),
     ];
     for (i, (value, want)) in env_cases.iter().enumerate() {
         let err = create(&s, &pod(&format!("bad-{i}"), &[("V", value)], json!({})))

@@ -160,3 +160,133 @@ async fn entra_checks_federated_assertions_and_the_vault_checks_each_identitys_a
     );
     support::delete_from_drop::<k8s_openapi::api::core::v1::Namespace>(ns);
 }
+
+/// Exchanges a client secret for a vault token at the bed's Entra ID: (status, body).
+async fn token_for(tenant: &str, client_id: &str, secret: &str, scope: &str) -> (u16, serde_json::Value) {
+    let ca = reqwest::Certificate::from_pem(&std::fs::read(&support::testbed().ca).unwrap()).unwrap();
+    let http = reqwest::Client::builder().tls_certs_merge([ca]).build().unwrap();
+    let res = http
+        .post(format!(
+            "{}/{tenant}/oauth2/v2.0/token",
+            support::testbed().authority
+        ))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!(
+            "grant_type=client_credentials&client_id={client_id}&client_secret={secret}&scope={}",
+            scope.replace(':', "%3A").replace('/', "%2F")
+        ))
+        .send()
+        .await
+        .unwrap();
+    let status = res.status().as_u16();
+    (
+        status,
+        serde_json::from_slice(&res.bytes().await.unwrap()).unwrap(),
+    )
+}
+
+/// The bed is no friendlier than Azure when nothing fails: Entra ID checks the tenant and
+/// the client secret; the vault takes only tokens Entra ID issued for it, and refuses values
+/// above Key Vault's 25 KB limit.
+#[tokio::test]
+async fn the_bed_refuses_what_azure_refuses() {
+    let _vault = support::VAULT.read().await;
+    let vault_scope = "https://vault.kvinject.test/.default";
+    let (status, body) = token_for("testbed-tenant", "kvinject-tests", "wrong-secret", vault_scope).await;
+    assert_eq!(status, 401, "{body}");
+    assert!(
+        body["error_description"]
+            .as_str()
+            .unwrap()
+            .starts_with("AADSTS7000215"),
+        "{body}"
+    );
+    let (status, body) = token_for("testbed-tenant", "nobody", "testbed-client-secret", vault_scope).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error_description"]
+            .as_str()
+            .unwrap()
+            .starts_with("AADSTS700016"),
+        "{body}"
+    );
+    let (status, body) = token_for(
+        "other-tenant",
+        "kvinject-tests",
+        "testbed-client-secret",
+        vault_scope,
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error_description"]
+            .as_str()
+            .unwrap()
+            .starts_with("AADSTS90002"),
+        "{body}"
+    );
+
+    // A token for another resource, and one Entra ID never issued, are 401s with the challenge.
+    let name = support::unique("strict");
+    support::seed_secret(&name, &support::distinctive_value()).await;
+    let (status, body) = token_for(
+        "testbed-tenant",
+        "kvinject-tests",
+        "testbed-client-secret",
+        "https://management.kvinject.test/.default",
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let elsewhere = body["access_token"].as_str().unwrap().to_owned();
+    assert_eq!(
+        read_with(&elsewhere, &name).await,
+        401,
+        "a token for another resource"
+    );
+    assert_eq!(
+        read_with("testbed.0123456789abcdef", &name).await,
+        401,
+        "a token never issued"
+    );
+    let (status, body) = token_for(
+        "testbed-tenant",
+        "kvinject-tests",
+        "testbed-client-secret",
+        vault_scope,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        read_with(body["access_token"].as_str().unwrap(), &name).await,
+        200,
+        "the right token"
+    );
+    let admin =
+        std::env::var("KVINJECT_VAULT_ADMIN_TOKEN").expect("testbed env exports KVINJECT_VAULT_ADMIN_TOKEN");
+    assert_eq!(
+        read_with(&admin, &name).await,
+        200,
+        "the admin token of `testbed up`"
+    );
+
+    // Key Vault's limit on a value: 25 KB.
+    use azure_security_keyvault_secrets::models::SetSecretParameters;
+    let client = support::secret_client();
+    let at_limit = SetSecretParameters {
+        value: Some("x".repeat(25 * 1024)),
+        ..Default::default()
+    };
+    client
+        .set_secret(&support::unique("at-limit"), at_limit.try_into().unwrap(), None)
+        .await
+        .expect("25 KB is accepted");
+    let over = SetSecretParameters {
+        value: Some("x".repeat(25 * 1024 + 1)),
+        ..Default::default()
+    };
+    let err = client
+        .set_secret(&support::unique("over-limit"), over.try_into().unwrap(), None)
+        .await
+        .expect_err("more than 25 KB is refused");
+    assert_eq!(err.http_status().map(u16::from), Some(400), "{err}");
+}

@@ -83,10 +83,13 @@ counters = {"secrets_get": 0, "secrets_list": 0, "secrets_put": 0, "challenges":
 args = None
 PAGE = 25
 # Entra ID: federated credentials (client id -> subjects it trusts), issued tokens (token ->
-# client id), and per-identity read permission on the vault (client id -> secret names; a
-# client id without an entry may read everything, like kvinject's own identity in tests).
+# {"client", "aud", "exp"}), and per-identity read permission on the vault (client id ->
+# secret names; a client id without an entry may read everything, like kvinject's own
+# identity in tests).
 federation = {}
 issued = {}
+# Key Vault's documented limit on a secret value.
+MAX_VALUE_BYTES = 25 * 1024
 vault_access = {}
 jwks = {}  # kid -> (n, e), loaded from --jwks once the apiserver wrote it
 faults = {}  # what is failing now (see the module's doc); set and cleared by /_testbed/fault
@@ -113,7 +116,8 @@ def load():
         if "secrets" in state:  # a state file from before vaults were separate
             state = {"vaults": {"kvtest": {"secrets": state.pop("secrets"), "deleted": state.pop("deleted", {})}}}
         federation.update({k: set(v) for k, v in entra.get("federation", {}).items()})
-        issued.update(entra.get("issued", {}))
+        # Tokens in the form this bed issues; anything else is not a token it would accept.
+        issued.update({t: r for t, r in entra.get("issued", {}).items() if isinstance(r, dict)})
         vault_access.update({k: set(v) for k, v in entra.get("vault_access", {}).items()})
 
 
@@ -364,7 +368,21 @@ class Handler(BaseHTTPRequestHandler):
         if name and not NAME_RE.match(name):
             return self.error(400, "BadParameter", f"The request URI contains an invalid name: {name}")
         key = name.lower()
-        client = issued.get(auth[len("Bearer "):])
+        record = issued.get(auth[len("Bearer "):])
+        # As Key Vault: only a token from the tenant's Entra ID, for this resource, unexpired.
+        # Each refusal is a 401 with the challenge, so a client gets a new token and retries.
+        challenge = {"WWW-Authenticate": f'Bearer authorization="{args.authority}/{args.tenant}", resource="{args.resource}"'}
+        why = None
+        if record is None:
+            why = "AKV10032: Invalid issuer. The token was not issued by this vault's tenant."
+        elif record["aud"].rstrip("/") != args.resource.rstrip("/"):
+            why = f"AKV10022: Invalid audience. Expected {args.resource}, found: {record['aud']}."
+        elif record["exp"] <= time.time():
+            why = f"The access token expired at {int(record['exp'])}."
+        if why:
+            self.body()
+            return self.reply(401, {"error": {"code": "Unauthorized", "message": why}}, challenge)
+        client = record["client"]
         self.client = client
         allowed = vault_access.get(client)
         if key in forbidden or (name and allowed is not None and key not in allowed):
@@ -390,6 +408,9 @@ class Handler(BaseHTTPRequestHandler):
             b = self.body()
             if "value" not in b:
                 return self.error(400, "BadParameter", "Property 'value' is required.")
+            if len(str(b["value"]).encode()) > MAX_VALUE_BYTES:
+                # Key Vault's limit (25 KB a value); the wording is the bed's, not a recording.
+                return self.error(400, "BadParameter", f"The secret value is {len(str(b['value']).encode())} bytes; the maximum is {MAX_VALUE_BYTES}.")
             stamp = int(now)
             attrs = {"enabled": True, "created": stamp, "updated": stamp}
             for k in ("enabled", "exp", "nbf"):
@@ -490,6 +511,17 @@ class Handler(BaseHTTPRequestHandler):
             if not form.get("client_id") or not (form.get("client_secret") or form.get("client_assertion")):
                 return self.reply(401, {"error": "invalid_client", "error_description": "client_id and a secret or assertion are required"})
             client_id = form["client_id"][0]
+            if parts[0] != args.tenant:
+                return self.reply(400, {"error": "invalid_tenant", "error_description": f"AADSTS90002: Tenant '{parts[0]}' not found.", "error_codes": [90002]})
+            scope = form.get("scope", [""])[0]
+            if not scope:
+                return self.reply(400, {"error": "invalid_request", "error_description": "AADSTS900144: The request body must contain the following parameter: 'scope'.", "error_codes": [900144]})
+            if form.get("client_secret") and not form.get("client_assertion"):
+                known = dict(c.split("=", 1) for c in args.client)
+                if client_id not in known:
+                    return self.reply(400, {"error": "unauthorized_client", "error_description": f"AADSTS700016: Application with identifier '{client_id}' was not found in the directory '{args.tenant}'.", "error_codes": [700016]})
+                if not hmac.compare_digest(known[client_id], form["client_secret"][0]):
+                    return self.reply(401, {"error": "invalid_client", "error_description": f"AADSTS7000215: Invalid client secret provided. Ensure the secret being sent in the request is the client secret value, not the client secret ID, for a secret added to app '{client_id}'.", "error_codes": [7000215]})
             if form.get("client_assertion"):
                 why = check_assertion(client_id, form["client_assertion"][0])
                 if why:
@@ -499,14 +531,23 @@ class Handler(BaseHTTPRequestHandler):
                 counters["assertion_tokens"] += 1
             counters["tokens"] += 1
             token = "testbed." + secrets.token_hex(16)
+            aud = scope.removesuffix("/.default")
             with lock:  # every change to the saved records under the lock: save() reads them all
-                issued[token] = client_id
+                issued[token] = {"client": client_id, "aud": aud, "exp": time.time() + 3599}
                 save()
             return self.reply(200, {"token_type": "Bearer", "expires_in": 3599, "ext_expires_in": 3599,
                                     "access_token": token})
         if parts[:1] == ["_testbed"]:
             if method == "GET" and parts[1:] == ["counters"]:
                 return self.reply(200, counters)
+            if method == "POST" and parts[1:] == ["admin-token"]:
+                # For scripts that seed the vault without the SDK (KVINJECT_VAULT_ADMIN_TOKEN):
+                # a token of the bed's own admin identity, valid a week.
+                token = "testbed." + secrets.token_hex(16)
+                with lock:
+                    issued[token] = {"client": "testbed-admin", "aud": args.resource, "exp": time.time() + 7 * 86400}
+                    save()
+                return self.reply(200, {"access_token": token})
             if method == "POST" and parts[1:] == ["fault"]:
                 b = self.body()
                 known = {"latency", "status", "retry_after", "reset", "untrusted_cert", "token"}
@@ -608,6 +649,8 @@ def main():
     p.add_argument("--resource", required=True, help="resource named in the 401 challenge")
     p.add_argument("--authority", required=True, help="token authority named in the 401 challenge")
     p.add_argument("--tenant", default="testbed-tenant")
+    p.add_argument("--client", action="append", default=[], metavar="ID=SECRET",
+                   help="a client id and the secret Entra ID accepts for it (repeatable)")
     p.add_argument("--jwks", help="the apiserver's service-account keys (JWKS), for federated assertions")
     p.add_argument("--sa-issuer", default="https://kubernetes.default.svc", help="the service-account token issuer")
     p.add_argument("--untrusted-cert", help="a certificate the bed's CA did not sign (the untrusted_cert fault)")
