@@ -414,9 +414,19 @@ pub struct Kvinject {
 }
 
 impl Kvinject {
-    /// kvinject configured for the bed's vault, as a service principal.
+    /// kvinject configured for the bed's vault, as a service principal, on free ports. A
+    /// port found free can be taken by another process before kvinject binds it: kvinject
+    /// then exits at once, and it is started again on other ports (three tries).
     pub async fn start(extra: &[&str]) -> Kvinject {
-        Self::start_on(free_port(), free_port(), extra).await
+        let mut last = String::new();
+        for _ in 0..3 {
+            match Self::try_start_with_env(free_port(), free_port(), extra, &[]).await {
+                Ok(k) => return k,
+                Err(log) if log.contains("in use") => last = log,
+                Err(log) => panic!("kvinject exited before it was ready:\n{log}"),
+            }
+        }
+        panic!("kvinject found no free ports in three tries:\n{last}")
     }
 
     /// kvinject for the bed's vault with the service principal credential.
@@ -431,6 +441,17 @@ impl Kvinject {
         extra: &[&str],
         env: &[(&str, &str)],
     ) -> Kvinject {
+        Self::try_start_with_env(port, admin_port, extra, env)
+            .await
+            .unwrap_or_else(|log| panic!("kvinject exited before it was ready:\n{log}"))
+    }
+
+    async fn try_start_with_env(
+        port: u16,
+        admin_port: u16,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Kvinject, String> {
         let mut args = vec![
             "--azure-credential",
             "client-secret",
@@ -442,11 +463,23 @@ impl Kvinject {
         args.extend_from_slice(extra);
         let mut env = env.to_vec();
         env.push(("AZURE_CLIENT_SECRET", "testbed-client-secret"));
-        Self::spawn(port, admin_port, &args, &env).await
+        Self::try_spawn(port, admin_port, &args, &env).await
     }
 
     /// kvinject for the bed's vault and CA; the credential comes from `args` and `env`.
     pub async fn spawn(port: u16, admin_port: u16, args: &[&str], env: &[(&str, &str)]) -> Kvinject {
+        Self::try_spawn(port, admin_port, args, env)
+            .await
+            .unwrap_or_else(|log| panic!("kvinject exited before it was ready:\n{log}"))
+    }
+
+    /// Like `spawn`; `Err` with kvinject's log when it exits before it is ready.
+    async fn try_spawn(
+        port: u16,
+        admin_port: u16,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Kvinject, String> {
         // kvinject watches AccessPolicy objects unless told `--access-policy off`.
         ensure_crd();
         let bed = testbed();
@@ -497,7 +530,7 @@ impl Kvinject {
             .stderr(file)
             .spawn()
             .expect("starting kvinject");
-        let k = Kvinject {
+        let mut k = Kvinject {
             child,
             port,
             admin_port,
@@ -505,22 +538,27 @@ impl Kvinject {
         };
         let url = format!("http://127.0.0.1:{admin_port}/readyz");
         let http = reqwest::Client::new();
-        eventually(
-            Duration::from_secs(30),
-            &format!("kvinject to be ready (log: {})", k.log.display()),
-            || {
-                let (http, url) = (http.clone(), url.clone());
-                async move {
-                    http.get(&url)
-                        .send()
-                        .await
-                        .map(|r| r.status().is_success())
-                        .unwrap_or(false)
-                }
-            },
-        )
-        .await;
-        k
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let ready = http
+                .get(&url)
+                .send()
+                .await
+                .map(|r| r.status().is_success())
+                .unwrap_or(false);
+            if ready {
+                return Ok(k);
+            }
+            if k.exited().is_some() {
+                return Err(k.strict_logs());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out after 30s waiting for kvinject to be ready (log: {})",
+                k.log.display()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 
     pub fn pid(&self) -> u32 {
