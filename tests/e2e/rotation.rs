@@ -657,8 +657,10 @@ async fn secrets_rotated_together_roll_a_workload_once() {
     })
     .await;
 
-    support::seed_secret(&a, &support::distinctive_value()).await;
+    // `b` first: `a`'s check (any second now) brings `b`'s along, and finds its new version
+    // whenever it runs. (The other order raced: `a` could be checked before `b` changed.)
     let b2 = support::seed_secret(&b, &support::distinctive_value()).await;
+    support::seed_secret(&a, &support::distinctive_value()).await;
     support::eventually(Duration::from_secs(20), "the rollout", || async {
         template_hash(&deployments.get("pair").await.unwrap()).is_some()
     })
@@ -684,6 +686,11 @@ async fn secrets_rotated_together_roll_a_workload_once() {
         "b was checked together with a, long before its hourly interval"
     );
     tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(
+        replica_sets(&s, "pair").await,
+        2,
+        "one rollout for two rotations: one new ReplicaSet"
+    );
     assert_eq!(
         s.kvinject.metric("kvinject_rollouts_total", &[]).await,
         1.0,
