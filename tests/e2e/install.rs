@@ -447,11 +447,53 @@ async fn the_apiserver_accepts_the_manifests_and_kvinject_works_on_the_charts_pe
             .contains_key("memory")
     );
     assert!(pod_spec.affinity.as_ref().unwrap().pod_anti_affinity.is_some());
+    // The defaults the README states: requests, a memory limit and no CPU limit (admission
+    // bursts are not throttled), UID 65532 with the runtime's seccomp profile, rolling
+    // without ever going below the replicas, and a deadline of timeoutSeconds - 2.
+    let resources = pod_spec.containers[0].resources.as_ref().unwrap();
+    let requests = resources.requests.as_ref().unwrap();
     assert!(
-        Api::<PodDisruptionBudget>::namespaced(client.clone(), NS)
-            .get(NAME)
-            .await
-            .is_ok()
+        requests.contains_key("cpu") && requests.contains_key("memory"),
+        "{requests:?}"
+    );
+    assert!(
+        !resources.limits.as_ref().unwrap().contains_key("cpu"),
+        "no CPU limit"
+    );
+    let psc = pod_spec.security_context.as_ref().unwrap();
+    assert_eq!(psc.run_as_user, Some(65532));
+    assert_eq!(
+        psc.seccomp_profile.as_ref().map(|p| p.type_.as_str()),
+        Some("RuntimeDefault")
+    );
+    let rolling = spec
+        .strategy
+        .as_ref()
+        .and_then(|s| s.rolling_update.as_ref())
+        .unwrap();
+    assert_eq!(
+        rolling.max_unavailable,
+        Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(0))
+    );
+    let deadline = pod_spec.containers[0]
+        .env
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|e| e.name == "KVINJECT_ADMISSION_DEADLINE")
+        .and_then(|e| e.value.clone());
+    assert_eq!(
+        deadline,
+        Some(format!("{}s", w.timeout_seconds.unwrap() - 2)),
+        "the deadline is the webhook's timeoutSeconds - 2"
+    );
+    let pdb = Api::<PodDisruptionBudget>::namespaced(client.clone(), NS)
+        .get(NAME)
+        .await
+        .unwrap();
+    assert_eq!(
+        pdb.spec.unwrap().min_available,
+        Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(1))
     );
     let sa = Api::<ServiceAccount>::namespaced(client.clone(), NS)
         .get(NAME)
