@@ -216,6 +216,10 @@ async fn a_dry_run_writes_nothing_and_returns_the_same_rewrite() {
         "a dry run wrote a Secret"
     );
     assert!(pods.get_opt("dry").await.unwrap().is_none());
+    let reads = support::vault_counters().await["secrets_get_by_name"][name.to_lowercase()]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(reads >= 1, "a dry run reads Key Vault (to give the same answer)");
     let real = pods.create(&PostParams::default(), &p).await.unwrap();
     assert_eq!(
         secret_key_ref(&real, "X"),

@@ -5,6 +5,7 @@
 mod support;
 
 mod access;
+mod claims;
 mod conformance;
 mod disruption;
 mod faults;

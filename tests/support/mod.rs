@@ -189,8 +189,11 @@ pub async fn seed_secret_in(url: &str, name: &str, value: &str) -> String {
 pub fn record_seeded(value: &str) {
     use std::io::Write;
     let path = testbed().dir.join("seeded-values.jsonl");
+    // One write of the whole line: tests seed from many threads at once, and a line
+    // written in pieces could interleave with another (the scan would then fail to parse).
+    let line = format!("{}\n", serde_json::Value::from(value));
     if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
-        let _ = writeln!(f, "{}", serde_json::Value::from(value));
+        let _ = f.write_all(line.as_bytes());
     }
 }
 

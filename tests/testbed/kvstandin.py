@@ -37,6 +37,8 @@ a 403 for a secret name, faults); they are the only things Key Vault itself does
 Faults (POST /_testbed/fault with a JSON object, DELETE /_testbed/fault to end them all; they
 are not saved, so a restart ends them too). Each is what a client sees of a real failure:
   {"latency": S}          every vault answer waits S seconds (a slow vault or network);
+  {..., "name": S}        the fault answers only requests for secret S;
+  {..., "times": N}       the fault answers only the next N (such) vault requests, then ends;
   {"status": 429, "retry_after": S}
                           every vault request is throttled, as Key Vault does past its
                           service limits (error code Throttled, Retry-After in seconds);
@@ -93,6 +95,7 @@ MAX_VALUE_BYTES = 25 * 1024
 vault_access = {}
 jwks = {}  # kid -> (n, e), loaded from --jwks once the apiserver wrote it
 faults = {}  # what is failing now (see the module's doc); set and cleared by /_testbed/fault
+fault_lock = threading.Lock()
 untrusted_ctx = None  # a TLS context whose certificate the bed's CA did not sign
 vault_server = None  # the vault port's server
 
@@ -319,7 +322,16 @@ class Handler(BaseHTTPRequestHandler):
 
     def vault_fault(self):
         """Applies the vault-side faults in force; True when the request was answered by one."""
-        f = dict(faults)
+        with fault_lock:
+            f = dict(faults)
+            # {"name": N}: only requests for that secret; {"times": N}: the next N of them only.
+            if f.get("name") and f["name"].lower() not in urlsplit(self.path).path.lower().split("/"):
+                return False
+            if "times" in faults:
+                faults["times"] -= 1
+                if faults["times"] < 0:
+                    faults.clear()
+                    f = {}
         if f.get("latency"):
             time.sleep(float(f["latency"]))
         if f.get("reset"):
@@ -550,7 +562,7 @@ class Handler(BaseHTTPRequestHandler):
                 return self.reply(200, {"access_token": token})
             if method == "POST" and parts[1:] == ["fault"]:
                 b = self.body()
-                known = {"latency", "status", "retry_after", "reset", "untrusted_cert", "token"}
+                known = {"latency", "status", "retry_after", "reset", "untrusted_cert", "token", "times", "name"}
                 if not isinstance(b, dict) or not set(b) <= known:
                     return self.reply(400, {"error": f"faults are {sorted(known)}"})
                 faults.clear()
