@@ -302,7 +302,27 @@ async fn restarts_and_lease_moves_roll_nothing_and_only_the_holder_polls() {
     );
 
     // The leader restarts: the follower takes over within the lease duration; nothing rolls.
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> = Api::namespaced(s.client.clone(), "default");
+    let holder = || async {
+        leases
+            .get(&lease)
+            .await
+            .ok()
+            .and_then(|l| l.spec?.holder_identity)
+    };
+    let before = holder().await.expect("a holder");
+    assert_eq!(s.kvinject.metric("kvinject_rotation_leader", &[]).await, 1.0);
     s.kvinject.restart(&args).await;
+    support::eventually(Duration::from_secs(15), "the Lease to move", || async {
+        holder().await.is_some_and(|h| h != before)
+    })
+    .await;
+    support::eventually(Duration::from_secs(5), "exactly one replica leading", || async {
+        follower.metric("kvinject_rotation_leader", &[]).await
+            + s.kvinject.metric("kvinject_rotation_leader", &[]).await
+            == 1.0
+    })
+    .await;
     support::eventually(
         Duration::from_secs(15),
         "a replica to poll again after the restart",
