@@ -231,6 +231,16 @@ async fn validate(
 }
 
 async fn secret_webhook(s: &Setup, operations: &[&str], hook: Hook) -> SecretWebhook {
+    webhook_with_rules(s, operations, vec![], hook).await
+}
+
+/// `secret_webhook`, also called for the writes `more` rules select.
+async fn webhook_with_rules(
+    s: &Setup,
+    operations: &[&str],
+    more: Vec<RuleWithOperations>,
+    hook: Hook,
+) -> SecretWebhook {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let bed = support::testbed();
     let tls = axum_server::tls_rustls::RustlsConfig::from_pem_file(&bed.webhook_cert, &bed.webhook_key)
@@ -257,19 +267,23 @@ async fn secret_webhook(s: &Setup, operations: &[&str], hook: Hook) -> SecretWeb
             ca_bundle: Some(ByteString(std::fs::read(&bed.ca).unwrap())),
             service: None,
         },
-        rules: Some(vec![RuleWithOperations {
-            api_groups: Some(vec!["".into()]),
-            api_versions: Some(vec!["v1".into()]),
-            // CREATE always: the dry-run probe below finds the webhook registered through it.
-            operations: Some(
-                std::iter::once("CREATE")
-                    .chain(operations.iter().copied())
-                    .map(str::to_owned)
-                    .collect(),
-            ),
-            resources: Some(vec!["secrets".into()]),
-            scope: Some("Namespaced".into()),
-        }]),
+        rules: Some(
+            std::iter::once(RuleWithOperations {
+                api_groups: Some(vec!["".into()]),
+                api_versions: Some(vec!["v1".into()]),
+                // CREATE always: the dry-run probe below finds the webhook registered through it.
+                operations: Some(
+                    std::iter::once("CREATE")
+                        .chain(operations.iter().copied())
+                        .map(str::to_owned)
+                        .collect(),
+                ),
+                resources: Some(vec!["secrets".into()]),
+                scope: Some("Namespaced".into()),
+            })
+            .chain(more)
+            .collect(),
+        ),
         namespace_selector: Some(LabelSelector {
             match_labels: Some([("kvinject.test/suite".to_owned(), s.label.clone())].into()),
             ..Default::default()
@@ -437,5 +451,110 @@ async fn a_refused_rotation_write_is_retried_within_seconds() {
             .contains("could not update the Secret; retrying at the next sweep"),
         "the refusal is logged: {}",
         s.kvinject.log.display()
+    );
+}
+
+/// The leader updates a Secret to a new version, then cannot roll the Deployment (a policy
+/// webhook refuses its patch) and crashes (SIGKILL). The next leader finds the versions the
+/// Deployment records older than its Secrets' and rolls it, once.
+#[tokio::test]
+async fn a_rollout_lost_to_a_crash_is_made_by_the_next_leader() {
+    let _vault = support::VAULT.read().await;
+    let _rotation = support::ROTATION.lock().await;
+    let lease = support::unique("lease");
+    let args = crate::rotation::rotation_args(&lease, "1h");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut s = support::setup("crash", &args).await;
+    let name = support::unique("crash");
+    support::seed_secret(&name, &support::distinctive_value()).await;
+    let deployments: Api<Deployment> = Api::namespaced(s.client.clone(), &s.ns);
+    deployments
+        .create(
+            &PostParams::default(),
+            &deployment("app", &name, json!({"kvinject.io/rollout-on-rotation": "true"})),
+        )
+        .await
+        .unwrap();
+    let secret_name = crate::rotation::secret_of_pod(&s.client, &s.ns, "app=app").await;
+    support::eventually(Duration::from_secs(20), "the baseline", || async {
+        crate::rotation::stored_hash(&deployments.get("app").await.unwrap()).is_some()
+    })
+    .await;
+
+    // Refuses every change of the Deployment's pod template while armed.
+    let armed = Arc::new(AtomicBool::new(true));
+    let refused = Arc::new(AtomicU64::new(0));
+    let hook: Hook = {
+        let (armed, refused) = (armed.clone(), refused.clone());
+        Arc::new(move |review: Value| {
+            let request = &review["request"];
+            let refuse = request["kind"]["kind"] == "Deployment"
+                && request["object"]["spec"]["template"] != request["oldObject"]["spec"]["template"]
+                && armed.load(Ordering::SeqCst);
+            if refuse {
+                refused.fetch_add(1, Ordering::SeqCst);
+            }
+            Box::pin(async move { !refuse })
+        })
+    };
+    let deployment_updates = RuleWithOperations {
+        api_groups: Some(vec!["apps".into()]),
+        api_versions: Some(vec!["v1".into()]),
+        operations: Some(vec!["UPDATE".into()]),
+        resources: Some(vec!["deployments".into()]),
+        scope: Some("Namespaced".into()),
+    };
+    let _hook = webhook_with_rules(&s, &[], vec![deployment_updates], hook).await;
+    let v2 = support::seed_secret(&name, &support::distinctive_value()).await;
+    let secrets: Api<Secret> = Api::namespaced(s.client.clone(), &s.ns);
+    support::eventually(
+        Duration::from_secs(20),
+        "the Secret updated and the rollout refused",
+        || async {
+            version(&secrets.get(&secret_name).await.unwrap()) == v2 && refused.load(Ordering::SeqCst) > 0
+        },
+    )
+    .await;
+    let _ = std::process::Command::new("kill")
+        .args(["-KILL", &s.kvinject.pid().to_string()])
+        .status();
+    armed.store(false, Ordering::SeqCst);
+    assert_eq!(
+        Api::<ReplicaSet>::namespaced(s.client.clone(), &s.ns)
+            .list(&ListParams::default().labels("app=app"))
+            .await
+            .unwrap()
+            .items
+            .len(),
+        1,
+        "nothing rolled before the crash"
+    );
+
+    // The next leader, on the same Lease (after it expires).
+    s.kvinject.restart(&args).await;
+    support::eventually(
+        Duration::from_secs(30),
+        "the rollout by the next leader",
+        || async {
+            Api::<ReplicaSet>::namespaced(s.client.clone(), &s.ns)
+                .list(&ListParams::default().labels("app=app"))
+                .await
+                .unwrap()
+                .items
+                .len()
+                == 2
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        Api::<ReplicaSet>::namespaced(s.client.clone(), &s.ns)
+            .list(&ListParams::default().labels("app=app"))
+            .await
+            .unwrap()
+            .items
+            .len(),
+        2,
+        "rolled once"
     );
 }
