@@ -186,7 +186,12 @@ async fn main() {
     tokio::spawn(drive);
     store.wait_until_ready().await.unwrap();
     // Only this run's Secrets count: the bed may hold other tests' Secrets.
-    let ours = |s: &Secret| s.metadata.namespace.as_deref().is_some_and(|ns| ns.starts_with(&run));
+    let ours = |s: &Secret| {
+        s.metadata
+            .namespace
+            .as_deref()
+            .is_some_and(|ns| ns.starts_with(&run))
+    };
     while store.state().iter().filter(|s| ours(s)).count() < total {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
