@@ -529,10 +529,9 @@ async fn unreferenced_secrets_are_collected_after_the_grace_period_and_foreign_o
         foreign_now.metadata.annotations.unwrap_or_default().is_empty(),
         "a foreign Secret is never annotated"
     );
-    assert_eq!(
-        s.kvinject.metric("kvinject_secrets_collected_total", &[]).await,
-        1.0
-    );
+    // Per object above (gone, kept, foreign); the total of this cluster-wide controller may
+    // also count other tests' Secrets whose pods went.
+    assert!(s.kvinject.metric("kvinject_secrets_collected_total", &[]).await >= 1.0);
 
     // The next pod that needs the collected Secret gets it created again.
     create(
