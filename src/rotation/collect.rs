@@ -1,0 +1,168 @@
+//! Garbage collection of materialized Secrets, and what counts as a reference: every
+//! injected pod, and every pod template (Deployments, StatefulSets, DaemonSets, ReplicaSets,
+//! Jobs, CronJobs) as the webhook would plan it.
+
+use super::{Controller, decide, needed_for};
+use crate::{materialize, mutate::Needed};
+use k8s_openapi::api::core::v1::{PodTemplateSpec, Secret};
+use kube::{
+    Api, ResourceExt,
+    api::{Patch, PatchParams},
+};
+use serde_json::json;
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+    time::Duration,
+};
+use tracing::{info, warn};
+
+impl Controller {
+    /// Marks, unmarks and deletes kvinject's Secrets by whether any injected pod or any
+    /// workload template in their namespace refers to them. Secrets without kvinject's
+    /// label and reference annotation are never touched.
+    pub(super) async fn collect_garbage(&self, secrets: &[Arc<Secret>]) {
+        let mut referenced = self.used_by_pods(None);
+        referenced.extend(self.template_needs(None).into_keys());
+        let now = k8s_openapi::jiff::Timestamp::now();
+        let mut graces: BTreeMap<String, Option<Duration>> = BTreeMap::new();
+        for secret in secrets
+            .iter()
+            .filter(|s| materialize::is_managed(s) && needed_for(s).is_some())
+        {
+            let (ns, name) = (secret.namespace().unwrap_or_default(), secret.name_any());
+            let grace = *graces.entry(ns.clone()).or_insert_with(|| {
+                decide::grace_for(
+                    self.namespace_annotations(&ns)
+                        .get(decide::GC_GRACE_ANNOTATION)
+                        .map(String::as_str),
+                    self.config.gc_grace,
+                )
+            });
+            let Some(grace) = grace else {
+                continue;
+            };
+            let annotation = |key: &str| {
+                secret
+                    .metadata
+                    .annotations
+                    .as_ref()
+                    .and_then(|a| a.get(key))
+                    .map(String::as_str)
+            };
+            let mark = annotation(decide::UNREFERENCED_ANNOTATION);
+            let used = referenced.contains(&(ns.clone(), name.clone()))
+                || decide::retained(annotation(decide::RETAIN_UNTIL_ANNOTATION), now);
+            let api: Api<Secret> = Api::namespaced(self.client.clone(), &ns);
+            let result = match decide::collect(used, mark, now, grace) {
+                decide::Collect::Keep => continue,
+                decide::Collect::Unmark => {
+                    let patch = json!({"metadata": {"annotations": {decide::UNREFERENCED_ANNOTATION: null}}});
+                    api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                        .await
+                        .map(|_| ())
+                }
+                decide::Collect::Mark => {
+                    let patch = json!({"metadata": {"annotations": {decide::UNREFERENCED_ANNOTATION: now.to_string()}}});
+                    api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                        .await
+                        .map(|_| ())
+                }
+                decide::Collect::Delete => self.delete_as_read(secret).await.map(|deleted| {
+                    if deleted {
+                        info!(secret = %name, namespace = %ns, "collected: nothing has referred to it for the grace period");
+                        self.metrics.secrets_collected.inc();
+                    }
+                }),
+            };
+            if let Err(e) = result {
+                warn!(secret = %name, namespace = %ns, error = %e, "garbage collection step failed; retrying next pass");
+            }
+        }
+    }
+
+    /// The Secrets (`namespace`, `name`) that injected pods (in namespace `only`, or all)
+    /// refer to.
+    pub(super) fn used_by_pods(&self, only: Option<&str>) -> BTreeSet<(String, String)> {
+        let mut used = BTreeSet::new();
+        for p in self.caches.pods.state() {
+            let ns = p.namespace().unwrap_or_default();
+            if only.is_some_and(|o| o != ns) {
+                continue;
+            }
+            used.extend(decide::pod_secret_names(&p).map(|n| (ns.clone(), n.to_owned())));
+        }
+        used
+    }
+
+    /// The Secrets (`namespace`, `name`) that the pods of every pod template (in namespace
+    /// `only`, or all) will use, as the webhook plans them: what each is made from, and
+    /// which object (`Kind/name`) uses it. Templates of Deployments, StatefulSets,
+    /// DaemonSets, ReplicaSets (bare, or a Deployment's old ones: a rollback needs them),
+    /// Jobs and CronJobs count, whatever their replicas or suspension.
+    pub(super) fn template_needs(&self, only: Option<&str>) -> BTreeMap<(String, String), (Needed, String)> {
+        let mut out = BTreeMap::new();
+        let mut add = |kind: &str, meta: &kube::api::ObjectMeta, template: Option<&PodTemplateSpec>| {
+            let (Some(ns), Some(name), Some(template)) = (&meta.namespace, &meta.name, template) else {
+                return;
+            };
+            if only.is_some_and(|o| o != ns) {
+                return;
+            }
+            let identity = self.template_identity(ns, template);
+            let annotations = self.namespace_annotations(ns);
+            if let Some(plan) = decide::workload_plan(template, &self.inject, identity.as_ref(), &annotations)
+            {
+                for n in plan.needed {
+                    out.insert((ns.clone(), n.secret_name.clone()), (n, format!("{kind}/{name}")));
+                }
+            }
+        };
+        for d in self.caches.deployments.state() {
+            add("Deployment", &d.metadata, d.spec.as_ref().map(|s| &s.template));
+        }
+        for d in self.caches.statefulsets.state() {
+            add("StatefulSet", &d.metadata, d.spec.as_ref().map(|s| &s.template));
+        }
+        for d in self.caches.daemonsets.state() {
+            add("DaemonSet", &d.metadata, d.spec.as_ref().map(|s| &s.template));
+        }
+        for d in self.caches.replicasets.state() {
+            add(
+                "ReplicaSet",
+                &d.metadata,
+                d.spec.as_ref().and_then(|s| s.template.as_ref()),
+            );
+        }
+        for d in self.caches.jobs.state() {
+            add("Job", &d.metadata, d.spec.as_ref().map(|s| &s.template));
+        }
+        for d in self.caches.cronjobs.state() {
+            let template = d
+                .spec
+                .as_ref()
+                .and_then(|s| s.job_template.spec.as_ref())
+                .map(|s| &s.template);
+            add("CronJob", &d.metadata, template);
+        }
+        out
+    }
+
+    /// Deletes `secret` if it is still what was read (uid and resourceVersion): a Secret
+    /// changed since is left for the next pass. False when it was already gone.
+    pub(super) async fn delete_as_read(&self, secret: &Secret) -> Result<bool, kube::Error> {
+        let api: Api<Secret> = Api::namespaced(self.client.clone(), &secret.namespace().unwrap_or_default());
+        let params = kube::api::DeleteParams {
+            preconditions: Some(kube::api::Preconditions {
+                resource_version: secret.resource_version(),
+                uid: secret.uid(),
+            }),
+            ..Default::default()
+        };
+        match api.delete(&secret.name_any(), &params).await {
+            Ok(_) => Ok(true),
+            Err(kube::Error::Api(s)) if s.code == 404 => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+}
