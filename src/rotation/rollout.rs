@@ -26,6 +26,31 @@ use std::{
 use tokio::{sync::watch, time::Instant};
 use tracing::{debug, info, warn};
 
+/// What rolling needs of a workload kind (Deployment, StatefulSet, DaemonSet).
+pub(super) trait Workload:
+    Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+    + Clone
+    + Debug
+    + DeserializeOwned
+    + k8s_openapi::serde::Serialize
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<K> Workload for K where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + Debug
+        + DeserializeOwned
+        + k8s_openapi::serde::Serialize
+        + Send
+        + Sync
+        + 'static
+{
+}
+
 impl Controller {
     /// Compares opted-in workloads (in `only` namespaces, or all) with the versions of the
     /// Secrets they consume, and records or rolls.
@@ -34,48 +59,41 @@ impl Controller {
             return;
         }
         let keep = |ns: &str| only.is_none_or(|set| set.contains(ns));
-        for d in self
-            .caches
-            .deployments
+        self.reconcile_kind(&self.caches.deployments, &keep, |d| {
+            d.spec.as_ref().map(|s| (&s.template, &s.selector))
+        })
+        .await;
+        self.reconcile_kind(&self.caches.statefulsets, &keep, |d| {
+            d.spec.as_ref().map(|s| (&s.template, &s.selector))
+        })
+        .await;
+        self.reconcile_kind(&self.caches.daemonsets, &keep, |d| {
+            d.spec.as_ref().map(|s| (&s.template, &s.selector))
+        })
+        .await;
+    }
+
+    /// `reconcile_one` for each workload of one kind in the namespaces `keep` selects.
+    async fn reconcile_kind<K>(
+        &self,
+        store: &reflector::Store<K>,
+        keep: &(dyn Fn(&str) -> bool + Sync),
+        spec: fn(&K) -> Option<(&PodTemplateSpec, &LabelSelector)>,
+    ) where
+        K: Workload,
+    {
+        for w in store
             .state()
             .iter()
-            .filter(|d| keep(&d.namespace().unwrap_or_default()))
+            .filter(|w| keep(&w.namespace().unwrap_or_default()))
         {
-            self.reconcile_one(d.as_ref(), d.spec.as_ref().map(|s| (&s.template, &s.selector)))
-                .await;
-        }
-        for s in self
-            .caches
-            .statefulsets
-            .state()
-            .iter()
-            .filter(|d| keep(&d.namespace().unwrap_or_default()))
-        {
-            self.reconcile_one(s.as_ref(), s.spec.as_ref().map(|s| (&s.template, &s.selector)))
-                .await;
-        }
-        for ds in self
-            .caches
-            .daemonsets
-            .state()
-            .iter()
-            .filter(|d| keep(&d.namespace().unwrap_or_default()))
-        {
-            self.reconcile_one(ds.as_ref(), ds.spec.as_ref().map(|s| (&s.template, &s.selector)))
-                .await;
+            self.reconcile_one(w.as_ref(), spec(w)).await;
         }
     }
 
     async fn reconcile_one<K>(&self, workload: &K, spec: Option<(&PodTemplateSpec, &LabelSelector)>)
     where
-        K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
-            + Clone
-            + Debug
-            + DeserializeOwned
-            + k8s_openapi::serde::Serialize
-            + Send
-            + Sync
-            + 'static,
+        K: Workload,
     {
         let Some((template, selector)) = spec else { return };
         let ns = workload.meta().namespace.clone().unwrap_or_default();
@@ -241,14 +259,7 @@ impl Controller {
     /// move or a crash mid-way runs the rollout again rather than losing it.
     async fn start_eviction<K>(&self, workload: &K, selector: &LabelSelector, hash: String, names: String)
     where
-        K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
-            + Clone
-            + Debug
-            + DeserializeOwned
-            + k8s_openapi::serde::Serialize
-            + Send
-            + Sync
-            + 'static,
+        K: Workload,
     {
         let ns = workload.meta().namespace.clone().unwrap_or_default();
         let name = workload.meta().name.clone().unwrap_or_default();
