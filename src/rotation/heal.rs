@@ -175,10 +175,10 @@ fn missing_since(secret: &Secret) -> Option<&str> {
 }
 
 impl Controller {
-    /// Notes the Secrets deleted since the last pass, and (at a full pass, which also
-    /// covers deletions made before this replica led) those planned for a workload, that
-    /// are gone while a pod or a workload uses them; they are due at once. `all`: every
-    /// labelled Secret in the cache.
+    /// Notes the Secrets deleted since the last pass that are gone while a pod or a
+    /// workload uses them, and (at a full pass, which also covers deletions made before this
+    /// replica led) those an existing pod uses and a workload template says how to make;
+    /// they are due at once. `all`: every labelled Secret in the cache.
     pub(super) fn find_lost(&mut self, all: &[Arc<Secret>], full: bool, now: Instant) {
         let deleted = self.deletions.take();
         if deleted.is_empty() && !full {
@@ -186,12 +186,20 @@ impl Controller {
         }
         let present: HashSet<Key> = all.iter().map(|s| key_of(s)).collect();
         let needs = self.template_needs(None);
-        let mut referenced = self.used_by_pods(None);
-        referenced.extend(needs.keys().cloned());
+        let used_by_pods = self.used_by_pods(None);
+        // From templates, only what existing pods use: their Secret certainly existed (a pod
+        // was admitted with it), while a template whose pods never ran may have Secrets that
+        // were never made (or never could be), which is no loss to repair.
         let planned: BTreeMap<Key, Needed> = match full {
-            true => needs.into_iter().map(|(k, (n, _))| (k, n)).collect(),
+            true => needs
+                .iter()
+                .filter(|(k, _)| used_by_pods.contains(*k))
+                .map(|(k, (n, _))| (k.clone(), n.clone()))
+                .collect(),
             false => BTreeMap::new(),
         };
+        let mut referenced = used_by_pods;
+        referenced.extend(needs.into_keys());
         let lost = lost_secrets(
             &deleted,
             &planned,
