@@ -433,23 +433,16 @@ async fn adding_a_reference_in_git_makes_exactly_one_new_replicaset() {
     .await;
     let before = stored_hash(&deployments.get("app").await.unwrap());
 
-    // The change a GitOps tool applies: one more env reference in the pod template.
-    let mut d = deployments.get("app").await.unwrap();
-    d.metadata.managed_fields = None;
-    d.spec
-        .as_mut()
-        .unwrap()
-        .template
-        .spec
-        .as_mut()
-        .unwrap()
-        .containers[0]
-        .env
-        .as_mut()
-        .unwrap()
-        .push(serde_json::from_value(json!({"name": "Y", "value": reference(&second)})).unwrap());
+    // The change a GitOps tool applies: one more env reference in the pod template (a
+    // patch, as the Deployment's controller and kvinject write the object meanwhile).
+    let add = json!([{"op": "add", "path": "/spec/template/spec/containers/0/env/-",
+                      "value": {"name": "Y", "value": reference(&second)}}]);
     deployments
-        .replace("app", &PostParams::default(), &d)
+        .patch(
+            "app",
+            &PatchParams::default(),
+            &Patch::Json::<()>(serde_json::from_value(add).unwrap()),
+        )
         .await
         .unwrap();
     support::eventually(
