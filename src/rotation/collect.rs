@@ -17,13 +17,34 @@ use std::{
 };
 use tracing::{info, warn};
 
+type Key = (String, String);
+
+/// What refers to kvinject's Secrets at one moment: injected pods, and pod templates as the
+/// webhook would plan them (with what each Secret is made from, and which object uses it).
+pub(super) struct References {
+    pub pods: BTreeSet<Key>,
+    pub templates: BTreeMap<Key, (Needed, String)>,
+}
+
+impl References {
+    pub fn contains(&self, key: &Key) -> bool {
+        self.pods.contains(key) || self.templates.contains_key(key)
+    }
+}
+
 impl Controller {
+    /// Every reference to kvinject's Secrets, from the caches now.
+    pub(super) fn references(&self) -> References {
+        References {
+            pods: self.used_by_pods(None),
+            templates: self.template_needs(None),
+        }
+    }
+
     /// Marks, unmarks and deletes kvinject's Secrets by whether any injected pod or any
     /// workload template in their namespace refers to them. Secrets without kvinject's
     /// label and reference annotation are never touched.
-    pub(super) async fn collect_garbage(&self, secrets: &[Arc<Secret>]) {
-        let mut referenced = self.used_by_pods(None);
-        referenced.extend(self.template_needs(None).into_keys());
+    pub(super) async fn collect_garbage(&self, secrets: &[Arc<Secret>], referenced: &References) {
         let now = k8s_openapi::jiff::Timestamp::now();
         let mut graces: BTreeMap<String, Option<Duration>> = BTreeMap::new();
         for secret in secrets

@@ -9,7 +9,7 @@
 //!   `SecretNotFound` Event, the webhook warns new pods, and a gauge counts it; all of that
 //!   ends with a `SecretRecovered` Event when Key Vault has it again.
 
-use super::{Controller, Read, decide, key_of, needed_for, publish};
+use super::{Controller, Read, collect::References, decide, key_of, needed_for, publish};
 use crate::{
     identity::WorkloadIdentity,
     inject::FIELD_MANAGER,
@@ -56,10 +56,10 @@ pub(super) fn lost_secrets(
     deleted: &[Secret],
     planned: &BTreeMap<Key, Needed>,
     present: &dyn Fn(&Key) -> bool,
-    referenced: &BTreeSet<Key>,
+    referenced: &dyn Fn(&Key) -> bool,
     keys: &seal::Keys,
 ) -> BTreeMap<Key, (Needed, Option<String>)> {
-    let gone_but_used = |k: &Key| !present(k) && referenced.contains(k);
+    let gone_but_used = |k: &Key| !present(k) && referenced(k);
     let mut out: BTreeMap<Key, (Needed, Option<String>)> = planned
         .iter()
         .filter(|(k, _)| gone_but_used(k))
@@ -178,33 +178,37 @@ impl Controller {
     /// Notes the Secrets deleted since the last pass that are gone while a pod or a
     /// workload uses them, and (at a full pass, which also covers deletions made before this
     /// replica led) those an existing pod uses and a workload template says how to make;
-    /// they are due at once. `all`: every labelled Secret in the cache.
-    pub(super) fn find_lost(&mut self, all: &[Arc<Secret>], full: bool, now: Instant) {
+    /// they are due at once. `all`: every labelled Secret in the cache; `full`: the
+    /// references of a full pass (`None` between full passes).
+    pub(super) fn find_lost(&mut self, all: &[Arc<Secret>], full: Option<&References>, now: Instant) {
         let deleted = self.deletions.take();
-        if deleted.is_empty() && !full {
-            return;
-        }
+        let computed;
+        let references = match full {
+            Some(r) => r,
+            None if deleted.is_empty() => return,
+            None => {
+                computed = self.references();
+                &computed
+            }
+        };
         let present: HashSet<Key> = all.iter().map(|s| key_of(s)).collect();
-        let needs = self.template_needs(None);
-        let used_by_pods = self.used_by_pods(None);
         // From templates, only what existing pods use: their Secret certainly existed (a pod
         // was admitted with it), while a template whose pods never ran may have Secrets that
         // were never made (or never could be), which is no loss to repair.
         let planned: BTreeMap<Key, Needed> = match full {
-            true => needs
+            Some(r) => r
+                .templates
                 .iter()
-                .filter(|(k, _)| used_by_pods.contains(*k))
+                .filter(|(k, _)| r.pods.contains(*k))
                 .map(|(k, (n, _))| (k.clone(), n.clone()))
                 .collect(),
-            false => BTreeMap::new(),
+            None => BTreeMap::new(),
         };
-        let mut referenced = used_by_pods;
-        referenced.extend(needs.into_keys());
         let lost = lost_secrets(
             &deleted,
             &planned,
             &|k| present.contains(k),
-            &referenced,
+            &|k| references.contains(k),
             &self.inject.keys,
         );
         for (key, (needed, version)) in lost {
@@ -549,7 +553,7 @@ mod tests {
             key("a", "kvi-3"),
             key("b", "kvi-4"),
         ]);
-        let lost = lost_secrets(&deleted, &planned, &present, &referenced, &keys);
+        let lost = lost_secrets(&deleted, &planned, &present, &|k| referenced.contains(k), &keys);
         let summary: Vec<(Key, String, Option<String>)> = lost
             .into_iter()
             .map(|(k, (n, v))| (k, n.source.reference().to_string(), v))
@@ -569,7 +573,7 @@ mod tests {
     fn a_gone_secret_nothing_uses_is_not_lost() {
         let keys = seal::Keys::default();
         let deleted = [secret(&keys, "a", "kvi-1", "akv://v/one", "v1")];
-        let lost = lost_secrets(&deleted, &BTreeMap::new(), &|_| false, &BTreeSet::new(), &keys);
+        let lost = lost_secrets(&deleted, &BTreeMap::new(), &|_| false, &|_| false, &keys);
         assert!(lost.is_empty());
     }
 
@@ -578,7 +582,13 @@ mod tests {
         let keys = seal::Keys::default();
         let forged = secret(&seal::Keys::default(), "a", "kvi-1", "akv://v/one", "v1");
         let referenced = BTreeSet::from([key("a", "kvi-1")]);
-        let lost = lost_secrets(&[forged], &BTreeMap::new(), &|_| false, &referenced, &keys);
+        let lost = lost_secrets(
+            &[forged],
+            &BTreeMap::new(),
+            &|_| false,
+            &|k| referenced.contains(k),
+            &keys,
+        );
         assert!(lost.is_empty());
     }
 

@@ -183,58 +183,19 @@ pub fn watch_workloads(
     let (deployments, d) = reflect(Api::<Deployment>::all(client.clone()));
     let (statefulsets, s) = reflect(Api::<StatefulSet>::all(client.clone()));
     let (daemonsets, ds) = reflect(Api::<DaemonSet>::all(client.clone()));
-    // Pod templates that only keep Secrets from collection: stored without status, and
-    // without their spec when it refers to nothing of kvinject's (most ReplicaSets and Jobs
-    // of a cluster), unless their namespace gives every pod registry credentials.
-    let keeps = |namespaces: Store<Namespace>| {
-        move |meta: &kube::api::ObjectMeta, spec: &dyn erased::Spec| {
-            spec.mentions_kvinject()
-                || meta.namespace.as_ref().is_some_and(|ns| {
-                    namespaces
-                        .get(&reflector::ObjectRef::new(ns))
-                        .and_then(|n| n.metadata.annotations.clone())
-                        .is_some_and(|a| a.contains_key(crate::mutate::PULL_SECRETS_ANNOTATION))
-                })
-        }
-    };
-    let (replicasets, rs) = {
-        let keeps = keeps(namespaces.clone());
-        reflect_modified(
-            Api::<ReplicaSet>::all(client.clone()),
-            Default::default(),
-            move |o| {
-                prune(o);
-                o.status = None;
-                if !o.spec.as_ref().is_some_and(|s| keeps(&o.metadata, s)) {
-                    o.spec = None;
-                }
-            },
-        )
-    };
-    let (jobs, j) = {
-        let keeps = keeps(namespaces.clone());
-        reflect_modified(Api::<Job>::all(client.clone()), Default::default(), move |o| {
-            prune(o);
+    let (replicasets, rs) =
+        reflect_templates(Api::<ReplicaSet>::all(client.clone()), namespaces.clone(), |o| {
             o.status = None;
-            if !o.spec.as_ref().is_some_and(|s| keeps(&o.metadata, s)) {
-                o.spec = None;
-            }
-        })
-    };
-    let (cronjobs, cj) = {
-        let keeps = keeps(namespaces.clone());
-        reflect_modified(
-            Api::<CronJob>::all(client.clone()),
-            Default::default(),
-            move |o| {
-                prune(o);
-                o.status = None;
-                if !o.spec.as_ref().is_some_and(|s| keeps(&o.metadata, s)) {
-                    o.spec = None;
-                }
-            },
-        )
-    };
+            &mut o.spec
+        });
+    let (jobs, j) = reflect_templates(Api::<Job>::all(client.clone()), namespaces.clone(), |o| {
+        o.status = None;
+        &mut o.spec
+    });
+    let (cronjobs, cj) = reflect_templates(Api::<CronJob>::all(client.clone()), namespaces.clone(), |o| {
+        o.status = None;
+        &mut o.spec
+    });
     let caches = Caches {
         secrets,
         pods,
@@ -252,19 +213,37 @@ pub fn watch_workloads(
     (caches, drive)
 }
 
-mod erased {
-    /// A workload spec that may hold a pod template.
-    pub trait Spec {
-        /// Whether anything in it is kvinject's: an `akv://` reference or a `kvinject.io/`
-        /// annotation (a conservative text search over its JSON).
-        fn mentions_kvinject(&self) -> bool;
-    }
-
-    impl<T: k8s_openapi::serde::Serialize> Spec for T {
-        fn mentions_kvinject(&self) -> bool {
-            serde_json::to_string(self).is_ok_and(|j| j.contains("akv://") || j.contains("kvinject.io/"))
+/// A cache of a kind whose pod templates only keep Secrets from collection (ReplicaSets,
+/// Jobs, CronJobs). `strip` drops an object's status and gives its spec, which is dropped
+/// too when it mentions nothing of kvinject's (an `akv://` reference or a `kvinject.io/`
+/// annotation: a conservative text search over its JSON), unless its namespace gives every
+/// pod registry credentials. Most ReplicaSets and Jobs of a cluster then cost only their
+/// metadata.
+fn reflect_templates<K, S>(
+    api: Api<K>,
+    namespaces: Store<Namespace>,
+    strip: fn(&mut K) -> &mut Option<S>,
+) -> (Store<K>, BoxFuture<'static, ()>)
+where
+    K: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
+    S: k8s_openapi::serde::Serialize + 'static,
+{
+    reflect_modified(api, watcher::Config::default(), move |o: &mut K| {
+        prune(o);
+        let pull_secrets_for_all = o.meta().namespace.as_ref().is_some_and(|ns| {
+            namespaces
+                .get(&reflector::ObjectRef::new(ns))
+                .and_then(|n| n.metadata.annotations.clone())
+                .is_some_and(|a| a.contains_key(crate::mutate::PULL_SECRETS_ANNOTATION))
+        });
+        let spec = strip(o);
+        let mentions_kvinject = spec.as_ref().is_some_and(|s| {
+            serde_json::to_string(s).is_ok_and(|j| j.contains("akv://") || j.contains("kvinject.io/"))
+        });
+        if !mentions_kvinject && !pull_secrets_for_all {
+            *spec = None;
         }
-    }
+    })
 }
 
 /// A Secret's (`namespace`, `name`).
@@ -599,7 +578,9 @@ impl Controller {
         if full {
             self.last_full_reconcile = Some(now);
         }
-        self.find_lost(&all, full, now);
+        // One look at what refers to kvinject's Secrets, for recreation and collection.
+        let references = full.then(|| self.references());
+        self.find_lost(&all, references.as_ref(), now);
         self.recreate_due(now).await;
         self.restarts.store(0, std::sync::atomic::Ordering::Relaxed);
         if let Ok(mut deferred) = self.deferred.lock() {
@@ -607,8 +588,8 @@ impl Controller {
         }
         self.reconcile_workloads(if full { None } else { Some(&dirty) })
             .await;
-        if full {
-            self.collect_garbage(&secrets).await;
+        if let Some(references) = &references {
+            self.collect_garbage(&secrets, references).await;
         }
         self.retire_revoked(&secrets, revoked).await;
         // Restores read Key Vault: once per reconcile interval, not every second.
