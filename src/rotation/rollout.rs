@@ -169,14 +169,18 @@ impl Controller {
         let name = workload.meta().name.clone().unwrap_or_default();
         let kind = K::kind(&());
         let params = PatchParams::default();
-        // Restarts are paced: so many workloads a sweep, the others at the next one.
-        if matches!(
+        let restart = matches!(
             decision,
             Ok(Rollout::Roll {
                 strategy: Strategy::Restart,
                 ..
             })
-        ) && !on_delete(workload)
+        );
+        // Serializes the workload: only asked when a restart is decided.
+        let on_delete = restart && on_delete(workload);
+        // Restarts are paced: so many workloads a sweep, the others at the next one.
+        if restart
+            && !on_delete
             && self.restarts.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
                 >= self.config.max_concurrent_rollouts
         {
@@ -198,7 +202,7 @@ impl Controller {
             Ok(Rollout::Roll {
                 hash,
                 strategy: Strategy::Restart,
-            }) if on_delete(workload) => {
+            }) if on_delete => {
                 // The template would change, but no pod would restart: say so, and do not
                 // claim a rollout.
                 warn!(%kind, %name, namespace = %ns, "a Secret it uses has a new version, but its updateStrategy is OnDelete");
