@@ -157,7 +157,7 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         source.clone(),
         Arc::new(KubeWriter {
             client: client.clone(),
-            keys,
+            keys: keys.clone(),
         }),
         store.clone(),
         config.value_cache_ttl,
@@ -170,23 +170,46 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     if let Some(policies) = &policies {
         injector = injector.with_access(policies.clone());
     }
-    let injector = Arc::new(injector);
+    // What each cached Secret's seal says, recorded before the watch drops its value.
+    let verdicts = Arc::new(materialize::seal::Verdicts::default());
+    let injector = Arc::new(injector.with_verdicts(verdicts.clone()));
     // Deletions the watch sees, for the rotation controller to recreate what is still used.
     let deletions = rotation::heal::Deletions::default();
     let watch = {
-        let (injector, deletions) = (injector.clone(), deletions.clone());
+        let (injector, deletions, keys) = (injector.clone(), deletions.clone(), keys.clone());
+        let (verdicts, store) = (verdicts.clone(), store.clone());
         reflector(
             writer,
-            // Managed fields only: the rotation controller writes Secrets back whole (a
-            // conditional replace), so every annotation stays.
-            watcher(secrets, watcher::Config::default().labels(materialize::SELECTOR))
-                .modify(|s: &mut Secret| s.metadata.managed_fields = None),
+            // Values and managed fields go: the seal's verdict is recorded first, and the
+            // rotation controller writes a value back whole (a conditional replace of the
+            // cached Secret with the new data), so every annotation and label stays.
+            watcher(secrets, watcher::Config::default().labels(materialize::SELECTOR)).modify({
+                let verdicts = verdicts.clone();
+                move |s: &mut Secret| {
+                    s.metadata.managed_fields = None;
+                    verdicts.record_and_strip(&keys, s);
+                }
+            }),
         )
         .default_backoff()
         .for_each(move |event| {
-            let (injector, deletions) = (injector.clone(), deletions.clone());
+            let (injector, deletions, verdicts, store) = (
+                injector.clone(),
+                deletions.clone(),
+                verdicts.clone(),
+                store.clone(),
+            );
             async move {
                 match event {
+                    // A relist: verdicts of Secrets deleted while the watch was down go.
+                    Ok(watcher::Event::InitDone) => {
+                        let live: std::collections::HashSet<String> = store
+                            .state()
+                            .iter()
+                            .filter_map(|s| s.metadata.uid.clone())
+                            .collect();
+                        verdicts.retain(|uid| live.contains(uid));
+                    }
                     // A collected Secret must be created again by the next pod that needs it.
                     Ok(watcher::Event::Delete(secret)) => {
                         deletions.record(&secret);
@@ -222,6 +245,7 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
                 &identity,
             )
             .with_access(policies.clone())
+            .with_verdicts(verdicts)
             .with_deletions(deletions)
             .with_identities(ServiceAccounts {
                 client: None,

@@ -180,7 +180,7 @@ pub struct Injector {
     /// Which identity reads for a pod's ServiceAccount; `None`: always kvinject's.
     identities: Option<ServiceAccounts>,
     /// What each cached Secret's seal says: verified once per change, not at every admission.
-    verdicts: seal::Verdicts,
+    verdicts: Arc<seal::Verdicts>,
     /// When each of kvinject's Secrets was seen deleted (a week at most), so a denial can say
     /// a reference was materialized and collected rather than never materialized.
     deleted: Cache<(String, String), String>,
@@ -222,6 +222,13 @@ impl Injector {
                 .time_to_live(Duration::from_secs(7 * 24 * 3600))
                 .build(),
         }
+    }
+
+    /// Shares the seal verdicts the Secret watch records (`Verdicts::record_and_strip`): the
+    /// cached Secrets then hold no values.
+    pub fn with_verdicts(mut self, verdicts: Arc<seal::Verdicts>) -> Self {
+        self.verdicts = verdicts;
+        self
     }
 
     /// Reads as a pod's ServiceAccount's Azure identity where it (or the default) says so.

@@ -119,8 +119,9 @@ pub enum Verdict {
 }
 
 /// What each Secret's seal said, by uid, for the resourceVersion checked: a Secret is
-/// verified once per change, not every time it is looked at. The webhook's warm path and
-/// the rotation controller each keep one.
+/// verified once per change, not every time it is looked at. One is shared: the Secret
+/// watch fills it before it drops each value (`record_and_strip`), and the webhook and the
+/// rotation controller read it.
 #[derive(Debug, Default)]
 pub struct Verdicts(Mutex<HashMap<String, (String, Verdict)>>);
 
@@ -142,6 +143,15 @@ impl Verdicts {
             }
             v
         })
+    }
+
+    /// Remembers what `secret`'s seal says, then drops its value: a cache keeps no value,
+    /// and the verdict is all it needs of one. Watches call this before they store a
+    /// Secret, so every stored Secret's verdict is known.
+    pub fn record_and_strip(&self, keys: &Keys, secret: &mut Secret) {
+        self.of(keys, secret);
+        secret.data = None;
+        secret.string_data = None;
     }
 
     /// Forgets every Secret whose uid `keep` refuses.

@@ -107,11 +107,10 @@ impl Controller {
     pub(super) fn used_by_pods(&self, only: Option<&str>) -> BTreeSet<(String, String)> {
         let mut used = BTreeSet::new();
         for p in self.caches.pods.state() {
-            let ns = p.namespace().unwrap_or_default();
-            if only.is_some_and(|o| o != ns) {
+            if only.is_some_and(|o| o != p.namespace) {
                 continue;
             }
-            used.extend(decide::pod_secret_names(&p).map(|n| (ns.clone(), n.to_owned())));
+            used.extend(p.secrets.iter().map(|n| (p.namespace.clone(), n.to_string())));
         }
         used
     }

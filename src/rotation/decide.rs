@@ -6,6 +6,7 @@ use crate::{
     materialize,
     mutate::{self, InjectConfig},
     reference::Reference,
+    rotation::pods::PodUse,
 };
 use k8s_openapi::api::core::v1::{Pod, PodTemplateSpec, Secret};
 use sha2::{Digest, Sha256};
@@ -47,25 +48,22 @@ pub fn version_of(secret: &Secret) -> Option<&str> {
 /// `kvinject.io/refresh-interval` among them, never below `floor`. One pass over the pods; unparseable or zero
 /// annotations are ignored, and Secrets no pod asks about are absent (they use the default).
 pub fn requested_intervals<'a>(
-    pods: impl IntoIterator<Item = &'a Pod>,
+    pods: impl IntoIterator<Item = &'a PodUse>,
     floor: Duration,
 ) -> BTreeMap<(String, String), Duration> {
     let mut out = BTreeMap::new();
     for pod in pods {
         let Some(asked) = pod
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(REFRESH_INTERVAL_ANNOTATION))
+            .refresh_interval
+            .as_deref()
             .and_then(|v| parse_duration(v).ok())
             .filter(|d| !d.is_zero())
             .map(|d| d.max(floor))
         else {
             continue;
         };
-        let ns = pod.metadata.namespace.clone().unwrap_or_default();
-        for name in pod_secret_names(pod) {
-            out.entry((ns.clone(), name.to_owned()))
+        for name in &pod.secrets {
+            out.entry((pod.namespace.clone(), name.to_string()))
                 .and_modify(|d: &mut Duration| *d = (*d).min(asked))
                 .or_insert(asked);
         }
@@ -347,6 +345,7 @@ mod tests {
             pod(json!({"kvinject.io/refresh-interval": "soon"}), "a"),
             pod(json!({}), "a"),
         ];
+        let pods = pods.map(PodUse::from);
         let asked = requested_intervals(&pods, Duration::ZERO);
         let key = |n: &str| ("ns".to_string(), n.to_string());
         assert_eq!(asked.get(&key("a")), Some(&Duration::from_secs(30)));

@@ -232,11 +232,14 @@ impl Controller {
     /// Who still uses the Secret `key` (a pod, or `Kind/name` of a workload), read from the
     /// caches now; `None` when nothing does.
     fn user_of(&self, key: &Key) -> Option<String> {
-        if let Some(pod) = self.caches.pods.state().iter().find(|p| {
-            p.namespace().as_deref() == Some(key.0.as_str())
-                && decide::pod_secret_names(p).any(|n| n == key.1)
-        }) {
-            return Some(format!("pod {}", pod.name_any()));
+        if let Some(pod) = self
+            .caches
+            .pods
+            .state()
+            .iter()
+            .find(|p| p.namespace == key.0 && p.uses(&key.1))
+        {
+            return Some(format!("pod {}", pod.name));
         }
         self.template_needs(Some(&key.0))
             .remove(key)

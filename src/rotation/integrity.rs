@@ -24,17 +24,14 @@ use tracing::{info, warn};
 type Key = (String, String);
 
 impl Controller {
-    /// The seal verdict of every labelled Secret, recomputed only for Secrets whose
-    /// resourceVersion changed since the last sweep.
+    /// The seal verdict of every labelled Secret, as the Secret watch recorded it (each is
+    /// verified once per resourceVersion, before its value is dropped from the cache).
     pub(super) fn verdicts(&mut self, secrets: &[Arc<Secret>]) -> HashMap<Key, Verdict> {
-        let mut out = HashMap::new();
-        let mut seen = BTreeSet::new();
-        for s in secrets.iter().filter(|s| materialize::is_managed(s)) {
-            seen.insert(s.uid().unwrap_or_default());
-            out.insert(key_of(s), self.seals.of(&self.inject.keys, s));
-        }
-        self.seals.retain(|uid| seen.contains(uid));
-        out
+        secrets
+            .iter()
+            .filter(|s| materialize::is_managed(s))
+            .map(|s| (key_of(s), self.seals.of(&self.inject.keys, s)))
+            .collect()
     }
 
     /// Reports foreign Secrets once, restores edited ones, and re-seals old-key ones.
@@ -96,12 +93,26 @@ impl Controller {
         }
     }
 
-    /// Seals a genuine Secret again with the current key (after a key rotation).
+    /// Seals a genuine Secret again with the current key (after a key rotation). The seal
+    /// covers the value, which the cache does not keep: the Secret is read first, and
+    /// written only if it is still the one the cache showed and still genuine.
     async fn reseal(&self, secret: &Secret) {
-        let mut resealed = secret.clone();
+        let api: Api<Secret> = Api::namespaced(self.client.clone(), &secret.namespace().unwrap_or_default());
+        let mut resealed = match api.get(&secret.name_any()).await {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(secret = %secret.name_any(), error = %e, "could not read a Secret to seal it with the current key; retrying next sweep");
+                return;
+            }
+        };
+        if resealed.metadata.resource_version != secret.metadata.resource_version
+            || seal::verify(&self.inject.keys, &resealed) != Verdict::Genuine
+        {
+            // Changed meanwhile: the next sweep looks at it as it is now.
+            return;
+        }
         resealed.metadata.managed_fields = None;
         seal::seal(&self.inject.keys, &mut resealed);
-        let api: Api<Secret> = Api::namespaced(self.client.clone(), &secret.namespace().unwrap_or_default());
         let params = PostParams {
             field_manager: Some(FIELD_MANAGER.into()),
             ..Default::default()

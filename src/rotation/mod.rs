@@ -7,6 +7,7 @@ pub mod heal;
 mod integrity;
 pub mod lease;
 pub mod listing;
+pub mod pods;
 mod revoke;
 mod rollout;
 
@@ -80,7 +81,8 @@ pub struct RotationConfig {
 #[derive(Clone)]
 pub struct Caches {
     pub secrets: Store<Secret>,
-    pub pods: Store<Pod>,
+    /// Injected pods, as much of them as the controller decides from.
+    pub pods: Store<pods::PodUse>,
     pub deployments: Store<Deployment>,
     pub statefulsets: Store<StatefulSet>,
     pub daemonsets: Store<DaemonSet>,
@@ -139,15 +141,30 @@ where
     K: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
 {
     let (store, writer) = reflector::store();
-    let fut = reflector::reflector(writer, watcher(api, config).modify(modify))
-        .default_backoff()
-        .applied_objects()
-        .for_each(|e| async move {
-            if let Err(e) = e {
-                warn!(error = %e, "watch failed; retrying");
-            }
-        });
-    (store, Box::pin(fut))
+    let fut = drive(reflector::reflector(writer, watcher(api, config).modify(modify)));
+    (store, fut)
+}
+
+/// Keeps a reflector's stream going, with backoff; failures are logged.
+fn drive<K: Send + 'static>(
+    events: impl futures::Stream<Item = watcher::Result<watcher::Event<K>>> + Send + 'static,
+) -> BoxFuture<'static, ()> {
+    Box::pin(events.default_backoff().for_each(|e| async move {
+        if let Err(e) = e {
+            warn!(error = %e, "watch failed; retrying");
+        }
+    }))
+}
+
+/// A watch event with its object turned into what the cache keeps.
+fn map_event<K, T>(event: watcher::Event<K>, f: impl Fn(K) -> T) -> watcher::Event<T> {
+    match event {
+        watcher::Event::Apply(o) => watcher::Event::Apply(f(o)),
+        watcher::Event::Delete(o) => watcher::Event::Delete(f(o)),
+        watcher::Event::InitApply(o) => watcher::Event::InitApply(f(o)),
+        watcher::Event::Init => watcher::Event::Init,
+        watcher::Event::InitDone => watcher::Event::InitDone,
+    }
 }
 
 /// `reflect_with` for every object of the API.
@@ -165,21 +182,14 @@ pub fn watch_workloads(
     secrets: Store<Secret>,
     namespaces: Store<Namespace>,
 ) -> (Caches, impl Future<Output = ()> + Send + use<>) {
-    // Pods without their status: the controller decides from their spec and annotations.
-    let (pods, p) = reflect_modified(
-        Api::<Pod>::all(client.clone()),
-        watcher::Config::default().labels(&format!("{}=true", crate::mutate::INJECTED_LABEL)),
-        |p: &mut Pod| {
-            prune(p);
-            if let Some(status) = p.status.as_mut() {
-                // Readiness is all the evict strategy reads.
-                *status = k8s_openapi::api::core::v1::PodStatus {
-                    conditions: status.conditions.take(),
-                    ..Default::default()
-                };
-            }
-        },
-    );
+    // Injected pods, each kept as the Secrets it uses and the interval it asks for.
+    let (pods, p) = {
+        let (store, writer) = reflector::store();
+        let api = Api::<Pod>::all(client.clone());
+        let config = watcher::Config::default().labels(&format!("{}=true", crate::mutate::INJECTED_LABEL));
+        let events = watcher(api, config).map(|e| e.map(|e| map_event(e, pods::PodUse::from)));
+        (store, drive(reflector::reflector(writer, events)))
+    };
     let (deployments, d) = reflect(Api::<Deployment>::all(client.clone()));
     let (statefulsets, s) = reflect(Api::<StatefulSet>::all(client.clone()));
     let (daemonsets, ds) = reflect(Api::<DaemonSet>::all(client.clone()));
@@ -312,8 +322,9 @@ pub struct Controller {
     access: Option<Policies>,
     /// Secrets (`namespace`, `name`) known to be revoked, so each gets one Event.
     revoked: BTreeSet<(String, String)>,
-    /// What each labelled Secret's seal said, by uid, for the resourceVersion checked.
-    seals: materialize::seal::Verdicts,
+    /// What each labelled Secret's seal said, by uid, for the resourceVersion checked
+    /// (shared with the Secret watch, which drops values from the cache).
+    seals: Arc<materialize::seal::Verdicts>,
     /// Foreign Secrets already reported, so each gets one Event.
     foreign: BTreeSet<(String, String)>,
     /// Which identity each ServiceAccount's pods read as; `None`: kvinject's, always.
@@ -375,6 +386,12 @@ impl Controller {
             lost: BTreeMap::new(),
             missing: BTreeSet::new(),
         }
+    }
+
+    /// Reads seal verdicts the Secret watch records before it drops each value.
+    pub fn with_verdicts(mut self, verdicts: Arc<materialize::seal::Verdicts>) -> Self {
+        self.seals = verdicts;
+        self
     }
 
     /// Recreates Secrets `deletions` reports (fed by the Secret watch) when still in use.
@@ -1056,7 +1073,7 @@ mod tests {
 
     fn store_of<K>(items: Vec<K>) -> Store<K>
     where
-        K: Resource<DynamicType = ()> + Clone,
+        K: reflector::Lookup<DynamicType = ()> + Clone,
     {
         let (store, mut writer) = reflector::store();
         writer.apply_watcher_event(&watcher::Event::Init);

@@ -5,7 +5,7 @@
 
 use crate::{
     inject::{self, pod},
-    rotation::{rotation_setup, rotation_setup_every, version},
+    rotation::{rotation_args, rotation_setup, rotation_setup_every, version},
     support::{self, Kvinject},
 };
 use k8s_openapi::api::core::v1::Secret;
@@ -193,6 +193,77 @@ async fn a_hand_edited_value_is_restored_from_key_vault() {
         events_for(&s.client, &s.ns, "Restored", &secret_name).await >= 1
     })
     .await;
+}
+
+/// The key id a Secret's `kvinject.io/signature` names.
+fn signed_with(secret: &Secret) -> String {
+    let signature = secret.metadata.annotations.as_ref().unwrap()["kvinject.io/signature"].clone();
+    signature.split(':').nth(1).unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn rotating_the_signing_key_seals_every_secret_again_and_keeps_its_value() {
+    let _vault = support::VAULT.read().await;
+    let _rotation = support::ROTATION.lock().await;
+    // A signing key of this test's own, so the other tests' kvinjects keep theirs.
+    let key_secret = support::unique("signing-key");
+    let mut args = rotation_args(&support::unique("lease"), "1h");
+    args.extend(["--signing-key-secret".to_owned(), key_secret.clone()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut s = support::setup("resealed", &args).await;
+    let name = support::unique("resealed");
+    let value = support::unique("kept-value");
+    support::seed_secret(&name, &value).await;
+    let stored = inject::create(&s, &pod("app", &[("X", &inject::reference(&name))], json!({})))
+        .await
+        .unwrap();
+    let secret_name = inject::secret_key_ref(&stored, "X").expect("X is a secretKeyRef");
+    let secrets: Api<Secret> = Api::namespaced(s.client.clone(), &s.ns);
+    let before = secrets.get(&secret_name).await.unwrap();
+    let old_key = signed_with(&before);
+
+    // The documented rotation: add a key, make it current, restart kvinject.
+    let keys: Api<Secret> = Api::namespaced(s.client.clone(), "default");
+    let patch = json!({
+        "metadata": {"annotations": {"kvinject.io/current-key": "k-next"}},
+        "data": {"k-next": base64_of(&"n".repeat(32))},
+    });
+    keys.patch(&key_secret, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    s.kvinject.restart(&args).await;
+
+    support::eventually(
+        Duration::from_secs(45),
+        "the Secret sealed with the new key",
+        || async { signed_with(&secrets.get(&secret_name).await.unwrap()) == "k-next" },
+    )
+    .await;
+    let after = secrets.get(&secret_name).await.unwrap();
+    assert_ne!(old_key, "k-next");
+    assert!(
+        after.data.as_ref().unwrap()["value"].0 == value.as_bytes(),
+        "the value is the one it held (kvinject keeps no values in its cache, and reads the Secret to seal it)"
+    );
+    assert_eq!(version(&after), version(&before), "same version");
+    assert_eq!(
+        events_for(&s.client, &s.ns, "Restored", &secret_name).await,
+        0,
+        "not a restore"
+    );
+    assert_eq!(
+        events_for(&s.client, &s.ns, "ForeignSecret", &secret_name).await,
+        0
+    );
+    // Pods still get it: the new seal verifies.
+    let again = inject::create(&s, &pod("again", &[("X", &inject::reference(&name))], json!({})))
+        .await
+        .unwrap();
+    assert_eq!(
+        inject::secret_key_ref(&again, "X").as_deref(),
+        Some(secret_name.as_str())
+    );
+    let _ = keys.delete(&key_secret, &Default::default()).await;
 }
 
 /// AdmissionReview for a pod in `namespace` that uses `reference`, as anyone who can reach
