@@ -18,11 +18,11 @@ COPY src ./src
 # names them.
 COPY tests ./tests
 COPY benches ./benches
-RUN cargo build --release --locked --target x86_64-unknown-linux-musl --bin kvinject
+RUN cargo build --profile dist --locked --target x86_64-unknown-linux-musl --bin kvinject
 
 FROM scratch
 COPY --from=build /etc/ssl/certs/ca-certificates.crt /etc/ssl/certs/ca-certificates.crt
-COPY --from=build /src/target/x86_64-unknown-linux-musl/release/kvinject /kvinject
+COPY --from=build /src/target/x86_64-unknown-linux-musl/dist/kvinject /kvinject
 ENV SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt
 USER 65532:65532
 ENTRYPOINT ["/kvinject"]

@@ -488,7 +488,10 @@ impl Kvinject {
         let bed = testbed();
         let log = bed.dir.join("logs").join(format!("{}.log", unique("kvinject")));
         let file = std::fs::File::create(&log).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_kvinject"))
+        // KVINJECT_BIN: another build of it (tests/bench footprint measures the dist one).
+        let binary =
+            std::env::var("KVINJECT_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_kvinject").to_owned());
+        let child = Command::new(binary)
             .arg("serve")
             .args([
                 "--listen",
