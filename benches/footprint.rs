@@ -22,6 +22,20 @@ fn env_usize(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
+/// (RssAnon KiB, RssFile KiB) of a process: what it allocated, and the pages of files
+/// (its own code) it has mapped.
+fn split(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("RssAnon:"), field("RssFile:"))
+}
+
 /// (VmRSS KiB, VmHWM KiB, CPU seconds) of a process.
 fn usage(pid: u32) -> (u64, u64, f64) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
@@ -95,6 +109,7 @@ async fn main() {
 
     tokio::time::sleep(Duration::from_secs(3)).await;
     let (idle_rss, _, idle_cpu) = usage(pid);
+    let idle_split = split(pid);
 
     // A burst of admissions: each pod has 3 references, so most are cache hits.
     let pods: Api<Pod> = Api::namespaced(s.client.clone(), &s.ns);
@@ -118,6 +133,7 @@ async fn main() {
         .await;
     let burst = started.elapsed();
     let (burst_rss, burst_hwm, cpu_after) = usage(pid);
+    let burst_split = split(pid);
     let burst_cpu = cpu_after - cpu_before;
 
     // Many materialized Secrets in its caches (written directly, as if admitted earlier).
@@ -138,6 +154,7 @@ async fn main() {
         .await;
     tokio::time::sleep(Duration::from_secs(5)).await;
     let (cached_rss, hwm, _) = usage(pid);
+    let cached_split = split(pid);
 
     println!();
     println!(
@@ -152,6 +169,20 @@ async fn main() {
         cached_rss as f64 / idle_rss.max(1) as f64
     );
     println!(
+        "| of which allocated (RssAnon) | {} | {} | {} | {:.2}x |",
+        mib(idle_split.0),
+        mib(burst_split.0),
+        mib(cached_split.0),
+        cached_split.0 as f64 / idle_split.0.max(1) as f64
+    );
+    println!(
+        "| of which mapped code (RssFile) | {} | {} | {} | {:.2}x |",
+        mib(idle_split.1),
+        mib(burst_split.1),
+        mib(cached_split.1),
+        cached_split.1 as f64 / idle_split.1.max(1) as f64
+    );
+    println!(
         "| peak RSS (VmHWM) | - | {} | {} | {:.2}x |",
         mib(burst_hwm),
         mib(hwm),
@@ -162,6 +193,10 @@ async fn main() {
         pods_total as f64 / burst.as_secs_f64(),
         burst_cpu / burst.as_secs_f64(),
         burst_cpu * 1000.0 / pods_total as f64
+    );
+    println!(
+        "| growth per injected pod (the burst, with its {refs} Secrets) | - | {:.2} KiB | - | - |",
+        burst_rss.saturating_sub(idle_rss) as f64 / pods_total.max(1) as f64
     );
     println!(
         "| cache growth per extra Secret | - | - | {:.2} KiB | - |",

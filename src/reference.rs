@@ -137,20 +137,31 @@ pub fn parse_list(value: &str) -> Result<Vec<Reference>, ReferenceError> {
 /// or two long names that share a prefix, never meet.
 pub fn object_name(prefix: &str, readable: &[&str], identity: &str) -> String {
     const MAX: usize = 63;
-    let hash = Sha256::digest(identity.as_bytes());
-    let hash: String = hash.iter().take(5).map(|b| format!("{b:02x}")).collect();
-    let mut body: String = readable
-        .iter()
-        .map(|p| {
-            p.to_ascii_lowercase()
-                .chars()
-                .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
-                .collect::<String>()
-        })
-        .collect::<Vec<_>>()
-        .join("-");
-    let room = MAX - prefix.len() - hash.len() - 2;
-    body.truncate(room);
+    const HASH_HEX: usize = 10;
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let room = MAX.saturating_sub(prefix.len() + HASH_HEX + 2);
+    // The readable parts joined by '-', each character lower-cased or made a '-' (so one
+    // byte each), cut to `room`. One buffer: this runs for every reference of every
+    // admission.
+    let mut body = String::with_capacity(room);
+    'parts: for (i, part) in readable.iter().enumerate() {
+        if i > 0 {
+            if body.len() == room {
+                break;
+            }
+            body.push('-');
+        }
+        for c in part.chars() {
+            if body.len() == room {
+                break 'parts;
+            }
+            body.push(if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            });
+        }
+    }
     let body = body.trim_matches('-');
     let mut name = String::with_capacity(MAX);
     name.push_str(prefix);
@@ -167,7 +178,10 @@ pub fn object_name(prefix: &str, readable: &[&str], identity: &str) -> String {
         }
         name.push('-');
     }
-    name.push_str(&hash);
+    for b in Sha256::digest(identity.as_bytes()).iter().take(HASH_HEX / 2) {
+        name.push(HEX[usize::from(b >> 4)] as char);
+        name.push(HEX[usize::from(b & 0xf)] as char);
+    }
     name
 }
 
@@ -299,6 +313,70 @@ mod tests {
             parse_list("akv://a/x,nope"),
             Err(ReferenceError::MissingVault("nope".into()))
         );
+    }
+
+    /// Names are how kvinject finds the Secrets it made: a faster way to compute them must
+    /// give every existing name exactly as before. This is the previous implementation.
+    fn object_name_before(prefix: &str, readable: &[&str], identity: &str) -> String {
+        const MAX: usize = 63;
+        let hash = Sha256::digest(identity.as_bytes());
+        let hash: String = hash.iter().take(5).map(|b| format!("{b:02x}")).collect();
+        let mut body: String = readable
+            .iter()
+            .map(|p| {
+                p.to_ascii_lowercase()
+                    .chars()
+                    .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+                    .collect::<String>()
+            })
+            .collect::<Vec<_>>()
+            .join("-");
+        let room = MAX - prefix.len() - hash.len() - 2;
+        body.truncate(room);
+        let body = body.trim_matches('-');
+        let mut name = String::with_capacity(MAX);
+        name.push_str(prefix);
+        name.push('-');
+        if !body.is_empty() {
+            // collapse runs of '-' so the name stays readable
+            let mut last_dash = false;
+            for c in body.chars() {
+                if c == '-' && last_dash {
+                    continue;
+                }
+                last_dash = c == '-';
+                name.push(c);
+            }
+            name.push('-');
+        }
+        name.push_str(&hash);
+        name
+    }
+    #[test]
+    fn names_are_exactly_what_the_previous_implementation_gave() {
+        let long = "x".repeat(80);
+        let parts: [&[&str]; 9] = [
+            &["main", "DB-Password"],
+            &["main", "db_password", "user"],
+            &["main", &long],
+            &["ÜBER-vault", "naïve--secret"],
+            &["--weird--", "", "-"],
+            &[],
+            &["registry.example.com:5000"],
+            &["a", "b", "c", "d"],
+            &[&long, &long],
+        ];
+        for prefix in ["kvi", "kvi-pull"] {
+            for p in parts {
+                for identity in ["", "akv://main/x", "akv://main/x\nsa\nclient\ntenant"] {
+                    assert_eq!(
+                        object_name(prefix, p, identity),
+                        object_name_before(prefix, p, identity),
+                        "{prefix} {p:?} {identity:?}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

@@ -218,13 +218,16 @@ pub fn plan_as(
                 let Some(value) = env.value.as_deref() else {
                     continue;
                 };
-                let location = format!("{what} `{}` env `{}`", container.name, env.name);
+                // Named only for what is reported: most env values are not references.
+                let location = || format!("{what} `{}` env `{}`", container.name, env.name);
                 match Reference::parse(value) {
                     None if value.contains(reference::SCHEME) => warnings.push(format!(
-                        "{location} contains akv:// but is not a reference (the whole value must be akv://<vault>/<secret>[/<version>][#<field>]); left unchanged"
+                        "{} contains akv:// but is not a reference (the whole value must be akv://<vault>/<secret>[/<version>][#<field>]); left unchanged",
+                        location()
                     )),
                     None => {}
                     Some(parsed) => {
+                        let location = location();
                         let r = parsed.map_err(|source| Denial::BadReference { location: location.clone(), source })?;
                         check_vault(&r, &location, config)?;
                         let source = Source::Env(r);

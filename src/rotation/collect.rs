@@ -8,6 +8,7 @@ use k8s_openapi::api::core::v1::{PodTemplateSpec, Secret};
 use kube::{
     Api, ResourceExt,
     api::{Patch, PatchParams},
+    runtime::{events::EventType, reflector::ObjectRef},
 };
 use serde_json::json;
 use std::{
@@ -18,6 +19,23 @@ use std::{
 use tracing::{info, warn};
 
 type Key = (String, String);
+
+/// Where an annotation that does not parse sits.
+enum BadAnnotation {
+    Secret(Arc<Secret>),
+    Namespace(String),
+}
+
+impl BadAnnotation {
+    fn describe(&self) -> String {
+        match self {
+            BadAnnotation::Secret(s) => {
+                format!("Secret {}/{}", s.namespace().unwrap_or_default(), s.name_any())
+            }
+            BadAnnotation::Namespace(ns) => format!("Namespace {ns}"),
+        }
+    }
+}
 
 /// What refers to kvinject's Secrets at one moment: injected pods, and pod templates as the
 /// webhook would plan them (with what each Secret is made from, and which object uses it).
@@ -47,22 +65,23 @@ impl Controller {
     pub(super) async fn collect_garbage(&self, secrets: &[Arc<Secret>], referenced: &References) {
         let now = k8s_openapi::jiff::Timestamp::now();
         let mut graces: BTreeMap<String, Option<Duration>> = BTreeMap::new();
+        // Annotations that do not parse: each gets one Warning Event per value.
+        let mut bad: Vec<(BadAnnotation, String)> = Vec::new();
         for secret in secrets
             .iter()
             .filter(|s| materialize::is_managed(s) && needed_for(s).is_some())
         {
             let (ns, name) = (secret.namespace().unwrap_or_default(), secret.name_any());
             let grace = *graces.entry(ns.clone()).or_insert_with(|| {
-                decide::grace_for(
+                let (grace, why) = decide::grace_for(
                     self.namespace_annotations(&ns)
                         .get(decide::GC_GRACE_ANNOTATION)
                         .map(String::as_str),
                     self.config.gc_grace,
-                )
+                );
+                bad.extend(why.map(|why| (BadAnnotation::Namespace(ns.clone()), why)));
+                grace
             });
-            let Some(grace) = grace else {
-                continue;
-            };
             let annotation = |key: &str| {
                 secret
                     .metadata
@@ -71,9 +90,13 @@ impl Controller {
                     .and_then(|a| a.get(key))
                     .map(String::as_str)
             };
+            let (retained, why) = decide::retained(annotation(decide::RETAIN_UNTIL_ANNOTATION), now);
+            bad.extend(why.map(|why| (BadAnnotation::Secret(secret.clone()), why)));
+            let Some(grace) = grace else {
+                continue;
+            };
             let mark = annotation(decide::UNREFERENCED_ANNOTATION);
-            let used = referenced.contains(&(ns.clone(), name.clone()))
-                || decide::retained(annotation(decide::RETAIN_UNTIL_ANNOTATION), now);
+            let used = retained || referenced.contains(&(ns.clone(), name.clone()));
             let api: Api<Secret> = Api::namespaced(self.client.clone(), &ns);
             let result = match decide::collect(used, mark, now, grace) {
                 decide::Collect::Keep => continue,
@@ -98,6 +121,44 @@ impl Controller {
             };
             if let Err(e) = result {
                 warn!(secret = %name, namespace = %ns, error = %e, "garbage collection step failed; retrying next pass");
+            }
+        }
+        self.report_bad_annotations(bad).await;
+    }
+
+    /// One `BadAnnotation` Warning Event per object and value; a value fixed and broken
+    /// again is reported again.
+    async fn report_bad_annotations(&self, bad: Vec<(BadAnnotation, String)>) {
+        let keyed: Vec<(String, BadAnnotation, String)> = bad
+            .into_iter()
+            .map(|(on, why)| (format!("{}\n{why}", on.describe()), on, why))
+            .collect();
+        let new: Vec<(BadAnnotation, String)> = match self.bad_annotations.lock() {
+            Ok(mut reported) => {
+                let now: BTreeSet<String> = keyed.iter().map(|(k, _, _)| k.clone()).collect();
+                let new = keyed
+                    .into_iter()
+                    .filter(|(k, _, _)| !reported.contains(k))
+                    .map(|(_, on, why)| (on, why))
+                    .collect();
+                *reported = now;
+                new
+            }
+            Err(_) => return,
+        };
+        for (on, why) in new {
+            warn!(object = %on.describe(), reason = %why, "an annotation kvinject reads does not parse");
+            match on {
+                BadAnnotation::Secret(secret) => {
+                    self.event(secret.as_ref(), EventType::Warning, "BadAnnotation", why)
+                        .await
+                }
+                BadAnnotation::Namespace(ns) => {
+                    if let Some(namespace) = self.caches.namespaces.get(&ObjectRef::new(&ns)) {
+                        self.event(namespace.as_ref(), EventType::Warning, "BadAnnotation", why)
+                            .await
+                    }
+                }
             }
         }
     }

@@ -115,22 +115,40 @@ pub const RETAIN_UNTIL_ANNOTATION: &str = "kvinject.io/retain-until";
 /// `0` never collects), instead of `--gc-grace-period`.
 pub const GC_GRACE_ANNOTATION: &str = "kvinject.io/gc-grace-period";
 
-/// The grace period for a namespace: its annotation when it parses, else `default`
-/// (`None`: never collect).
-pub fn grace_for(namespace_annotation: Option<&str>, default: Option<Duration>) -> Option<Duration> {
-    match namespace_annotation.map(parse_duration) {
-        Some(Ok(d)) if d.is_zero() => None,
-        Some(Ok(d)) => Some(d),
-        _ => default,
+/// The grace period for a namespace: its annotation, else `default` (`None`: never
+/// collect). An annotation that does not parse collects nothing there until it is fixed
+/// (whoever wrote it wanted a grace period of their own, likely a longer one), and says why.
+pub fn grace_for(
+    namespace_annotation: Option<&str>,
+    default: Option<Duration>,
+) -> (Option<Duration>, Option<String>) {
+    match namespace_annotation.map(|v| (v, parse_duration(v))) {
+        Some((_, Ok(d))) if d.is_zero() => (None, None),
+        Some((_, Ok(d))) => (Some(d), None),
+        Some((v, Err(e))) => (
+            None,
+            Some(format!(
+                "{GC_GRACE_ANNOTATION}: `{v}` is not a duration ({e}; for example 168h, or 0 for never); no Secret of this namespace is collected until it is fixed"
+            )),
+        ),
+        None => (default, None),
     }
 }
 
-/// Whether `retain_until` (a Secret's `kvinject.io/retain-until`) is still ahead of `now`.
-/// An annotation that does not parse retains nothing.
-pub fn retained(retain_until: Option<&str>, now: k8s_openapi::jiff::Timestamp) -> bool {
-    retain_until
-        .and_then(|t| t.parse::<k8s_openapi::jiff::Timestamp>().ok())
-        .is_some_and(|t| t > now)
+/// Whether `retain_until` (a Secret's `kvinject.io/retain-until`) keeps the Secret at
+/// `now`: while the time is ahead. One that does not parse keeps it too (whoever wrote it
+/// wanted it kept), and says why.
+pub fn retained(retain_until: Option<&str>, now: k8s_openapi::jiff::Timestamp) -> (bool, Option<String>) {
+    match retain_until.map(|t| (t, t.parse::<k8s_openapi::jiff::Timestamp>())) {
+        None => (false, None),
+        Some((_, Ok(t))) => (t > now, None),
+        Some((v, Err(_))) => (
+            true,
+            Some(format!(
+                "{RETAIN_UNTIL_ANNOTATION}: `{v}` is not an RFC 3339 time (for example 2027-01-31T00:00:00Z); the Secret is kept until it is fixed"
+            )),
+        ),
+    }
 }
 
 /// What garbage collection does with one of kvinject's Secrets (pure). A Secret retained
@@ -580,26 +598,33 @@ mod tests {
     #[test]
     fn a_namespace_grace_overrides_the_default_and_zero_never_collects() {
         let hour = Some(Duration::from_secs(3600));
-        assert_eq!(grace_for(None, hour), hour);
-        assert_eq!(
-            grace_for(Some("168h"), hour),
-            Some(Duration::from_secs(168 * 3600))
+        let week = Some(Duration::from_secs(168 * 3600));
+        assert_eq!(grace_for(None, hour), (hour, None));
+        assert_eq!(grace_for(Some("168h"), hour), (week, None));
+        assert_eq!(grace_for(Some("168h"), None), (week, None));
+        assert_eq!(grace_for(Some("0"), hour), (None, None));
+        let (grace, why) = grace_for(Some("a week"), hour);
+        assert_eq!(grace, None, "unparseable: nothing is collected there");
+        let why = why.expect("and it says why");
+        assert!(
+            why.contains("kvinject.io/gc-grace-period: `a week` is not a duration"),
+            "{why}"
         );
-        assert_eq!(
-            grace_for(Some("168h"), None),
-            Some(Duration::from_secs(168 * 3600))
-        );
-        assert_eq!(grace_for(Some("0"), hour), None);
-        assert_eq!(grace_for(Some("a week"), hour), hour, "unparseable: the default");
     }
 
     #[test]
-    fn retain_until_keeps_a_secret_only_until_then() {
+    fn retain_until_keeps_a_secret_until_then_and_a_bad_one_keeps_it_and_says_why() {
         let now: k8s_openapi::jiff::Timestamp = "2026-11-28T12:00:00Z".parse().unwrap();
-        assert!(retained(Some("2026-12-01T00:00:00Z"), now));
-        assert!(!retained(Some("2026-11-28T11:59:59Z"), now));
-        assert!(!retained(Some("next week"), now));
-        assert!(!retained(None, now));
+        assert_eq!(retained(Some("2026-12-01T00:00:00Z"), now), (true, None));
+        assert_eq!(retained(Some("2026-11-28T11:59:59Z"), now), (false, None));
+        assert_eq!(retained(None, now), (false, None));
+        let (kept, why) = retained(Some("next week"), now);
+        assert!(kept);
+        let why = why.expect("it says why");
+        assert!(
+            why.contains("kvinject.io/retain-until: `next week` is not an RFC 3339 time"),
+            "{why}"
+        );
     }
 
     #[test]

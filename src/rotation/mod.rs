@@ -327,6 +327,9 @@ pub struct Controller {
     seals: Arc<materialize::seal::Verdicts>,
     /// Foreign Secrets already reported, so each gets one Event.
     foreign: BTreeSet<(String, String)>,
+    /// Annotations that do not parse (retain-until, gc-grace-period), already reported: one
+    /// Warning Event per object and value.
+    bad_annotations: std::sync::Mutex<BTreeSet<String>>,
     /// Which identity each ServiceAccount's pods read as; `None`: kvinject's, always.
     identities: Option<crate::inject::ServiceAccounts>,
     /// Per reference, what the listing showed when it was last read with a GET.
@@ -378,6 +381,7 @@ impl Controller {
             revoked: BTreeSet::new(),
             seals: Default::default(),
             foreign: BTreeSet::new(),
+            bad_annotations: Default::default(),
             identities: None,
             known: HashMap::new(),
             listed_updated: HashMap::new(),

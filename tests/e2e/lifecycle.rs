@@ -245,6 +245,106 @@ async fn retain_until_and_a_namespace_grace_keep_secrets_no_pod_uses() {
     .await;
 }
 
+#[tokio::test]
+async fn retention_annotations_that_do_not_parse_keep_secrets_and_say_so_once() {
+    let _vault = support::VAULT.read().await;
+    let _rotation = support::ROTATION.lock().await;
+    let s = heal_setup("bad-retain", "1s", &["--gc-grace-period", "2s"]).await;
+    let (kept, graced) = (support::unique("kept"), support::unique("graced"));
+    for n in [&kept, &graced] {
+        support::seed_secret(n, &support::distinctive_value()).await;
+    }
+    // A namespace whose grace period is written wrong.
+    let other = support::namespace(&s.client, "bad-grace", &[("kvinject.test/suite", &s.label)]).await;
+    let _grant = support::grant_all(&s.client, &other).await;
+    let wrong = json!({"metadata": {"annotations": {"kvinject.io/gc-grace-period": "a week"}}});
+    Api::<Namespace>::all(s.client.clone())
+        .patch(&other, &PatchParams::default(), &Patch::Merge(&wrong))
+        .await
+        .unwrap();
+    support::wait_for_webhook(&s.client, &other).await;
+
+    let secret_of = |p: &Pod| crate::inject::secret_key_ref(p, "X").unwrap();
+    let kept_secret = secret_of(
+        &create(&s, &pod("k", &[("X", &reference(&kept))], json!({})))
+            .await
+            .unwrap(),
+    );
+    let other_pods: Api<Pod> = Api::namespaced(s.client.clone(), &other);
+    let graced_secret = secret_of(
+        &other_pods
+            .create(
+                &PostParams::default(),
+                &pod("g", &[("X", &reference(&graced))], json!({})),
+            )
+            .await
+            .unwrap(),
+    );
+    let secrets: Api<Secret> = Api::namespaced(s.client.clone(), &s.ns);
+    let other_secrets: Api<Secret> = Api::namespaced(s.client.clone(), &other);
+    let next_week = json!({"metadata": {"annotations": {"kvinject.io/retain-until": "next week"}}});
+    secrets
+        .patch(&kept_secret, &PatchParams::default(), &Patch::Merge(&next_week))
+        .await
+        .unwrap();
+    let pods: Api<Pod> = Api::namespaced(s.client.clone(), &s.ns);
+    delete_pods(&pods, "").await;
+    delete_pods(&other_pods, "").await;
+
+    support::eventually(
+        Duration::from_secs(20),
+        "a BadAnnotation Event on the Secret",
+        || async {
+            !support::events_about(&s.client, &s.ns, "BadAnnotation", &kept_secret)
+                .await
+                .is_empty()
+        },
+    )
+    .await;
+    // Events about a Namespace (cluster-scoped) are recorded in `default`.
+    support::eventually(
+        Duration::from_secs(20),
+        "a BadAnnotation Event on the Namespace",
+        || async {
+            !support::events_about(&s.client, "default", "BadAnnotation", &other)
+                .await
+                .is_empty()
+        },
+    )
+    .await;
+    // Many sweeps and twice the grace period later: both Secrets are still there.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(
+        secrets.get_opt(&kept_secret).await.unwrap().is_some(),
+        "a retain-until that does not parse keeps the Secret"
+    );
+    assert!(
+        other_secrets.get_opt(&graced_secret).await.unwrap().is_some(),
+        "a grace period that does not parse collects nothing in its namespace"
+    );
+    let on_secret = support::events_about(&s.client, &s.ns, "BadAnnotation", &kept_secret).await;
+    assert_eq!(on_secret.len(), 1, "one Event, not one per sweep");
+    let note = on_secret[0].note.clone().unwrap_or_default();
+    assert!(note.contains("`next week` is not an RFC 3339 time"), "{note}");
+    let on_namespace = support::events_about(&s.client, "default", "BadAnnotation", &other).await;
+    assert_eq!(on_namespace.len(), 1);
+    let note = on_namespace[0].note.clone().unwrap_or_default();
+    assert!(note.contains("`a week` is not a duration"), "{note}");
+
+    // Fixed: the usual rules apply again.
+    let past = json!({"metadata": {"annotations": {"kvinject.io/retain-until": "2020-01-01T00:00:00Z"}}});
+    secrets
+        .patch(&kept_secret, &PatchParams::default(), &Patch::Merge(&past))
+        .await
+        .unwrap();
+    support::eventually(
+        Duration::from_secs(20),
+        "the Secret collected once its retain-until is a past time",
+        || async { secrets.get_opt(&kept_secret).await.unwrap().is_none() },
+    )
+    .await;
+}
+
 /// The versions kvinject recorded on a StatefulSet's metadata.
 fn recorded(ss: &StatefulSet) -> Option<String> {
     ss.metadata
