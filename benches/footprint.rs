@@ -3,9 +3,10 @@
 //! process idle after start (baseline), then under a burst of pod admissions through the
 //! real apiserver, then once a large number of materialized Secrets sit in its caches.
 //!
-//! Run with `tests/bench footprint`. Sizes: KVINJECT_BENCH_PODS (default 1000) pods over
+//! Run with `tests/bench footprint`. Sizes: KVINJECT_BENCH_PODS (default 2000) pods over
 //! KVINJECT_BENCH_REFS (default 100) Key Vault secrets, created KVINJECT_BENCH_PARALLEL
-//! (default 8) at a time; KVINJECT_BENCH_SECRETS (default 5000) extra materialized Secrets.
+//! (default 8) at a time; KVINJECT_BENCH_SECRETS (default 10000) extra materialized Secrets: the sizes of the
+//! memory goal (issue 14).
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -66,10 +67,10 @@ async fn main() {
     rustls::crypto::aws_lc_rs::default_provider()
         .install_default()
         .unwrap();
-    let pods_total = env_usize("KVINJECT_BENCH_PODS", 1000);
+    let pods_total = env_usize("KVINJECT_BENCH_PODS", 2000);
     let refs = env_usize("KVINJECT_BENCH_REFS", 100).max(1);
     let parallel = env_usize("KVINJECT_BENCH_PARALLEL", 8).max(1);
-    let extra_secrets = env_usize("KVINJECT_BENCH_SECRETS", 5000);
+    let extra_secrets = env_usize("KVINJECT_BENCH_SECRETS", 10000);
     let lease = support::unique("bench-lease");
     let kvinject = support::Kvinject::start(&[
         "--rotation",
