@@ -1,12 +1,13 @@
-//! The resource footprint of one `kvinject serve` process (the release binary, rotation
-//! controller on), for the chart's requests and limits. Same run, side by side: the
-//! process idle after start (baseline), then under a burst of pod admissions through the
-//! real apiserver, then once a large number of materialized Secrets sit in its caches.
+//! The resource footprint of one `kvinject serve` process (the dist binary that ships, when
+//! run by `tests/bench footprint`; rotation controller on), for the chart's requests and
+//! limits. Same run, side by side: the process idle after start (baseline), then under a
+//! burst of pod admissions through the real apiserver, then once a large number of
+//! materialized Secrets sit in its caches.
 //!
 //! Run with `tests/bench footprint`. Sizes: KVINJECT_BENCH_PODS (default 2000) pods over
 //! KVINJECT_BENCH_REFS (default 100) Key Vault secrets, created KVINJECT_BENCH_PARALLEL
-//! (default 8) at a time; KVINJECT_BENCH_SECRETS (default 10000) extra materialized Secrets: the sizes of the
-//! memory goal (issue 14).
+//! (default 8) at a time; KVINJECT_BENCH_SECRETS (default 10000) extra materialized
+//! Secrets. The defaults are the sizes of the memory goal (issue 14).
 
 #[path = "../tests/support/mod.rs"]
 mod support;
