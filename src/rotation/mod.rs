@@ -190,9 +190,22 @@ pub fn watch_workloads(
         let events = watcher(api, config).map(|e| e.map(|e| map_event(e, pods::PodUse::from)));
         (store, drive(reflector::reflector(writer, events)))
     };
-    let (deployments, d) = reflect(Api::<Deployment>::all(client.clone()));
-    let (statefulsets, s) = reflect(Api::<StatefulSet>::all(client.clone()));
-    let (daemonsets, ds) = reflect(Api::<DaemonSet>::all(client.clone()));
+    // Workloads: the spec only of those whose pods can use kvinject's Secrets, and no status.
+    let (deployments, d) =
+        reflect_templates(Api::<Deployment>::all(client.clone()), namespaces.clone(), |o| {
+            o.status = None;
+            &mut o.spec
+        });
+    let (statefulsets, s) =
+        reflect_templates(Api::<StatefulSet>::all(client.clone()), namespaces.clone(), |o| {
+            o.status = None;
+            &mut o.spec
+        });
+    let (daemonsets, ds) =
+        reflect_templates(Api::<DaemonSet>::all(client.clone()), namespaces.clone(), |o| {
+            o.status = None;
+            &mut o.spec
+        });
     let (replicasets, rs) =
         reflect_templates(Api::<ReplicaSet>::all(client.clone()), namespaces.clone(), |o| {
             o.status = None;
@@ -223,12 +236,13 @@ pub fn watch_workloads(
     (caches, drive)
 }
 
-/// A cache of a kind whose pod templates only keep Secrets from collection (ReplicaSets,
-/// Jobs, CronJobs). `strip` drops an object's status and gives its spec, which is dropped
-/// too when it mentions nothing of kvinject's (an `akv://` reference or a `kvinject.io/`
-/// annotation: a conservative text search over its JSON), unless its namespace gives every
-/// pod registry credentials. Most ReplicaSets and Jobs of a cluster then cost only their
-/// metadata.
+/// A cache of a kind with a pod template (Deployments, StatefulSets, DaemonSets, and those
+/// whose templates only keep Secrets from collection: ReplicaSets, Jobs, CronJobs). `strip`
+/// drops an object's status and gives its spec, which is dropped too when it mentions
+/// nothing of kvinject's (an `akv://` reference or a `kvinject.io/` annotation: a
+/// conservative text search over its JSON), unless its namespace gives every pod registry
+/// credentials. Such a workload consumes no Secret of kvinject's and is never rolled, so
+/// most workloads of a cluster cost only their metadata.
 fn reflect_templates<K, S>(
     api: Api<K>,
     namespaces: Store<Namespace>,
