@@ -24,30 +24,29 @@ fn env_usize(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
-/// (RssAnon KiB, RssFile KiB) of a process: what it allocated, and the pages of files
-/// (its own code) it has mapped.
-fn split(pid: u32) -> (u64, u64) {
+/// The KiB figures `names` (`VmRSS:`, `RssAnon:`, ...) of a process's status, in order;
+/// 0 for one it does not show.
+fn status_kib<const N: usize>(pid: u32, names: [&str; N]) -> [u64; N] {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let field = |name: &str| {
+    names.map(|name| {
         status
             .lines()
             .find(|l| l.starts_with(name))
             .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
             .unwrap_or(0)
-    };
-    (field("RssAnon:"), field("RssFile:"))
+    })
+}
+
+/// (RssAnon KiB, RssFile KiB) of a process: what it allocated, and the pages of files
+/// (its own code) it has mapped.
+fn split(pid: u32) -> (u64, u64) {
+    let [anon, file] = status_kib(pid, ["RssAnon:", "RssFile:"]);
+    (anon, file)
 }
 
 /// (VmRSS KiB, VmHWM KiB, CPU seconds) of a process.
 fn usage(pid: u32) -> (u64, u64, f64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-            .unwrap_or(0)
-    };
+    let [rss, hwm] = status_kib(pid, ["VmRSS:", "VmHWM:"]);
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // Fields after the command's closing parenthesis; utime and stime are 14 and 15.
     let rest: Vec<&str> = stat
@@ -56,7 +55,7 @@ fn usage(pid: u32) -> (u64, u64, f64) {
         .unwrap_or_default();
     let ticks: f64 = rest.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0)
         + rest.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    (field("VmRSS:"), field("VmHWM:"), ticks / 100.0)
+    (rss, hwm, ticks / 100.0)
 }
 
 fn mib(kib: u64) -> String {

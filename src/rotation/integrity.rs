@@ -26,7 +26,7 @@ type Key = (String, String);
 impl Controller {
     /// The seal verdict of every labelled Secret, as the Secret watch recorded it (each is
     /// verified once per resourceVersion, before its value is dropped from the cache).
-    pub(super) fn verdicts(&mut self, secrets: &[Arc<Secret>]) -> HashMap<Key, Verdict> {
+    pub(super) fn verdicts(&self, secrets: &[Arc<Secret>]) -> HashMap<Key, Verdict> {
         secrets
             .iter()
             .filter(|s| materialize::is_managed(s))

@@ -34,6 +34,37 @@ fn annotations(secret: &Secret) -> std::collections::BTreeMap<String, String> {
     secret.metadata.annotations.clone().unwrap_or_default()
 }
 
+/// A second namespace of the test `s` opts in, granted every secret, carrying the namespace
+/// annotations `annotations`, with its webhook answering. The grant lasts while it is held.
+async fn second_namespace(
+    s: &support::Setup,
+    prefix: &str,
+    annotations: serde_json::Value,
+) -> (String, support::PolicyGuard) {
+    let other = support::namespace(&s.client, prefix, &[("kvinject.test/suite", &s.label)]).await;
+    let grant = support::grant_all(&s.client, &other).await;
+    let patch = json!({"metadata": {"annotations": annotations}});
+    Api::<Namespace>::all(s.client.clone())
+        .patch(&other, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    support::wait_for_webhook(&s.client, &other).await;
+    (other, grant)
+}
+
+/// Creates in `pods`' namespace a pod whose env `X` refers to `secret`, and returns the name
+/// of the Secret it was given.
+async fn secret_of_new_pod(pods: &Api<Pod>, name: &str, secret: &str) -> String {
+    let created = pods
+        .create(
+            &PostParams::default(),
+            &pod(name, &[("X", &reference(secret))], json!({})),
+        )
+        .await
+        .unwrap();
+    crate::inject::secret_key_ref(&created, "X").unwrap()
+}
+
 /// Deletes every pod matching `selector` at once and waits until they are gone.
 async fn delete_pods(pods: &Api<Pod>, selector: &str) {
     let now = DeleteParams {
@@ -158,36 +189,13 @@ async fn retain_until_and_a_namespace_grace_keep_secrets_no_pod_uses() {
         support::seed_secret(n, &support::distinctive_value()).await;
     }
     // A second namespace that keeps unused Secrets for a week.
-    let other = support::namespace(&s.client, "retain-ns", &[("kvinject.test/suite", &s.label)]).await;
-    let _grant = support::grant_all(&s.client, &other).await;
-    let week = json!({"metadata": {"annotations": {"kvinject.io/gc-grace-period": "168h"}}});
-    Api::<Namespace>::all(s.client.clone())
-        .patch(&other, &PatchParams::default(), &Patch::Merge(&week))
-        .await
-        .unwrap();
-    support::wait_for_webhook(&s.client, &other).await;
-
-    let secret_of = |p: &Pod| crate::inject::secret_key_ref(p, "X").unwrap();
-    let retained_secret = secret_of(
-        &create(&s, &pod("r", &[("X", &reference(&retained))], json!({})))
-            .await
-            .unwrap(),
-    );
-    let control_secret = secret_of(
-        &create(&s, &pod("c", &[("X", &reference(&control))], json!({})))
-            .await
-            .unwrap(),
-    );
+    let (other, _grant) =
+        second_namespace(&s, "retain-ns", json!({"kvinject.io/gc-grace-period": "168h"})).await;
+    let pods: Api<Pod> = Api::namespaced(s.client.clone(), &s.ns);
+    let retained_secret = secret_of_new_pod(&pods, "r", &retained).await;
+    let control_secret = secret_of_new_pod(&pods, "c", &control).await;
     let other_pods: Api<Pod> = Api::namespaced(s.client.clone(), &other);
-    let graced_secret = secret_of(
-        &other_pods
-            .create(
-                &PostParams::default(),
-                &pod("g", &[("X", &reference(&graced))], json!({})),
-            )
-            .await
-            .unwrap(),
-    );
+    let graced_secret = secret_of_new_pod(&other_pods, "g", &graced).await;
     let secrets: Api<Secret> = Api::namespaced(s.client.clone(), &s.ns);
     let other_secrets: Api<Secret> = Api::namespaced(s.client.clone(), &other);
     let until = |t: k8s_openapi::jiff::Timestamp| json!({"metadata": {"annotations": {"kvinject.io/retain-until": t.to_string()}}});
@@ -201,7 +209,6 @@ async fn retain_until_and_a_namespace_grace_keep_secrets_no_pod_uses() {
         .await
         .unwrap();
 
-    let pods: Api<Pod> = Api::namespaced(s.client.clone(), &s.ns);
     delete_pods(&pods, "").await;
     delete_pods(&other_pods, "").await;
     support::eventually(
@@ -255,31 +262,12 @@ async fn retention_annotations_that_do_not_parse_keep_secrets_and_say_so_once() 
         support::seed_secret(n, &support::distinctive_value()).await;
     }
     // A namespace whose grace period is written wrong.
-    let other = support::namespace(&s.client, "bad-grace", &[("kvinject.test/suite", &s.label)]).await;
-    let _grant = support::grant_all(&s.client, &other).await;
-    let wrong = json!({"metadata": {"annotations": {"kvinject.io/gc-grace-period": "a week"}}});
-    Api::<Namespace>::all(s.client.clone())
-        .patch(&other, &PatchParams::default(), &Patch::Merge(&wrong))
-        .await
-        .unwrap();
-    support::wait_for_webhook(&s.client, &other).await;
-
-    let secret_of = |p: &Pod| crate::inject::secret_key_ref(p, "X").unwrap();
-    let kept_secret = secret_of(
-        &create(&s, &pod("k", &[("X", &reference(&kept))], json!({})))
-            .await
-            .unwrap(),
-    );
+    let (other, _grant) =
+        second_namespace(&s, "bad-grace", json!({"kvinject.io/gc-grace-period": "a week"})).await;
+    let pods: Api<Pod> = Api::namespaced(s.client.clone(), &s.ns);
+    let kept_secret = secret_of_new_pod(&pods, "k", &kept).await;
     let other_pods: Api<Pod> = Api::namespaced(s.client.clone(), &other);
-    let graced_secret = secret_of(
-        &other_pods
-            .create(
-                &PostParams::default(),
-                &pod("g", &[("X", &reference(&graced))], json!({})),
-            )
-            .await
-            .unwrap(),
-    );
+    let graced_secret = secret_of_new_pod(&other_pods, "g", &graced).await;
     let secrets: Api<Secret> = Api::namespaced(s.client.clone(), &s.ns);
     let other_secrets: Api<Secret> = Api::namespaced(s.client.clone(), &other);
     let next_week = json!({"metadata": {"annotations": {"kvinject.io/retain-until": "next week"}}});
@@ -287,7 +275,6 @@ async fn retention_annotations_that_do_not_parse_keep_secrets_and_say_so_once() 
         .patch(&kept_secret, &PatchParams::default(), &Patch::Merge(&next_week))
         .await
         .unwrap();
-    let pods: Api<Pod> = Api::namespaced(s.client.clone(), &s.ns);
     delete_pods(&pods, "").await;
     delete_pods(&other_pods, "").await;
 
