@@ -131,7 +131,7 @@ fn warm_router(n: usize, calls: Arc<NoCalls>) -> Router {
     };
     let pod = serde_json::from_value(review()["request"]["object"].clone()).unwrap();
     let plan = mutate::plan(&pod, &config).unwrap();
-    let mut secrets = Writer::<Secret>::default();
+    let mut secrets = Writer::<materialize::CachedSecret>::default();
     secrets.apply_watcher_event(&watcher::Event::Init);
     for needed in &plan.needed {
         let fetched = Fetched {
@@ -139,7 +139,8 @@ fn warm_router(n: usize, calls: Arc<NoCalls>) -> Router {
             version: VERSION.into(),
         };
         let secret = materialize::desired_secret(NAMESPACE, needed, &fetched, &config.keys).unwrap();
-        secrets.apply_watcher_event(&watcher::Event::InitApply(secret));
+        let cached = materialize::CachedSecret::new(&config.keys, &secret);
+        secrets.apply_watcher_event(&watcher::Event::InitApply(cached));
     }
     secrets.apply_watcher_event(&watcher::Event::InitDone);
     let mut namespaces = Writer::<Namespace>::default();

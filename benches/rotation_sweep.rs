@@ -15,11 +15,7 @@ use k8s_openapi::api::{
     apps::v1::Deployment,
     core::v1::{Namespace, Secret},
 };
-use kube::{
-    Api,
-    api::PostParams,
-    runtime::{WatchStreamExt, reflector, watcher},
-};
+use kube::{Api, api::PostParams, runtime::WatchStreamExt};
 use kvinject::{
     keyvault::{
         SecretValue,
@@ -193,29 +189,15 @@ async fn main() {
 
     // kvinject's controller, with its caches synced.
     let rss_before = rss_kib();
-    let (store, writer) = reflector::store();
-    let watch = reflector(
-        writer,
-        watcher(
-            Api::<Secret>::all(client.clone()),
-            watcher::Config::default().labels(materialize::SELECTOR),
-        ),
-    )
-    .default_backoff()
-    .for_each(|_| async {});
-    tokio::spawn(watch);
+    let (store, events) = rotation::reflect_secrets(&client, keys.clone());
+    tokio::spawn(events.default_backoff().for_each(|_| async {}));
     let (namespaces, namespace_watch) = rotation::reflect(Api::<Namespace>::all(client.clone()));
     tokio::spawn(namespace_watch);
     let (caches, drive) = rotation::watch_workloads(&client, store.clone(), namespaces);
     tokio::spawn(drive);
     store.wait_until_ready().await.unwrap();
     // Only this run's Secrets count: the bed may hold other tests' Secrets.
-    let ours = |s: &Secret| {
-        s.metadata
-            .namespace
-            .as_deref()
-            .is_some_and(|ns| ns.starts_with(&run))
-    };
+    let ours = |s: &kvinject::materialize::CachedSecret| s.namespace.starts_with(&run);
     while store.state().iter().filter(|s| ours(s)).count() < total {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -339,10 +321,9 @@ async fn main() {
     let (g0, _) = wire().await;
     let started = Instant::now();
     for s in store.state().iter().filter(|s| ours(s)) {
-        let r =
-            Reference::parse(&s.metadata.annotations.as_ref().unwrap()[materialize::REFERENCE_ANNOTATION])
-                .unwrap()
-                .unwrap();
+        let r = Reference::parse(s.annotation(materialize::REFERENCE_ANNOTATION).unwrap())
+            .unwrap()
+            .unwrap();
         source.fetch(&r, None).await.expect("baseline read");
     }
     let baseline_time = started.elapsed();

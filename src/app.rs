@@ -16,10 +16,10 @@ use crate::{
 };
 use anyhow::Context;
 use futures::{StreamExt, future::BoxFuture};
-use k8s_openapi::api::core::v1::{Namespace, Secret, ServiceAccount};
+use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
 use kube::{
     Api,
-    runtime::{WatchStreamExt, reflector, watcher},
+    runtime::{WatchStreamExt, watcher},
 };
 use std::{future::IntoFuture, sync::Arc, time::Duration};
 use tokio_util::sync::CancellationToken;
@@ -77,11 +77,6 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         }
     };
 
-    // A watch-backed cache of kvinject's own Secrets: materialized references are admitted
-    // from it with no call at all, and it rebuilds from the apiserver after a restart.
-    let secrets: Api<Secret> = Api::all(client.clone());
-    let (store, writer) = reflector::store();
-
     let connector = config.azure.connect().context("setting up Key Vault access")?;
     // Workload identities mint their ServiceAccounts' tokens through the apiserver.
     let source = KeyVault::with_workload_identities(
@@ -104,6 +99,12 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         keys: keys.clone(),
         min_refresh_interval: config.min_refresh_interval,
     };
+
+    // A watch-backed cache of kvinject's own Secrets: materialized references are admitted
+    // from it with no call at all, and it rebuilds from the apiserver after a restart.
+    // Each is kept as its metadata and its seal's verdict, checked once per change: never
+    // its value (the rotation controller reads a Secret before it writes one).
+    let (store, secret_events) = rotation::reflect_secrets(&client, keys.clone());
 
     // Namespace labels: which namespaces kvinject acts for, which ones access policies
     // select, and the rotation controller's rollout opt-ins.
@@ -170,46 +171,15 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     if let Some(policies) = &policies {
         injector = injector.with_access(policies.clone());
     }
-    // What each cached Secret's seal says, recorded before the watch drops its value.
-    let verdicts = Arc::new(materialize::seal::Verdicts::default());
-    let injector = Arc::new(injector.with_verdicts(verdicts.clone()));
+    let injector = Arc::new(injector);
     // Deletions the watch sees, for the rotation controller to recreate what is still used.
     let deletions = rotation::heal::Deletions::default();
     let watch = {
-        let (injector, deletions, keys) = (injector.clone(), deletions.clone(), keys.clone());
-        let (verdicts, store) = (verdicts.clone(), store.clone());
-        reflector(
-            writer,
-            // Values and managed fields go: the seal's verdict is recorded first, and the
-            // rotation controller writes a value back whole (a conditional replace of the
-            // cached Secret with the new data), so every annotation and label stays.
-            watcher(secrets, watcher::Config::default().labels(materialize::SELECTOR)).modify({
-                let verdicts = verdicts.clone();
-                move |s: &mut Secret| {
-                    s.metadata.managed_fields = None;
-                    verdicts.record_and_strip(&keys, s);
-                }
-            }),
-        )
-        .default_backoff()
-        .for_each(move |event| {
-            let (injector, deletions, verdicts, store) = (
-                injector.clone(),
-                deletions.clone(),
-                verdicts.clone(),
-                store.clone(),
-            );
+        let (injector, deletions) = (injector.clone(), deletions.clone());
+        secret_events.default_backoff().for_each(move |event| {
+            let (injector, deletions) = (injector.clone(), deletions.clone());
             async move {
                 match event {
-                    // A relist: verdicts of Secrets deleted while the watch was down go.
-                    Ok(watcher::Event::InitDone) => {
-                        let live: std::collections::HashSet<String> = store
-                            .state()
-                            .iter()
-                            .filter_map(|s| s.metadata.uid.clone())
-                            .collect();
-                        verdicts.retain(|uid| live.contains(uid));
-                    }
                     // A collected Secret must be created again by the next pod that needs it.
                     Ok(watcher::Event::Delete(secret)) => {
                         deletions.record(&secret);
@@ -245,7 +215,6 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
                 &identity,
             )
             .with_access(policies.clone())
-            .with_verdicts(verdicts)
             .with_deletions(deletions)
             .with_identities(ServiceAccounts {
                 client: None,

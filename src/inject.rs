@@ -11,7 +11,7 @@ use crate::{
     keyvault::source::{FetchError, Fetched, SecretSource},
     limit::ReadBuckets,
     materialize::{
-        self, ValueError,
+        self, CachedSecret, ValueError,
         seal::{self, Verdict},
     },
     metrics::{Metrics, VaultLabels},
@@ -160,7 +160,7 @@ pub struct Injector {
     config: InjectConfig,
     source: Arc<dyn SecretSource>,
     writer: Arc<dyn SecretWriter>,
-    store: Store<Secret>,
+    store: Store<CachedSecret>,
     /// Resolved values; concurrent first reads of one reference share one Key Vault call.
     /// Keyed by who reads, too: one ServiceAccount's value never serves another's.
     values: Cache<(Reference, Option<WorkloadIdentity>), Fetched>,
@@ -179,8 +179,6 @@ pub struct Injector {
     reads: ReadBuckets,
     /// Which identity reads for a pod's ServiceAccount; `None`: always kvinject's.
     identities: Option<ServiceAccounts>,
-    /// What each cached Secret's seal says: verified once per change, not at every admission.
-    verdicts: Arc<seal::Verdicts>,
     /// When each of kvinject's Secrets was seen deleted (a week at most), so a denial can say
     /// a reference was materialized and collected rather than never materialized.
     deleted: Cache<(String, String), String>,
@@ -191,7 +189,7 @@ impl Injector {
         config: InjectConfig,
         source: Arc<dyn SecretSource>,
         writer: Arc<dyn SecretWriter>,
-        store: Store<Secret>,
+        store: Store<CachedSecret>,
         value_ttl: Duration,
         metrics: Metrics,
     ) -> Self {
@@ -216,19 +214,11 @@ impl Injector {
             scope: None,
             reads: ReadBuckets::default(),
             identities: None,
-            verdicts: Default::default(),
             deleted: Cache::builder()
                 .max_capacity(100_000)
                 .time_to_live(Duration::from_secs(7 * 24 * 3600))
                 .build(),
         }
-    }
-
-    /// Shares the seal verdicts the Secret watch records (`Verdicts::record_and_strip`): the
-    /// cached Secrets then hold no values.
-    pub fn with_verdicts(mut self, verdicts: Arc<seal::Verdicts>) -> Self {
-        self.verdicts = verdicts;
-        self
     }
 
     /// Reads as a pod's ServiceAccount's Azure identity where it (or the default) says so.
@@ -411,16 +401,13 @@ impl Injector {
     /// Drops the cached values of `secret`'s Key Vault secret once the rotation controller
     /// (on any replica) has marked it missing in the vault: a first use elsewhere then asks
     /// Key Vault, and is denied while the secret is gone, rather than served a deleted value.
-    pub async fn forget_missing(&self, secret: &Secret) {
-        let Some(annotations) = secret.metadata.annotations.as_ref() else {
-            return;
-        };
-        if !annotations.contains_key(materialize::MISSING_ANNOTATION) {
+    pub async fn forget_missing(&self, secret: &CachedSecret) {
+        if secret.annotation(materialize::MISSING_ANNOTATION).is_none() {
             return;
         }
-        let Some(Ok(reference)) = annotations
-            .get(materialize::REFERENCE_ANNOTATION)
-            .and_then(|r| Reference::parse(r))
+        let Some(Ok(reference)) = secret
+            .annotation(materialize::REFERENCE_ANNOTATION)
+            .and_then(Reference::parse)
         else {
             return;
         };
@@ -437,34 +424,28 @@ impl Injector {
     }
 
     /// Forgets that this process created `secret` (it was deleted).
-    pub async fn forget(&self, secret: &Secret) {
-        let key = (
-            secret.metadata.namespace.clone().unwrap_or_default(),
-            secret.metadata.name.clone().unwrap_or_default(),
-        );
+    pub async fn forget(&self, secret: &CachedSecret) {
+        let key = secret.key();
         self.created.invalidate(&key).await;
         self.deleted
             .insert(key, k8s_openapi::jiff::Timestamp::now().to_string())
             .await;
-        if let Some(gone) = &secret.metadata.uid {
-            self.verdicts.retain(|uid| uid != gone);
-        }
     }
 
     /// The version of the materialized Secret, what its seal says and whether Key Vault
     /// still has its secret, from the watch cache or our own creations. A Secret of that
     /// name that kvinject did not seal is an error: it is never handed to a pod.
     fn materialized(&self, key: &(String, String)) -> Result<Option<Found>, Denied> {
-        let object = ObjectRef::<Secret>::new(&key.1).within(&key.0);
-        if let Some(secret) = self.store.get(&object).filter(|s| materialize::is_managed(s)) {
-            let verdict = self.verdicts.of(&self.config.keys, &secret);
+        let object = ObjectRef::<CachedSecret>::new(&key.1).within(&key.0);
+        if let Some(secret) = self.store.get(&object).filter(|s| s.managed) {
+            let verdict = secret.verdict;
             if verdict == Verdict::Foreign {
                 return Err(Denied::Foreign {
                     namespace: key.0.clone(),
                     name: key.1.clone(),
                 });
             }
-            let annotation = |name: &str| secret.metadata.annotations.as_ref()?.get(name).cloned();
+            let annotation = |name: &str| secret.annotation(name).map(str::to_owned);
             return Ok(Some(Found {
                 version: annotation(materialize::VERSION_ANNOTATION).unwrap_or_default(),
                 verdict,

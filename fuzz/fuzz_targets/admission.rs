@@ -78,7 +78,7 @@ fn app() -> Router {
         vaults: ["main".to_owned()].into(),
         ..Default::default()
     };
-    let store = Writer::<Secret>::default().as_reader();
+    let store = Writer::<kvinject::materialize::CachedSecret>::default().as_reader();
     let injector = Injector::new(
         config,
         Arc::new(Vault),

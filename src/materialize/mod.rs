@@ -1,6 +1,7 @@
 //! The Secret a reference is materialized as (pure), and the metadata kvinject recognises
 //! its own Secrets by.
 
+pub mod cached;
 pub mod keys;
 pub mod seal;
 
@@ -9,6 +10,7 @@ use crate::{
     mutate::{self, Needed, Source},
 };
 use base64::Engine;
+pub use cached::CachedSecret;
 use k8s_openapi::{ByteString, api::core::v1::Secret};
 use serde_json::{Value, json};
 use std::collections::BTreeMap;

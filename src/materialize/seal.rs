@@ -17,11 +17,7 @@
 use aws_lc_rs::hmac;
 use base64::Engine;
 use k8s_openapi::api::core::v1::Secret;
-use std::{
-    collections::{BTreeMap, HashMap},
-    fmt,
-    sync::{Arc, Mutex},
-};
+use std::{collections::BTreeMap, fmt, sync::Arc};
 
 pub const SIGNATURE_ANNOTATION: &str = "kvinject.io/signature";
 const VERSION_TAG: &str = "v1";
@@ -116,50 +112,6 @@ pub enum Verdict {
     Edited,
     /// Not made by kvinject (or its metadata was changed): never used, never written.
     Foreign,
-}
-
-/// What each Secret's seal said, by uid, for the resourceVersion checked: a Secret is
-/// verified once per change, not every time it is looked at. One is shared: the Secret
-/// watch fills it before it drops each value (`record_and_strip`), and the webhook and the
-/// rotation controller read it.
-#[derive(Debug, Default)]
-pub struct Verdicts(Mutex<HashMap<String, (String, Verdict)>>);
-
-impl Verdicts {
-    /// `verify`, remembered; a Secret without a uid or resourceVersion is verified every time.
-    pub fn of(&self, keys: &Keys, secret: &Secret) -> Verdict {
-        let (Some(uid), Some(version)) = (&secret.metadata.uid, &secret.metadata.resource_version) else {
-            return verify(keys, secret);
-        };
-        let known = self.0.lock().ok().and_then(|m| {
-            m.get(uid)
-                .filter(|(checked, _)| checked == version)
-                .map(|(_, v)| *v)
-        });
-        known.unwrap_or_else(|| {
-            let v = verify(keys, secret);
-            if let Ok(mut m) = self.0.lock() {
-                m.insert(uid.clone(), (version.clone(), v));
-            }
-            v
-        })
-    }
-
-    /// Remembers what `secret`'s seal says, then drops its value: a cache keeps no value,
-    /// and the verdict is all it needs of one. Watches call this before they store a
-    /// Secret, so every stored Secret's verdict is known.
-    pub fn record_and_strip(&self, keys: &Keys, secret: &mut Secret) {
-        self.of(keys, secret);
-        secret.data = None;
-        secret.string_data = None;
-    }
-
-    /// Forgets every Secret whose uid `keep` refuses.
-    pub fn retain(&self, keep: impl Fn(&str) -> bool) {
-        if let Ok(mut m) = self.0.lock() {
-            m.retain(|uid, _| keep(uid));
-        }
-    }
 }
 
 fn field(secret: &Secret, annotation: &str) -> String {

@@ -3,10 +3,10 @@
 //! Jobs, CronJobs) as the webhook would plan it.
 
 use super::{Controller, decide, needed_for};
-use crate::{materialize, mutate::Needed};
+use crate::{materialize::CachedSecret, mutate::Needed};
 use k8s_openapi::api::core::v1::{PodTemplateSpec, Secret};
 use kube::{
-    Api, ResourceExt,
+    Api,
     api::{Patch, PatchParams},
     runtime::{events::EventType, reflector::ObjectRef},
 };
@@ -22,7 +22,7 @@ type Key = (String, String);
 
 /// Where an annotation that does not parse sits.
 enum BadAnnotation {
-    Secret(Arc<Secret>),
+    Secret(Arc<CachedSecret>),
     Namespace(String),
 }
 
@@ -30,7 +30,7 @@ impl BadAnnotation {
     fn describe(&self) -> String {
         match self {
             BadAnnotation::Secret(s) => {
-                format!("Secret {}/{}", s.namespace().unwrap_or_default(), s.name_any())
+                format!("Secret {}/{}", s.namespace, s.name)
             }
             BadAnnotation::Namespace(ns) => format!("Namespace {ns}"),
         }
@@ -62,16 +62,13 @@ impl Controller {
     /// Marks, unmarks and deletes kvinject's Secrets by whether any injected pod or any
     /// workload template in their namespace refers to them. Secrets without kvinject's
     /// label and reference annotation are never touched.
-    pub(super) async fn collect_garbage(&self, secrets: &[Arc<Secret>], referenced: &References) {
+    pub(super) async fn collect_garbage(&self, secrets: &[Arc<CachedSecret>], referenced: &References) {
         let now = k8s_openapi::jiff::Timestamp::now();
         let mut graces: BTreeMap<String, Option<Duration>> = BTreeMap::new();
         // Annotations that do not parse: each gets one Warning Event per value.
         let mut bad: Vec<(BadAnnotation, String)> = Vec::new();
-        for secret in secrets
-            .iter()
-            .filter(|s| materialize::is_managed(s) && needed_for(s).is_some())
-        {
-            let (ns, name) = (secret.namespace().unwrap_or_default(), secret.name_any());
+        for secret in secrets.iter().filter(|s| s.managed && needed_for(s).is_some()) {
+            let (ns, name) = secret.key();
             let grace = *graces.entry(ns.clone()).or_insert_with(|| {
                 let (grace, why) = decide::grace_for(
                     self.namespace_annotations(&ns)
@@ -82,14 +79,7 @@ impl Controller {
                 bad.extend(why.map(|why| (BadAnnotation::Namespace(ns.clone()), why)));
                 grace
             });
-            let annotation = |key: &str| {
-                secret
-                    .metadata
-                    .annotations
-                    .as_ref()
-                    .and_then(|a| a.get(key))
-                    .map(String::as_str)
-            };
+            let annotation = |key: &str| secret.annotation(key);
             let (retained, why) = decide::retained(annotation(decide::RETAIN_UNTIL_ANNOTATION), now);
             bad.extend(why.map(|why| (BadAnnotation::Secret(secret.clone()), why)));
             let Some(grace) = grace else {
@@ -150,7 +140,7 @@ impl Controller {
             warn!(object = %on.describe(), reason = %why, "an annotation kvinject reads does not parse");
             match on {
                 BadAnnotation::Secret(secret) => {
-                    self.event(secret.as_ref(), EventType::Warning, "BadAnnotation", why)
+                    self.secret_event(&secret, EventType::Warning, "BadAnnotation", why)
                         .await
                 }
                 BadAnnotation::Namespace(ns) => {
@@ -231,16 +221,16 @@ impl Controller {
 
     /// Deletes `secret` if it is still what was read (uid and resourceVersion): a Secret
     /// changed since is left for the next pass. False when it was already gone.
-    pub(super) async fn delete_as_read(&self, secret: &Secret) -> Result<bool, kube::Error> {
-        let api: Api<Secret> = Api::namespaced(self.client.clone(), &secret.namespace().unwrap_or_default());
+    pub(super) async fn delete_as_read(&self, secret: &CachedSecret) -> Result<bool, kube::Error> {
+        let api: Api<Secret> = Api::namespaced(self.client.clone(), &secret.namespace);
         let params = kube::api::DeleteParams {
             preconditions: Some(kube::api::Preconditions {
-                resource_version: secret.resource_version(),
-                uid: secret.uid(),
+                resource_version: Some(secret.resource_version.clone()).filter(|v| !v.is_empty()),
+                uid: Some(secret.uid.clone()).filter(|u| !u.is_empty()),
             }),
             ..Default::default()
         };
-        match api.delete(&secret.name_any(), &params).await {
+        match api.delete(&secret.name, &params).await {
             Ok(_) => Ok(true),
             Err(kube::Error::Api(s)) if s.code == 404 => Ok(false),
             Err(e) => Err(e),

@@ -3,12 +3,12 @@
 
 use crate::{
     config::parse_duration,
-    materialize,
+    materialize::{self, CachedSecret},
     mutate::{self, InjectConfig},
     reference::Reference,
     rotation::pods::PodUse,
 };
-use k8s_openapi::api::core::v1::{Pod, PodTemplateSpec, Secret};
+use k8s_openapi::api::core::v1::{Pod, PodTemplateSpec};
 use sha2::{Digest, Sha256};
 use std::{collections::BTreeMap, time::Duration};
 
@@ -24,24 +24,15 @@ pub const STRATEGY_ANNOTATION: &str = "kvinject.io/rollout-strategy";
 pub const VERSIONS_ANNOTATION: &str = "kvinject.io/secret-versions";
 
 /// The reference a materialized Secret follows, when it follows the current version.
-pub fn followed_reference(secret: &Secret) -> Option<Reference> {
-    let annotation = secret
-        .metadata
-        .annotations
-        .as_ref()?
-        .get(materialize::REFERENCE_ANNOTATION)?;
+pub fn followed_reference(secret: &CachedSecret) -> Option<Reference> {
+    let annotation = secret.annotation(materialize::REFERENCE_ANNOTATION)?;
     let reference = Reference::parse(annotation)?.ok()?;
     // A pinned version never changes: nothing to follow.
     reference.version.is_none().then_some(reference)
 }
 
-pub fn version_of(secret: &Secret) -> Option<&str> {
-    secret
-        .metadata
-        .annotations
-        .as_ref()?
-        .get(materialize::VERSION_ANNOTATION)
-        .map(String::as_str)
+pub fn version_of(secret: &CachedSecret) -> Option<&str> {
+    secret.annotation(materialize::VERSION_ANNOTATION)
 }
 
 /// The intervals pods ask for, per Secret they use (`(namespace, name)`): the shortest
@@ -443,13 +434,18 @@ mod tests {
 
     #[test]
     fn pinned_references_are_not_followed() {
-        let secret = |r: &str| -> Secret {
-            serde_json::from_value(json!({"metadata": {"annotations": {"kvinject.io/reference": r}}}))
-                .unwrap()
+        use crate::materialize::seal::Verdict;
+        use k8s_openapi::api::core::v1::Secret;
+        let cached = |s: Secret| CachedSecret::with_verdict(&s, Verdict::Genuine);
+        let secret = |r: &str| {
+            cached(
+                serde_json::from_value(json!({"metadata": {"annotations": {"kvinject.io/reference": r}}}))
+                    .unwrap(),
+            )
         };
         assert!(followed_reference(&secret("akv://v/db")).is_some());
         assert!(followed_reference(&secret("akv://v/db/0123456789abcdef0123456789abcdef")).is_none());
-        assert!(followed_reference(&Secret::default()).is_none());
+        assert!(followed_reference(&cached(Secret::default())).is_none());
     }
 
     #[test]

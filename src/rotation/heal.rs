@@ -9,15 +9,12 @@
 //!   `SecretNotFound` Event, the webhook warns new pods, and a gauge counts it; all of that
 //!   ends with a `SecretRecovered` Event when Key Vault has it again.
 
-use super::{Controller, Read, collect::References, decide, key_of, needed_for, publish};
+use super::{Controller, Read, collect::References, decide, needed_for, publish};
 use crate::{
     identity::WorkloadIdentity,
     inject::FIELD_MANAGER,
     keyvault::source::{FetchError, Fetched, SecretSource},
-    materialize::{
-        self,
-        seal::{self, Verdict},
-    },
+    materialize::{self, CachedSecret, seal::Verdict},
     metrics::SecretLabels,
     mutate::Needed,
     reference::Reference,
@@ -25,7 +22,7 @@ use crate::{
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{ObjectReference, Secret};
 use kube::{
-    Api, ResourceExt,
+    Api,
     api::{Patch, PatchParams, PostParams},
     runtime::events::EventType,
 };
@@ -53,11 +50,10 @@ pub(super) struct Lost {
 /// are not `present` now but are `referenced`, with the version each held when deleted
 /// (pure). A deleted Secret whose seal says it was not kvinject's is never among them.
 pub(super) fn lost_secrets(
-    deleted: &[Secret],
+    deleted: &[CachedSecret],
     planned: &BTreeMap<Key, Needed>,
     present: &dyn Fn(&Key) -> bool,
     referenced: &dyn Fn(&Key) -> bool,
-    keys: &seal::Keys,
 ) -> BTreeMap<Key, (Needed, Option<String>)> {
     let gone_but_used = |k: &Key| !present(k) && referenced(k);
     let mut out: BTreeMap<Key, (Needed, Option<String>)> = planned
@@ -66,9 +62,9 @@ pub(super) fn lost_secrets(
         .map(|(k, n)| (k.clone(), (n.clone(), None)))
         .collect();
     for s in deleted {
-        let key = key_of(s);
+        let key = s.key();
         if gone_but_used(&key)
-            && seal::verify(keys, s) != Verdict::Foreign
+            && s.verdict != Verdict::Foreign
             && let Some(needed) = needed_for(s)
         {
             out.insert(key, (needed, decide::version_of(s).map(str::to_owned)));
@@ -80,25 +76,18 @@ pub(super) fn lost_secrets(
 /// kvinject's Secrets deleted while this replica leads, as its Secret watch reports them:
 /// their metadata only (what each was made from, its version and seal), never their data.
 #[derive(Clone, Default)]
-pub struct Deletions(Arc<Mutex<(bool, Vec<Secret>)>>);
+pub struct Deletions(Arc<Mutex<(bool, Vec<CachedSecret>)>>);
 
 impl Deletions {
     /// Notes a deleted Secret, while the controller leads.
-    pub fn record(&self, secret: &Secret) {
-        if !materialize::is_managed(secret) {
+    pub fn record(&self, secret: &CachedSecret) {
+        if !secret.managed {
             return;
         }
         if let Ok(mut g) = self.0.lock()
             && g.0
         {
-            g.1.push(Secret {
-                metadata: kube::api::ObjectMeta {
-                    managed_fields: None,
-                    ..secret.metadata.clone()
-                },
-                type_: secret.type_.clone(),
-                ..Default::default()
-            });
+            g.1.push(secret.clone());
         }
     }
 
@@ -109,7 +98,7 @@ impl Deletions {
         }
     }
 
-    fn take(&self) -> Vec<Secret> {
+    fn take(&self) -> Vec<CachedSecret> {
         self.0
             .lock()
             .map(|mut g| std::mem::take(&mut g.1))
@@ -165,13 +154,8 @@ fn secret_ref(key: &Key) -> ObjectReference {
     }
 }
 
-fn missing_since(secret: &Secret) -> Option<&str> {
-    secret
-        .metadata
-        .annotations
-        .as_ref()?
-        .get(materialize::MISSING_ANNOTATION)
-        .map(String::as_str)
+fn missing_since(secret: &CachedSecret) -> Option<&str> {
+    secret.annotation(materialize::MISSING_ANNOTATION)
 }
 
 impl Controller {
@@ -180,7 +164,7 @@ impl Controller {
     /// replica led) those an existing pod uses and a workload template says how to make;
     /// they are due at once. `all`: every labelled Secret in the cache; `full`: the
     /// references of a full pass (`None` between full passes).
-    pub(super) fn find_lost(&mut self, all: &[Arc<Secret>], full: Option<&References>, now: Instant) {
+    pub(super) fn find_lost(&mut self, all: &[Arc<CachedSecret>], full: Option<&References>, now: Instant) {
         let deleted = self.deletions.take();
         let computed;
         let references = match full {
@@ -191,7 +175,7 @@ impl Controller {
                 &computed
             }
         };
-        let present: HashSet<Key> = all.iter().map(|s| key_of(s)).collect();
+        let present: HashSet<Key> = all.iter().map(|s| s.key()).collect();
         // From templates, only what existing pods use: their Secret certainly existed (a pod
         // was admitted with it), while a template whose pods never ran may have Secrets that
         // were never made (or never could be), which is no loss to repair.
@@ -204,13 +188,9 @@ impl Controller {
                 .collect(),
             None => BTreeMap::new(),
         };
-        let lost = lost_secrets(
-            &deleted,
-            &planned,
-            &|k| present.contains(k),
-            &|k| references.contains(k),
-            &self.inject.keys,
-        );
+        let lost = lost_secrets(&deleted, &planned, &|k| present.contains(k), &|k| {
+            references.contains(k)
+        });
         for (key, (needed, version)) in lost {
             // A revoked grant is no reason to bring a value back.
             if self.lost.contains_key(&key) || self.revoked_for(&key.0, &needed) {
@@ -346,7 +326,7 @@ impl Controller {
     /// Who still uses the lost Secret `key`, when it is still gone, still used and still
     /// granted; otherwise forgets it and answers `None`.
     fn still_lost(&mut self, key: &Key, needed: &Needed) -> Option<String> {
-        let object = kube::runtime::reflector::ObjectRef::<Secret>::new(&key.1).within(&key.0);
+        let object = kube::runtime::reflector::ObjectRef::<CachedSecret>::new(&key.1).within(&key.0);
         let terminating = self
             .caches
             .namespaces
@@ -439,7 +419,7 @@ impl Controller {
 
     /// Keeps the gauge of secrets Key Vault no longer has in step with the annotations on
     /// the Secrets that follow them.
-    pub(super) fn count_missing(&mut self, by_reference: &BTreeMap<Read, Vec<Arc<Secret>>>) {
+    pub(super) fn count_missing(&mut self, by_reference: &BTreeMap<Read, Vec<Arc<CachedSecret>>>) {
         let now: BTreeSet<SecretLabels> = by_reference
             .iter()
             .filter(|(_, secrets)| secrets.iter().any(|s| missing_since(s).is_some()))
@@ -459,45 +439,49 @@ impl Controller {
 
     /// Key Vault answered that `reference` does not exist: each Secret that follows it
     /// keeps its value and is marked, with one `SecretNotFound` Event when first found so.
-    pub(super) async fn report_missing(&self, reference: &Read, secrets: &[Arc<Secret>]) {
+    pub(super) async fn report_missing(&self, reference: &Read, secrets: &[Arc<CachedSecret>]) {
         let since = k8s_openapi::jiff::Timestamp::now().to_string();
         for secret in secrets.iter().filter(|s| missing_since(s).is_none()) {
             let patch = json!({"metadata": {"annotations": {materialize::MISSING_ANNOTATION: since}}});
             if let Err(e) = self.patch_secret(secret, &patch).await {
-                warn!(secret = %secret.name_any(), namespace = ?secret.namespace(), error = %e, "could not mark a Secret whose Key Vault secret is gone; retrying at the next check");
+                warn!(secret = %secret.name, namespace = %secret.namespace, error = %e, "could not mark a Secret whose Key Vault secret is gone; retrying at the next check");
                 continue;
             }
             let version = decide::version_of(secret).unwrap_or("?");
-            warn!(secret = %secret.name_any(), namespace = ?secret.namespace(), %reference, %version, "Key Vault no longer has the secret; keeping the materialized value");
+            warn!(secret = %secret.name, namespace = %secret.namespace, %reference, %version, "Key Vault no longer has the secret; keeping the materialized value");
             let note = format!(
                 "{reference}: Key Vault no longer has this secret (deleted in the vault?); keeping version {version}; new pods still get it, with a warning"
             );
-            self.event(secret.as_ref(), EventType::Warning, "SecretNotFound", note)
+            self.secret_event(secret, EventType::Warning, "SecretNotFound", note)
                 .await;
         }
     }
 
     /// Key Vault has `reference` again: the marks end, each with a `SecretRecovered` Event.
     /// Secrets about to be updated to `version` lose the mark with the update itself.
-    pub(super) async fn report_found(&self, reference: &Read, secrets: &[Arc<Secret>], version: &str) {
+    pub(super) async fn report_found(&self, reference: &Read, secrets: &[Arc<CachedSecret>], version: &str) {
         for secret in secrets.iter().filter(|s| missing_since(s).is_some()) {
             if decide::version_of(secret) == Some(version) {
                 let patch = json!({"metadata": {"annotations": {materialize::MISSING_ANNOTATION: null}}});
                 if let Err(e) = self.patch_secret(secret, &patch).await {
-                    warn!(secret = %secret.name_any(), namespace = ?secret.namespace(), error = %e, "could not unmark a Secret whose Key Vault secret is back; retrying at the next check");
+                    warn!(secret = %secret.name, namespace = %secret.namespace, error = %e, "could not unmark a Secret whose Key Vault secret is back; retrying at the next check");
                     continue;
                 }
             }
-            info!(secret = %secret.name_any(), namespace = ?secret.namespace(), %reference, "Key Vault has the secret again");
+            info!(secret = %secret.name, namespace = %secret.namespace, %reference, "Key Vault has the secret again");
             let note = format!("{reference}: Key Vault has this secret again (version {version})");
-            self.event(secret.as_ref(), EventType::Normal, "SecretRecovered", note)
+            self.secret_event(secret, EventType::Normal, "SecretRecovered", note)
                 .await;
         }
     }
 
-    async fn patch_secret(&self, secret: &Secret, patch: &serde_json::Value) -> Result<Secret, kube::Error> {
-        let api: Api<Secret> = Api::namespaced(self.client.clone(), &secret.namespace().unwrap_or_default());
-        api.patch(&secret.name_any(), &PatchParams::default(), &Patch::Merge(patch))
+    async fn patch_secret(
+        &self,
+        secret: &CachedSecret,
+        patch: &serde_json::Value,
+    ) -> Result<Secret, kube::Error> {
+        let api: Api<Secret> = Api::namespaced(self.client.clone(), &secret.namespace);
+        api.patch(&secret.name, &PatchParams::default(), &Patch::Merge(patch))
             .await
     }
 }
@@ -505,10 +489,11 @@ impl Controller {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mutate::Source;
+    use crate::{materialize::seal, mutate::Source};
     use serde_json::json;
 
-    /// A deleted Secret as the watch reports it, sealed with `keys`.
+    /// A deleted Secret as the watch reports it, sealed with `keys` (and checked with the
+    /// keys `Keys::default()` makes: fresh ones, so only a test's own `keys` verify).
     fn secret(keys: &seal::Keys, ns: &str, name: &str, reference: &str, version: &str) -> Secret {
         let mut s: Secret = serde_json::from_value(json!({
             "metadata": {"namespace": ns, "name": name, "labels": {materialize::MANAGED_BY_LABEL: materialize::MANAGED_BY}, "annotations": {
@@ -556,7 +541,8 @@ mod tests {
             key("a", "kvi-3"),
             key("b", "kvi-4"),
         ]);
-        let lost = lost_secrets(&deleted, &planned, &present, &|k| referenced.contains(k), &keys);
+        let deleted = deleted.map(|s| CachedSecret::new(&keys, &s));
+        let lost = lost_secrets(&deleted, &planned, &present, &|k| referenced.contains(k));
         let summary: Vec<(Key, String, Option<String>)> = lost
             .into_iter()
             .map(|(k, (n, v))| (k, n.source.reference().to_string(), v))
@@ -575,8 +561,11 @@ mod tests {
     #[test]
     fn a_gone_secret_nothing_uses_is_not_lost() {
         let keys = seal::Keys::default();
-        let deleted = [secret(&keys, "a", "kvi-1", "akv://v/one", "v1")];
-        let lost = lost_secrets(&deleted, &BTreeMap::new(), &|_| false, &|_| false, &keys);
+        let deleted = [CachedSecret::new(
+            &keys,
+            &secret(&keys, "a", "kvi-1", "akv://v/one", "v1"),
+        )];
+        let lost = lost_secrets(&deleted, &BTreeMap::new(), &|_| false, &|_| false);
         assert!(lost.is_empty());
     }
 
@@ -586,31 +575,29 @@ mod tests {
         let forged = secret(&seal::Keys::default(), "a", "kvi-1", "akv://v/one", "v1");
         let referenced = BTreeSet::from([key("a", "kvi-1")]);
         let lost = lost_secrets(
-            &[forged],
+            &[CachedSecret::new(&keys, &forged)],
             &BTreeMap::new(),
             &|_| false,
             &|k| referenced.contains(k),
-            &keys,
         );
         assert!(lost.is_empty());
     }
 
     #[test]
-    fn deletions_are_noted_only_while_leading_and_without_data() {
+    fn deletions_are_noted_only_while_leading() {
         let keys = seal::Keys::default();
         let deletions = Deletions::default();
-        let s = secret(&keys, "a", "kvi-1", "akv://v/one", "v1");
+        let s = CachedSecret::new(&keys, &secret(&keys, "a", "kvi-1", "akv://v/one", "v1"));
         deletions.record(&s);
         assert!(deletions.take().is_empty(), "not leading: nothing noted");
         deletions.set_active(true);
         deletions.record(&s);
         let taken = deletions.take();
-        assert_eq!(taken.len(), 1);
-        assert!(taken[0].data.is_none(), "no value is kept");
+        assert_eq!(taken, vec![s]);
         assert_eq!(
-            seal::verify(&keys, &taken[0]),
-            Verdict::Edited,
-            "its origin still verifies without the data"
+            taken[0].verdict,
+            Verdict::Genuine,
+            "as its seal said when deleted"
         );
         assert!(deletions.take().is_empty(), "taken once");
     }

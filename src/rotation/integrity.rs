@@ -4,17 +4,17 @@
 //! hand gets its value back from Key Vault (the same version) and a `Restored` Event; a
 //! Secret sealed with an older key is sealed again with the current one.
 
-use super::{Controller, Written, decide, key_of, needed_for};
+use super::{Controller, Written, decide, needed_for};
 use crate::{
     inject::FIELD_MANAGER,
     materialize::{
-        self,
+        CachedSecret,
         seal::{self, Verdict},
     },
     reference::Reference,
 };
 use k8s_openapi::api::core::v1::Secret;
-use kube::{Api, ResourceExt, api::PostParams, runtime::events::EventType};
+use kube::{Api, api::PostParams, runtime::events::EventType};
 use std::{
     collections::{BTreeSet, HashMap},
     sync::Arc,
@@ -26,23 +26,23 @@ type Key = (String, String);
 impl Controller {
     /// The seal verdict of every labelled Secret, as the Secret watch recorded it (each is
     /// verified once per resourceVersion, before its value is dropped from the cache).
-    pub(super) fn verdicts(&self, secrets: &[Arc<Secret>]) -> HashMap<Key, Verdict> {
+    pub(super) fn verdicts(&self, secrets: &[Arc<CachedSecret>]) -> HashMap<Key, Verdict> {
         secrets
             .iter()
-            .filter(|s| materialize::is_managed(s))
-            .map(|s| (key_of(s), self.seals.of(&self.inject.keys, s)))
+            .filter(|s| s.managed)
+            .map(|s| (s.key(), s.verdict))
             .collect()
     }
 
     /// Reports foreign Secrets once, restores edited ones, and re-seals old-key ones.
     pub(super) async fn guard_integrity(
         &mut self,
-        secrets: &[Arc<Secret>],
+        secrets: &[Arc<CachedSecret>],
         verdicts: &HashMap<Key, Verdict>,
     ) {
         let mut foreign_now = BTreeSet::new();
         for secret in secrets {
-            let key = key_of(secret);
+            let key = secret.key();
             match verdicts.get(&key) {
                 Some(Verdict::Foreign) => {
                     if !self.foreign.contains(&key) {
@@ -50,15 +50,13 @@ impl Controller {
                         let note = "carries kvinject's label but no valid kvinject seal: not created by kvinject, or its \
                                     reference or version was changed; kvinject never writes, deletes or hands it to a pod"
                             .to_owned();
-                        self.event(secret.as_ref(), EventType::Warning, "ForeignSecret", note)
+                        self.secret_event(secret, EventType::Warning, "ForeignSecret", note)
                             .await;
                     }
                     foreign_now.insert(key);
                 }
                 Some(Verdict::Edited) => self.restore(secret).await,
-                Some(Verdict::Genuine)
-                    if seal::key_id(secret).as_deref() != Some(self.inject.keys.current_id()) =>
-                {
+                Some(Verdict::Genuine) if secret.key_id.as_deref() != Some(self.inject.keys.current_id()) => {
                     self.reseal(secret).await
                 }
                 _ => {}
@@ -68,7 +66,7 @@ impl Controller {
     }
 
     /// Writes back the value of the version the Secret records, read from Key Vault.
-    async fn restore(&self, secret: &Secret) {
+    async fn restore(&self, secret: &CachedSecret) {
         let (Some(needed), Some(version)) = (needed_for(secret), decide::version_of(secret)) else {
             return;
         };
@@ -80,32 +78,33 @@ impl Controller {
         let fetched = match self.source.fetch(&pinned, needed.identity.as_ref()).await {
             Ok(f) => f,
             Err(e) => {
-                warn!(secret = %secret.name_any(), error = %e, "cannot restore a hand-edited Secret yet; retrying next sweep");
+                warn!(secret = %secret.name, error = %e, "cannot restore a hand-edited Secret yet; retrying next sweep");
                 return;
             }
         };
         if self.write_value(secret, &fetched).await == Written::Yes {
-            info!(secret = %secret.name_any(), namespace = ?secret.namespace(), "restored a hand-edited value");
+            info!(secret = %secret.name, namespace = %secret.namespace, "restored a hand-edited value");
             let note = format!(
                 "its value was changed by hand; restored {reference} version {version} from Key Vault"
             );
-            self.event(secret, EventType::Warning, "Restored", note).await;
+            self.secret_event(secret, EventType::Warning, "Restored", note)
+                .await;
         }
     }
 
     /// Seals a genuine Secret again with the current key (after a key rotation). The seal
     /// covers the value, which the cache does not keep: the Secret is read first, and
     /// written only if it is still the one the cache showed and still genuine.
-    async fn reseal(&self, secret: &Secret) {
-        let api: Api<Secret> = Api::namespaced(self.client.clone(), &secret.namespace().unwrap_or_default());
-        let mut resealed = match api.get(&secret.name_any()).await {
+    async fn reseal(&self, secret: &CachedSecret) {
+        let api: Api<Secret> = Api::namespaced(self.client.clone(), &secret.namespace);
+        let mut resealed = match api.get(&secret.name).await {
             Ok(s) => s,
             Err(e) => {
-                warn!(secret = %secret.name_any(), error = %e, "could not read a Secret to seal it with the current key; retrying next sweep");
+                warn!(secret = %secret.name, error = %e, "could not read a Secret to seal it with the current key; retrying next sweep");
                 return;
             }
         };
-        if resealed.metadata.resource_version != secret.metadata.resource_version
+        if resealed.metadata.resource_version.as_deref() != Some(secret.resource_version.as_str())
             || seal::verify(&self.inject.keys, &resealed) != Verdict::Genuine
         {
             // Changed meanwhile: the next sweep looks at it as it is now.
@@ -117,8 +116,8 @@ impl Controller {
             field_manager: Some(FIELD_MANAGER.into()),
             ..Default::default()
         };
-        if let Err(e) = api.replace(&secret.name_any(), &params, &resealed).await {
-            warn!(secret = %secret.name_any(), error = %e, "could not seal a Secret with the current key; retrying next sweep");
+        if let Err(e) = api.replace(&secret.name, &params, &resealed).await {
+            warn!(secret = %secret.name, error = %e, "could not seal a Secret with the current key; retrying next sweep");
         }
     }
 }

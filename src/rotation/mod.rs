@@ -15,7 +15,7 @@ use crate::{
     access::Policies,
     inject::FIELD_MANAGER,
     keyvault::source::{FetchError, Fetched, SecretSource},
-    materialize::{self, seal::Verdict},
+    materialize::{self, CachedSecret, seal::Verdict},
     metrics::Metrics,
     mutate::{InjectConfig, Needed, Source},
     reference::Reference,
@@ -30,7 +30,7 @@ use k8s_openapi::{
     serde::de::DeserializeOwned,
 };
 use kube::{
-    Api, Client, Resource, ResourceExt,
+    Api, Client, Resource,
     api::PostParams,
     runtime::{
         WatchStreamExt,
@@ -80,7 +80,7 @@ pub struct RotationConfig {
 /// Watch-backed caches the controller decides from.
 #[derive(Clone)]
 pub struct Caches {
-    pub secrets: Store<Secret>,
+    pub secrets: Store<CachedSecret>,
     /// Injected pods, as much of them as the controller decides from.
     pub pods: Store<pods::PodUse>,
     pub deployments: Store<Deployment>,
@@ -167,6 +167,23 @@ fn map_event<K, T>(event: watcher::Event<K>, f: impl Fn(K) -> T) -> watcher::Eve
     }
 }
 
+/// kvinject's own Secrets (by its label), each kept as a `CachedSecret`: its seal checked
+/// with `keys` once per change, its value never held. Returns the cache and the watch's
+/// events (as kept), which the caller drives.
+pub fn reflect_secrets(
+    client: &Client,
+    keys: materialize::seal::Keys,
+) -> (
+    Store<CachedSecret>,
+    impl futures::Stream<Item = watcher::Result<watcher::Event<CachedSecret>>> + Send + use<>,
+) {
+    let (store, writer) = reflector::store();
+    let api = Api::<Secret>::all(client.clone());
+    let events = watcher(api, watcher::Config::default().labels(materialize::SELECTOR))
+        .map(move |e| e.map(|e| map_event(e, |s| CachedSecret::new(&keys, &s))));
+    (store, reflector::reflector(writer, events))
+}
+
 /// `reflect_with` for every object of the API.
 pub fn reflect<K>(api: Api<K>) -> (Store<K>, BoxFuture<'static, ()>)
 where
@@ -179,7 +196,7 @@ where
 /// shares with the webhook) and returns them with the future that drives them.
 pub fn watch_workloads(
     client: &Client,
-    secrets: Store<Secret>,
+    secrets: Store<CachedSecret>,
     namespaces: Store<Namespace>,
 ) -> (Caches, impl Future<Output = ()> + Send + use<>) {
     // Injected pods, each kept as the Secrets it uses and the interval it asks for.
@@ -270,11 +287,6 @@ where
     })
 }
 
-/// A Secret's (`namespace`, `name`).
-fn key_of(secret: &Secret) -> (String, String) {
-    (secret.namespace().unwrap_or_default(), secret.name_any())
-}
-
 /// How a write of a Secret's value went.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Written {
@@ -287,7 +299,7 @@ enum Written {
 }
 
 /// A reference due for a check, the Secrets that follow it, and its interval.
-type Due<'a> = (&'a Read, &'a [Arc<Secret>], Duration);
+type Due<'a> = (&'a Read, &'a [Arc<CachedSecret>], Duration);
 
 /// One Key Vault read a sweep makes: a reference, as the identity its Secrets were read
 /// with (kvinject's, or a ServiceAccount's).
@@ -336,9 +348,6 @@ pub struct Controller {
     access: Option<Policies>,
     /// Secrets (`namespace`, `name`) known to be revoked, so each gets one Event.
     revoked: BTreeSet<(String, String)>,
-    /// What each labelled Secret's seal said, by uid, for the resourceVersion checked
-    /// (shared with the Secret watch, which drops values from the cache).
-    seals: Arc<materialize::seal::Verdicts>,
     /// Foreign Secrets already reported, so each gets one Event.
     foreign: BTreeSet<(String, String)>,
     /// Annotations that do not parse (retain-until, gc-grace-period), already reported: one
@@ -393,7 +402,6 @@ impl Controller {
             leading: None,
             access: None,
             revoked: BTreeSet::new(),
-            seals: Default::default(),
             foreign: BTreeSet::new(),
             bad_annotations: Default::default(),
             identities: None,
@@ -404,12 +412,6 @@ impl Controller {
             lost: BTreeMap::new(),
             missing: BTreeSet::new(),
         }
-    }
-
-    /// Reads seal verdicts the Secret watch records before it drops each value.
-    pub fn with_verdicts(mut self, verdicts: Arc<materialize::seal::Verdicts>) -> Self {
-        self.seals = verdicts;
-        self
     }
 
     /// Recreates Secrets `deletions` reports (fed by the Secret watch) when still in use.
@@ -510,16 +512,16 @@ impl Controller {
         // rotated or deleted (its Event is recorded below).
         let all = self.caches.secrets.state();
         let verdicts = self.verdicts(&all);
-        let secrets: Vec<Arc<Secret>> = all
+        let secrets: Vec<Arc<CachedSecret>> = all
             .iter()
-            .filter(|s| verdicts.get(&key_of(s)).is_some_and(|v| *v != Verdict::Foreign))
+            .filter(|s| verdicts.get(&s.key()).is_some_and(|v| *v != Verdict::Foreign))
             .cloned()
             .collect();
         // A Secret whose grant was revoked is never read for again.
         let revoked = self.revoked_now(&secrets);
-        let mut by_reference: BTreeMap<Read, Vec<Arc<Secret>>> = BTreeMap::new();
-        for s in secrets.iter().filter(|s| materialize::is_managed(s)) {
-            if revoked.contains(&key_of(s)) {
+        let mut by_reference: BTreeMap<Read, Vec<Arc<CachedSecret>>> = BTreeMap::new();
+        for s in secrets.iter().filter(|s| s.managed) {
+            if revoked.contains(&s.key()) {
                 continue;
             }
             if let Some(reference) = decide::followed_reference(s).map(|r| r.secret()) {
@@ -543,10 +545,10 @@ impl Controller {
         let mut down: BTreeSet<String> = BTreeSet::new();
         // For a reference shared by several Secrets and pods, the shortest interval wins.
         let default = self.config.refresh_interval;
-        let interval_of = |secrets: &[Arc<Secret>]| {
+        let interval_of = |secrets: &[Arc<CachedSecret>]| {
             secrets
                 .iter()
-                .filter_map(|s| asked.get(&(s.namespace().unwrap_or_default(), s.name_any())))
+                .filter_map(|s| asked.get(&s.key()))
                 .fold(default, |a, b| a.min(*b))
         };
         let mut due: Vec<Due<'_>> = Vec::new();
@@ -586,9 +588,7 @@ impl Controller {
             .filter(|(r, secrets)| {
                 !checked.contains(*r)
                     && !down.contains(&r.reference.vault)
-                    && secrets
-                        .iter()
-                        .any(|s| dirty.contains(&s.namespace().unwrap_or_default()))
+                    && secrets.iter().any(|s| dirty.contains(&s.namespace))
             })
             .map(|(r, secrets)| (r, secrets.as_slice(), interval_of(secrets)))
             .collect();
@@ -640,8 +640,8 @@ impl Controller {
     async fn narrow_by_listing<'a>(
         &mut self,
         due: Vec<Due<'a>>,
-        by_reference: &'a BTreeMap<Read, Vec<Arc<Secret>>>,
-        interval_of: &(dyn Fn(&[Arc<Secret>]) -> Duration + Sync),
+        by_reference: &'a BTreeMap<Read, Vec<Arc<CachedSecret>>>,
+        interval_of: &(dyn Fn(&[Arc<CachedSecret>]) -> Duration + Sync),
         now: Instant,
     ) -> (Vec<Due<'a>>, BTreeSet<String>) {
         let due_vaults: BTreeSet<String> = due.iter().map(|(r, _, _)| r.reference.vault.clone()).collect();
@@ -703,7 +703,7 @@ impl Controller {
     }
 
     /// Whether `vault` (with a reference due) is checked from its listing.
-    fn listable(&self, vault: &str, by_reference: &BTreeMap<Read, Vec<Arc<Secret>>>) -> bool {
+    fn listable(&self, vault: &str, by_reference: &BTreeMap<Read, Vec<Arc<CachedSecret>>>) -> bool {
         listing::worth_listing(
             by_reference.keys().filter(|r| r.reference.vault == vault).count(),
             self.list_pages.get(vault).copied(),
@@ -755,7 +755,7 @@ impl Controller {
                 continue;
             }
             // Owned inputs: the futures must not borrow from the sweep's state.
-            let rest: Vec<(Read, Vec<Arc<Secret>>, Duration)> =
+            let rest: Vec<(Read, Vec<Arc<CachedSecret>>, Duration)> =
                 refs.map(|(r, s, i)| (r.clone(), s.to_vec(), i)).collect();
             let source = self.source.clone();
             let fetched: Vec<_> = futures::stream::iter(rest)
@@ -785,7 +785,7 @@ impl Controller {
     async fn apply(
         &mut self,
         reference: &Read,
-        secrets: &[Arc<Secret>],
+        secrets: &[Arc<CachedSecret>],
         interval: Duration,
         now: Instant,
         result: Result<Fetched, crate::keyvault::source::FetchError>,
@@ -818,7 +818,7 @@ impl Controller {
                 {
                     match self.update(secret, &fetched).await {
                         Written::Yes => {
-                            changed.insert(secret.namespace().unwrap_or_default());
+                            changed.insert(secret.namespace.clone());
                         }
                         Written::Failed => failed = true,
                         Written::Refused => {}
@@ -861,8 +861,8 @@ impl Controller {
                         "KeyVaultRefused"
                     };
                     for secret in secrets {
-                        self.event(
-                            secret.as_ref(),
+                        self.secret_event(
+                            secret,
                             EventType::Warning,
                             reason,
                             format!(
@@ -879,7 +879,7 @@ impl Controller {
     }
 
     /// Writes the new value and version into `secret`, with a `Rotated` Event.
-    async fn update(&self, secret: &Secret, fetched: &Fetched) -> Written {
+    async fn update(&self, secret: &CachedSecret, fetched: &Fetched) -> Written {
         let written = self.write_value(secret, fetched).await;
         if written != Written::Yes {
             return written;
@@ -888,51 +888,65 @@ impl Controller {
             .map(|n| n.source.reference().to_string())
             .unwrap_or_default();
         let from = decide::version_of(secret).unwrap_or("?").to_owned();
-        let ns = secret.namespace().unwrap_or_default();
-        info!(secret = %secret.name_any(), namespace = %ns, %reference, %from, to = %fetched.version, "rotated");
+        info!(secret = %secret.name, namespace = %secret.namespace, %reference, %from, to = %fetched.version, "rotated");
         self.metrics.rotations.inc();
         let note = format!("{reference}: version {from} -> {}", fetched.version);
-        self.event(secret, EventType::Normal, "Rotated", note).await;
+        self.secret_event(secret, EventType::Normal, "Rotated", note)
+            .await;
         Written::Yes
     }
 
     /// Replaces `secret`'s value and version with `fetched`, sealed. A value that cannot be
     /// used keeps the old one, with a `RotationRefused` Event.
-    async fn write_value(&self, secret: &Secret, fetched: &Fetched) -> Written {
-        let ns = secret.namespace().unwrap_or_default();
+    async fn write_value(&self, secret: &CachedSecret, fetched: &Fetched) -> Written {
+        let (ns, name) = (&secret.namespace, &secret.name);
         let Some(needed) = needed_for(secret) else {
             return Written::Refused;
         };
-        let desired = match materialize::desired_secret(&ns, &needed, fetched, &self.inject.keys) {
+        let desired = match materialize::desired_secret(ns, &needed, fetched, &self.inject.keys) {
             Ok(d) => d,
             Err(e) => {
                 let note = format!(
                     "{e}; keeping version {}",
                     decide::version_of(secret).unwrap_or("?")
                 );
-                self.event(secret, EventType::Warning, "RotationRefused", note)
+                self.secret_event(secret, EventType::Warning, "RotationRefused", note)
                     .await;
                 return Written::Refused;
             }
         };
-        let api: Api<Secret> = Api::namespaced(self.client.clone(), &ns);
+        let api: Api<Secret> = Api::namespaced(self.client.clone(), ns);
         let params = PostParams {
             field_manager: Some(FIELD_MANAGER.into()),
             ..Default::default()
         };
-        let name = secret.name_any();
-        let reference = |s: &Secret| {
+        let followed = secret.annotation(materialize::REFERENCE_ANNOTATION);
+        fn reference(s: &Secret) -> Option<&str> {
             s.metadata
                 .annotations
                 .as_ref()
-                .and_then(|a| a.get(materialize::REFERENCE_ANNOTATION).cloned())
-        };
-        // resourceVersion makes each write conditional. When someone else wrote the Secret
-        // meanwhile (409), the write is made again on the Secret as it is now, so their
-        // change (a label, say) stays; three tries, then the next check.
-        let mut current = secret.clone();
+                .and_then(|a| a.get(materialize::REFERENCE_ANNOTATION))
+                .map(String::as_str)
+        }
+        // The cache holds no value, so each write is made on the Secret as it is now: read,
+        // then replaced on its resourceVersion. When someone else wrote it in between (409),
+        // it is read and written again, so their change (a label, say) stays; three tries,
+        // then the next check.
         for attempt in 1..=CONFLICT_TRIES {
-            let mut updated = current.clone();
+            let mut updated = match api.get(name).await {
+                // Still kvinject's Secret for the same reference: written.
+                Ok(current) if materialize::is_managed(&current) && reference(&current) == followed => {
+                    current
+                }
+                Ok(_) => {
+                    warn!(secret = %name, namespace = %ns, "the Secret changed owner or reference meanwhile; not written");
+                    return Written::Refused;
+                }
+                Err(e) => {
+                    warn!(secret = %name, namespace = %ns, error = %e, "could not read the Secret to write it; retrying at the next sweep");
+                    return Written::Failed;
+                }
+            };
             updated.data = desired.data.clone();
             updated.type_ = desired.type_.clone();
             updated
@@ -945,26 +959,10 @@ impl Controller {
                 a.remove(materialize::MISSING_ANNOTATION);
             }
             updated.metadata.managed_fields = None;
-            match api.replace(&name, &params, &updated).await {
+            match api.replace(name, &params, &updated).await {
                 Ok(_) => return Written::Yes,
                 Err(kube::Error::Api(status)) if status.code == 409 && attempt < CONFLICT_TRIES => {
                     debug!(secret = %name, namespace = %ns, attempt, "conflict; writing again on the current Secret");
-                    match api.get(&name).await {
-                        // Still kvinject's Secret for the same reference: try again on it.
-                        Ok(fresh)
-                            if materialize::is_managed(&fresh) && reference(&fresh) == reference(secret) =>
-                        {
-                            current = fresh;
-                        }
-                        Ok(_) => {
-                            warn!(secret = %name, namespace = %ns, "the Secret changed owner or reference meanwhile; not written");
-                            return Written::Refused;
-                        }
-                        Err(e) => {
-                            warn!(secret = %name, namespace = %ns, error = %e, "could not read the Secret after a conflict; retrying at the next sweep");
-                            return Written::Failed;
-                        }
-                    }
                 }
                 Err(e) => {
                     warn!(secret = %name, namespace = %ns, error = %e, "could not update the Secret; retrying at the next sweep");
@@ -973,6 +971,11 @@ impl Controller {
             }
         }
         Written::Failed
+    }
+
+    /// An Event on one of kvinject's Secrets, as the cache knows it.
+    async fn secret_event(&self, secret: &CachedSecret, type_: EventType, reason: &str, note: String) {
+        publish(&self.recorder, &secret.object_reference(), type_, reason, note).await;
     }
 
     async fn event<K: Resource<DynamicType = ()>>(
@@ -1006,37 +1009,37 @@ async fn publish(
 }
 
 /// Rebuilds what a materialized Secret was made from, out of its own metadata.
-fn needed_for(secret: &Secret) -> Option<Needed> {
-    let annotations = secret.metadata.annotations.as_ref()?;
-    let reference = Reference::parse(annotations.get(materialize::REFERENCE_ANNOTATION)?)?.ok()?;
+fn needed_for(secret: &CachedSecret) -> Option<Needed> {
+    let annotation = |name| secret.annotation(name);
+    let reference = Reference::parse(annotation(materialize::REFERENCE_ANNOTATION)?)?.ok()?;
     let source = match (
         secret.type_.as_deref(),
-        annotations.get(materialize::REGISTRY_ANNOTATION),
-        annotations.get(materialize::USERNAME_ANNOTATION),
+        annotation(materialize::REGISTRY_ANNOTATION),
+        annotation(materialize::USERNAME_ANNOTATION),
     ) {
         (Some("kubernetes.io/dockerconfigjson"), Some(registry), Some(username)) => Source::RegistryLogin {
-            registry: registry.clone(),
-            username: username.clone(),
+            registry: registry.to_owned(),
+            username: username.to_owned(),
             password: reference,
         },
         (Some("kubernetes.io/dockerconfigjson"), _, _) => Source::DockerConfig(reference),
         _ => Source::Env(reference),
     };
     let identity = match (
-        annotations.get(materialize::SERVICE_ACCOUNT_ANNOTATION),
-        annotations.get(materialize::CLIENT_ID_ANNOTATION),
-        annotations.get(materialize::TENANT_ID_ANNOTATION),
+        annotation(materialize::SERVICE_ACCOUNT_ANNOTATION),
+        annotation(materialize::CLIENT_ID_ANNOTATION),
+        annotation(materialize::TENANT_ID_ANNOTATION),
     ) {
         (Some(sa), Some(client_id), Some(tenant_id)) => Some(crate::identity::WorkloadIdentity {
-            namespace: secret.namespace().unwrap_or_default(),
-            service_account: sa.clone(),
-            client_id: client_id.clone(),
-            tenant_id: tenant_id.clone(),
+            namespace: secret.namespace.clone(),
+            service_account: sa.to_owned(),
+            client_id: client_id.to_owned(),
+            tenant_id: tenant_id.to_owned(),
         }),
         _ => None,
     };
     Some(Needed {
-        secret_name: secret.name_any(),
+        secret_name: secret.name.clone(),
         source,
         identity,
     })
@@ -1132,6 +1135,7 @@ mod tests {
                     },
                     &inject.keys,
                 )
+                .map(|s| CachedSecret::new(&inject.keys, &s))
                 .unwrap()
             })
             .collect();
@@ -1255,6 +1259,7 @@ mod tests {
                 &Default::default(),
             )
             .unwrap();
+            let old = CachedSecret::with_verdict(&old, materialize::seal::Verdict::Genuine);
             assert_eq!(needed_for(&old), Some(needed.clone()));
         }
     }

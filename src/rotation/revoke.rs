@@ -3,13 +3,9 @@
 //! deleted as soon as no pod uses it (no grace period: new pods are denied anyway).
 //! Running pods keep running.
 
-use super::{Controller, key_of, needed_for};
-use crate::{access::grant::use_of, materialize, mutate::Needed};
-use k8s_openapi::api::core::v1::Secret;
-use kube::{
-    ResourceExt,
-    runtime::{events::EventType, reflector::ObjectRef},
-};
+use super::{Controller, needed_for};
+use crate::{access::grant::use_of, materialize::CachedSecret, mutate::Needed};
+use kube::runtime::{events::EventType, reflector::ObjectRef};
 use std::{collections::BTreeSet, sync::Arc};
 use tracing::{info, warn};
 
@@ -18,17 +14,16 @@ type Key = (String, String);
 impl Controller {
     /// kvinject's Secrets that no policy grants to their namespace, for any ServiceAccount,
     /// any more. None while access is off or the policies have not been listed yet.
-    pub(super) fn revoked_now(&self, secrets: &[Arc<Secret>]) -> BTreeSet<Key> {
+    pub(super) fn revoked_now(&self, secrets: &[Arc<CachedSecret>]) -> BTreeSet<Key> {
         if self.access.as_ref().and_then(|p| p.loaded()).is_none() {
             return BTreeSet::new();
         }
         secrets
             .iter()
-            .filter(|s| materialize::is_managed(s))
+            .filter(|s| s.managed)
             .filter_map(|s| {
                 let needed = needed_for(s)?;
-                let ns = s.namespace()?;
-                self.revoked_for(&ns, &needed).then(|| (ns, s.name_any()))
+                self.revoked_for(&s.namespace, &needed).then(|| s.key())
             })
             .collect()
     }
@@ -49,22 +44,22 @@ impl Controller {
     }
 
     /// Records newly revoked Secrets, and deletes the revoked ones no pod uses.
-    pub(super) async fn retire_revoked(&mut self, secrets: &[Arc<Secret>], revoked: BTreeSet<Key>) {
+    pub(super) async fn retire_revoked(&mut self, secrets: &[Arc<CachedSecret>], revoked: BTreeSet<Key>) {
         self.metrics
             .access_revoked
             .set(i64::try_from(revoked.len()).unwrap_or(i64::MAX));
         for secret in secrets
             .iter()
-            .filter(|s| revoked.contains(&key_of(s)) && !self.revoked.contains(&key_of(s)))
+            .filter(|s| revoked.contains(&s.key()) && !self.revoked.contains(&s.key()))
         {
             let reference = needed_for(secret)
                 .map(|n| n.source.reference().to_string())
                 .unwrap_or_default();
-            info!(secret = %secret.name_any(), namespace = ?secret.namespace(), %reference, "access revoked");
+            info!(secret = %secret.name, namespace = %secret.namespace, %reference, "access revoked");
             let note = format!(
                 "{reference}: no AccessPolicy grants it to this namespace any more; no longer refreshed from Key Vault, deleted once no pod uses it"
             );
-            self.event(secret.as_ref(), EventType::Warning, "AccessRevoked", note)
+            self.secret_event(secret, EventType::Warning, "AccessRevoked", note)
                 .await;
         }
         if revoked.is_empty() {
@@ -74,9 +69,9 @@ impl Controller {
         let in_use = self.used_by_pods(None);
         for secret in secrets
             .iter()
-            .filter(|s| revoked.contains(&key_of(s)) && !in_use.contains(&key_of(s)))
+            .filter(|s| revoked.contains(&s.key()) && !in_use.contains(&s.key()))
         {
-            let (ns, name) = key_of(secret);
+            let (ns, name) = secret.key();
             match self.delete_as_read(secret).await {
                 Ok(true) => {
                     info!(secret = %name, namespace = %ns, "deleted: access revoked and no pod uses it")

@@ -5,7 +5,7 @@
 use super::{Controller, decide, publish};
 use decide::{Rollout, Strategy};
 use k8s_openapi::{
-    api::core::v1::{Pod, PodTemplateSpec, Secret},
+    api::core::v1::{Pod, PodTemplateSpec},
     apimachinery::pkg::apis::meta::v1::LabelSelector,
     serde::de::DeserializeOwned,
 };
@@ -119,7 +119,7 @@ impl Controller {
         }
         let mut versions = BTreeMap::new();
         for name in names {
-            let object = reflector::ObjectRef::<Secret>::new(&name).within(&ns);
+            let object = reflector::ObjectRef::<crate::materialize::CachedSecret>::new(&name).within(&ns);
             // Not materialized yet: its pods have not been admitted; nothing to compare.
             let Some(version) = self
                 .caches

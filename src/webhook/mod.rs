@@ -313,7 +313,7 @@ mod tests {
     fn harness() -> Harness {
         let source = Arc::new(CountingSource::default());
         let writer = Arc::new(RecordingWriter::default());
-        let store = Writer::<Secret>::default().as_reader();
+        let store = Writer::<crate::materialize::CachedSecret>::default().as_reader();
         let config = InjectConfig {
             vaults: ["main".to_string()].into(),
             ..Default::default()
