@@ -15,6 +15,12 @@ mod support;
 use futures::{StreamExt, stream};
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::{Api, api::PostParams};
+use kvinject::{
+    keyvault::{SecretValue, source::Fetched},
+    materialize,
+    mutate::{Needed, Source},
+    reference::Reference,
+};
 use std::time::{Duration, Instant};
 
 fn env_usize(name: &str, default: usize) -> usize {
@@ -72,9 +78,15 @@ async fn main() {
     let parallel = env_usize("KVINJECT_BENCH_PARALLEL", 8).max(1);
     let extra_secrets = env_usize("KVINJECT_BENCH_SECRETS", 10000);
     let lease = support::unique("bench-lease");
+    // KVINJECT_BENCH_ROTATION=false: the webhook alone, to see what the controller adds.
+    let rotation = if std::env::var("KVINJECT_BENCH_ROTATION").as_deref() == Ok("false") {
+        "false"
+    } else {
+        "true"
+    };
     let kvinject = support::Kvinject::start(&[
         "--rotation",
-        "true",
+        rotation,
         "--lease-namespace",
         "default",
         "--lease-name",
@@ -137,19 +149,36 @@ async fn main() {
     let burst_split = split(pid);
     let burst_cpu = cpu_after - cpu_before;
 
-    // Many materialized Secrets in its caches (written directly, as if admitted earlier).
+    // Many materialized Secrets in its caches, written directly as if admitted earlier: made
+    // and sealed as kvinject makes them, with the signing key it loaded.
+    let keys = kvinject::materialize::keys::load_or_create(&s.client, "default", "kvinject-signing-key")
+        .await
+        .expect("kvinject's signing key");
     let secrets: Api<Secret> = Api::namespaced(s.client.clone(), &s.ns);
     stream::iter(0..extra_secrets)
         .for_each_concurrent(16, |i| {
-            let secrets = secrets.clone();
+            let (secrets, keys, ns) = (secrets.clone(), keys.clone(), s.ns.clone());
             async move {
-                let secret: Secret = serde_json::from_value(serde_json::json!({
-                    "metadata": {"name": format!("kvinject-bench-{i}"), "labels": {"app.kubernetes.io/managed-by": "kvinject"},
-                                 "annotations": {"kvinject.io/reference": format!("akv://{}/bench-{i}", support::testbed().vault_name), "kvinject.io/version": "0123456789abcdef0123456789abcdef"}},
-                    "stringData": {"value": "benchmark-value-of-a-typical-length-0123456789"}
-                }))
-                .unwrap();
-                secrets.create(&PostParams::default(), &secret).await.expect("creating a Secret");
+                let source = Source::Env(Reference {
+                    vault: support::testbed().vault_name.clone(),
+                    name: format!("bench-{i}"),
+                    version: None,
+                    field: None,
+                });
+                let needed = Needed {
+                    secret_name: source.secret_name(),
+                    source,
+                    identity: None,
+                };
+                let fetched = Fetched {
+                    value: SecretValue::new("benchmark-value-of-a-typical-length-0123456789"),
+                    version: format!("{i:032x}"),
+                };
+                let secret = materialize::desired_secret(&ns, &needed, &fetched, &keys).unwrap();
+                secrets
+                    .create(&PostParams::default(), &secret)
+                    .await
+                    .expect("creating a Secret");
             }
         })
         .await;

@@ -15,36 +15,19 @@ use crate::{
 };
 use k8s_openapi::api::core::v1::Secret;
 use kube::{Api, api::PostParams, runtime::events::EventType};
-use std::{
-    collections::{BTreeSet, HashMap},
-    sync::Arc,
-};
+use std::{collections::BTreeSet, sync::Arc};
 use tracing::{info, warn};
 
-type Key = (String, String);
-
 impl Controller {
-    /// The seal verdict of every labelled Secret, as the Secret watch recorded it (each is
-    /// verified once per resourceVersion, before its value is dropped from the cache).
-    pub(super) fn verdicts(&self, secrets: &[Arc<CachedSecret>]) -> HashMap<Key, Verdict> {
-        secrets
-            .iter()
-            .filter(|s| s.managed)
-            .map(|s| (s.key(), s.verdict))
-            .collect()
-    }
-
     /// Reports foreign Secrets once, restores edited ones, and re-seals old-key ones.
-    pub(super) async fn guard_integrity(
-        &mut self,
-        secrets: &[Arc<CachedSecret>],
-        verdicts: &HashMap<Key, Verdict>,
-    ) {
+    /// Each Secret's verdict is the one the Secret watch reached (once per resourceVersion,
+    /// before it dropped the value).
+    pub(super) async fn guard_integrity(&mut self, secrets: &[Arc<CachedSecret>]) {
         let mut foreign_now = BTreeSet::new();
-        for secret in secrets {
-            let key = secret.key();
-            match verdicts.get(&key) {
-                Some(Verdict::Foreign) => {
+        for secret in secrets.iter().filter(|s| s.managed) {
+            match secret.verdict {
+                Verdict::Foreign => {
+                    let key = secret.key();
                     if !self.foreign.contains(&key) {
                         warn!(secret = %key.1, namespace = %key.0, "a Secret carries kvinject's label without its seal; left alone");
                         let note = "carries kvinject's label but no valid kvinject seal: not created by kvinject, or its \
@@ -55,8 +38,8 @@ impl Controller {
                     }
                     foreign_now.insert(key);
                 }
-                Some(Verdict::Edited) => self.restore(secret).await,
-                Some(Verdict::Genuine) if secret.key_id.as_deref() != Some(self.inject.keys.current_id()) => {
+                Verdict::Edited => self.restore(secret).await,
+                Verdict::Genuine if secret.key_id.as_deref() != Some(self.inject.keys.current_id()) => {
                     self.reseal(secret).await
                 }
                 _ => {}

@@ -306,7 +306,8 @@ type Due<'a> = (&'a Read, &'a [Arc<CachedSecret>], Duration);
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Read {
     pub reference: Reference,
-    pub identity: Option<crate::identity::WorkloadIdentity>,
+    /// Boxed: most reads are kvinject's own, and one is kept per followed reference.
+    pub identity: Option<Box<crate::identity::WorkloadIdentity>>,
 }
 
 impl std::fmt::Display for Read {
@@ -325,6 +326,8 @@ struct Poll {
     next: Instant,
     failures: u32,
     last_success: Option<Instant>,
+    /// What the vault's listing showed at the last read that succeeded (list-based sweep).
+    known: Option<listing::Known>,
 }
 
 pub struct Controller {
@@ -355,8 +358,6 @@ pub struct Controller {
     bad_annotations: std::sync::Mutex<BTreeSet<String>>,
     /// Which identity each ServiceAccount's pods read as; `None`: kvinject's, always.
     identities: Option<crate::inject::ServiceAccounts>,
-    /// Per reference, what the listing showed when it was last read with a GET.
-    known: HashMap<Read, listing::Known>,
     /// Per reference read in this sweep after a listing: the `updated` it showed.
     listed_updated: HashMap<Read, Option<i64>>,
     /// Pages each vault's last listing took.
@@ -405,7 +406,6 @@ impl Controller {
             foreign: BTreeSet::new(),
             bad_annotations: Default::default(),
             identities: None,
-            known: HashMap::new(),
             listed_updated: HashMap::new(),
             list_pages: HashMap::new(),
             deletions: heal::Deletions::default(),
@@ -473,7 +473,6 @@ impl Controller {
             info!("leading: rotation controller started");
             // A new term starts from what the apiserver says, not from a previous term.
             self.polls.clear();
-            self.known.clear();
             self.lost.clear();
             self.deletions.set_active(true);
             self.last_full_reconcile = None;
@@ -511,10 +510,9 @@ impl Controller {
         // Only Secrets kvinject sealed: one that merely carries the label is never filled,
         // rotated or deleted (its Event is recorded below).
         let all = self.caches.secrets.state();
-        let verdicts = self.verdicts(&all);
         let secrets: Vec<Arc<CachedSecret>> = all
             .iter()
-            .filter(|s| verdicts.get(&s.key()).is_some_and(|v| *v != Verdict::Foreign))
+            .filter(|s| s.managed && s.verdict != Verdict::Foreign)
             .cloned()
             .collect();
         // A Secret whose grant was revoked is never read for again.
@@ -527,14 +525,16 @@ impl Controller {
             if let Some(reference) = decide::followed_reference(s).map(|r| r.secret()) {
                 let identity = needed_for(s).and_then(|n| n.identity);
                 by_reference
-                    .entry(Read { reference, identity })
+                    .entry(Read {
+                        reference,
+                        identity: identity.map(Box::new),
+                    })
                     .or_default()
                     .push(s.clone());
             }
         }
         self.count_missing(&by_reference);
         self.polls.retain(|r, _| by_reference.contains_key(r));
-        self.known.retain(|r, _| by_reference.contains_key(r));
         let asked = decide::requested_intervals(
             self.caches.pods.state().iter().map(AsRef::as_ref),
             self.inject.min_refresh_interval,
@@ -559,6 +559,7 @@ impl Controller {
                 next: now + interval + decide::jitter(&key, interval),
                 failures: 0,
                 last_success: Some(now),
+                known: None,
             });
             if poll.next <= now {
                 checked.insert(reference.clone());
@@ -629,7 +630,7 @@ impl Controller {
         self.retire_revoked(&secrets, revoked).await;
         // Restores read Key Vault: once per reconcile interval, not every second.
         if full {
-            self.guard_integrity(&all, &verdicts).await;
+            self.guard_integrity(&all).await;
         }
     }
 
@@ -683,7 +684,7 @@ impl Controller {
                 }
                 let interval = interval_of(secrets);
                 if listing::needs_read(
-                    self.known.get(r),
+                    self.polls.get(r).and_then(|p| p.known.as_ref()),
                     listed,
                     unix_now,
                     self.config.full_refresh_interval,
@@ -744,7 +745,10 @@ impl Controller {
                 }
                 continue;
             }
-            let result = self.source.fetch(&first.reference, first.identity.as_ref()).await;
+            let result = self
+                .source
+                .fetch(&first.reference, first.identity.as_deref())
+                .await;
             let (changed, outage) = self.apply(first, secrets, interval, now, result).await;
             dirty.extend(changed);
             if outage {
@@ -762,7 +766,7 @@ impl Controller {
                 .map(move |(r, secrets, interval)| {
                     let source = source.clone();
                     async move {
-                        let result = source.fetch(&r.reference, r.identity.as_ref()).await;
+                        let result = source.fetch(&r.reference, r.identity.as_deref()).await;
                         (r, secrets, interval, result)
                     }
                 })
@@ -797,19 +801,17 @@ impl Controller {
             next: now,
             failures: 0,
             last_success: None,
+            known: None,
         });
         match result {
             Ok(fetched) => {
                 let failures = std::mem::take(&mut poll.failures);
                 poll.last_success = Some(now);
                 poll.next = now + interval;
-                self.known.insert(
-                    reference.clone(),
-                    listing::Known {
-                        updated: self.listed_updated.get(reference).copied().flatten(),
-                        read_at: time::OffsetDateTime::now_utc().unix_timestamp(),
-                    },
-                );
+                poll.known = Some(listing::Known {
+                    updated: self.listed_updated.get(reference).copied().flatten(),
+                    read_at: time::OffsetDateTime::now_utc().unix_timestamp(),
+                });
                 self.report_found(reference, secrets, &fetched.version).await;
                 let mut failed = false;
                 for secret in secrets
@@ -831,7 +833,7 @@ impl Controller {
                     poll.failures = failures + 1;
                     poll.next =
                         now + Duration::from_secs(2u64.saturating_pow(poll.failures.min(8))).min(interval);
-                    self.known.remove(reference);
+                    poll.known = None;
                 }
             }
             Err(e) => {
