@@ -175,7 +175,11 @@ impl Controller {
                 &computed
             }
         };
-        let present: HashSet<Key> = all.iter().map(|s| s.key()).collect();
+        // Borrowed: no copy of every cached Secret's name at each full pass.
+        let present: HashSet<(&str, &str)> = all
+            .iter()
+            .map(|s| (s.namespace.as_str(), s.name.as_str()))
+            .collect();
         // From templates, only what existing pods use: their Secret certainly existed (a pod
         // was admitted with it), while a template whose pods never ran may have Secrets that
         // were never made (or never could be), which is no loss to repair.
@@ -188,9 +192,12 @@ impl Controller {
                 .collect(),
             None => BTreeMap::new(),
         };
-        let lost = lost_secrets(&deleted, &planned, &|k| present.contains(k), &|k| {
-            references.contains(k)
-        });
+        let lost = lost_secrets(
+            &deleted,
+            &planned,
+            &|k| present.contains(&(k.0.as_str(), k.1.as_str())),
+            &|k| references.contains(k),
+        );
         for (key, (needed, version)) in lost {
             // A revoked grant is no reason to bring a value back.
             if self.lost.contains_key(&key) || self.revoked_for(&key.0, &needed) {
@@ -419,7 +426,7 @@ impl Controller {
 
     /// Keeps the gauge of secrets Key Vault no longer has in step with the annotations on
     /// the Secrets that follow them.
-    pub(super) fn count_missing(&mut self, by_reference: &BTreeMap<Read, Vec<Arc<CachedSecret>>>) {
+    pub(super) fn count_missing(&mut self, by_reference: &super::ByReference) {
         let now: BTreeSet<SecretLabels> = by_reference
             .iter()
             .filter(|(_, secrets)| secrets.iter().any(|s| missing_since(s).is_some()))

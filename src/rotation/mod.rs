@@ -299,7 +299,11 @@ enum Written {
 }
 
 /// A reference due for a check, the Secrets that follow it, and its interval.
-type Due<'a> = (&'a Read, &'a [Arc<CachedSecret>], Duration);
+type Due<'a> = (&'a Arc<Read>, &'a [Arc<CachedSecret>], Duration);
+
+/// The Secrets that follow each reference, grouped at each sweep. A reference's `Read` is
+/// the one its poll state holds (one allocation per followed reference, not one per sweep).
+type ByReference = BTreeMap<Arc<Read>, Vec<Arc<CachedSecret>>>;
 
 /// One Key Vault read a sweep makes: a reference, as the identity its Secrets were read
 /// with (kvinject's, or a ServiceAccount's).
@@ -338,7 +342,7 @@ pub struct Controller {
     caches: Caches,
     metrics: Metrics,
     recorder: Recorder,
-    polls: HashMap<Read, Poll>,
+    polls: HashMap<Arc<Read>, Poll>,
     last_full_reconcile: Option<Instant>,
     /// Workloads with an eviction rollout under way (`kind/namespace/name`).
     evicting: Arc<std::sync::Mutex<BTreeSet<String>>>,
@@ -359,7 +363,7 @@ pub struct Controller {
     /// Which identity each ServiceAccount's pods read as; `None`: kvinject's, always.
     identities: Option<crate::inject::ServiceAccounts>,
     /// Per reference read in this sweep after a listing: the `updated` it showed.
-    listed_updated: HashMap<Read, Option<i64>>,
+    listed_updated: HashMap<Arc<Read>, Option<i64>>,
     /// Pages each vault's last listing took.
     list_pages: HashMap<String, usize>,
     /// kvinject's Secrets deleted while this replica leads.
@@ -517,20 +521,26 @@ impl Controller {
             .collect();
         // A Secret whose grant was revoked is never read for again.
         let revoked = self.revoked_now(&secrets);
-        let mut by_reference: BTreeMap<Read, Vec<Arc<CachedSecret>>> = BTreeMap::new();
+        let mut by_reference = ByReference::new();
         for s in secrets.iter().filter(|s| s.managed) {
-            if revoked.contains(&s.key()) {
+            if !revoked.is_empty() && revoked.contains(&s.key()) {
                 continue;
             }
             if let Some(reference) = decide::followed_reference(s).map(|r| r.secret()) {
-                let identity = needed_for(s).and_then(|n| n.identity);
-                by_reference
-                    .entry(Read {
-                        reference,
-                        identity: identity.map(Box::new),
-                    })
-                    .or_default()
-                    .push(s.clone());
+                // Read as a workload's identity only when the Secret says whose.
+                let identity = s
+                    .annotation(materialize::CLIENT_ID_ANNOTATION)
+                    .and_then(|_| needed_for(s))
+                    .and_then(|n| n.identity);
+                let read = Read {
+                    reference,
+                    identity: identity.map(Box::new),
+                };
+                let read = match self.polls.get_key_value(&read) {
+                    Some((shared, _)) => shared.clone(),
+                    None => Arc::new(read),
+                };
+                by_reference.entry(read).or_default().push(s.clone());
             }
         }
         self.count_missing(&by_reference);
@@ -540,7 +550,7 @@ impl Controller {
             self.inject.min_refresh_interval,
         );
         let mut dirty: BTreeSet<String> = BTreeSet::new();
-        let mut checked: BTreeSet<Read> = BTreeSet::new();
+        let mut checked: BTreeSet<Arc<Read>> = BTreeSet::new();
         // Vaults that could not be reached in this sweep: their other references wait too.
         let mut down: BTreeSet<String> = BTreeSet::new();
         // For a reference shared by several Secrets and pods, the shortest interval wins.
@@ -548,15 +558,15 @@ impl Controller {
         let interval_of = |secrets: &[Arc<CachedSecret>]| {
             secrets
                 .iter()
+                .filter(|_| !asked.is_empty())
                 .filter_map(|s| asked.get(&s.key()))
                 .fold(default, |a, b| a.min(*b))
         };
         let mut due: Vec<Due<'_>> = Vec::new();
         for (reference, secrets) in &by_reference {
             let interval = interval_of(secrets);
-            let key = reference.to_string();
             let poll = self.polls.entry(reference.clone()).or_insert_with(|| Poll {
-                next: now + interval + decide::jitter(&key, interval),
+                next: now + interval + decide::jitter(&reference.to_string(), interval),
                 failures: 0,
                 last_success: Some(now),
                 known: None,
@@ -641,7 +651,7 @@ impl Controller {
     async fn narrow_by_listing<'a>(
         &mut self,
         due: Vec<Due<'a>>,
-        by_reference: &'a BTreeMap<Read, Vec<Arc<CachedSecret>>>,
+        by_reference: &'a ByReference,
         interval_of: &(dyn Fn(&[Arc<CachedSecret>]) -> Duration + Sync),
         now: Instant,
     ) -> (Vec<Due<'a>>, BTreeSet<String>) {
@@ -704,7 +714,7 @@ impl Controller {
     }
 
     /// Whether `vault` (with a reference due) is checked from its listing.
-    fn listable(&self, vault: &str, by_reference: &BTreeMap<Read, Vec<Arc<CachedSecret>>>) -> bool {
+    fn listable(&self, vault: &str, by_reference: &ByReference) -> bool {
         listing::worth_listing(
             by_reference.keys().filter(|r| r.reference.vault == vault).count(),
             self.list_pages.get(vault).copied(),
@@ -759,7 +769,7 @@ impl Controller {
                 continue;
             }
             // Owned inputs: the futures must not borrow from the sweep's state.
-            let rest: Vec<(Read, Vec<Arc<CachedSecret>>, Duration)> =
+            let rest: Vec<(Arc<Read>, Vec<Arc<CachedSecret>>, Duration)> =
                 refs.map(|(r, s, i)| (r.clone(), s.to_vec(), i)).collect();
             let source = self.source.clone();
             let fetched: Vec<_> = futures::stream::iter(rest)
@@ -788,7 +798,7 @@ impl Controller {
     /// the vault itself could not be used.
     async fn apply(
         &mut self,
-        reference: &Read,
+        reference: &Arc<Read>,
         secrets: &[Arc<CachedSecret>],
         interval: Duration,
         now: Instant,
