@@ -74,7 +74,7 @@ pub(super) fn lost_secrets(
 }
 
 /// kvinject's Secrets deleted while this replica leads, as its Secret watch reports them:
-/// their metadata only (what each was made from, its version and seal), never their data.
+/// as cached (what each was made from, its version and its seal's verdict), never their data.
 #[derive(Clone, Default)]
 pub struct Deletions(Arc<Mutex<(bool, Vec<CachedSecret>)>>);
 
