@@ -144,11 +144,7 @@ async fn main() {
                     version: None,
                     field: None,
                 });
-                let needed = Needed {
-                    secret_name: source.secret_name(),
-                    source,
-                    identity: None,
-                };
+                let needed = Needed::own_read(source);
                 let fetched = Fetched {
                     value: SecretValue::new("benchmark-value"),
                     version,

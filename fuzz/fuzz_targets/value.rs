@@ -36,11 +36,7 @@ fuzz_target!(|input: &str| {
         version: "0123456789abcdef0123456789abcdef".into(),
     };
     for source in sources {
-        let needed = Needed {
-            secret_name: source.secret_name(),
-            source,
-            identity: None,
-        };
+        let needed = Needed::own_read(source);
         if let Err(e) = desired_secret("ns", &needed, &fetched, &Default::default()) {
             let message = e.to_string();
             assert!(!message.contains(MARK), "a refusal echoed the value: {message}");

@@ -205,14 +205,6 @@ mod tests {
         }
     }
 
-    fn needed(source: Source) -> Needed {
-        Needed {
-            secret_name: source.secret_name(),
-            source,
-            identity: None,
-        }
-    }
-
     fn fetched(v: &str) -> Fetched {
         Fetched {
             value: SecretValue::new(v),
@@ -222,7 +214,7 @@ mod tests {
 
     #[test]
     fn env_secret_holds_only_the_value_and_says_where_it_came_from() {
-        let n = needed(Source::Env(r("db")));
+        let n = Needed::own_read(Source::Env(r("db")));
         let keys = seal::Keys::default();
         let mut s = desired_secret("team-a", &n, &fetched("s3cret"), &keys).unwrap();
         assert_eq!(
@@ -254,7 +246,7 @@ mod tests {
 
     #[test]
     fn docker_configs_are_checked_without_echoing_them() {
-        let n = needed(Source::DockerConfig(r("acr")));
+        let n = Needed::own_read(Source::DockerConfig(r("acr")));
         let ok = r#"{"auths":{"r.example":{"auth":"dTpw"}}}"#;
         let s = desired_secret("ns", &n, &fetched(ok), &Default::default()).unwrap();
         assert_eq!(s.type_.as_deref(), Some("kubernetes.io/dockerconfigjson"));
@@ -279,7 +271,7 @@ mod tests {
 
     #[test]
     fn registry_logins_become_docker_configs() {
-        let n = needed(Source::RegistryLogin {
+        let n = Needed::own_read(Source::RegistryLogin {
             registry: "r.example".into(),
             username: "app-id".into(),
             password: r("sp"),
@@ -302,7 +294,7 @@ mod tests {
         let with_field = |f: &str| {
             let mut r = r("svc");
             r.field = Some(f.into());
-            needed(Source::Env(r))
+            Needed::own_read(Source::Env(r))
         };
         let value = |f: &str| {
             desired_secret("ns", &with_field(f), &fetched(doc), &Default::default())
@@ -341,7 +333,7 @@ mod tests {
 
     #[test]
     fn oversized_values_are_refused() {
-        let n = needed(Source::Env(r("big")));
+        let n = Needed::own_read(Source::Env(r("big")));
         let err = desired_secret(
             "ns",
             &n,

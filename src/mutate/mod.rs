@@ -103,6 +103,17 @@ pub struct Needed {
     pub identity: Option<WorkloadIdentity>,
 }
 
+impl Needed {
+    /// The Secret `source` is materialized as, read with kvinject's own identity.
+    pub fn own_read(source: Source) -> Self {
+        Needed {
+            secret_name: source.secret_name(),
+            source,
+            identity: None,
+        }
+    }
+}
+
 /// The decision for one pod.
 #[derive(Debug, Default, PartialEq)]
 pub struct Plan {

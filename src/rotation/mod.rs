@@ -1133,11 +1133,7 @@ mod tests {
                     version: None,
                     field: None,
                 });
-                let needed = Needed {
-                    secret_name: source.secret_name(),
-                    source,
-                    identity: None,
-                };
+                let needed = Needed::own_read(source);
                 materialize::desired_secret(
                     "ns",
                     &needed,
@@ -1255,11 +1251,7 @@ mod tests {
                 },
             },
         ] {
-            let needed = Needed {
-                secret_name: source.secret_name(),
-                source,
-                identity: None,
-            };
+            let needed = Needed::own_read(source);
             let value = |v: &str| Fetched {
                 value: SecretValue::new(v),
                 version: format!("{v:0>32}"),
