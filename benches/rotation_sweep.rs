@@ -187,7 +187,8 @@ async fn main() {
     let rss_before = rss_kib();
     let (store, events) = rotation::reflect_secrets(&client, keys.clone());
     tokio::spawn(events.default_backoff().for_each(|_| async {}));
-    let (namespaces, namespace_watch) = rotation::reflect(Api::<Namespace>::all(client.clone()));
+    let (namespaces, namespace_watch) =
+        rotation::reflect(Api::<Namespace>::all(client.clone()), Default::default());
     tokio::spawn(namespace_watch);
     let (caches, drive) = rotation::watch_workloads(&client, store.clone(), namespaces);
     tokio::spawn(drive);

@@ -6,6 +6,7 @@ use crate::{
     admin,
     certs::bootstrap::Bootstrap,
     config::{ServeConfig, TlsConfig},
+    generation::Generation,
     inject::{Injector, KubeWriter, ServiceAccounts},
     keyvault::source::KeyVault,
     materialize,
@@ -105,13 +106,17 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     // Each is kept as its metadata and its seal's verdict, checked once per change: never
     // its value (the rotation controller reads a Secret before it writes one).
     let (store, secret_events) = rotation::reflect_secrets(&client, keys.clone());
+    // Every cache an admission decision reads counts its changes here, after applying them;
+    // the webhook's decision memo holds only while the count stands.
+    let changes = Generation::default();
 
     // Namespace labels: which namespaces kvinject acts for, which ones access policies
     // select, and the rotation controller's rollout opt-ins.
-    let (namespaces, namespace_watch) = rotation::reflect(Api::<Namespace>::all(client.clone()));
+    let (namespaces, namespace_watch) =
+        rotation::reflect(Api::<Namespace>::all(client.clone()), changes.clone());
     // ServiceAccounts: which identity each one's pods read Key Vault as.
     let (service_accounts, service_account_watch) =
-        rotation::reflect(Api::<ServiceAccount>::all(client.clone()));
+        rotation::reflect(Api::<ServiceAccount>::all(client.clone()), changes.clone());
     let identities = ServiceAccounts {
         store: service_accounts.clone(),
         client: Some(client.clone()),
@@ -132,7 +137,7 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         BoxFuture<'static, ()>,
     ) = match config.access_policy {
         access::Mode::Required => {
-            let (policies, policy_store, drive) = access::watch(&client, &metrics);
+            let (policies, policy_store, drive) = access::watch(&client, &metrics, &changes);
             let ready = {
                 let namespaces = namespaces.clone();
                 Box::pin(async move {
@@ -167,7 +172,8 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     .with_namespaces(NamespaceLabels::new(namespaces.clone(), Some(client.clone())))
     .with_scope(config.scope.clone())
     .with_read_limit(config.namespace_reads)
-    .with_identities(identities.clone());
+    .with_identities(identities.clone())
+    .with_changes(changes.clone());
     if let Some(policies) = &policies {
         injector = injector.with_access(policies.clone());
     }
@@ -178,6 +184,10 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         let (injector, deletions) = (injector.clone(), deletions.clone());
         secret_events.default_backoff().for_each(move |event| {
             let (injector, deletions) = (injector.clone(), deletions.clone());
+            // The store has this event already.
+            if event.is_ok() {
+                changes.bump();
+            }
             async move {
                 match event {
                     // A collected Secret must be created again by the next pod that needs it.
@@ -256,10 +266,7 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     };
 
     let handle = axum_server::Handle::new();
-    let state = WebhookState {
-        injector,
-        deadline: config.admission_deadline,
-    };
+    let state = WebhookState::new(injector, config.admission_deadline);
     let webhook_server = axum_server::bind_rustls(config.listen, tls.clone())
         .handle(handle.clone())
         .serve(webhook::router(state).into_make_service());

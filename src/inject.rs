@@ -7,6 +7,7 @@ use crate::{
         grant::{self, AccessDenied, Subject},
     },
     config::ReadLimit,
+    generation::Generation,
     identity::{self, IdentityError, WorkloadIdentity},
     keyvault::source::{FetchError, Fetched, SecretSource},
     limit::ReadBuckets,
@@ -117,10 +118,16 @@ pub enum Denied {
 pub struct Admitted {
     pub patch: Option<Patch>,
     pub warnings: Vec<String>,
+    /// `Some(materialized Secrets used)` when decided from the watch caches alone: no Key
+    /// Vault read, no Secret to create, no GET. Only such a decision may be remembered
+    /// (`webhook::memo`); `None` for everything else.
+    pub from_caches: Option<u64>,
 }
 
 /// A materialized Secret, as the webhook sees it.
 struct Found {
+    /// In the watch cache, not only among this process's own creations.
+    cached: bool,
     version: String,
     verdict: Verdict,
     /// When Key Vault was first found not to have its secret any more.
@@ -130,16 +137,29 @@ struct Found {
 /// One needed Secret, before anything is written.
 enum Prepared {
     /// Already there; with a warning when its vault is unreachable or no longer has it.
-    Materialized { warning: Option<String> },
+    /// `cached`: found in the watch cache (not only in this process's own creations).
+    Materialized { warning: Option<String>, cached: bool },
     /// To be created.
     Missing(Box<Secret>),
 }
 
 /// The last thing each vault told us: `None` when it answered, or why it could not be used.
-#[derive(Clone, Default)]
-pub struct VaultHealth(Arc<Mutex<BTreeMap<String, Option<String>>>>);
+/// A change is counted in `changes`: admissions served from the caches warn about outages.
+#[derive(Clone)]
+pub struct VaultHealth {
+    outages: Arc<Mutex<BTreeMap<String, Option<String>>>>,
+    changes: Generation,
+}
 
 impl VaultHealth {
+    /// No vault heard from yet; each change counted in `changes`.
+    pub fn counting(changes: Generation) -> Self {
+        Self {
+            outages: Arc::default(),
+            changes,
+        }
+    }
+
     pub fn record(&self, vault: &str, outage: Option<String>, metrics: &Metrics) {
         metrics
             .vault_up
@@ -147,12 +167,18 @@ impl VaultHealth {
                 vault: vault.to_owned(),
             })
             .set(i64::from(outage.is_none()));
-        if let Ok(mut map) = self.0.lock() {
-            map.insert(vault.to_owned(), outage);
+        if let Ok(mut map) = self.outages.lock() {
+            let before = map.insert(vault.to_owned(), outage.clone());
+            if before.flatten() != outage {
+                self.changes.bump();
+            }
         }
     }
     pub fn outage(&self, vault: &str) -> Option<String> {
-        self.0.lock().ok().and_then(|m| m.get(vault).cloned().flatten())
+        self.outages
+            .lock()
+            .ok()
+            .and_then(|m| m.get(vault).cloned().flatten())
     }
 }
 
@@ -182,6 +208,8 @@ pub struct Injector {
     /// When each of kvinject's Secrets was seen deleted (a week at most), so a denial can say
     /// a reference was materialized and collected rather than never materialized.
     deleted: Cache<(String, String), String>,
+    /// Counts the changes to what `admit` reads (`with_changes`).
+    changes: Generation,
 }
 
 impl Injector {
@@ -193,6 +221,7 @@ impl Injector {
         value_ttl: Duration,
         metrics: Metrics,
     ) -> Self {
+        let changes = Generation::default();
         Self {
             config,
             source,
@@ -208,7 +237,7 @@ impl Injector {
                 .time_to_live(Duration::from_secs(60))
                 .build(),
             metrics,
-            health: VaultHealth::default(),
+            health: VaultHealth::counting(changes.clone()),
             access: None,
             namespaces: None,
             scope: None,
@@ -218,7 +247,21 @@ impl Injector {
                 .max_capacity(100_000)
                 .time_to_live(Duration::from_secs(7 * 24 * 3600))
                 .build(),
+            changes,
         }
+    }
+
+    /// The count that the caches `admit` reads bump after each change: the watches of
+    /// kvinject's Secrets, namespaces, ServiceAccounts and access policies are given it, and
+    /// the vaults' health counts on it. Call before anything clones `health`.
+    pub fn with_changes(mut self, changes: Generation) -> Self {
+        self.health = VaultHealth::counting(changes.clone());
+        self.changes = changes;
+        self
+    }
+
+    pub fn changes(&self) -> &Generation {
+        &self.changes
     }
 
     /// Reads as a pod's ServiceAccount's Azure identity where it (or the default) says so.
@@ -282,6 +325,7 @@ impl Injector {
             return Ok(Admitted {
                 patch: None,
                 warnings: vec![why],
+                from_caches: None,
             });
         }
         let identity = match &self.identities {
@@ -309,6 +353,7 @@ impl Injector {
             futures::future::join_all(plan.needed.iter().map(|n| self.prepare(namespace, n))).await;
         let mut warnings = plan.warnings;
         let mut missing = Vec::new();
+        let mut all_cached = true;
         for (p, needed) in prepared.into_iter().zip(&plan.needed) {
             // Name every place in the pod that uses the reference the answer is about.
             let p = p.map_err(|e| match plan.locations.get(&needed.secret_name) {
@@ -319,16 +364,31 @@ impl Injector {
                 None => e,
             });
             match p? {
-                Prepared::Materialized { warning } => warnings.extend(warning),
+                Prepared::Materialized { warning, cached } => {
+                    warnings.extend(warning);
+                    all_cached &= cached;
+                }
                 Prepared::Missing(secret) => missing.push(*secret),
             }
         }
+        // Whether the memo may keep this decision: what it read came from the watch caches
+        // alone. Looked up again after deciding: a cache that learned of an object since
+        // then has also moved `changes`, so such a decision is not kept anyway.
+        let from_caches = (missing.is_empty()
+            && all_cached
+            && self.namespaces.as_ref().is_none_or(|n| n.knows(namespace))
+            && self
+                .identities
+                .as_ref()
+                .is_none_or(|i| i.knows(namespace, grant::service_account_of(pod))))
+        .then(|| u64::try_from(plan.needed.len()).unwrap_or(u64::MAX));
         if !dry_run {
             futures::future::try_join_all(missing.into_iter().map(|s| self.create(namespace, s))).await?;
         }
         Ok(Admitted {
             patch: plan.patch,
             warnings,
+            from_caches,
         })
     }
 
@@ -339,6 +399,7 @@ impl Injector {
         if let Some(found) = self.materialized(&key)? {
             self.metrics.cache("secret", true);
             let Found {
+                cached,
                 version,
                 verdict,
                 missing_since,
@@ -358,7 +419,7 @@ impl Injector {
                     needed.secret_name
                 ));
             }
-            return Ok(Prepared::Materialized { warning });
+            return Ok(Prepared::Materialized { warning, cached });
         }
         self.metrics.cache("secret", false);
         let fetched = match self.fetch(namespace, reference, needed.identity.as_ref()).await? {
@@ -447,12 +508,14 @@ impl Injector {
             }
             let annotation = |name: &str| secret.annotation(name).map(str::to_owned);
             return Ok(Some(Found {
+                cached: true,
                 version: annotation(materialize::VERSION_ANNOTATION).unwrap_or_default(),
                 verdict,
                 missing_since: annotation(materialize::MISSING_ANNOTATION),
             }));
         }
         Ok(self.created.contains_key(key).then(|| Found {
+            cached: false,
             version: "just created".to_owned(),
             verdict: Verdict::Genuine,
             missing_since: None,
@@ -543,6 +606,11 @@ impl ServiceAccounts {
             self.default,
             self.tenant.as_deref(),
         )
+    }
+
+    /// Whether the watch cache holds this ServiceAccount.
+    pub fn knows(&self, namespace: &str, name: &str) -> bool {
+        self.store.get(&ObjectRef::new(name).within(namespace)).is_some()
     }
 
     pub async fn of(&self, namespace: &str, name: &str) -> Result<Option<WorkloadIdentity>, IdentityError> {

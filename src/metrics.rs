@@ -98,7 +98,7 @@ impl Default for Metrics {
         let cache = Family::<CacheLabels, Counter>::default();
         registry.register(
             "cache_lookups",
-            "Lookups in the materialized-Secret and value caches, by hit or miss",
+            "Lookups in the materialized-Secret, value and decision caches, by hit or miss",
             cache.clone(),
         );
         let secrets_created = Counter::default();
@@ -309,6 +309,13 @@ impl Metrics {
         if let Some(t) = crate::certs::not_after(pem) {
             self.certificate_expiry.set(t);
         }
+    }
+
+    /// `count` hits at once (a remembered decision counts the Secrets it used).
+    pub fn cache_hits(&self, cache: &'static str, count: u64) {
+        self.cache
+            .get_or_create(&CacheLabels { cache, result: "hit" })
+            .inc_by(count);
     }
 
     pub fn cache(&self, cache: &'static str, hit: bool) {

@@ -8,7 +8,7 @@ pub mod cli;
 pub mod grant;
 pub mod policy;
 
-use crate::metrics::Metrics;
+use crate::{generation::Generation, metrics::Metrics};
 use futures::StreamExt;
 use grant::Index;
 use k8s_openapi::api::core::v1::Namespace;
@@ -77,6 +77,7 @@ impl Policies {
 pub fn watch(
     client: &Client,
     metrics: &Metrics,
+    changes: &Generation,
 ) -> (
     Policies,
     Store<AccessPolicy>,
@@ -85,7 +86,8 @@ pub fn watch(
     let (store, writer) = reflector::store();
     let policies = Policies::default();
     let drive = {
-        let (store, policies, metrics) = (store.clone(), policies.clone(), metrics.clone());
+        let (store, policies, metrics, changes) =
+            (store.clone(), policies.clone(), metrics.clone(), changes.clone());
         reflector::reflector(
             writer,
             watcher(
@@ -104,6 +106,7 @@ pub fn watch(
                         .set(i64::try_from(index.len()).unwrap_or(i64::MAX));
                     info!(policies = index.len(), "access policies loaded");
                     policies.replace(index);
+                    changes.bump();
                 }
                 Ok(_) => {}
                 Err(e) => {
@@ -127,6 +130,11 @@ pub struct NamespaceLabels {
 impl NamespaceLabels {
     pub fn new(store: Store<Namespace>, client: Option<Client>) -> Self {
         Self { store, client }
+    }
+
+    /// Whether the watch cache holds this namespace.
+    pub fn knows(&self, namespace: &str) -> bool {
+        self.store.get(&ObjectRef::new(namespace)).is_some()
     }
 
     /// The namespace's labels and annotations.

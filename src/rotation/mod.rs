@@ -13,6 +13,7 @@ mod rollout;
 
 use crate::{
     access::Policies,
+    generation::Generation,
     inject::FIELD_MANAGER,
     keyvault::source::{FetchError, Fetched, SecretSource},
     materialize::{self, CachedSecret, seal::Verdict},
@@ -184,12 +185,21 @@ pub fn reflect_secrets(
     (store, reflector::reflector(writer, events))
 }
 
-/// `reflect_with` for every object of the API.
-pub fn reflect<K>(api: Api<K>) -> (Store<K>, BoxFuture<'static, ()>)
+/// `reflect_with` for every object of the API, counting each change in `changes` once the
+/// cache holds it (the webhook decides from these caches: `generation`).
+pub fn reflect<K>(api: Api<K>, changes: Generation) -> (Store<K>, BoxFuture<'static, ()>)
 where
     K: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
 {
-    reflect_with(api, watcher::Config::default())
+    let (store, writer) = reflector::store();
+    // The reflector has applied an event to the store when it hands it on.
+    let events = reflector::reflector(writer, watcher(api, watcher::Config::default()).modify(prune))
+        .inspect(move |event| {
+            if event.is_ok() {
+                changes.bump();
+            }
+        });
+    (store, drive(events))
 }
 
 /// Starts the reflectors the controller needs (besides the Secret and Namespace stores it

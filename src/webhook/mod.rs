@@ -1,6 +1,7 @@
 //! The admission HTTP layer: it only converts. Body -> AdmissionRequest, decision ->
 //! AdmissionResponse, always answered with 200 and an AdmissionReview.
 
+pub mod memo;
 pub mod tls;
 
 use crate::{inject::Injector, metrics::ResultLabels};
@@ -15,6 +16,7 @@ use axum::{
 use base64::Engine;
 use k8s_openapi::api::core::v1::Pod;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview};
+use memo::{Decided, Memo};
 use std::{
     sync::Arc,
     time::{Duration, Instant},
@@ -29,6 +31,21 @@ pub struct WebhookState {
     pub injector: Arc<Injector>,
     /// Answer before the apiserver's timeoutSeconds runs out.
     pub deadline: Duration,
+    /// Answers to reviews seen before, while nothing they were decided from has changed;
+    /// `None` decides every review (the access-policy bench, which measures deciding).
+    pub memo: Option<Arc<Memo>>,
+}
+
+impl WebhookState {
+    /// With a decision memo on the injector's count of changes.
+    pub fn new(injector: Arc<Injector>, deadline: Duration) -> Self {
+        let memo = Memo::new(injector.changes().clone(), memo::BUDGET);
+        Self {
+            injector,
+            deadline,
+            memo: Some(Arc::new(memo)),
+        }
+    }
 }
 
 pub fn router(state: WebhookState) -> Router {
@@ -40,7 +57,30 @@ pub fn router(state: WebhookState) -> Router {
 
 async fn mutate_handler(State(state): State<WebhookState>, body: Bytes) -> impl IntoResponse {
     let started = Instant::now();
-    let (response, span) = review(&state, &body).await;
+    let metrics = &state.injector.metrics;
+    let keyed = state.memo.as_ref().and_then(|_| memo::key(&body));
+    if let (Some(memo), Some(keyed)) = (&state.memo, &keyed) {
+        let recalled = memo.recall(&keyed.key);
+        metrics.cache("decision", recalled.is_some());
+        if let Some(decided) = recalled {
+            metrics.cache_hits("secret", decided.secrets);
+            let span = info_span!(
+                "admission",
+                uid = keyed.uid,
+                namespace = &*decided.namespace,
+                pod = &*decided.pod,
+                dry_run = decided.dry_run
+            );
+            let _in = span.enter();
+            log_admission(&state, started, decided.result, decided.warnings, "");
+            return (
+                [(header::CONTENT_TYPE, "application/json")],
+                decided.answer(keyed.uid),
+            );
+        }
+    }
+    let generation = state.memo.as_ref().map_or(0, |m| m.generation());
+    let (response, span, recallable) = review(&state, &body).await;
     let _in = span.enter();
     let result = if response.allowed {
         if response.patch.is_some() {
@@ -53,34 +93,78 @@ async fn mutate_handler(State(state): State<WebhookState>, body: Bytes) -> impl 
     } else {
         "denied"
     };
+    let warnings = response.warnings.as_ref().map_or(0, Vec::len);
+    log_admission(&state, started, result, warnings, &response.result.message);
+    let patch = response
+        .patch
+        .as_ref()
+        .map(|bytes| base64::engine::general_purpose::STANDARD.encode(bytes));
+    let answered = |uid| Answered {
+        uid,
+        allowed: response.allowed,
+        status: &response.result,
+        patch_type: patch.as_ref().map(|_| "JSONPatch"),
+        patch: patch.as_deref(),
+        audit_annotations: &response.audit_annotations,
+        warnings: response.warnings.as_ref(),
+    };
+    let body = encode(answered(&response.uid));
+    if let (Some(memo), Some(keyed), Some(r)) = (&state.memo, keyed, recallable)
+        && response.allowed
+        && let Some(after_uid) = Decided::after_uid(&encode(answered("")))
+    {
+        let decided = Decided {
+            result,
+            after_uid,
+            warnings,
+            secrets: r.secrets,
+            namespace: r.namespace.into(),
+            pod: r.pod.into(),
+            dry_run: r.dry_run,
+        };
+        memo.remember(keyed.key, decided, generation);
+    }
+    ([(header::CONTENT_TYPE, "application/json")], body)
+}
+
+/// The admission's metrics and its one log line (info when admitted, warn with the reason
+/// when not).
+fn log_admission(
+    state: &WebhookState,
+    started: Instant,
+    result: &'static str,
+    warnings: usize,
+    reason: &str,
+) {
     let metrics = &state.injector.metrics;
     metrics.admissions.get_or_create(&ResultLabels { result }).inc();
     metrics.admission_seconds.observe(started.elapsed().as_secs_f64());
-    if response.allowed {
-        info!(
-            result,
-            warnings = response.warnings.as_ref().map_or(0, Vec::len),
-            "admission"
-        );
+    if result == "patched" || result == "allowed" {
+        info!(result, warnings, "admission");
     } else {
-        warn!(result, reason = %response.result.message, "admission");
+        warn!(result, reason, "admission");
     }
-    (
-        [(header::CONTENT_TYPE, "application/json")],
-        encode_review(response),
-    )
+}
+
+/// What a decided review needs to be remembered, when it was decided from the caches alone.
+struct Recallable {
+    secrets: u64,
+    namespace: String,
+    pod: String,
+    dry_run: bool,
 }
 
 /// Parses the body and decides; never fails: a body that is not an AdmissionReview for a
 /// pod gets an `invalid` response naming what is wrong. Also returns the request's span
 /// (uid, namespace, pod, dry run), made once with all its fields, which are cheaper to set
-/// at once than one by one; the decision runs in it.
-async fn review(state: &WebhookState, body: &[u8]) -> (AdmissionResponse, Span) {
+/// at once than one by one; the decision runs in it. An admission decided from the caches
+/// alone comes with what the memo keeps of it.
+async fn review(state: &WebhookState, body: &[u8]) -> (AdmissionResponse, Span, Option<Recallable>) {
     let review: AdmissionReview<Pod> = match serde_json::from_slice(body) {
         Ok(r) => r,
         Err(e) => {
             let invalid = AdmissionResponse::invalid(format!("request body is not an AdmissionReview: {e}"));
-            return (invalid, Span::none());
+            return (invalid, Span::none(), None);
         }
     };
     let request: AdmissionRequest<Pod> = match review.try_into() {
@@ -88,7 +172,7 @@ async fn review(state: &WebhookState, body: &[u8]) -> (AdmissionResponse, Span) 
         Err(e) => {
             let invalid =
                 AdmissionResponse::invalid(format!("AdmissionReview carries no usable request: {e}"));
-            return (invalid, Span::none());
+            return (invalid, Span::none(), None);
         }
     };
     let namespace = request.namespace.clone().unwrap_or_default();
@@ -106,7 +190,7 @@ async fn review(state: &WebhookState, body: &[u8]) -> (AdmissionResponse, Span) 
     );
     let response = AdmissionResponse::from(&request);
     let Some(pod) = request.object.as_ref() else {
-        return (response.deny("the AdmissionReview has no pod object"), span);
+        return (response.deny("the AdmissionReview has no pod object"), span, None);
     };
     // A pod from the apiserver always has a name or generateName: only an empty metadata
     // needs the second look at the body.
@@ -114,6 +198,7 @@ async fn review(state: &WebhookState, body: &[u8]) -> (AdmissionResponse, Span) 
         return (
             response.deny("the pod object in the AdmissionReview has no metadata"),
             span,
+            None,
         );
     }
     let decision = tokio::time::timeout(
@@ -128,9 +213,9 @@ async fn review(state: &WebhookState, body: &[u8]) -> (AdmissionResponse, Span) 
                 "kvinject could not decide within {:?}; Key Vault or the apiserver is slow",
                 state.deadline
             ));
-            return (late, span);
+            return (late, span, None);
         }
-        Ok(Err(denied)) => return (response.deny(denied.to_string()), span),
+        Ok(Err(denied)) => return (response.deny(denied.to_string()), span, None),
         Ok(Ok(a)) => a,
     };
     let mut response = response;
@@ -145,14 +230,26 @@ async fn review(state: &WebhookState, body: &[u8]) -> (AdmissionResponse, Span) 
                 .collect(),
         );
     }
+    let recallable = admitted.from_caches.map(|secrets| Recallable {
+        secrets,
+        namespace: namespace.clone(),
+        pod: pod_name.to_owned(),
+        dry_run: request.dry_run,
+    });
     let answer = match admitted.patch {
         None => response,
         Some(patch) => match response.clone().with_patch(patch) {
             Ok(r) => r,
-            Err(e) => response.deny(format!("kvinject could not encode its patch: {e}")),
+            Err(e) => {
+                return (
+                    response.deny(format!("kvinject could not encode its patch: {e}")),
+                    span,
+                    None,
+                );
+            }
         },
     };
-    (answer, span)
+    (answer, span, recallable)
 }
 
 /// Whether `request.object.metadata` is an object. The typed pod defaults a missing one,
@@ -194,7 +291,7 @@ struct Answered<'a> {
     allowed: bool,
     status: &'a kube::core::Status,
     #[serde(skip_serializing_if = "Option::is_none")]
-    patch: Option<String>,
+    patch: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     patch_type: Option<&'static str>,
     #[serde(skip_serializing_if = "std::collections::HashMap::is_empty")]
@@ -203,23 +300,11 @@ struct Answered<'a> {
     warnings: Option<&'a Vec<String>>,
 }
 
-fn encode_review(response: AdmissionResponse) -> Vec<u8> {
-    let patch = response
-        .patch
-        .as_ref()
-        .map(|bytes| base64::engine::general_purpose::STANDARD.encode(bytes));
+fn encode(response: Answered) -> Vec<u8> {
     let answer = Answer {
         api_version: "admission.k8s.io/v1",
         kind: "AdmissionReview",
-        response: Answered {
-            uid: &response.uid,
-            allowed: response.allowed,
-            status: &response.result,
-            patch_type: patch.as_ref().map(|_| "JSONPatch"),
-            patch,
-            audit_annotations: &response.audit_annotations,
-            warnings: response.warnings.as_ref(),
-        },
+        response,
     };
     serde_json::to_vec(&answer).unwrap_or_default()
 }
@@ -308,29 +393,155 @@ mod tests {
         app: Router,
         source: Arc<CountingSource>,
         writer: Arc<RecordingWriter>,
+        injector: Arc<Injector>,
+        /// The Secret cache, fed by hand here as the watch feeds it in `serve`.
+        secrets: Writer<crate::materialize::CachedSecret>,
+        keys: crate::materialize::seal::Keys,
+    }
+
+    impl Harness {
+        /// What the Secret watch does with a Secret the apiserver reports: into the cache,
+        /// then one change counted.
+        async fn watch_sees(&mut self, secret: &Secret, deleted: bool) {
+            let cached = crate::materialize::CachedSecret::new(&self.keys, secret);
+            if deleted {
+                self.secrets
+                    .apply_watcher_event(&kube::runtime::watcher::Event::Delete(cached.clone()));
+                self.injector.changes().bump();
+                self.injector.forget(&cached).await;
+            } else {
+                self.secrets
+                    .apply_watcher_event(&kube::runtime::watcher::Event::Apply(cached));
+                self.injector.changes().bump();
+            }
+        }
+
+        fn metric(&self, line_start: &str) -> f64 {
+            let text = self.injector.metrics.encode();
+            text.lines()
+                .find(|l| l.starts_with(line_start))
+                .map_or(0.0, |l| l.rsplit(' ').next().unwrap().parse().unwrap())
+        }
     }
 
     fn harness() -> Harness {
         let source = Arc::new(CountingSource::default());
         let writer = Arc::new(RecordingWriter::default());
-        let store = Writer::<crate::materialize::CachedSecret>::default().as_reader();
+        let secrets = Writer::<crate::materialize::CachedSecret>::default();
         let config = InjectConfig {
             vaults: ["main".to_string()].into(),
             ..Default::default()
         };
-        let injector = Injector::new(
+        let keys = config.keys.clone();
+        let injector = Arc::new(Injector::new(
             config,
             source.clone(),
             writer.clone(),
-            store,
+            secrets.as_reader(),
             Duration::from_secs(60),
             Metrics::default(),
+        ));
+        let app = router(WebhookState::new(injector.clone(), Duration::from_secs(5)));
+        Harness {
+            app,
+            source,
+            writer,
+            injector,
+            secrets,
+            keys,
+        }
+    }
+
+    async fn post_bytes(app: &Router, body: String) -> Vec<u8> {
+        let req = Request::post("/mutate")
+            .header("content-type", "application/json")
+            .body(Body::from(body))
+            .unwrap();
+        let res = app.clone().oneshot(req).await.unwrap();
+        assert_eq!(res.status().as_u16(), 200);
+        res.into_body().collect().await.unwrap().to_bytes().to_vec()
+    }
+
+    fn with_uid(review: &Value, uid: &str) -> String {
+        let mut review = review.clone();
+        review["request"]["uid"] = json!(uid);
+        review.to_string()
+    }
+
+    #[tokio::test]
+    async fn the_same_review_again_gets_the_same_answer_until_a_cache_changes() {
+        let mut h = harness();
+        let review = review_of(pod_with("akv://main/db"), false);
+        let decisions = |h: &Harness| {
+            (
+                h.metric(r#"kvinject_cache_lookups_total{cache="decision",result="hit"}"#),
+                h.metric(r#"kvinject_cache_lookups_total{cache="decision",result="miss"}"#),
+            )
+        };
+        // First use: read and created, so not remembered (the watch has not seen it).
+        let first = post_bytes(&h.app, with_uid(&review, "u-1")).await;
+        let created = h.writer.0.lock().unwrap()[0].clone();
+        h.watch_sees(&created, false).await;
+        // Decided from the caches, remembered; then answered from the memo.
+        let decided = post_bytes(&h.app, with_uid(&review, "u-2")).await;
+        assert_eq!(decisions(&h), (0.0, 2.0));
+        let recalled = post_bytes(&h.app, with_uid(&review, "u-3")).await;
+        assert_eq!(decisions(&h), (1.0, 2.0));
+        let as_text = |b: &[u8]| String::from_utf8(b.to_vec()).unwrap();
+        assert_eq!(
+            as_text(&recalled),
+            as_text(&decided).replace("\"u-2\"", "\"u-3\"")
         );
-        let app = router(WebhookState {
-            injector: Arc::new(injector),
-            deadline: Duration::from_secs(5),
-        });
-        Harness { app, source, writer }
+        assert_eq!(as_text(&first), as_text(&decided).replace("\"u-2\"", "\"u-1\""));
+        assert_eq!(
+            h.metric(r#"kvinject_cache_lookups_total{cache="secret",result="hit"}"#),
+            2.0,
+            "a remembered decision counts the Secret it used"
+        );
+        // Another pod, another decision.
+        post_bytes(&h.app, review_of(pod_with("akv://main/db2"), false).to_string()).await;
+        assert_eq!(decisions(&h).0, 1.0);
+
+        // The vault goes down: the next admission warns, not the remembered answer.
+        h.injector
+            .health
+            .record("main", Some("connection refused".into()), &h.injector.metrics);
+        let (_, body) = post(&h.app, with_uid(&review, "u-4")).await;
+        let warnings = body["response"]["warnings"].to_string();
+        assert!(warnings.contains("Key Vault is unreachable"), "{body}");
+        assert_eq!(decisions(&h).0, 1.0);
+
+        // The Secret is deleted: decided again, and created again.
+        h.injector.health.record("main", None, &h.injector.metrics);
+        h.watch_sees(&created, true).await;
+        let (_, body) = post(&h.app, with_uid(&review, "u-5")).await;
+        assert_eq!(body["response"]["allowed"], true);
+        assert_eq!(decisions(&h).0, 1.0);
+        let names: Vec<_> = h
+            .writer
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|s| s.metadata.name.clone())
+            .collect();
+        assert_eq!(names.len(), 3, "db, db2 and db again: {names:?}");
+        assert_eq!(names[2], created.metadata.name);
+    }
+
+    #[tokio::test]
+    async fn a_denial_is_decided_every_time() {
+        let h = harness();
+        let review = review_of(pod_with("akv://elsewhere/db"), false);
+        for uid in ["u-1", "u-2", "u-3"] {
+            let (_, body) = post(&h.app, with_uid(&review, uid)).await;
+            assert_eq!(body["response"]["allowed"], false);
+            assert_eq!(body["response"]["uid"], uid);
+        }
+        assert_eq!(
+            h.metric(r#"kvinject_cache_lookups_total{cache="decision",result="hit"}"#),
+            0.0
+        );
     }
 
     async fn post(app: &Router, body: impl Into<Body>) -> (u16, Value) {

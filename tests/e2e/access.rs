@@ -490,3 +490,96 @@ async fn with_access_policy_off_every_configured_secret_is_usable_and_kvinject_s
         "the start warning"
     );
 }
+
+/// The same review again (a ReplicaSet's next pod reaches admission byte-identical, but for
+/// its uid) is answered from the webhook's decision memo, and only while nothing it was
+/// decided from has changed: a Secret deleted by hand is created again by the next review,
+/// and a revoked grant denies the next one.
+#[tokio::test]
+async fn a_review_answered_from_memory_is_decided_again_once_its_secret_or_grant_changes() {
+    let _vault = support::VAULT.read().await;
+    let t = tenants(&["memo"], &[]).await;
+    let ns = &t.namespaces[0];
+    let name = support::unique("memo");
+    support::seed_secret(&name, &support::distinctive_value()).await;
+    let policy = support::access_policy(
+        &t.client,
+        &support::unique("memo"),
+        json!({"vault": vault(), "secrets": [name], "namespaces": {"names": [ns]}}),
+    )
+    .await;
+    let review = |uid: &str| {
+        let mut r = support::review(ns, &reference(&name));
+        r["request"]["uid"] = json!(uid);
+        r
+    };
+    let hits = || {
+        t.kvinject.metric(
+            "kvinject_cache_lookups_total",
+            &["cache=\"decision\"", "result=\"hit\""],
+        )
+    };
+    // Materialized by the first review once the grant is loaded; then answered from the caches.
+    support::eventually(
+        Duration::from_secs(10),
+        "the granted review to be patched",
+        || async { post_patched(&t.kvinject, &review("first")).await },
+    )
+    .await;
+    let secrets: Api<Secret> = Api::namespaced(t.client.clone(), ns);
+    // Created before the first review was answered.
+    let listed = secrets
+        .list(&ListParams::default().labels(kvinject::materialize::SELECTOR))
+        .await
+        .unwrap();
+    let secret_name = listed.items[0].metadata.name.clone().unwrap();
+    let decided = support::post_review(&t.kvinject, &review("decided")).await;
+    let before = hits().await;
+    let recalled = support::post_review(&t.kvinject, &review("recalled")).await;
+    assert_eq!(
+        hits().await,
+        before + 1.0,
+        "the same review again is answered from memory"
+    );
+    assert_eq!(recalled["response"]["uid"], "recalled");
+    assert_eq!(recalled["response"]["patch"], decided["response"]["patch"]);
+
+    // Deleted by hand: the next review creates it again, it is not answered from memory.
+    secrets
+        .delete(&secret_name, &DeleteParams::default())
+        .await
+        .unwrap();
+    support::eventually(
+        Duration::from_secs(10),
+        "the Secret to be created again by a review",
+        || async {
+            post_patched(&t.kvinject, &review("again")).await
+                && secrets.get_opt(&secret_name).await.ok().flatten().is_some()
+        },
+    )
+    .await;
+
+    // Revoked: the next review is denied, however often it was answered before.
+    for uid in ["warm-1", "warm-2"] {
+        assert!(post_patched(&t.kvinject, &review(uid)).await);
+    }
+    drop(policy);
+    support::eventually(
+        Duration::from_secs(10),
+        "the revocation to reach the remembered review",
+        || async {
+            let answer = support::post_review(&t.kvinject, &review("revoked")).await;
+            answer["response"]["allowed"] == false
+                && answer["response"]["status"]["message"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .contains("no AccessPolicy grants it")
+        },
+    )
+    .await;
+}
+
+async fn post_patched(k: &Kvinject, review: &serde_json::Value) -> bool {
+    let answer = support::post_review(k, review).await;
+    answer["response"]["allowed"] == true && answer["response"]["patch"].is_string()
+}

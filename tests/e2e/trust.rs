@@ -6,7 +6,7 @@
 use crate::{
     inject::{self, pod},
     rotation::{rotation_args, rotation_setup, rotation_setup_every, version},
-    support::{self, Kvinject},
+    support,
 };
 use k8s_openapi::api::core::v1::Secret;
 use kube::{
@@ -266,35 +266,6 @@ async fn rotating_the_signing_key_seals_every_secret_again_and_keeps_its_value()
     let _ = keys.delete(&key_secret, &Default::default()).await;
 }
 
-/// AdmissionReview for a pod in `namespace` that uses `reference`, as anyone who can reach
-/// the webhook port could POST it.
-fn review(namespace: &str, reference: &str) -> serde_json::Value {
-    json!({
-        "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
-        "request": {
-            "uid": "forged-1", "kind": {"group": "", "version": "v1", "kind": "Pod"},
-            "resource": {"group": "", "version": "v1", "resource": "pods"},
-            "operation": "CREATE", "namespace": namespace, "userInfo": {"username": "mallory"}, "dryRun": false,
-            "object": {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"},
-                       "spec": {"containers": [{"name": "c", "image": "i", "env": [{"name": "X", "value": reference}]}]}},
-        }
-    })
-}
-
-async fn post(k: &Kvinject, body: &serde_json::Value) -> serde_json::Value {
-    let ca = reqwest::Certificate::from_pem(&std::fs::read(&support::testbed().ca).unwrap()).unwrap();
-    let http = reqwest::Client::builder().tls_certs_merge([ca]).build().unwrap();
-    let res = http
-        .post(k.url())
-        .header("content-type", "application/json")
-        .body(body.to_string())
-        .send()
-        .await
-        .expect("posting to the webhook");
-    assert_eq!(res.status(), 200);
-    serde_json::from_slice(&res.bytes().await.unwrap()).unwrap()
-}
-
 #[tokio::test]
 async fn a_review_posted_for_a_namespace_kvinject_does_not_act_for_writes_nothing() {
     let _vault = support::VAULT.read().await;
@@ -304,7 +275,7 @@ async fn a_review_posted_for_a_namespace_kvinject_does_not_act_for_writes_nothin
     let outside = support::namespace(&s.client, "unlabelled", &[]).await;
     let _outside = NsGuard(outside.clone());
     for ns in ["kube-system", "kvinject", outside.as_str()] {
-        let answer = post(&s.kvinject, &review(ns, &inject::reference(&name))).await;
+        let answer = support::post_review(&s.kvinject, &support::review(ns, &inject::reference(&name))).await;
         let response = &answer["response"];
         assert_eq!(response["uid"], "forged-1");
         assert_eq!(response["allowed"], true, "{answer}");
@@ -342,7 +313,7 @@ async fn a_review_posted_for_a_namespace_kvinject_does_not_act_for_writes_nothin
     );
 
     // The same POST for the opted-in namespace does what the apiserver would have asked.
-    let answer = post(&s.kvinject, &review(&s.ns, &inject::reference(&name))).await;
+    let answer = support::post_review(&s.kvinject, &support::review(&s.ns, &inject::reference(&name))).await;
     assert!(answer["response"]["patch"].is_string(), "{answer}");
 }
 
@@ -442,7 +413,7 @@ async fn with_a_client_ca_only_the_apiserver_reaches_the_webhook() {
     .expect("the apiserver reaches a webhook that requires its client certificate");
 
     let ca = reqwest::Certificate::from_pem(&std::fs::read(&support::testbed().ca).unwrap()).unwrap();
-    let body = review(&s.ns, &inject::reference(&name)).to_string();
+    let body = support::review(&s.ns, &inject::reference(&name)).to_string();
     let anonymous = reqwest::Client::builder()
         .tls_certs_merge([ca.clone()])
         .build()

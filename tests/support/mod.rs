@@ -1019,3 +1019,32 @@ impl Drop for ReadyPods {
         self.0.abort();
     }
 }
+
+/// AdmissionReview for a pod in `namespace` that uses `reference`, as anyone who can reach
+/// the webhook port could POST it.
+pub fn review(namespace: &str, reference: &str) -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+        "request": {
+            "uid": "forged-1", "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "operation": "CREATE", "namespace": namespace, "userInfo": {"username": "mallory"}, "dryRun": false,
+            "object": {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"},
+                       "spec": {"containers": [{"name": "c", "image": "i", "env": [{"name": "X", "value": reference}]}]}},
+        }
+    })
+}
+
+pub async fn post_review(k: &Kvinject, body: &serde_json::Value) -> serde_json::Value {
+    let ca = reqwest::Certificate::from_pem(&std::fs::read(&testbed().ca).unwrap()).unwrap();
+    let http = reqwest::Client::builder().tls_certs_merge([ca]).build().unwrap();
+    let res = http
+        .post(k.url())
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .expect("posting to the webhook");
+    assert_eq!(res.status(), 200);
+    serde_json::from_slice(&res.bytes().await.unwrap()).unwrap()
+}

@@ -1,0 +1,361 @@
+//! The decision memo: what the webhook answered for a review, remembered by the review's
+//! exact bytes less its `request.uid`, so that the same review again (a ReplicaSet's burst
+//! of pods, byte-identical within the second of their `managedFields` time) is answered
+//! without deciding again.
+//!
+//! It is never a second source of truth. An answer is remembered only when it was decided
+//! from the caches alone (no Key Vault read, no Secret created, no GET), together with the
+//! `Generation` read before deciding; every cache that decision read bumps that count after
+//! each change, and an answer is served only while the count is unchanged. Any change to
+//! kvinject's Secrets, the namespaces, the ServiceAccounts, the access policies or a vault's
+//! health drops the whole memo. Its size is bounded in bytes; a full memo is emptied.
+
+use crate::generation::Generation;
+use serde::{
+    Deserialize,
+    de::{Deserializer, MapAccess, Visitor},
+};
+use serde_json::value::RawValue;
+use std::{
+    collections::HashMap,
+    fmt,
+    sync::{Arc, Mutex},
+};
+
+/// What the memo may hold, in bytes of keys and answers (README "Resources").
+pub const BUDGET: usize = 256 * 1024;
+
+/// How every answer starts, up to its uid (`webhook::encode`).
+pub const ANSWER_START: &[u8] =
+    br#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","response":{"uid":"#;
+
+/// An answer as remembered: everything but the uid, which each review brings.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Decided {
+    /// `patched` or `allowed`.
+    pub result: &'static str,
+    /// The encoded answer after its uid: `ANSWER_START`, the uid as a JSON string, then this.
+    pub after_uid: Box<[u8]>,
+    /// How many warnings it carries, for the log line.
+    pub warnings: usize,
+    /// The materialized Secrets the decision used, counted as cache hits on each use.
+    pub secrets: u64,
+    /// The request's namespace and pod, for its log line.
+    pub namespace: Box<str>,
+    pub pod: Box<str>,
+    pub dry_run: bool,
+}
+
+impl Decided {
+    /// The answer for `uid`.
+    pub fn answer(&self, uid: &str) -> Vec<u8> {
+        let mut out = Vec::with_capacity(ANSWER_START.len() + uid.len() + 2 + self.after_uid.len());
+        out.extend_from_slice(ANSWER_START);
+        // Writing a &str into a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut out, uid);
+        out.extend_from_slice(&self.after_uid);
+        out
+    }
+
+    /// What follows the uid in `encoded`, an answer encoded for the empty uid; `None` if it
+    /// is not such an answer.
+    pub fn after_uid(encoded: &[u8]) -> Option<Box<[u8]>> {
+        let rest = encoded.strip_prefix(ANSWER_START)?.strip_prefix(b"\"\"")?;
+        Some(rest.into())
+    }
+
+    fn size(&self) -> usize {
+        std::mem::size_of::<Self>() + self.after_uid.len() + self.namespace.len() + self.pod.len()
+    }
+}
+
+/// A review as the memo knows it: its bytes less `request.uid` (`key`), and that uid.
+#[derive(Debug)]
+pub struct Keyed<'a> {
+    pub key: Vec<u8>,
+    pub uid: &'a str,
+}
+
+/// `None` when the body is not a JSON object with exactly one `request` object holding
+/// exactly one string `uid`, or a member name it must look at is escaped. Such a review
+/// is decided as usual, never remembered. The body is read once.
+pub fn key(body: &[u8]) -> Option<Keyed<'_>> {
+    let review: Review = serde_json::from_slice(body).ok()?;
+    let mut key = Vec::with_capacity(body.len());
+    let mut uid = None;
+    key.push(b'{');
+    for member in &review.0 {
+        match member {
+            Member::Other(name, value) => write(&mut key, name, value.get()),
+            Member::Request(request) => {
+                if uid.is_some() {
+                    return None;
+                }
+                key.extend_from_slice(br#""request":{"#);
+                for member in request {
+                    match member {
+                        Member::Uid(Some(u)) if uid.is_none() => uid = Some(*u),
+                        Member::Other(name, value) => write(&mut key, name, value.get()),
+                        _ => return None,
+                    }
+                }
+                uid?;
+                key.extend_from_slice(b"},");
+            }
+            Member::Uid(_) => return None,
+        }
+    }
+    key.push(b'}');
+    Some(Keyed { key, uid: uid? })
+}
+
+/// `"name":value,`; member names are plain (unescaped) strings, so the key reads as JSON
+/// (less its trailing commas) and no two reviews share one.
+fn write(key: &mut Vec<u8>, name: &str, value: &str) {
+    key.push(b'"');
+    key.extend_from_slice(name.as_bytes());
+    key.extend_from_slice(b"\":");
+    key.extend_from_slice(value.as_bytes());
+    key.push(b',');
+}
+
+/// The review's members in order: `request` read into its own members, every other one
+/// kept as its raw JSON. Any escaped member name fails.
+struct Review<'a>(Vec<Member<'a>>);
+
+enum Member<'a> {
+    Request(Vec<Member<'a>>),
+    /// `request.uid`: `None` when it is not a plain string.
+    Uid(Option<&'a str>),
+    Other(&'a str, &'a RawValue),
+}
+
+/// Reads a JSON object's members; `top`: the review itself, else its `request`.
+struct Members {
+    top: bool,
+}
+
+impl<'de> Visitor<'de> for Members {
+    type Value = Vec<Member<'de>>;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON object")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut members = Vec::with_capacity(8);
+        while let Some(name) = map.next_key::<&'de str>()? {
+            members.push(match name {
+                "request" if self.top => Member::Request(map.next_value::<RequestMembers>()?.0),
+                "uid" if !self.top => {
+                    let raw: &'de RawValue = map.next_value()?;
+                    Member::Uid(serde_json::from_str(raw.get()).ok())
+                }
+                _ => Member::Other(name, map.next_value()?),
+            });
+        }
+        Ok(members)
+    }
+}
+
+impl<'de> Deserialize<'de> for Review<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_map(Members { top: true }).map(Review)
+    }
+}
+
+struct RequestMembers<'a>(Vec<Member<'a>>);
+
+impl<'de> Deserialize<'de> for RequestMembers<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_map(Members { top: false }).map(RequestMembers)
+    }
+}
+
+pub struct Memo {
+    changes: Generation,
+    budget: usize,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    /// The count its answers were decided at.
+    generation: u64,
+    answers: HashMap<Box<[u8]>, Arc<Decided>>,
+    bytes: usize,
+}
+
+impl Memo {
+    /// A memo whose answers hold while `changes` does not move.
+    pub fn new(changes: Generation, budget: usize) -> Self {
+        Self {
+            changes,
+            budget,
+            inner: Mutex::default(),
+        }
+    }
+
+    /// The count to read before deciding; give it back to `remember`.
+    pub fn generation(&self) -> u64 {
+        self.changes.current()
+    }
+
+    /// The answer remembered for `key`, if nothing it was decided from has changed since.
+    pub fn recall(&self, key: &[u8]) -> Option<Arc<Decided>> {
+        let now = self.changes.current();
+        let inner = self.inner.lock().ok()?;
+        if inner.generation != now {
+            return None;
+        }
+        inner.answers.get(key).cloned()
+    }
+
+    /// Remembers `decided` for `key`, if nothing changed since `generation` was read (before
+    /// deciding). Emptied first when the count moved or the budget would be passed.
+    pub fn remember(&self, key: Vec<u8>, decided: Decided, generation: u64) {
+        let size = key.len() + decided.size();
+        if size > self.budget {
+            return;
+        }
+        let Ok(mut inner) = self.inner.lock() else {
+            return;
+        };
+        if self.changes.current() != generation {
+            return;
+        }
+        if inner.generation != generation || inner.bytes + size > self.budget {
+            *inner = Inner {
+                generation,
+                ..Inner::default()
+            };
+        }
+        let key_len = key.len();
+        if let Some(old) = inner.answers.insert(key.into_boxed_slice(), Arc::new(decided)) {
+            // Two replicas of a burst decided at once: the first answer's bytes are gone.
+            inner.bytes -= key_len + old.size();
+        }
+        inner.bytes += size;
+    }
+
+    /// Answers held now (tests and the footprint bench).
+    pub fn len(&self) -> usize {
+        self.inner.lock().map_or(0, |i| i.answers.len())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn body(uid: &str, namespace: &str) -> Vec<u8> {
+        serde_json::to_vec(
+            &json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+            "request": {"uid": uid, "namespace": namespace, "dryRun": false,
+                        "object": {"metadata": {"generateName": "web-"}, "spec": {"containers": []}}}}),
+        )
+        .unwrap()
+    }
+
+    fn decided() -> Decided {
+        Decided {
+            result: "patched",
+            after_uid: br#","allowed":true,"status":{},"patch":"W10=","patchType":"JSONPatch"}}"#[..].into(),
+            warnings: 0,
+            secrets: 1,
+            namespace: "shop".into(),
+            pod: "web-".into(),
+            dry_run: false,
+        }
+    }
+
+    #[test]
+    fn a_review_is_known_by_all_of_it_but_its_uid() {
+        let (a, b) = (body("u1", "shop"), body("u2", "shop"));
+        let (ka, kb) = (key(&a).unwrap(), key(&b).unwrap());
+        assert_eq!((ka.uid, kb.uid), ("u1", "u2"));
+        assert_eq!(ka.key, kb.key);
+        // What is left reads as the review without its uid.
+        let text = String::from_utf8(ka.key.clone()).unwrap().replace(",}", "}");
+        let left: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(left["request"].get("uid"), None);
+        assert_eq!(left["request"]["namespace"], "shop");
+        // Any other difference is another review.
+        assert_ne!(key(&body("u1", "shop2")).unwrap().key, ka.key);
+        let dry = String::from_utf8(a.clone()).unwrap().replace("false", "true");
+        assert_ne!(key(dry.as_bytes()).unwrap().key, ka.key);
+        let spaced = String::from_utf8(a.clone()).unwrap().replace("[]", "[ ]");
+        assert_ne!(key(spaced.as_bytes()).unwrap().key, ka.key);
+    }
+
+    #[test]
+    fn reviews_it_cannot_read_plainly_are_not_remembered() {
+        for bad in [
+            &br#"{"request": {"uid": "a", "uid": "b", "object": {}}}"#[..],
+            br#"{"request": {"uid": "a"}, "request": {"uid": "a"}}"#,
+            br#"{"request": {"object": {}}}"#,
+            br#"{"request": {"uid": null}}"#,
+            br#"{"request": {"uid": 7}}"#,
+            br#"{"request": {"u\u0069d": "a"}}"#,
+            br#"{"reque\u0073t": {"uid": "a"}}"#,
+            br#"{"request": {"uid": "a\"b"}}"#,
+            br#"{"request": {"uid": "a"}} trailing"#,
+            br#"[{"request": {"uid": "a"}}]"#,
+            b"",
+        ] {
+            assert!(key(bad).is_none(), "{}", String::from_utf8_lossy(bad));
+        }
+    }
+
+    #[test]
+    fn an_answer_holds_only_while_nothing_it_read_changed() {
+        let changes = Generation::default();
+        let memo = Memo::new(changes.clone(), BUDGET);
+        let k = key(&body("u1", "shop")).unwrap().key;
+        let at = memo.generation();
+        memo.remember(k.clone(), decided(), at);
+        assert_eq!(memo.recall(&k).as_deref(), Some(&decided()));
+        changes.bump();
+        assert_eq!(memo.recall(&k), None);
+        // A decision that read the caches before a change is not remembered after it.
+        memo.remember(k.clone(), decided(), at);
+        assert_eq!(memo.recall(&k), None);
+        let now = memo.generation();
+        memo.remember(k.clone(), decided(), now);
+        assert!(memo.recall(&k).is_some());
+        assert_eq!(memo.len(), 1);
+    }
+
+    #[test]
+    fn an_answer_is_made_again_for_each_uid() {
+        let encoded = [ANSWER_START, br#""","allowed":true}}"#].concat();
+        let decided = Decided {
+            after_uid: Decided::after_uid(&encoded).unwrap(),
+            ..decided()
+        };
+        let answer: serde_json::Value = serde_json::from_slice(&decided.answer("u-\"7\"")).unwrap();
+        assert_eq!(answer["response"]["uid"], "u-\"7\"");
+        assert_eq!(answer["response"]["allowed"], true);
+        assert_eq!(Decided::after_uid(br#"{"response":{"uid":""}}"#), None);
+    }
+
+    #[test]
+    fn a_full_memo_is_emptied_and_an_answer_over_budget_is_not_kept() {
+        let k = |i: usize| key(&body(&format!("u{i}"), &format!("ns{i}"))).unwrap().key;
+        let one = k(0).len() + decided().size();
+        let memo = Memo::new(Generation::default(), one * 3);
+        for i in 0..3 {
+            memo.remember(k(i), decided(), 0);
+        }
+        assert_eq!(memo.len(), 3);
+        memo.remember(k(3), decided(), 0);
+        assert_eq!(memo.len(), 1);
+        assert!(memo.recall(&k(3)).is_some() && memo.recall(&k(0)).is_none());
+        let small = Memo::new(Generation::default(), one - 1);
+        small.remember(k(0), decided(), 0);
+        assert!(small.is_empty());
+    }
+}
