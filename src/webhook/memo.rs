@@ -40,7 +40,14 @@ pub struct Decided {
     pub warnings: usize,
     /// The materialized Secrets the decision used, counted as cache hits on each use.
     pub secrets: u64,
-    /// The request's namespace and pod, for its log line.
+    /// Who it is about, for its log line.
+    pub subject: Subject,
+}
+
+/// Who an admission is about: its namespace, its pod (name, or generateName), whether it
+/// is a dry run.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Subject {
     pub namespace: Box<str>,
     pub pod: Box<str>,
     pub dry_run: bool,
@@ -65,7 +72,10 @@ impl Decided {
     }
 
     fn size(&self) -> usize {
-        std::mem::size_of::<Self>() + self.after_uid.len() + self.namespace.len() + self.pod.len()
+        std::mem::size_of::<Self>()
+            + self.after_uid.len()
+            + self.subject.namespace.len()
+            + self.subject.pod.len()
     }
 }
 
@@ -266,9 +276,11 @@ mod tests {
             after_uid: br#","allowed":true,"status":{},"patch":"W10=","patchType":"JSONPatch"}}"#[..].into(),
             warnings: 0,
             secrets: 1,
-            namespace: "shop".into(),
-            pod: "web-".into(),
-            dry_run: false,
+            subject: Subject {
+                namespace: "shop".into(),
+                pod: "web-".into(),
+                dry_run: false,
+            },
         }
     }
 

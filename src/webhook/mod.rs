@@ -16,12 +16,12 @@ use axum::{
 use base64::Engine;
 use k8s_openapi::api::core::v1::Pod;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview};
-use memo::{Decided, Memo};
+use memo::{Decided, Memo, Subject};
 use std::{
     sync::Arc,
     time::{Duration, Instant},
 };
-use tracing::{Instrument, Span, info, info_span, warn};
+use tracing::{Instrument, info, info_span, warn};
 
 /// AdmissionReviews for pods are bounded by the apiserver's request size (3 MiB by default).
 const MAX_BODY: usize = 8 * 1024 * 1024;
@@ -64,15 +64,14 @@ async fn mutate_handler(State(state): State<WebhookState>, body: Bytes) -> impl 
         metrics.cache("decision", recalled.is_some());
         if let Some(decided) = recalled {
             metrics.cache_hits("secret", decided.secrets);
-            let span = info_span!(
-                "admission",
-                uid = keyed.uid,
-                namespace = &*decided.namespace,
-                pod = &*decided.pod,
-                dry_run = decided.dry_run
-            );
-            let _in = span.enter();
-            log_admission(&state, started, decided.result, decided.warnings, "");
+            let line = Line {
+                uid: keyed.uid,
+                subject: &decided.subject,
+                result: decided.result,
+                warnings: decided.warnings,
+                reason: "",
+            };
+            log_admission(&state, started, line);
             return (
                 [(header::CONTENT_TYPE, "application/json")],
                 decided.answer(keyed.uid),
@@ -80,8 +79,7 @@ async fn mutate_handler(State(state): State<WebhookState>, body: Bytes) -> impl 
         }
     }
     let generation = state.memo.as_ref().map_or(0, |m| m.generation());
-    let (response, span, recallable) = review(&state, &body).await;
-    let _in = span.enter();
+    let (response, subject, from_caches) = review(&state, &body).await;
     let result = if response.allowed {
         if response.patch.is_some() {
             "patched"
@@ -94,7 +92,14 @@ async fn mutate_handler(State(state): State<WebhookState>, body: Bytes) -> impl 
         "denied"
     };
     let warnings = response.warnings.as_ref().map_or(0, Vec::len);
-    log_admission(&state, started, result, warnings, &response.result.message);
+    let line = Line {
+        uid: &response.uid,
+        subject: &subject,
+        result,
+        warnings,
+        reason: &response.result.message,
+    };
+    log_admission(&state, started, line);
     let patch = response
         .patch
         .as_ref()
@@ -109,7 +114,7 @@ async fn mutate_handler(State(state): State<WebhookState>, body: Bytes) -> impl 
         warnings: response.warnings.as_ref(),
     };
     let body = encode(answered(&response.uid));
-    if let (Some(memo), Some(keyed), Some(r)) = (&state.memo, keyed, recallable)
+    if let (Some(memo), Some(keyed), Some(secrets)) = (&state.memo, keyed, from_caches)
         && response.allowed
         && let Some(after_uid) = Decided::after_uid(&encode(answered("")))
     {
@@ -117,10 +122,8 @@ async fn mutate_handler(State(state): State<WebhookState>, body: Bytes) -> impl 
             result,
             after_uid,
             warnings,
-            secrets: r.secrets,
-            namespace: r.namespace.into(),
-            pod: r.pod.into(),
-            dry_run: r.dry_run,
+            secrets,
+            subject,
         };
         memo.remember(keyed.key, decided, generation);
     }
@@ -129,42 +132,50 @@ async fn mutate_handler(State(state): State<WebhookState>, body: Bytes) -> impl 
 
 /// The admission's metrics and its one log line (info when admitted, warn with the reason
 /// when not).
-fn log_admission(
-    state: &WebhookState,
-    started: Instant,
-    result: &'static str,
-    warnings: usize,
-    reason: &str,
-) {
+///
+/// The line carries who the admission is about as fields of its own, not as a span's: the
+/// JSON formatter reads a span's fields back from text at every line, a fifth of the cost
+/// of an admission answered from the memo.
+fn log_admission(state: &WebhookState, started: Instant, line: Line) {
     let metrics = &state.injector.metrics;
+    let Line {
+        uid,
+        subject,
+        result,
+        warnings,
+        reason,
+    } = line;
     metrics.admissions.get_or_create(&ResultLabels { result }).inc();
     metrics.admission_seconds.observe(started.elapsed().as_secs_f64());
+    let (namespace, pod, dry_run) = (&*subject.namespace, &*subject.pod, subject.dry_run);
     if result == "patched" || result == "allowed" {
-        info!(result, warnings, "admission");
+        info!(uid, namespace, pod, dry_run, result, warnings, "admission");
     } else {
-        warn!(result, reason, "admission");
+        warn!(uid, namespace, pod, dry_run, result, reason, "admission");
     }
 }
 
-/// What a decided review needs to be remembered, when it was decided from the caches alone.
-struct Recallable {
-    secrets: u64,
-    namespace: String,
-    pod: String,
-    dry_run: bool,
+/// An admission's log line.
+struct Line<'a> {
+    uid: &'a str,
+    subject: &'a Subject,
+    result: &'static str,
+    warnings: usize,
+    /// Why it was not admitted.
+    reason: &'a str,
 }
 
 /// Parses the body and decides; never fails: a body that is not an AdmissionReview for a
-/// pod gets an `invalid` response naming what is wrong. Also returns the request's span
-/// (uid, namespace, pod, dry run), made once with all its fields, which are cheaper to set
-/// at once than one by one; the decision runs in it. An admission decided from the caches
-/// alone comes with what the memo keeps of it.
-async fn review(state: &WebhookState, body: &[u8]) -> (AdmissionResponse, Span, Option<Recallable>) {
+/// pod gets an `invalid` response naming what is wrong. The decision runs in a span of the
+/// request (uid, namespace, pod, dry run), made once with all its fields, which are cheaper
+/// to set at once than one by one. Also returns who the admission is about, and, for a
+/// decision made from the caches alone, the materialized Secrets it used (`Admitted`).
+async fn review(state: &WebhookState, body: &[u8]) -> (AdmissionResponse, Subject, Option<u64>) {
     let review: AdmissionReview<Pod> = match serde_json::from_slice(body) {
         Ok(r) => r,
         Err(e) => {
             let invalid = AdmissionResponse::invalid(format!("request body is not an AdmissionReview: {e}"));
-            return (invalid, Span::none(), None);
+            return (invalid, Subject::default(), None);
         }
     };
     let request: AdmissionRequest<Pod> = match review.try_into() {
@@ -172,7 +183,7 @@ async fn review(state: &WebhookState, body: &[u8]) -> (AdmissionResponse, Span, 
         Err(e) => {
             let invalid =
                 AdmissionResponse::invalid(format!("AdmissionReview carries no usable request: {e}"));
-            return (invalid, Span::none(), None);
+            return (invalid, Subject::default(), None);
         }
     };
     let namespace = request.namespace.clone().unwrap_or_default();
@@ -188,16 +199,25 @@ async fn review(state: &WebhookState, body: &[u8]) -> (AdmissionResponse, Span, 
         pod = pod_name,
         dry_run = request.dry_run
     );
+    let subject = Subject {
+        namespace: namespace.as_str().into(),
+        pod: pod_name.into(),
+        dry_run: request.dry_run,
+    };
     let response = AdmissionResponse::from(&request);
     let Some(pod) = request.object.as_ref() else {
-        return (response.deny("the AdmissionReview has no pod object"), span, None);
+        return (
+            response.deny("the AdmissionReview has no pod object"),
+            subject,
+            None,
+        );
     };
     // A pod from the apiserver always has a name or generateName: only an empty metadata
     // needs the second look at the body.
     if pod.metadata == Default::default() && !has_metadata(body) {
         return (
             response.deny("the pod object in the AdmissionReview has no metadata"),
-            span,
+            subject,
             None,
         );
     }
@@ -213,9 +233,9 @@ async fn review(state: &WebhookState, body: &[u8]) -> (AdmissionResponse, Span, 
                 "kvinject could not decide within {:?}; Key Vault or the apiserver is slow",
                 state.deadline
             ));
-            return (late, span, None);
+            return (late, subject, None);
         }
-        Ok(Err(denied)) => return (response.deny(denied.to_string()), span, None),
+        Ok(Err(denied)) => return (response.deny(denied.to_string()), subject, None),
         Ok(Ok(a)) => a,
     };
     let mut response = response;
@@ -230,12 +250,6 @@ async fn review(state: &WebhookState, body: &[u8]) -> (AdmissionResponse, Span, 
                 .collect(),
         );
     }
-    let recallable = admitted.from_caches.map(|secrets| Recallable {
-        secrets,
-        namespace: namespace.clone(),
-        pod: pod_name.to_owned(),
-        dry_run: request.dry_run,
-    });
     let answer = match admitted.patch {
         None => response,
         Some(patch) => match response.clone().with_patch(patch) {
@@ -243,13 +257,13 @@ async fn review(state: &WebhookState, body: &[u8]) -> (AdmissionResponse, Span, 
             Err(e) => {
                 return (
                     response.deny(format!("kvinject could not encode its patch: {e}")),
-                    span,
+                    subject,
                     None,
                 );
             }
         },
     };
-    (answer, span, recallable)
+    (answer, subject, admitted.from_caches)
 }
 
 /// Whether `request.object.metadata` is an object. The typed pod defaults a missing one,
