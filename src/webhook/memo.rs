@@ -1,7 +1,8 @@
 //! The decision memo: what the webhook answered for a review, remembered by the review's
-//! exact bytes less its `request.uid`, so that the same review again (a ReplicaSet's burst
-//! of pods, byte-identical within the second of their `managedFields` time) is answered
-//! without deciding again.
+//! exact bytes less its `request.uid` and the random part of the ServiceAccount token
+//! volume's name, so that the same review again (a ReplicaSet's burst of pods, identical
+//! but for those within the second of their `managedFields` time) is answered without
+//! deciding again.
 //!
 //! It is never a second source of truth. An answer is remembered only when it was decided
 //! from the caches alone (no Key Vault read, no Secret created, no GET), together with the
@@ -91,9 +92,9 @@ pub struct Keyed<'a> {
 /// is decided as usual, never remembered. The body is read once.
 pub fn key(body: &[u8]) -> Option<Keyed<'_>> {
     let review: Review = serde_json::from_slice(body).ok()?;
-    let mut key = Vec::with_capacity(body.len());
+    let mut key = String::with_capacity(body.len());
     let mut uid = None;
-    key.push(b'{');
+    key.push('{');
     for member in &review.0 {
         match member {
             Member::Other(name, value) => write(&mut key, name, value.get()),
@@ -101,7 +102,7 @@ pub fn key(body: &[u8]) -> Option<Keyed<'_>> {
                 if uid.is_some() {
                     return None;
                 }
-                key.extend_from_slice(br#""request":{"#);
+                key.push_str(r#""request":{"#);
                 for member in request {
                     match member {
                         Member::Uid(Some(u)) if uid.is_none() => uid = Some(*u),
@@ -110,23 +111,58 @@ pub fn key(body: &[u8]) -> Option<Keyed<'_>> {
                     }
                 }
                 uid?;
-                key.extend_from_slice(b"},");
+                key.push_str("},");
             }
             Member::Uid(_) => return None,
         }
     }
-    key.push(b'}');
-    Some(Keyed { key, uid: uid? })
+    key.push('}');
+    token_volume_names_alike(&mut key);
+    Some(Keyed {
+        key: key.into_bytes(),
+        uid: uid?,
+    })
+}
+
+/// The name of the volume the ServiceAccount admission plugin adds to each pod: this, then
+/// five random letters or digits. It is the only difference between a ReplicaSet's pods at
+/// admission (besides the uid and, across seconds, the `managedFields` time).
+const TOKEN_VOLUME: &str = "\"kube-api-access-";
+
+/// Makes every token volume name the same (`kube-api-access-*****`), so that a ReplicaSet's
+/// pods share one key. Only where names cannot matter: kvinject reads volume and mount names
+/// only for its own (CSI) file volumes, so a review that holds `"csi"` anywhere keeps its
+/// names; so does one with a `\u` escape, which could spell `"csi"` otherwise. Both keep
+/// their exact key.
+fn token_volume_names_alike(key: &mut String) {
+    if key.contains(r#""csi""#) || key.contains("\\u") {
+        return;
+    }
+    let names: Vec<usize> = key
+        .match_indices(TOKEN_VOLUME)
+        .map(|(at, _)| at + TOKEN_VOLUME.len())
+        .filter(|&at| {
+            let b = key.as_bytes();
+            b.len() > at + 5
+                && b[at..at + 5]
+                    .iter()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+                && b[at + 5] == b'"'
+        })
+        .collect();
+    for at in names {
+        key.replace_range(at..at + 5, "*****");
+    }
 }
 
 /// `"name":value,`; member names are plain (unescaped) strings, so the key reads as JSON
 /// (less its trailing commas) and no two reviews share one.
-fn write(key: &mut Vec<u8>, name: &str, value: &str) {
-    key.push(b'"');
-    key.extend_from_slice(name.as_bytes());
-    key.extend_from_slice(b"\":");
-    key.extend_from_slice(value.as_bytes());
-    key.push(b',');
+fn write(key: &mut String, name: &str, value: &str) {
+    key.push('"');
+    key.push_str(name);
+    key.push_str("\":");
+    key.push_str(value);
+    key.push(',');
 }
 
 /// The review's members in order: `request` read into its own members, every other one
@@ -301,6 +337,60 @@ mod tests {
         assert_ne!(key(dry.as_bytes()).unwrap().key, ka.key);
         let spaced = String::from_utf8(a.clone()).unwrap().replace("[]", "[ ]");
         assert_ne!(key(spaced.as_bytes()).unwrap().key, ka.key);
+    }
+
+    /// A pod as the apiserver sends it (captured from the bed): the ServiceAccount plugin
+    /// added `volume`, and its mount in the container.
+    fn pod_with_token_volume(volume: &str, more_volumes: serde_json::Value) -> Vec<u8> {
+        let mut volumes = vec![json!({"name": volume, "projected": {"sources": [
+            {"serviceAccountToken": {"expirationSeconds": 3607, "path": "token"}}], "defaultMode": 420}})];
+        volumes.extend(more_volumes.as_array().cloned().unwrap_or_default());
+        serde_json::to_vec(&json!({"kind": "AdmissionReview", "apiVersion": "admission.k8s.io/v1",
+            "request": {"uid": volume, "namespace": "shop", "object": {"metadata": {"generateName": "web-"},
+                "spec": {"volumes": volumes, "containers": [{"name": "app", "env": [{"name": "X", "value": "akv://main/db"}],
+                    "volumeMounts": [{"name": volume, "readOnly": true,
+                                      "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount"}]}]}}}}))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_replicasets_pods_share_a_key_unless_they_have_file_volumes() {
+        let key_of = |volume: &str, more| key(&pod_with_token_volume(volume, more)).unwrap().key;
+        let none = json!([]);
+        let a = key_of("kube-api-access-2mkb7", none.clone());
+        assert_eq!(a, key_of("kube-api-access-7v666", none.clone()));
+        assert!(
+            String::from_utf8(a.clone())
+                .unwrap()
+                .contains("kube-api-access-*****")
+        );
+        // Only that name, as the plugin makes it.
+        for other in [
+            "kube-api-access-2mkb7x",
+            "kube-api-access-2MKB7",
+            "my-api-access-2mkb7",
+        ] {
+            assert_ne!(
+                key_of(other, none.clone()),
+                key_of("kube-api-access-7v666", none.clone()),
+                "{other}"
+            );
+        }
+        // kvinject reads the names of volumes and mounts when a pod has its own file volumes.
+        let csi = json!([{"name": "creds", "csi": {"driver": "kvinject.io", "volumeAttributes": {"pw": "akv://main/db"}}}]);
+        assert_ne!(
+            key_of("kube-api-access-2mkb7", csi.clone()),
+            key_of("kube-api-access-7v666", csi)
+        );
+        // An escape could spell "csi": exact key.
+        let escaped = json!([{"name": "e", "emptyDir": {"medium": "\u{e9}"}}]);
+        let text = String::from_utf8(pod_with_token_volume("kube-api-access-2mkb7", escaped)).unwrap();
+        let escaped_a = text.replace('\u{e9}', "\\u00e9");
+        let escaped_b = escaped_a.replace("2mkb7", "7v666");
+        assert_ne!(
+            key(escaped_a.as_bytes()).unwrap().key,
+            key(escaped_b.as_bytes()).unwrap().key
+        );
     }
 
     #[test]

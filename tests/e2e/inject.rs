@@ -445,3 +445,58 @@ async fn a_malformed_admission_review_gets_an_invalid_response() {
         "{body}"
     );
 }
+
+/// A ReplicaSet's pods reach the webhook identical but for their uid and the name of the
+/// token volume the apiserver adds to each. Once the Secrets are materialized, such a burst
+/// is answered from the decision memo, and every pod is created whole: its own token volume
+/// mounted, the reference rewritten.
+#[tokio::test]
+async fn a_burst_of_alike_pods_is_answered_from_memory_and_each_pod_is_whole() {
+    let _vault = support::VAULT.read().await;
+    let s = support::setup("burst", &[]).await;
+    let name = support::unique("burst");
+    support::seed_secret(&name, &support::distinctive_value()).await;
+    let warm = create(&s, &pod("warm", &[("X", &reference(&name))], json!({})))
+        .await
+        .unwrap();
+    let secret_name = secret_key_ref(&warm, "X").unwrap();
+    let mut template = pod("unused", &[("X", &reference(&name))], json!({}));
+    template.metadata.name = None;
+    template.metadata.generate_name = Some("burst-".into());
+    let hits = || {
+        s.kvinject.metric(
+            "kvinject_cache_lookups_total",
+            &["cache=\"decision\"", "result=\"hit\""],
+        )
+    };
+    let before = hits().await;
+    let mut burst = Vec::new();
+    for _ in 0..5 {
+        burst.push(create(&s, &template).await.unwrap());
+    }
+    // Five pods in well under a second share at most one second boundary: at least three
+    // of them have the same managedFields time, and all but the first are remembered.
+    assert!(hits().await - before >= 2.0, "answers from memory");
+    let mut token_volumes = std::collections::BTreeSet::new();
+    for p in &burst {
+        assert_eq!(secret_key_ref(p, "X").as_deref(), Some(secret_name.as_str()));
+        let spec = p.spec.as_ref().unwrap();
+        let token = spec
+            .volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name.starts_with("kube-api-access-"))
+            .expect("the token volume");
+        let mounts = spec.containers[0].volume_mounts.as_ref().unwrap();
+        assert!(
+            mounts.iter().any(|m| m.name == token.name),
+            "its own token volume is mounted"
+        );
+        token_volumes.insert(token.name.clone());
+    }
+    assert_eq!(
+        token_volumes.len(),
+        burst.len(),
+        "each pod has its own token volume"
+    );
+}
