@@ -469,14 +469,25 @@ async fn a_burst_of_alike_pods_is_answered_from_memory_and_each_pod_is_whole() {
             &["cache=\"decision\"", "result=\"hit\""],
         )
     };
-    let before = hits().await;
-    let mut burst = Vec::new();
-    for _ in 0..5 {
-        burst.push(create(&s, &template).await.unwrap());
-    }
     // Five pods in well under a second share at most one second boundary: at least three
-    // of them have the same managedFields time, and all but the first are remembered.
-    assert!(hits().await - before >= 2.0, "answers from memory");
+    // of them have the same managedFields time, and all but the first are answered from
+    // memory, once the warm pod's Secret is in kvinject's watch cache (a change to it
+    // empties the memo).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let burst = loop {
+        let before = hits().await;
+        let mut burst = Vec::new();
+        for _ in 0..5 {
+            burst.push(create(&s, &template).await.unwrap());
+        }
+        if hits().await - before >= 2.0 {
+            break burst;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no burst of alike pods was answered from memory"
+        );
+    };
     let mut token_volumes = std::collections::BTreeSet::new();
     for p in &burst {
         assert_eq!(secret_key_ref(p, "X").as_deref(), Some(secret_name.as_str()));
