@@ -127,13 +127,21 @@ pub fn key(body: &[u8]) -> Option<Keyed<'_>> {
 /// The name of the volume the ServiceAccount admission plugin adds to each pod: this, then
 /// five random letters or digits. It is the only difference between a ReplicaSet's pods at
 /// admission (besides the uid and, across seconds, the `managedFields` time).
-const TOKEN_VOLUME: &str = "\"kube-api-access-";
+const TOKEN_VOLUME: &str = r#"{"name":"kube-api-access-"#;
 
-/// Makes every token volume name the same (`kube-api-access-*****`), so that a ReplicaSet's
-/// pods share one key. Only where names cannot matter: kvinject reads volume and mount names
-/// only for its own (CSI) file volumes, so a review that holds `"csi"` anywhere keeps its
-/// names; so does one with a `\u` escape, which could spell `"csi"` otherwise. Both keep
-/// their exact key.
+/// What follows that name where the plugin writes it, as the apiserver encodes it: the
+/// volume (a projected one), and each container's mount of it.
+const TOKEN_VOLUME_USES: [&str; 2] = [
+    r#"","projected":{"#,
+    r#"","readOnly":true,"mountPath":"/var/run/secrets/kubernetes.io/serviceaccount""#,
+];
+
+/// Makes every token volume's name the same (`kube-api-access-*****`) where the plugin
+/// wrote it, so that a ReplicaSet's pods share one key. Only where names cannot matter:
+/// kvinject reads volume and mount names only for its own (CSI) file volumes, so a review
+/// that holds `"csi"` anywhere keeps its names; so does one with a `\u` escape, which could
+/// spell `"csi"` otherwise. Both keep their exact key. The same name elsewhere (an env
+/// var's, say, which a patch repeats) is kept too.
 fn token_volume_names_alike(key: &mut String) {
     if key.contains(r#""csi""#) || key.contains("\\u") {
         return;
@@ -142,12 +150,13 @@ fn token_volume_names_alike(key: &mut String) {
         .match_indices(TOKEN_VOLUME)
         .map(|(at, _)| at + TOKEN_VOLUME.len())
         .filter(|&at| {
-            let b = key.as_bytes();
-            b.len() > at + 5
-                && b[at..at + 5]
-                    .iter()
-                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
-                && b[at + 5] == b'"'
+            let (Some(random), Some(rest)) = (key.get(at..at + 5), key.get(at + 5..)) else {
+                return false;
+            };
+            random
+                .bytes()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+                && TOKEN_VOLUME_USES.iter().any(|u| rest.starts_with(u))
         })
         .collect();
     for at in names {
@@ -339,18 +348,19 @@ mod tests {
         assert_ne!(key(spaced.as_bytes()).unwrap().key, ka.key);
     }
 
-    /// A pod as the apiserver sends it (captured from the bed): the ServiceAccount plugin
-    /// added `volume`, and its mount in the container.
+    /// A pod as the apiserver sends it (captured from the bed, in its member order): the
+    /// ServiceAccount plugin added `volume`, and its mount in the container.
     fn pod_with_token_volume(volume: &str, more_volumes: serde_json::Value) -> Vec<u8> {
-        let mut volumes = vec![json!({"name": volume, "projected": {"sources": [
-            {"serviceAccountToken": {"expirationSeconds": 3607, "path": "token"}}], "defaultMode": 420}})];
-        volumes.extend(more_volumes.as_array().cloned().unwrap_or_default());
-        serde_json::to_vec(&json!({"kind": "AdmissionReview", "apiVersion": "admission.k8s.io/v1",
-            "request": {"uid": volume, "namespace": "shop", "object": {"metadata": {"generateName": "web-"},
-                "spec": {"volumes": volumes, "containers": [{"name": "app", "env": [{"name": "X", "value": "akv://main/db"}],
-                    "volumeMounts": [{"name": volume, "readOnly": true,
-                                      "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount"}]}]}}}}))
-        .unwrap()
+        let more: String = more_volumes
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|v| format!(",{v}"))
+            .collect();
+        format!(
+            r#"{{"kind":"AdmissionReview","apiVersion":"admission.k8s.io/v1","request":{{"uid":"{volume}","namespace":"shop","object":{{"metadata":{{"generateName":"web-"}},"spec":{{"volumes":[{{"name":"{volume}","projected":{{"sources":[{{"serviceAccountToken":{{"expirationSeconds":3607,"path":"token"}}}}],"defaultMode":420}}}}{more}],"containers":[{{"name":"app","env":[{{"name":"X","value":"akv://main/db"}}],"volumeMounts":[{{"name":"{volume}","readOnly":true,"mountPath":"/var/run/secrets/kubernetes.io/serviceaccount"}}]}}]}}}}}}}}"#
+        )
+        .into_bytes()
     }
 
     #[test]
@@ -381,6 +391,24 @@ mod tests {
         assert_ne!(
             key_of("kube-api-access-2mkb7", csi.clone()),
             key_of("kube-api-access-7v666", csi)
+        );
+        // The same name as an env var's (a patch repeats it) is not made alike.
+        let env_named = |volume: &str| {
+            let text = String::from_utf8(pod_with_token_volume(volume, json!([]))).unwrap();
+            let text = text.replace(r#"{"name":"X""#, &format!(r#"{{"name":"{volume}""#));
+            key(text.as_bytes()).unwrap().key
+        };
+        let (ea, eb) = (
+            env_named("kube-api-access-2mkb7"),
+            env_named("kube-api-access-7v666"),
+        );
+        assert_ne!(ea, eb);
+        assert_eq!(
+            String::from_utf8(ea)
+                .unwrap()
+                .matches("kube-api-access-*****")
+                .count(),
+            2
         );
         // An escape could spell "csi": exact key.
         let escaped = json!([{"name": "e", "emptyDir": {"medium": "\u{e9}"}}]);
