@@ -291,12 +291,14 @@ impl Memo {
         inner.bytes += size;
     }
 
-    /// Answers held now (tests and the footprint bench).
-    pub fn len(&self) -> usize {
+    /// Answers held now (the unit tests).
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.inner.lock().map_or(0, |i| i.answers.len())
     }
 
-    pub fn is_empty(&self) -> bool {
+    #[cfg(test)]
+    fn is_empty(&self) -> bool {
         self.len() == 0
     }
 }
