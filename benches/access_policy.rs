@@ -163,8 +163,7 @@ fn warm_router(n: usize, calls: Arc<NoCalls>) -> Router {
     .with_identities(ServiceAccounts {
         store: Writer::<k8s_openapi::api::core::v1::ServiceAccount>::default().as_reader(),
         client: None,
-        default: kvinject::identity::Mode::Kvinject,
-        tenant: None,
+        settings: Default::default(),
     })
     .with_access(handle);
     // The memo off: this measures deciding, and every round sends one review again.

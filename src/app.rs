@@ -120,8 +120,7 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     let identities = ServiceAccounts {
         store: service_accounts.clone(),
         client: Some(client.clone()),
-        default: config.identity,
-        tenant: config.default_tenant.clone(),
+        settings: Arc::new(config.identity.clone()),
     };
 
     // Access policies: a watch cache, compiled into an index the admission check reads.

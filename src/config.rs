@@ -303,6 +303,15 @@ pub struct AzureArgs {
         default_value = "kvinject"
     )]
     pub default_identity: crate::identity::Mode,
+    /// With `--default-identity workload`: namespaces whose ServiceAccounts may still say
+    /// `kvinject.io/identity: kvinject` and read as kvinject's own identity. Elsewhere that
+    /// annotation is refused: a tenant may set it, and kvinject's identity reads every vault.
+    #[arg(
+        long = "own-identity-namespace",
+        env = "KVINJECT_OWN_IDENTITY_NAMESPACES",
+        value_delimiter = ','
+    )]
+    pub own_identity_namespaces: Vec<String>,
     /// Tenant of the service principal (client-secret) or workload identity.
     #[arg(long, env = "AZURE_TENANT_ID")]
     pub azure_tenant_id: Option<String>,
@@ -381,10 +390,9 @@ pub struct TlsArgs {
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
     pub access_policy: crate::access::Mode,
-    /// Who reads Key Vault for ServiceAccounts that say nothing.
-    pub identity: crate::identity::Mode,
-    /// The tenant of workload identities whose ServiceAccount names none.
-    pub default_tenant: Option<String>,
+    /// Who reads Key Vault for ServiceAccounts that say nothing, the tenant of workload
+    /// identities that name none, and where kvinject's own identity may be asked for.
+    pub identity: crate::identity::Settings,
     /// Clients of the webhook port must present a certificate signed by this CA.
     pub client_ca: Option<PathBuf>,
     /// The namespaces kvinject acts for.
@@ -467,8 +475,11 @@ impl ServeArgs {
         }
         Ok(ServeConfig {
             access_policy: self.tenancy.access_policy,
-            identity: self.azure.default_identity,
-            default_tenant: self.azure.azure_tenant_id.clone(),
+            identity: crate::identity::Settings {
+                default: self.azure.default_identity,
+                tenant: self.azure.azure_tenant_id.clone(),
+                own_identity_namespaces: self.azure.own_identity_namespaces.iter().cloned().collect(),
+            },
             client_ca: self.tls.client_ca.clone(),
             scope: crate::scope::Scope::new(
                 &self.tenancy.namespace_selector,
@@ -712,6 +723,7 @@ mod tests {
             azure_ca_bundle: None,
             azure_authority_host: None,
             default_identity: crate::identity::Mode::Kvinject,
+            own_identity_namespaces: Vec::new(),
         };
         assert!(matches!(
             credential(&args(CredentialKind::Auto, None), true).unwrap(),

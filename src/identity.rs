@@ -72,6 +72,13 @@ pub enum IdentityError {
         service_account: String,
     },
     #[error(
+        "ServiceAccount `{namespace}/{service_account}` asks to read Key Vault as kvinject's own identity (`{IDENTITY_ANNOTATION}: kvinject`), which can read every configured vault; with --default-identity workload only the platform may allow that, for namespace {namespace}: --own-identity-namespace {namespace} (the chart's identity.ownIdentityNamespaces)"
+    )]
+    OwnIdentityRefused {
+        namespace: String,
+        service_account: String,
+    },
+    #[error(
         "ServiceAccount `{namespace}/{service_account}`: `{IDENTITY_ANNOTATION}: {value}` is neither `workload` nor `kvinject`"
     )]
     BadMode {
@@ -81,18 +88,42 @@ pub enum IdentityError {
     },
 }
 
+/// The platform's choices: who reads for ServiceAccounts that say nothing, and where a
+/// ServiceAccount may move back onto kvinject's own identity.
+#[derive(Clone, Debug, Default)]
+pub struct Settings {
+    pub default: Mode,
+    /// The tenant of workload identities whose ServiceAccount names none.
+    pub tenant: Option<String>,
+    /// With `default` workload: the namespaces whose ServiceAccounts may say
+    /// `kvinject.io/identity: kvinject` (`--own-identity-namespace`). Anywhere else that
+    /// annotation is refused: the built-in `edit` role may set it, and kvinject's identity
+    /// reads every vault.
+    pub own_identity_namespaces: std::collections::BTreeSet<String>,
+}
+
 /// The identity pods of ServiceAccount `namespace/name` (with `annotations`) read as; `None`
-/// for kvinject's own.
+/// for kvinject's own. A tenant's annotation never widens what is read: it may move a
+/// ServiceAccount onto its own identity, and back onto kvinject's only where the platform
+/// allows it.
 pub fn resolve(
     namespace: &str,
     name: &str,
     annotations: &BTreeMap<String, String>,
-    default: Mode,
-    default_tenant: Option<&str>,
+    settings: &Settings,
 ) -> Result<Option<WorkloadIdentity>, IdentityError> {
+    let (default, default_tenant) = (settings.default, settings.tenant.as_deref());
     let mode = match annotations.get(IDENTITY_ANNOTATION).map(|v| v.trim()) {
         None => default,
         Some("workload") => Mode::Workload,
+        Some("kvinject")
+            if default == Mode::Workload && !settings.own_identity_namespaces.contains(namespace) =>
+        {
+            return Err(IdentityError::OwnIdentityRefused {
+                namespace: namespace.to_owned(),
+                service_account: name.to_owned(),
+            });
+        }
         Some("kvinject") => Mode::Kvinject,
         Some(other) => {
             return Err(IdentityError::BadMode {
@@ -140,6 +171,14 @@ pub fn resolve(
 mod tests {
     use super::*;
 
+    fn settings(default: Mode, tenant: Option<&str>) -> Settings {
+        Settings {
+            default,
+            tenant: tenant.map(Into::into),
+            own_identity_namespaces: Default::default(),
+        }
+    }
+
     fn annotations(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         pairs
             .iter()
@@ -150,35 +189,52 @@ mod tests {
     #[test]
     fn the_service_account_chooses_and_the_flag_is_the_default() {
         let federated = annotations(&[(IDENTITY_ANNOTATION, "workload"), (CLIENT_ID_ANNOTATION, "cid")]);
-        let got = resolve("ns", "api", &federated, Mode::Kvinject, Some("t"))
+        let got = resolve("ns", "api", &federated, &settings(Mode::Kvinject, Some("t")))
             .unwrap()
             .unwrap();
         assert_eq!((got.client_id.as_str(), got.tenant_id.as_str()), ("cid", "t"));
         assert_eq!(got.subject(), "system:serviceaccount:ns:api");
         let tenant = annotations(&[(CLIENT_ID_ANNOTATION, "cid"), (TENANT_ID_ANNOTATION, "own")]);
         assert_eq!(
-            resolve("ns", "api", &tenant, Mode::Workload, Some("t"))
+            resolve("ns", "api", &tenant, &settings(Mode::Workload, Some("t")))
                 .unwrap()
                 .unwrap()
                 .tenant_id,
             "own"
         );
         assert_eq!(
-            resolve("ns", "api", &tenant, Mode::Kvinject, Some("t")).unwrap(),
+            resolve("ns", "api", &tenant, &settings(Mode::Kvinject, Some("t"))).unwrap(),
             None,
             "the default"
         );
         let opt_out = annotations(&[(IDENTITY_ANNOTATION, "kvinject"), (CLIENT_ID_ANNOTATION, "cid")]);
         assert_eq!(
-            resolve("ns", "api", &opt_out, Mode::Workload, Some("t")).unwrap(),
-            None
+            resolve("ns", "api", &opt_out, &settings(Mode::Kvinject, Some("t"))).unwrap(),
+            None,
+            "the default already"
+        );
+    }
+
+    #[test]
+    fn a_tenant_cannot_move_back_onto_kvinjects_identity_unless_the_platform_allows_it() {
+        let opt_out = annotations(&[(IDENTITY_ANNOTATION, "kvinject"), (CLIENT_ID_ANNOTATION, "cid")]);
+        let err = resolve("ns", "api", &opt_out, &settings(Mode::Workload, Some("t"))).unwrap_err();
+        assert!(matches!(err, IdentityError::OwnIdentityRefused { .. }), "{err}");
+        assert!(err.to_string().contains("--own-identity-namespace ns"), "{err}");
+        let mut allowed = settings(Mode::Workload, Some("t"));
+        allowed.own_identity_namespaces.insert("ns".into());
+        assert_eq!(resolve("ns", "api", &opt_out, &allowed).unwrap(), None);
+        let err = resolve("other", "api", &opt_out, &allowed).unwrap_err();
+        assert!(
+            matches!(err, IdentityError::OwnIdentityRefused { .. }),
+            "only the named namespace"
         );
     }
 
     #[test]
     fn a_workload_identity_without_its_annotations_says_what_to_add() {
         let bare = annotations(&[(IDENTITY_ANNOTATION, "workload")]);
-        let err = resolve("ns", "api", &bare, Mode::Kvinject, Some("t"))
+        let err = resolve("ns", "api", &bare, &settings(Mode::Kvinject, Some("t")))
             .unwrap_err()
             .to_string();
         assert!(
@@ -187,11 +243,11 @@ mod tests {
         );
         assert!(err.contains("subject system:serviceaccount:ns:api"), "{err}");
         let no_tenant = annotations(&[(CLIENT_ID_ANNOTATION, "cid")]);
-        let err = resolve("ns", "api", &no_tenant, Mode::Workload, None).unwrap_err();
+        let err = resolve("ns", "api", &no_tenant, &settings(Mode::Workload, None)).unwrap_err();
         assert!(matches!(err, IdentityError::MissingTenant { .. }), "{err}");
         let bad = annotations(&[(IDENTITY_ANNOTATION, "mine")]);
         assert!(matches!(
-            resolve("ns", "api", &bad, Mode::Kvinject, None),
+            resolve("ns", "api", &bad, &settings(Mode::Kvinject, None)),
             Err(IdentityError::BadMode { .. })
         ));
     }

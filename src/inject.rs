@@ -4,6 +4,7 @@
 use crate::{
     access::{
         NamespaceLabels, Policies,
+        direct::{self, DirectDenied},
         grant::{self, AccessDenied, Subject},
     },
     config::ReadLimit,
@@ -37,11 +38,28 @@ use std::{
 use tracing::{debug, warn};
 
 pub const FIELD_MANAGER: &str = "kvinject";
+/// The annotation kubelet puts on the mirror pods of static pods.
+pub const MIRROR_ANNOTATION: &str = "kubernetes.io/config.mirror";
+
+/// What an admission is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Review {
+    /// A pod being created: rewritten.
+    Create,
+    /// Containers added to a running pod: checked, never rewritten.
+    EphemeralContainers,
+}
 
 /// Creates materialized Secrets.
 #[async_trait]
 pub trait SecretWriter: Send + Sync {
     async fn create(&self, secret: Secret) -> Result<(), WriteError>;
+
+    /// What the apiserver holds under a name of kvinject's shape that the watch cache does
+    /// not know (a pod names it itself). Unless told otherwise: nothing, which denies.
+    async fn find(&self, _namespace: &str, _name: &str) -> Result<direct::Found, WriteError> {
+        Ok(direct::Found::Absent)
+    }
 }
 
 #[derive(Clone, Debug, thiserror::Error)]
@@ -69,6 +87,8 @@ pub enum Denied {
     Plan(#[from] Denial),
     #[error(transparent)]
     Access(#[from] AccessDenied),
+    #[error(transparent)]
+    Direct(#[from] DirectDenied),
     #[error(transparent)]
     Identity(#[from] IdentityError),
     #[error("{places}: {denied}")]
@@ -102,6 +122,18 @@ pub enum Denied {
         "Secret {namespace}/{name} carries kvinject's label but was not created by kvinject, or was changed by hand; kvinject will not hand it to a pod. Delete it: the next pod gets a fresh one"
     )]
     Foreign { namespace: String, name: String },
+    #[error(
+        "the pod carries akv:// references, and kvinject could not read namespace {namespace} to tell whether it acts there: {detail}"
+    )]
+    ScopeUnknown { namespace: String, detail: String },
+    #[error(
+        "Secret {namespace}/{name} is kvinject's, but it was made for another reference or identity than {reference} for this pod; kvinject will not hand it out. Delete it: the next pod gets a fresh one"
+    )]
+    Mismatch {
+        namespace: String,
+        name: String,
+        reference: String,
+    },
     #[error(
         "namespace {namespace} asked Key Vault for more new references than its limit ({rate}/s, bursts of {burst}, --namespace-read-rate/--namespace-read-burst); {reference} was not read. Retry shortly"
     )]
@@ -306,10 +338,66 @@ impl Injector {
     /// checked first; only when all are good are the missing ones created, so a denied pod
     /// leaves nothing behind. On a dry run nothing is written, and the answer is the same.
     pub async fn admit(&self, namespace: &str, pod: &Pod, dry_run: bool) -> Result<Admitted, Denied> {
-        let (labels, namespace_annotations) = match &self.namespaces {
+        self.decide(namespace, pod, dry_run, Review::Create).await
+    }
+
+    /// Decides for containers added to a running pod (`pods/ephemeralcontainers`): nothing
+    /// is rewritten, and every Secret the pod then names must be one kvinject would hand
+    /// its ServiceAccount.
+    pub async fn admit_ephemeral(
+        &self,
+        namespace: &str,
+        pod: &Pod,
+        dry_run: bool,
+    ) -> Result<Admitted, Denied> {
+        self.decide(namespace, pod, dry_run, Review::EphemeralContainers)
+            .await
+    }
+
+    async fn decide(
+        &self,
+        namespace: &str,
+        pod: &Pod,
+        dry_run: bool,
+        review: Review,
+    ) -> Result<Admitted, Denied> {
+        // kubelet's mirror of a static pod: the apiserver lets it name no Secret, and
+        // kubelet would not run a rewritten one.
+        if pod
+            .metadata
+            .annotations
+            .as_ref()
+            .is_some_and(|a| a.contains_key(MIRROR_ANNOTATION))
+        {
+            return Ok(Admitted {
+                patch: None,
+                warnings: vec![
+                    "kvinject leaves mirror pods (static pods run by kubelet) unchanged: their akv:// references are not resolved".to_owned(),
+                ],
+                from_caches: None,
+            });
+        }
+        let (mut labels, mut namespace_annotations) = match &self.namespaces {
             Some(n) => n.get(namespace).await,
             None => Default::default(),
         };
+        // The apiserver sends only the namespaces the registration selects, and a pod with
+        // references that is let through unchanged would keep its akv:// text: when the cache
+        // says "not selected" (it may lag a label just set), ask the apiserver, and deny when
+        // that cannot be answered.
+        if let (Some(scope), Some(namespaces)) = (&self.scope, &self.namespaces)
+            && !scope.includes(namespace, &labels)
+            && mutate::carries_references(pod)
+        {
+            (labels, namespace_annotations) =
+                namespaces
+                    .read(namespace)
+                    .await
+                    .map_err(|e| Denied::ScopeUnknown {
+                        namespace: namespace.to_owned(),
+                        detail: e.to_string(),
+                    })?;
+        }
         // Anything that reaches the port can POST a review naming any namespace: act only
         // for the ones the registration selects.
         if let Some(scope) = &self.scope
@@ -329,25 +417,63 @@ impl Injector {
             });
         }
         let identity = match &self.identities {
-            Some(identities) => identities.of(namespace, grant::service_account_of(pod)).await?,
-            None => None,
+            Some(identities) => identities.of(namespace, grant::service_account_of(pod)).await,
+            None => Ok(None),
         };
         // Registry credentials the namespace gives every pod.
         let effective = mutate::with_namespace_pull_secrets(pod, &namespace_annotations);
         let pod = effective.as_ref().unwrap_or(pod);
-        let plan = mutate::plan_as(pod, &self.config, identity.as_ref())?;
+        // A ServiceAccount whose identity cannot be told is refused only when its pod asks
+        // kvinject for something: a pod without references is none of its business.
+        let (identity, unknown_identity) = match identity {
+            Ok(identity) => (identity, None),
+            Err(e) if mutate::carries_references(pod) => {
+                // What is wrong with the pod itself first: it holds whoever reads.
+                mutate::plan_as(pod, &self.config, None)?;
+                return Err(e.into());
+            }
+            Err(e) => (None, Some(e)),
+        };
+        let plan = match review {
+            Review::Create => mutate::plan_as(pod, &self.config, identity.as_ref())?,
+            Review::EphemeralContainers => {
+                mutate::refuse_ephemeral_references(pod)?;
+                mutate::Plan::default()
+            }
+        };
         // Before any read or write, on the warm path too: a materialized Secret is no
         // reason to hand a reference to someone the policies no longer grant it to.
-        if let Some(policies) = &self.access {
-            let subject = Subject {
-                namespace,
-                labels: &labels,
-                service_account: grant::service_account_of(pod),
-            };
-            if let Err(denied) = grant::check_plan(&policies.current(), &subject, &plan) {
-                self.metrics.access_denials.inc();
-                return Err(denied.into());
-            }
+        let subject = Subject {
+            namespace,
+            labels: &labels,
+            service_account: grant::service_account_of(pod),
+        };
+        let grants = self.access.as_ref().map(Policies::current);
+        if let Some(grants) = &grants
+            && let Err(denied) = grant::check_plan(grants, &subject, &plan)
+        {
+            self.metrics.access_denials.inc();
+            return Err(denied.into());
+        }
+        // kvinject's Secrets reach a pod only where its plan puts them, whatever the pod
+        // names itself (opted out with kvinject.io/inject: "false" included).
+        let (found, asked_apiserver) = self.find_named(namespace, pod, &plan).await?;
+        if let Some(e) = unknown_identity
+            && found.values().any(|f| !matches!(f, direct::Found::Theirs))
+        {
+            return Err(e.into());
+        }
+        let asking = direct::Asking {
+            subject: &subject,
+            identity: identity.as_ref(),
+            grants: grants.as_deref(),
+            dry_run,
+        };
+        if let Err(denied) = direct::check(pod, &plan, &asking, |name| {
+            found.get(name).cloned().unwrap_or(direct::Found::Theirs)
+        }) {
+            self.metrics.access_denials.inc();
+            return Err(denied.into());
         }
         let prepared =
             futures::future::join_all(plan.needed.iter().map(|n| self.prepare(namespace, n))).await;
@@ -376,6 +502,7 @@ impl Injector {
         // then has also moved `changes`, so such a decision is not kept anyway.
         let from_caches = (missing.is_empty()
             && all_cached
+            && !asked_apiserver
             && self.namespaces.as_ref().is_none_or(|n| n.knows(namespace))
             && self
                 .identities
@@ -392,11 +519,40 @@ impl Injector {
         })
     }
 
+    /// What each Secret `pod` names itself (and the plan does not make) is: one of
+    /// kvinject's from the watch cache, the namespace's own, or, for a name of kvinject's
+    /// shape the cache does not know, what the apiserver says (also whether it was asked).
+    async fn find_named(
+        &self,
+        namespace: &str,
+        pod: &Pod,
+        plan: &mutate::Plan,
+    ) -> Result<(BTreeMap<String, direct::Found>, bool), Denied> {
+        let mut found = BTreeMap::new();
+        let mut asked = false;
+        for named in direct::secrets_named(pod) {
+            if found.contains_key(named.name) || plan.needed.iter().any(|n| n.secret_name == named.name) {
+                continue;
+            }
+            let object = ObjectRef::<CachedSecret>::new(named.name).within(namespace);
+            let f = match self.store.get(&object).filter(|s| s.managed) {
+                Some(secret) => direct::Found::Ours((*secret).clone()),
+                None if !direct::is_kvinject_name(named.name) => direct::Found::Theirs,
+                None => {
+                    asked = true;
+                    self.writer.find(namespace, named.name).await?
+                }
+            };
+            found.insert(named.name.to_owned(), f);
+        }
+        Ok((found, asked))
+    }
+
     /// Finds the Secret for `needed`, or reads Key Vault and builds it. No writes.
     async fn prepare(&self, namespace: &str, needed: &Needed) -> Result<Prepared, Denied> {
         let key = (namespace.to_owned(), needed.secret_name.clone());
         let reference = needed.source.reference();
-        if let Some(found) = self.materialized(&key)? {
+        if let Some(found) = self.materialized(&key, needed)? {
             self.metrics.cache("secret", true);
             let Found {
                 cached,
@@ -496,7 +652,7 @@ impl Injector {
     /// The version of the materialized Secret, what its seal says and whether Key Vault
     /// still has its secret, from the watch cache or our own creations. A Secret of that
     /// name that kvinject did not seal is an error: it is never handed to a pod.
-    fn materialized(&self, key: &(String, String)) -> Result<Option<Found>, Denied> {
+    fn materialized(&self, key: &(String, String), needed: &Needed) -> Result<Option<Found>, Denied> {
         let object = ObjectRef::<CachedSecret>::new(&key.1).within(&key.0);
         if let Some(secret) = self.store.get(&object).filter(|s| s.managed) {
             let verdict = secret.verdict;
@@ -504,6 +660,15 @@ impl Injector {
                 return Err(Denied::Foreign {
                     namespace: key.0.clone(),
                     name: key.1.clone(),
+                });
+            }
+            // The name alone is not enough: what the seal says it holds, and for whom, must
+            // be what the plan asks for.
+            if secret.made_for() != Some((needed.source.clone(), needed.identity.clone())) {
+                return Err(Denied::Mismatch {
+                    namespace: key.0.clone(),
+                    name: key.1.clone(),
+                    reference: needed.source.reference().to_string(),
                 });
             }
             let annotation = |name: &str| secret.annotation(name).map(str::to_owned);
@@ -588,8 +753,7 @@ impl Injector {
 pub struct ServiceAccounts {
     pub store: Store<ServiceAccount>,
     pub client: Option<kube::Client>,
-    pub default: identity::Mode,
-    pub tenant: Option<String>,
+    pub settings: Arc<identity::Settings>,
 }
 
 impl ServiceAccounts {
@@ -599,13 +763,7 @@ impl ServiceAccounts {
         let annotations = sa
             .and_then(|sa| sa.metadata.annotations.clone())
             .unwrap_or_default();
-        identity::resolve(
-            namespace,
-            name,
-            &annotations,
-            self.default,
-            self.tenant.as_deref(),
-        )
+        identity::resolve(namespace, name, &annotations, &self.settings)
     }
 
     /// Whether the watch cache holds this ServiceAccount.
@@ -626,13 +784,7 @@ impl ServiceAccounts {
                 .unwrap_or_default(),
             (None, None) => BTreeMap::new(),
         };
-        identity::resolve(
-            namespace,
-            name,
-            &annotations,
-            self.default,
-            self.tenant.as_deref(),
-        )
+        identity::resolve(namespace, name, &annotations, &self.settings)
     }
 }
 
@@ -645,6 +797,22 @@ pub struct KubeWriter {
 
 #[async_trait]
 impl SecretWriter for KubeWriter {
+    async fn find(&self, namespace: &str, name: &str) -> Result<direct::Found, WriteError> {
+        let api: Api<Secret> = Api::namespaced(self.client.clone(), namespace);
+        match api.get_opt(name).await {
+            Ok(None) => Ok(direct::Found::Absent),
+            Ok(Some(s)) if materialize::is_managed(&s) => {
+                Ok(direct::Found::Ours(CachedSecret::new(&self.keys, &s)))
+            }
+            Ok(Some(_)) => Ok(direct::Found::Theirs),
+            Err(e) => Err(WriteError::Api {
+                namespace: namespace.to_owned(),
+                name: name.to_owned(),
+                detail: format!("reading it to check what a pod names failed: {e}"),
+            }),
+        }
+    }
+
     async fn create(&self, secret: Secret) -> Result<(), WriteError> {
         let namespace = secret.metadata.namespace.clone().unwrap_or_default();
         let name = secret.metadata.name.clone().unwrap_or_default();

@@ -131,15 +131,46 @@ pub fn parse_list(value: &str) -> Result<Vec<Reference>, ReferenceError> {
         .collect()
 }
 
+/// Hex characters of the name hash: 64 bits, so that nobody can search for a reference
+/// whose name meets another's.
+pub const HASH_HEX: usize = 16;
+/// What names had before: 40 bits. Secrets under such names keep serving the pods that
+/// use them until they are collected (README "Migration").
+pub const LEGACY_HASH_HEX: usize = 10;
+
 /// A deterministic, collision-free DNS-1123 name of at most 63 characters:
-/// `<prefix>-<readable part>-<10 hex of sha256(identity)>`. The readable part is
+/// `<prefix>-<readable part>-<16 hex of sha256(identity)>`. The readable part is
 /// lower-cased and cut to fit; the hash is over the exact identity, so `DB` and `db`,
 /// or two long names that share a prefix, never meet.
 pub fn object_name(prefix: &str, readable: &[&str], identity: &str) -> String {
+    object_name_with(prefix, readable, identity, HASH_HEX)
+}
+
+/// The name `object_name` gave before the hash grew to 64 bits.
+pub fn legacy_object_name(prefix: &str, readable: &[&str], identity: &str) -> String {
+    object_name_with(prefix, readable, identity, LEGACY_HASH_HEX)
+}
+
+/// Whether `name` has the shape of a name `object_name` (or its legacy form) gives with
+/// `prefix`: the prefix, and a hash of 16 (or 10) lower-case hex characters at the end.
+pub fn looks_like_object_name(prefix: &str, name: &str) -> bool {
+    let Some(rest) = name.strip_prefix(prefix).and_then(|r| r.strip_prefix('-')) else {
+        return false;
+    };
+    [HASH_HEX, LEGACY_HASH_HEX].into_iter().any(|n| {
+        rest.len() >= n
+            && rest.is_char_boundary(rest.len() - n)
+            && rest[rest.len() - n..]
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+            && (rest.len() == n || rest.as_bytes()[rest.len() - n - 1] == b'-')
+    })
+}
+
+fn object_name_with(prefix: &str, readable: &[&str], identity: &str, hash_hex: usize) -> String {
     const MAX: usize = 63;
-    const HASH_HEX: usize = 10;
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    let room = MAX.saturating_sub(prefix.len() + HASH_HEX + 2);
+    let room = MAX.saturating_sub(prefix.len() + hash_hex + 2);
     // The readable parts joined by '-', each character lower-cased or made a '-' (so one
     // byte each), cut to `room`. One buffer: this runs for every reference of every
     // admission.
@@ -178,7 +209,7 @@ pub fn object_name(prefix: &str, readable: &[&str], identity: &str) -> String {
         }
         name.push('-');
     }
-    for b in Sha256::digest(identity.as_bytes()).iter().take(HASH_HEX / 2) {
+    for b in Sha256::digest(identity.as_bytes()).iter().take(hash_hex / 2) {
         name.push(HEX[usize::from(b >> 4)] as char);
         name.push(HEX[usize::from(b & 0xf)] as char);
     }
@@ -316,7 +347,8 @@ mod tests {
     }
 
     /// Names are how kvinject finds the Secrets it made: a faster way to compute them must
-    /// give every existing name exactly as before. This is the previous implementation.
+    /// give every existing (legacy, 40-bit) name exactly as before. This is the previous
+    /// implementation.
     fn object_name_before(prefix: &str, readable: &[&str], identity: &str) -> String {
         const MAX: usize = 63;
         let hash = Sha256::digest(identity.as_bytes());
@@ -370,10 +402,17 @@ mod tests {
             for p in parts {
                 for identity in ["", "akv://main/x", "akv://main/x\nsa\nclient\ntenant"] {
                     assert_eq!(
-                        object_name(prefix, p, identity),
+                        legacy_object_name(prefix, p, identity),
                         object_name_before(prefix, p, identity),
                         "{prefix} {p:?} {identity:?}"
                     );
+                    let (new, old) = (
+                        object_name(prefix, p, identity),
+                        legacy_object_name(prefix, p, identity),
+                    );
+                    assert_ne!(new, old);
+                    assert!(new.len() <= 63, "{new}");
+                    assert!(looks_like_object_name(prefix, &new) && looks_like_object_name(prefix, &old));
                 }
             }
         }
@@ -408,5 +447,24 @@ mod tests {
             "deterministic"
         );
         assert!(names[1].starts_with("kvi-main-db-password-"), "{}", names[1]);
+        let hash = names[1].rsplit('-').next().unwrap();
+        assert_eq!(hash.len(), 16, "64 bits of hash: {}", names[1]);
+    }
+
+    #[test]
+    fn only_names_of_kvinjects_shape_look_like_its_own() {
+        for (name, want) in [
+            ("kvi-main-db-0123456789abcdef", true),
+            ("kvi-main-db-0123456789", true),
+            ("kvi-0123456789abcdef", true),
+            ("kvi-pull-r-example-0123456789", true),
+            ("kvi-main-db", false),
+            ("kvi-main-db-0123456789ABCDEF", false),
+            ("kvi-main-db-x0123456789", false),
+            ("kvimain-db-0123456789", false),
+            ("app-secret", false),
+        ] {
+            assert_eq!(looks_like_object_name("kvi", name), want, "{name}");
+        }
     }
 }

@@ -5,6 +5,7 @@
 //! and in the rotation controller; `cli` is `kvinject access check` and `kvinject crd`.
 
 pub mod cli;
+pub mod direct;
 pub mod grant;
 pub mod policy;
 
@@ -135,6 +136,27 @@ impl NamespaceLabels {
     /// Whether the watch cache holds this namespace.
     pub fn knows(&self, namespace: &str) -> bool {
         self.store.get(&ObjectRef::new(namespace)).is_some()
+    }
+
+    /// The namespace's labels and annotations as the apiserver has them now, not as the
+    /// cache last saw them (none when there is no client: router tests). A namespace that
+    /// does not exist has none.
+    pub async fn read(
+        &self,
+        namespace: &str,
+    ) -> Result<(BTreeMap<String, String>, BTreeMap<String, String>), kube::Error> {
+        let Some(client) = &self.client else {
+            return Ok(Default::default());
+        };
+        let ns = Api::<Namespace>::all(client.clone()).get_opt(namespace).await?;
+        Ok(ns
+            .map(|ns| {
+                (
+                    ns.metadata.labels.unwrap_or_default(),
+                    ns.metadata.annotations.unwrap_or_default(),
+                )
+            })
+            .unwrap_or_default())
     }
 
     /// The namespace's labels and annotations.

@@ -8,6 +8,7 @@
 //! third of that (README "Resources").
 
 use super::seal::{self, Verdict};
+use crate::{identity::WorkloadIdentity, mutate::Source, reference::Reference};
 use k8s_openapi::api::core::v1::{ObjectReference, Secret};
 use kube::runtime::reflector::{Lookup, ObjectRef};
 use std::borrow::Cow;
@@ -91,6 +92,37 @@ impl CachedSecret {
             .binary_search_by(|(k, _)| k.as_ref().cmp(name))
             .ok()
             .map(|i| self.annotations[i].1.as_ref())
+    }
+
+    /// What this Secret says it was made for: the source (reference, kind, and for a
+    /// registry login its registry and user name) and whose identity read it. `None` when
+    /// its annotations do not say, or when they do not give back its own name: the name
+    /// hashes all of them and is covered by the seal, so an annotation edited by hand (a
+    /// registry host, a ServiceAccount) or a name that met another's never passes.
+    pub fn made_for(&self) -> Option<(Source, Option<WorkloadIdentity>)> {
+        let reference = Reference::parse(self.annotation(super::REFERENCE_ANNOTATION)?)?.ok()?;
+        let identity = match self.annotation(super::CLIENT_ID_ANNOTATION) {
+            None => None,
+            Some(client_id) => Some(WorkloadIdentity {
+                namespace: self.namespace.clone(),
+                service_account: self.annotation(super::SERVICE_ACCOUNT_ANNOTATION)?.to_owned(),
+                client_id: client_id.to_owned(),
+                tenant_id: self.annotation(super::TENANT_ID_ANNOTATION)?.to_owned(),
+            }),
+        };
+        let source = match (self.type_.as_deref(), self.annotation(super::REGISTRY_ANNOTATION)) {
+            (Some("Opaque"), None) => Source::Env(reference),
+            (Some(super::DOCKER_CONFIG_TYPE), None) => Source::DockerConfig(reference),
+            (Some(super::DOCKER_CONFIG_TYPE), Some(registry)) => Source::RegistryLogin {
+                registry: registry.to_owned(),
+                username: self.annotation(super::USERNAME_ANNOTATION)?.to_owned(),
+                password: reference,
+            },
+            _ => return None,
+        };
+        source
+            .is_named(&self.name, identity.as_ref())
+            .then_some((source, identity))
     }
 
     /// (`namespace`, `name`).

@@ -31,6 +31,8 @@ pub const TENANT_ID_ANNOTATION: &str = "kvinject.io/tenant-id";
 /// in the vault): when that was first seen. The value is kept; the rotation controller
 /// sets and clears it, the webhook warns about it.
 pub const MISSING_ANNOTATION: &str = "kvinject.io/missing-in-vault-since";
+/// The type of the Secrets that hold registry credentials.
+pub const DOCKER_CONFIG_TYPE: &str = "kubernetes.io/dockerconfigjson";
 /// Secrets hold at most 1 MiB of data; the rest is left for metadata.
 pub const MAX_VALUE_BYTES: usize = 1024 * 1024 - 16 * 1024;
 

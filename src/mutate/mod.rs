@@ -70,22 +70,36 @@ impl Source {
     /// The name when read as `identity`: the identity is part of the hashed identity, so two
     /// ServiceAccounts never share a value only one of them may read.
     pub fn secret_name_as(&self, identity: Option<&WorkloadIdentity>) -> String {
+        self.name_with(identity, reference::object_name)
+    }
+
+    /// Whether `name` is what this source read as `identity` is materialized as: today's
+    /// name, or the one it had before the hash grew to 64 bits (such Secrets keep serving
+    /// the pods that use them until they are collected).
+    pub fn is_named(&self, name: &str, identity: Option<&WorkloadIdentity>) -> bool {
+        self.secret_name_as(identity) == name
+            || self.name_with(identity, reference::legacy_object_name) == name
+    }
+
+    fn name_with(
+        &self,
+        identity: Option<&WorkloadIdentity>,
+        object_name: fn(&str, &[&str], &str) -> String,
+    ) -> String {
         let r = self.reference();
         let reader = identity
             .map(|i| format!("\n{}\n{}\n{}", i.service_account, i.client_id, i.tenant_id))
             .unwrap_or_default();
         match self {
-            Source::Env(_) => reference::object_name(
+            Source::Env(_) => object_name(
                 "kvi",
                 &[&r.vault, &r.name, r.field.as_deref().unwrap_or_default()],
                 &format!("{r}{reader}"),
             ),
-            Source::DockerConfig(_) => {
-                reference::object_name("kvi-pull", &[&r.vault, &r.name], &format!("{r}{reader}"))
-            }
+            Source::DockerConfig(_) => object_name("kvi-pull", &[&r.vault, &r.name], &format!("{r}{reader}")),
             Source::RegistryLogin {
                 registry, username, ..
-            } => reference::object_name(
+            } => object_name(
                 "kvi-pull",
                 &[registry],
                 &format!("{registry}\n{username}\n{r}{reader}"),
@@ -153,6 +167,67 @@ pub enum Denial {
     },
     #[error("volume `{volume}`: {message}")]
     BadVolume { volume: String, message: String },
+    #[error(
+        "ephemeral container `{container}` env `{env}`: kvinject does not resolve akv:// references in containers added to a running pod; use a secretKeyRef to a Secret the pod's own containers use"
+    )]
+    EphemeralReference { container: String, env: String },
+}
+
+/// Whether `pod` carries anything kvinject would act on: an env value, a file volume or a
+/// registry annotation of kvinject's (the check before letting a pod through unchanged).
+pub fn carries_references(pod: &Pod) -> bool {
+    let annotations = pod.metadata.annotations.iter().flatten();
+    if annotations
+        .map(|(k, _)| k.as_str())
+        .any(|k| [PULL_SECRETS_ANNOTATION, PULL_PASSWORD_ANNOTATION].contains(&k))
+    {
+        return true;
+    }
+    let Some(spec) = pod.spec.as_ref() else {
+        return false;
+    };
+    let env = spec
+        .containers
+        .iter()
+        .chain(spec.init_containers.iter().flatten())
+        .flat_map(|c| c.env.iter().flatten())
+        .chain(
+            spec.ephemeral_containers
+                .iter()
+                .flatten()
+                .flat_map(|c| c.env.iter().flatten()),
+        );
+    env.filter_map(|e| e.value.as_deref())
+        .any(|v| v.contains(reference::SCHEME))
+        || spec
+            .volumes
+            .iter()
+            .flatten()
+            .any(|v| v.csi.as_ref().is_some_and(|c| c.driver == VOLUME_DRIVER))
+}
+
+/// Ephemeral containers are added to a running pod, whose spec kvinject no longer rewrites:
+/// a reference there would reach the container as its literal text.
+pub fn refuse_ephemeral_references(pod: &Pod) -> Result<(), Denial> {
+    let containers = pod
+        .spec
+        .iter()
+        .flat_map(|s| s.ephemeral_containers.iter().flatten());
+    for c in containers {
+        for env in c.env.iter().flatten() {
+            if env
+                .value
+                .as_deref()
+                .is_some_and(|v| v.contains(reference::SCHEME))
+            {
+                return Err(Denial::EphemeralReference {
+                    container: c.name.clone(),
+                    env: env.name.clone(),
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The CSI driver name of kvinject's file volumes. No such driver is installed: a pod that

@@ -14,8 +14,9 @@ use axum::{
     routing::post,
 };
 use base64::Engine;
+use futures::FutureExt;
 use k8s_openapi::api::core::v1::Pod;
-use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview};
+use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
 use memo::{Decided, Memo, Subject};
 use std::{
     sync::Arc,
@@ -221,12 +222,18 @@ async fn review(state: &WebhookState, body: &[u8]) -> (AdmissionResponse, Subjec
             None,
         );
     }
-    let decision = tokio::time::timeout(
-        state.deadline,
-        state.injector.admit(&namespace, pod, request.dry_run),
-    )
-    .instrument(span.clone())
-    .await;
+    let injector = &state.injector;
+    let decide = match (&request.operation, request.sub_resource.as_deref()) {
+        (Operation::Create, None) => injector.admit(&namespace, pod, request.dry_run).boxed(),
+        (Operation::Update, Some("ephemeralcontainers")) => {
+            injector.admit_ephemeral(&namespace, pod, request.dry_run).boxed()
+        }
+        // Not what kvinject registers for: nothing to decide.
+        _ => return (response, subject, None),
+    };
+    let decision = tokio::time::timeout(state.deadline, decide)
+        .instrument(span.clone())
+        .await;
     let admitted = match decision {
         Err(_) => {
             let late = response.deny(format!(

@@ -13,6 +13,7 @@ mod heal;
 mod identity;
 mod inject;
 mod install;
+mod isolation;
 mod lifecycle;
 mod listing;
 mod outage;

@@ -921,7 +921,7 @@ pub fn kubectl(args: &[&str], stdin: Option<&str>) -> (bool, String, String) {
     )
 }
 
-/// Registers `url` for pod CREATE in namespaces labelled `label=value`, as the chart does.
+/// Registers `url` for pod CREATE (and ephemeral containers) in namespaces labelled `label=value`, as the chart does.
 pub async fn register_webhook(client: &Client, name: &str, url: &str, label: (&str, &str)) -> WebhookGuard {
     let ca = std::fs::read(&testbed().ca).unwrap();
     let webhook = MutatingWebhook {
@@ -932,13 +932,22 @@ pub async fn register_webhook(client: &Client, name: &str, url: &str, label: (&s
             ca_bundle: Some(ByteString(ca)),
             service: None,
         },
-        rules: Some(vec![RuleWithOperations {
-            api_groups: Some(vec!["".into()]),
-            api_versions: Some(vec!["v1".into()]),
-            operations: Some(vec!["CREATE".into()]),
-            resources: Some(vec!["pods".into()]),
-            scope: Some("Namespaced".into()),
-        }]),
+        rules: Some(vec![
+            RuleWithOperations {
+                api_groups: Some(vec!["".into()]),
+                api_versions: Some(vec!["v1".into()]),
+                operations: Some(vec!["CREATE".into()]),
+                resources: Some(vec!["pods".into()]),
+                scope: Some("Namespaced".into()),
+            },
+            RuleWithOperations {
+                api_groups: Some(vec!["".into()]),
+                api_versions: Some(vec!["v1".into()]),
+                operations: Some(vec!["UPDATE".into()]),
+                resources: Some(vec!["pods/ephemeralcontainers".into()]),
+                scope: Some("Namespaced".into()),
+            },
+        ]),
         namespace_selector: Some(LabelSelector {
             match_labels: Some([(label.0.to_owned(), label.1.to_owned())].into()),
             ..Default::default()

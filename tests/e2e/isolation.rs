@@ -1,0 +1,584 @@
+//! Isolation at the seams, as a tenant of a shared cluster would probe it: naming
+//! kvinject's Secrets directly in a pod (env, envFrom, volumes, imagePullSecrets, ephemeral
+//! containers), a Secret under a reference's name that holds another reference, a
+//! ServiceAccount annotation that moves back onto kvinject's own identity, and a namespace
+//! cache that has not seen an opt-in yet.
+
+use crate::{
+    inject::{self, pod},
+    support::{self, Kvinject, PolicyGuard, WebhookGuard},
+};
+use k8s_openapi::api::core::v1::{Namespace, Pod, Secret, ServiceAccount};
+use kube::{
+    Api, Client,
+    api::{Patch, PatchParams, PostParams},
+};
+use kvinject::{materialize::seal, mutate::Source, reference::Reference};
+use serde_json::{Value, json};
+use std::{collections::BTreeMap, time::Duration};
+
+/// One opted-in namespace whose policy grants `<run>-pay-*` to ServiceAccount `payment`
+/// only and `<run>-pub-*` to every ServiceAccount, and a kvinject the apiserver calls for it.
+struct Tenant {
+    client: Client,
+    ns: String,
+    run: String,
+    kvinject: Kvinject,
+    _policies: [PolicyGuard; 2],
+    _webhook: WebhookGuard,
+}
+
+impl Drop for Tenant {
+    fn drop(&mut self) {
+        support::keep_events(&self.ns);
+        support::delete_from_drop::<Namespace>(self.ns.clone());
+    }
+}
+
+/// `{ns}` in `extra` is replaced by the tenant's namespace.
+async fn tenant(prefix: &str, extra: &[&str]) -> Tenant {
+    let client = support::kube().await;
+    let label = support::unique(prefix);
+    let ns = support::namespace(&client, prefix, &[("kvinject.test/suite", &label)]).await;
+    let extra: Vec<String> = extra.iter().map(|a| a.replace("{ns}", &ns)).collect();
+    let kvinject = Kvinject::start(&extra.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    let run = support::unique("iso");
+    let vault = support::testbed().vault_name.clone();
+    let pay = support::access_policy(
+        &client,
+        &format!("{run}-pay"),
+        json!({"vault": vault, "secrets": [format!("{run}-pay-*")], "namespaces": {"names": [ns]}, "serviceAccounts": ["payment"]}),
+    )
+    .await;
+    let public = support::access_policy(
+        &client,
+        &format!("{run}-pub"),
+        json!({"vault": vault, "secrets": [format!("{run}-pub-*")], "namespaces": {"names": [ns]}}),
+    )
+    .await;
+    let sa: ServiceAccount = serde_json::from_value(json!({"metadata": {"name": "payment"}})).unwrap();
+    Api::<ServiceAccount>::namespaced(client.clone(), &ns)
+        .create(&PostParams::default(), &sa)
+        .await
+        .unwrap();
+    let webhook =
+        support::register_webhook(&client, &label, &kvinject.url(), ("kvinject.test/suite", &label)).await;
+    support::wait_for_webhook(&client, &ns).await;
+    Tenant {
+        client,
+        ns,
+        run,
+        kvinject,
+        _policies: [pay, public],
+        _webhook: webhook,
+    }
+}
+
+async fn create(t: &Tenant, p: &Pod, dry_run: bool) -> Result<Pod, String> {
+    let params = PostParams {
+        dry_run,
+        ..Default::default()
+    };
+    Api::<Pod>::namespaced(t.client.clone(), &t.ns)
+        .create(&params, p)
+        .await
+        .map_err(|e| match e {
+            kube::Error::Api(s) => s.message,
+            other => other.to_string(),
+        })
+}
+
+fn as_sa(mut p: Pod, sa: &str) -> Pod {
+    p.spec.as_mut().unwrap().service_account_name = Some(sa.to_owned());
+    p
+}
+
+/// A pod whose one container has `spec` merged in (env, envFrom, volumeMounts) and whose
+/// spec has `extra` merged in (volumes, imagePullSecrets).
+fn raw_pod(name: &str, container: Value, extra: Value, annotations: Value) -> Pod {
+    let mut c = json!({"name": "app", "image": "registry.invalid/app:1"});
+    c.as_object_mut()
+        .unwrap()
+        .extend(container.as_object().unwrap().clone());
+    let mut spec = json!({"containers": [c]});
+    spec.as_object_mut()
+        .unwrap()
+        .extend(extra.as_object().unwrap().clone());
+    serde_json::from_value(json!({"metadata": {"name": name, "annotations": annotations}, "spec": spec}))
+        .unwrap()
+}
+
+/// The payment ServiceAccount's Secret for `<run>-pay-key`, materialized by a pod of its own.
+async fn payment_secret(t: &Tenant) -> (String, String) {
+    let name = format!("{}-pay-key", t.run);
+    let value = support::distinctive_value();
+    support::seed_secret(&name, &value).await;
+    let own = as_sa(
+        pod("payment", &[("KEY", &inject::reference(&name))], json!({})),
+        "payment",
+    );
+    support::eventually(
+        Duration::from_secs(10),
+        "kvinject to load the policies",
+        || async { create(t, &own, true).await.is_ok() },
+    )
+    .await;
+    let stored = create(t, &own, false).await.expect("payment may read its key");
+    (inject::secret_key_ref(&stored, "KEY").unwrap(), value)
+}
+
+#[tokio::test]
+async fn a_pod_reaches_kvinjects_secrets_only_through_references_its_service_account_is_granted() {
+    let _vault = support::VAULT.read().await;
+    let t = tenant("direct", &[]).await;
+    let (secret, value) = payment_secret(&t).await;
+
+    // Every way a pod of another ServiceAccount can name it: denied, naming the place, the
+    // Secret and why; a dry run answers the same; kubectl's `inject: "false"` changes nothing.
+    let env =
+        json!({"env": [{"name": "STOLEN", "valueFrom": {"secretKeyRef": {"name": secret, "key": "value"}}}]});
+    let attempts = [
+        (
+            "env",
+            raw_pod("by-env", env.clone(), json!({}), json!({})),
+            "container `app` env `STOLEN` (secretKeyRef)",
+        ),
+        (
+            "envFrom",
+            raw_pod(
+                "by-env-from",
+                json!({"envFrom": [{"secretRef": {"name": secret}}]}),
+                json!({}),
+                json!({}),
+            ),
+            "container `app` envFrom 0 (secretRef)",
+        ),
+        (
+            "a secret volume",
+            raw_pod(
+                "by-volume",
+                json!({}),
+                json!({"volumes": [{"name": "v", "secret": {"secretName": secret}}]}),
+                json!({}),
+            ),
+            "volume `v` (secret)",
+        ),
+        (
+            "a projected volume",
+            raw_pod(
+                "by-projected",
+                json!({}),
+                json!({"volumes": [{"name": "v", "projected": {"sources": [{"secret": {"name": secret}}]}}]}),
+                json!({}),
+            ),
+            "volume `v` (projected secret)",
+        ),
+        (
+            "imagePullSecrets",
+            raw_pod(
+                "by-pull",
+                json!({}),
+                json!({"imagePullSecrets": [{"name": secret}]}),
+                json!({}),
+            ),
+            "imagePullSecrets 0",
+        ),
+        (
+            "an opted-out pod",
+            raw_pod(
+                "by-opt-out",
+                env.clone(),
+                json!({}),
+                json!({"kvinject.io/inject": "false"}),
+            ),
+            "container `app` env `STOLEN` (secretKeyRef)",
+        ),
+    ];
+    for (how, attempt, place) in attempts {
+        for dry_run in [true, false] {
+            let err = create(&t, &attempt, dry_run).await.expect_err(&format!(
+                "naming the payment Secret in {how} (dry run {dry_run}) is denied"
+            ));
+            assert!(
+                err.contains(&format!("{place} names Secret `{secret}` itself")),
+                "{how}: {err}"
+            );
+            assert!(
+                err.contains(&format!(
+                    "is not granted to ServiceAccount `default` in namespace `{}`",
+                    t.ns
+                )),
+                "{how}: {err}"
+            );
+            assert!(!err.contains(&value), "the value leaked into the denial");
+        }
+    }
+    let pods = Api::<Pod>::namespaced(t.client.clone(), &t.ns)
+        .list(&Default::default())
+        .await
+        .unwrap();
+    assert_eq!(pods.items.len(), 1, "only the payment pod was stored");
+
+    // The ServiceAccount it was made for may name it itself (a spec copied from a running
+    // pod, a reinvocation); a value kvinject would hand it.
+    create(
+        &t,
+        &as_sa(raw_pod("copied", env.clone(), json!({}), json!({})), "payment"),
+        false,
+    )
+    .await
+    .expect("payment may name its own Secret");
+
+    // A name of kvinject's shape whose Secret does not exist yet: a pod waiting for it would
+    // start with the value once kvinject made it for someone else.
+    let future = Source::Env(
+        Reference::parse(&inject::reference(&format!("{}-pay-later", t.run)))
+            .unwrap()
+            .unwrap(),
+    )
+    .secret_name();
+    let waiting = json!({"env": [{"name": "LATER", "valueFrom": {"secretKeyRef": {"name": future, "key": "value", "optional": true}}}]});
+    let err = create(&t, &raw_pod("waiting", waiting, json!({}), json!({})), false)
+        .await
+        .unwrap_err();
+    assert!(
+        err.contains("no such Secret exists; names of this shape are kvinject's"),
+        "{err}"
+    );
+
+    // The namespace's own Secrets stay its business.
+    let own: Secret =
+        serde_json::from_value(json!({"metadata": {"name": "app-config"}, "stringData": {"k": "v"}}))
+            .unwrap();
+    Api::<Secret>::namespaced(t.client.clone(), &t.ns)
+        .create(&PostParams::default(), &own)
+        .await
+        .unwrap();
+    let plain =
+        json!({"env": [{"name": "K", "valueFrom": {"secretKeyRef": {"name": "app-config", "key": "k"}}}]});
+    create(&t, &raw_pod("plain", plain, json!({}), json!({})), false)
+        .await
+        .expect("a pod's own Secret is none of kvinject's business");
+    assert!(!t.kvinject.logs().contains(&value));
+}
+
+#[tokio::test]
+async fn containers_added_to_a_running_pod_are_held_to_the_same_grants() {
+    let _vault = support::VAULT.read().await;
+    let t = tenant("ephemeral", &[]).await;
+    let (secret, _) = payment_secret(&t).await;
+    let pods: Api<Pod> = Api::namespaced(t.client.clone(), &t.ns);
+    create(&t, &raw_pod("debugged", json!({}), json!({}), json!({})), false)
+        .await
+        .unwrap();
+    let add = |name: &str, env: Value| {
+        let pods = pods.clone();
+        let patch = json!({"spec": {"ephemeralContainers": [{"name": name, "image": "registry.invalid/debug:1", "env": env}]}});
+        async move {
+            pods.patch_ephemeral_containers("debugged", &PatchParams::default(), &Patch::Strategic(patch))
+                .await
+                .map_err(|e| match e {
+                    kube::Error::Api(s) => s.message,
+                    other => other.to_string(),
+                })
+        }
+    };
+    let err = add(
+        "steal",
+        json!([{"name": "S", "valueFrom": {"secretKeyRef": {"name": secret, "key": "value"}}}]),
+    )
+    .await
+    .expect_err("an ephemeral container naming another ServiceAccount's Secret is denied");
+    assert!(
+        err.contains(&format!(
+            "ephemeral container `steal` env `S` (secretKeyRef) names Secret `{secret}` itself"
+        )),
+        "{err}"
+    );
+    let err = add(
+        "literal",
+        json!([{"name": "R", "value": inject::reference(&format!("{}-pub-x", t.run))}]),
+    )
+    .await
+    .expect_err("a reference in an ephemeral container would stay literal");
+    assert!(
+        err.contains("ephemeral container `literal` env `R`: kvinject does not resolve akv:// references"),
+        "{err}"
+    );
+    let stored = add("plain", json!([{"name": "P", "value": "x"}]))
+        .await
+        .expect("a plain debug container is added");
+    let names: Vec<_> = stored
+        .spec
+        .unwrap()
+        .ephemeral_containers
+        .unwrap()
+        .into_iter()
+        .map(|c| c.name)
+        .collect();
+    assert_eq!(names, ["plain"]);
+}
+
+/// kvinject's signing keys, as every test's kvinject shares them (`--signing-key-namespace
+/// default`).
+async fn signing_keys(client: &Client) -> seal::Keys {
+    let secret = Api::<Secret>::namespaced(client.clone(), "default")
+        .get("kvinject-signing-key")
+        .await
+        .unwrap();
+    let current = secret.metadata.annotations.unwrap()["kvinject.io/current-key"].clone();
+    let material: BTreeMap<String, Vec<u8>> =
+        secret.data.unwrap().into_iter().map(|(k, v)| (k, v.0)).collect();
+    seal::Keys::new(&current, material).unwrap()
+}
+
+#[tokio::test]
+async fn a_sealed_secret_under_a_references_name_that_holds_another_reference_is_not_reused() {
+    let _vault = support::VAULT.read().await;
+    let t = tenant("collide", &[]).await;
+    let (wanted, other) = (format!("{}-pub-wanted", t.run), format!("{}-pay-other", t.run));
+    support::seed_secret(&wanted, &support::distinctive_value()).await;
+    // What a name collision would leave: a Secret kvinject sealed for `other`, under the name
+    // `wanted` is materialized as. 64 bits of hash cannot be searched for a real one, so the
+    // test seals it with kvinject's key, as kvinject would have.
+    let name = Source::Env(Reference::parse(&inject::reference(&wanted)).unwrap().unwrap()).secret_name();
+    let mut collided: Secret = serde_json::from_value(json!({
+        "metadata": {"name": name, "namespace": t.ns, "labels": {"app.kubernetes.io/managed-by": "kvinject"},
+                     "annotations": {"kvinject.io/reference": inject::reference(&other), "kvinject.io/version": "0123456789abcdef0123456789abcdef"}},
+        "type": "Opaque",
+        "stringData": {"value": "value-of-another-reference"},
+    }))
+    .unwrap();
+    collided.data = Some(
+        [(
+            "value".to_owned(),
+            k8s_openapi::ByteString(b"value-of-another-reference".to_vec()),
+        )]
+        .into(),
+    );
+    collided.string_data = None;
+    seal::seal(&signing_keys(&t.client).await, &mut collided);
+    let secrets: Api<Secret> = Api::namespaced(t.client.clone(), &t.ns);
+    secrets.create(&PostParams::default(), &collided).await.unwrap();
+    support::eventually(
+        Duration::from_secs(10),
+        "kvinject to see the Secret and deny",
+        || async {
+            let p = pod("wants", &[("X", &inject::reference(&wanted))], json!({}));
+            create(&t, &p, true)
+                .await
+                .is_err_and(|e| e.contains("was made for another reference or identity"))
+        },
+    )
+    .await;
+    let err = create(
+        &t,
+        &pod("wants", &[("X", &inject::reference(&wanted))], json!({})),
+        false,
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        err.contains(&format!(
+            "Secret {}/{name} is kvinject's, but it was made for another reference",
+            t.ns
+        )),
+        "{err}"
+    );
+    assert!(!err.contains("value-of-another-reference"));
+}
+
+#[tokio::test]
+async fn a_tenants_annotation_cannot_move_it_back_onto_kvinjects_identity() {
+    let _vault = support::VAULT.read().await;
+    let t = tenant("own-id", &["--default-identity", "workload"]).await;
+    let sa: ServiceAccount = serde_json::from_value(
+        json!({"metadata": {"name": "escapee", "annotations": {"kvinject.io/identity": "kvinject"}}}),
+    )
+    .unwrap();
+    Api::<ServiceAccount>::namespaced(t.client.clone(), &t.ns)
+        .create(&PostParams::default(), &sa)
+        .await
+        .unwrap();
+    let name = format!("{}-pub-x", t.run);
+    support::seed_secret(&name, &support::distinctive_value()).await;
+    let p = as_sa(
+        pod("escape", &[("X", &inject::reference(&name))], json!({})),
+        "escapee",
+    );
+    support::eventually(
+        Duration::from_secs(10),
+        "the policies loaded and the pod denied for its identity",
+        || async {
+            create(&t, &p, true)
+                .await
+                .is_err_and(|e| e.contains("asks to read Key Vault as kvinject's own identity"))
+        },
+    )
+    .await;
+    let last = create(&t, &p, false)
+        .await
+        .expect_err("the annotation alone is refused");
+    assert!(
+        last.contains(&format!("--own-identity-namespace {}", t.ns)),
+        "{last}"
+    );
+    assert!(
+        last.contains("ServiceAccount `") && last.contains("/escapee`"),
+        "{last}"
+    );
+    drop(t);
+
+    // The platform's flag allows it, for its namespace: the pod reads as kvinject.
+    let t = tenant(
+        "own-id",
+        &[
+            "--default-identity",
+            "workload",
+            "--own-identity-namespace",
+            "{ns}",
+        ],
+    )
+    .await;
+    Api::<ServiceAccount>::namespaced(t.client.clone(), &t.ns)
+        .create(&PostParams::default(), &sa)
+        .await
+        .unwrap();
+    let name = format!("{}-pub-x", t.run);
+    let value = support::distinctive_value();
+    support::seed_secret(&name, &value).await;
+    let p = as_sa(
+        pod("allowed", &[("X", &inject::reference(&name))], json!({})),
+        "escapee",
+    );
+    support::eventually(Duration::from_secs(10), "the pod admitted", || async {
+        create(&t, &p, true).await.is_ok()
+    })
+    .await;
+    let stored = create(&t, &p, false)
+        .await
+        .expect("the platform allowed kvinject's identity here");
+    let secret = Api::<Secret>::namespaced(t.client.clone(), &t.ns)
+        .get(&inject::secret_key_ref(&stored, "X").unwrap())
+        .await
+        .unwrap();
+    assert_eq!(secret.data.unwrap()["value"].0, value.as_bytes());
+    assert!(
+        !secret
+            .metadata
+            .annotations
+            .unwrap()
+            .contains_key("kvinject.io/client-id"),
+        "read as kvinject's own identity"
+    );
+}
+
+/// Key Vault for the scope test: never has anything (the test is about whether kvinject
+/// decides at all, not about what it reads).
+struct EmptyVault;
+
+#[async_trait::async_trait]
+impl kvinject::keyvault::source::SecretSource for EmptyVault {
+    async fn fetch(
+        &self,
+        r: &Reference,
+        _: Option<&kvinject::identity::WorkloadIdentity>,
+    ) -> Result<kvinject::keyvault::source::Fetched, kvinject::keyvault::source::FetchError> {
+        Err(kvinject::keyvault::source::FetchError::NotFound(r.to_string()))
+    }
+    async fn probe(&self, _: &str) -> Result<(), kvinject::keyvault::source::FetchError> {
+        Ok(())
+    }
+}
+
+#[async_trait::async_trait]
+impl kvinject::inject::SecretWriter for EmptyVault {
+    async fn create(&self, _: Secret) -> Result<(), kvinject::inject::WriteError> {
+        Ok(())
+    }
+}
+
+/// kvinject's decision in process, with a namespace cache that still holds `stale` (the
+/// namespace before its opt-in label: a watch that lags), asking `client` when in doubt.
+async fn decide_with_stale_cache(client: Client, stale: Namespace, p: &Pod) -> Result<bool, String> {
+    use kube::runtime::{reflector::store::Writer, watcher};
+    use kvinject::{access::NamespaceLabels, inject::Injector, mutate::InjectConfig, scope::Scope};
+    use std::sync::Arc;
+    let ns = stale.metadata.name.clone().unwrap();
+    let mut namespaces = Writer::<Namespace>::default();
+    namespaces.apply_watcher_event(&watcher::Event::Apply(stale));
+    let config = InjectConfig {
+        vaults: [support::testbed().vault_name.clone()].into(),
+        ..Default::default()
+    };
+    let injector = Injector::new(
+        config,
+        Arc::new(EmptyVault),
+        Arc::new(EmptyVault),
+        Writer::default().as_reader(),
+        Duration::from_secs(60),
+        Default::default(),
+    )
+    .with_namespaces(NamespaceLabels::new(namespaces.as_reader(), Some(client)))
+    .with_scope(Scope::new("kvinject.test/suite", []).unwrap());
+    injector
+        .admit(&ns, p, true)
+        .await
+        .map(|a| a.patch.is_some())
+        .map_err(|e| e.to_string())
+}
+
+#[tokio::test]
+async fn a_pod_with_references_is_never_let_through_unchanged_on_a_stale_namespace_cache() {
+    // In process: the lagging watch is the fault (the real one lags by milliseconds, too
+    // briefly to hit on purpose); the namespace and the apiserver asked are the bed's.
+    let client = support::kube().await;
+    let ns = support::namespace(&client, "stale", &[("kvinject.test/suite", "x")]).await;
+    let _ns = scopeguard(&ns);
+    let mut stale = Api::<Namespace>::all(client.clone()).get(&ns).await.unwrap();
+    stale.metadata.labels = None;
+    let with_reference = pod("app", &[("X", &inject::reference("anything"))], json!({}));
+    let err = decide_with_stale_cache(client.clone(), stale.clone(), &with_reference)
+        .await
+        .expect_err("the apiserver says the namespace opted in: kvinject decides, and the vault has nothing");
+    assert!(err.contains("anything"), "{err}");
+    // A pod without references is let through from the cache alone.
+    let plain = pod("plain", &[("X", "y")], json!({}));
+    assert_eq!(
+        decide_with_stale_cache(client.clone(), stale.clone(), &plain).await,
+        Ok(false)
+    );
+
+    // When the apiserver cannot be asked, the pod is denied, never stored with akv:// text.
+    let mut config = client_config().await;
+    config.cluster_url = "https://127.0.0.1:1".parse().unwrap();
+    let unreachable = Client::try_from(config).unwrap();
+    let err = decide_with_stale_cache(unreachable, stale, &with_reference)
+        .await
+        .unwrap_err();
+    assert!(
+        err.contains(&format!(
+            "kvinject could not read namespace {ns} to tell whether it acts there"
+        )),
+        "{err}"
+    );
+}
+
+async fn client_config() -> kube::Config {
+    let options = kube::config::KubeConfigOptions::default();
+    let kubeconfig = kube::config::Kubeconfig::read_from(&support::testbed().kubeconfig).unwrap();
+    kube::Config::from_custom_kubeconfig(kubeconfig, &options)
+        .await
+        .unwrap()
+}
+
+/// Deletes the namespace when dropped.
+fn scopeguard(ns: &str) -> impl Drop {
+    struct Guard(String);
+    impl Drop for Guard {
+        fn drop(&mut self) {
+            support::delete_from_drop::<Namespace>(self.0.clone());
+        }
+    }
+    Guard(ns.to_owned())
+}
