@@ -224,6 +224,7 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
                 &identity,
             )
             .with_access(policies.clone())
+            .with_scope(config.scope.clone())
             .with_deletions(deletions)
             .with_identities(ServiceAccounts {
                 client: None,

@@ -123,6 +123,10 @@ pub enum Denied {
     )]
     Foreign { namespace: String, name: String },
     #[error(
+        "Secret {namespace}/{name} was changed by hand; kvinject does not hand the edited value to a pod, and its rotation controller is restoring it from Key Vault (within a reconcile interval). Retry shortly"
+    )]
+    BeingRestored { namespace: String, name: String },
+    #[error(
         "the pod carries akv:// references, and kvinject could not read namespace {namespace} to tell whether it acts there: {detail}"
     )]
     ScopeUnknown { namespace: String, detail: String },
@@ -569,11 +573,12 @@ impl Injector {
                     needed.secret_name
                 ));
             }
+            // A value someone wrote by hand is never handed to a pod, not even for a moment.
             if verdict == Verdict::Edited {
-                warning = Some(format!(
-                    "Secret {} was changed by hand; kvinject restores its value from Key Vault (version {version})",
-                    needed.secret_name
-                ));
+                return Err(Denied::BeingRestored {
+                    namespace: namespace.to_owned(),
+                    name: needed.secret_name.clone(),
+                });
             }
             return Ok(Prepared::Materialized { warning, cached });
         }

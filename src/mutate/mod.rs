@@ -77,8 +77,12 @@ impl Source {
     /// name, or the one it had before the hash grew to 64 bits (such Secrets keep serving
     /// the pods that use them until they are collected).
     pub fn is_named(&self, name: &str, identity: Option<&WorkloadIdentity>) -> bool {
-        self.secret_name_as(identity) == name
-            || self.name_with(identity, reference::legacy_object_name) == name
+        self.secret_name_as(identity) == name || self.legacy_secret_name_as(identity) == name
+    }
+
+    /// The name this source had before the hash grew to 64 bits.
+    pub fn legacy_secret_name_as(&self, identity: Option<&WorkloadIdentity>) -> String {
+        self.name_with(identity, reference::legacy_object_name)
     }
 
     fn name_with(

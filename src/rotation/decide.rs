@@ -62,29 +62,6 @@ pub fn requested_intervals<'a>(
     out
 }
 
-/// The Secrets a pod refers to through env secretKeyRefs, imagePullSecrets and projected
-/// volumes.
-pub fn pod_secret_names(pod: &Pod) -> impl Iterator<Item = &str> {
-    let spec = pod.spec.as_ref();
-    let env = spec
-        .into_iter()
-        .flat_map(|s| s.containers.iter().chain(s.init_containers.iter().flatten()))
-        .flat_map(|c| c.env.iter().flatten())
-        .filter_map(|e| e.value_from.as_ref()?.secret_key_ref.as_ref())
-        .map(|r| r.name.as_str());
-    let pull = spec
-        .into_iter()
-        .flat_map(|s| s.image_pull_secrets.iter().flatten())
-        .map(|r| r.name.as_str());
-    let files = spec
-        .into_iter()
-        .flat_map(|s| s.volumes.iter().flatten())
-        .filter_map(|v| v.projected.as_ref()?.sources.as_ref())
-        .flatten()
-        .filter_map(|source| Some(source.secret.as_ref()?.name.as_str()));
-    env.chain(pull).chain(files)
-}
-
 /// Marks a materialized Secret kvinject may delete once nothing has referred to it for the
 /// grace period: the time it was first seen unreferenced.
 pub const UNREFERENCED_ANNOTATION: &str = "kvinject.io/unreferenced-since";
@@ -621,19 +598,6 @@ mod tests {
             why.contains("kvinject.io/retain-until: `next week` is not an RFC 3339 time"),
             "{why}"
         );
-    }
-
-    #[test]
-    fn pods_name_the_secrets_they_use() {
-        let p: Pod = serde_json::from_value(json!({"spec": {
-            "initContainers": [{"name": "i", "env": [{"name": "A", "valueFrom": {"secretKeyRef": {"name": "s1", "key": "value"}}}]}],
-            "containers": [{"name": "c", "env": [{"name": "B", "value": "x"}, {"name": "C", "valueFrom": {"secretKeyRef": {"name": "s2", "key": "value"}}}]}],
-            "imagePullSecrets": [{"name": "s3"}]
-        }}))
-        .unwrap();
-        let mut names: Vec<_> = pod_secret_names(&p).collect();
-        names.sort();
-        assert_eq!(names, ["s1", "s2", "s3"]);
     }
 
     #[test]

@@ -9,7 +9,7 @@
 //!   `SecretNotFound` Event, the webhook warns new pods, and a gauge counts it; all of that
 //!   ends with a `SecretRecovered` Event when Key Vault has it again.
 
-use super::{Controller, Read, collect::References, decide, needed_for, publish};
+use super::{Controller, Read, collect::References, decide, guard, needed_for, publish};
 use crate::{
     identity::WorkloadIdentity,
     inject::FIELD_MANAGER,
@@ -348,7 +348,19 @@ impl Controller {
         } else if self.revoked_for(&key.0, needed) {
             Some("its grant was revoked")
         } else {
-            None
+            match self.hold(&key.0, needed) {
+                // Kept: decided once the policies are listed.
+                Some(guard::Hold::Wait(why)) => {
+                    debug!(secret = %key.1, namespace = %key.0, why, "not recreated yet");
+                    return None;
+                }
+                Some(guard::Hold::Refuse(why)) => {
+                    debug!(secret = %key.1, namespace = %key.0, why, "not recreated");
+                    self.lost.remove(key);
+                    return None;
+                }
+                None => None,
+            }
         };
         let user = match why_not {
             Some(_) => None,
@@ -501,7 +513,11 @@ mod tests {
 
     /// A deleted Secret as the watch reports it, sealed with `keys` (and checked with the
     /// keys `Keys::default()` makes: fresh ones, so only a test's own `keys` verify).
-    fn secret(keys: &seal::Keys, ns: &str, name: &str, reference: &str, version: &str) -> Secret {
+    /// The Secret is named as kvinject names it (`kvi-N` stands for it in `key`): only
+    /// then does it describe itself.
+    fn secret(keys: &seal::Keys, ns: &str, short: &str, reference: &str, version: &str) -> Secret {
+        let name = Source::Env(Reference::parse(reference).unwrap().unwrap()).secret_name();
+        assert_eq!(real(short), name, "{short} stands for {reference}");
         let mut s: Secret = serde_json::from_value(json!({
             "metadata": {"namespace": ns, "name": name, "labels": {materialize::MANAGED_BY_LABEL: materialize::MANAGED_BY}, "annotations": {
                 materialize::REFERENCE_ANNOTATION: reference,
@@ -523,8 +539,20 @@ mod tests {
         }
     }
 
+    /// `kvi-1` to `kvi-4`: the names of `akv://v/one` to `akv://v/four`.
+    fn real(short: &str) -> String {
+        let reference = match short {
+            "kvi-1" => "akv://v/one",
+            "kvi-2" => "akv://v/two",
+            "kvi-3" => "akv://v/three",
+            "kvi-4" => "akv://v/four",
+            other => return other.to_owned(),
+        };
+        Source::Env(Reference::parse(reference).unwrap().unwrap()).secret_name()
+    }
+
     fn key(ns: &str, name: &str) -> Key {
-        (ns.into(), name.into())
+        (ns.into(), real(name))
     }
 
     #[test]

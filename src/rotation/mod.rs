@@ -3,6 +3,7 @@
 
 mod collect;
 pub mod decide;
+pub mod guard;
 pub mod heal;
 mod integrity;
 pub mod lease;
@@ -18,7 +19,7 @@ use crate::{
     keyvault::source::{FetchError, Fetched, SecretSource},
     materialize::{self, CachedSecret, seal::Verdict},
     metrics::Metrics,
-    mutate::{InjectConfig, Needed, Source},
+    mutate::{InjectConfig, Needed},
     reference::Reference,
 };
 use futures::{StreamExt, future::BoxFuture};
@@ -382,6 +383,8 @@ pub struct Controller {
     lost: BTreeMap<(String, String), heal::Lost>,
     /// Followed Key Vault secrets the vault no longer has, as the gauge shows them.
     missing: BTreeSet<crate::metrics::SecretLabels>,
+    /// The namespaces kvinject acts for; `None`: every namespace (tests, benchmarks).
+    scope: Option<crate::scope::Scope>,
 }
 
 impl Controller {
@@ -425,6 +428,7 @@ impl Controller {
             deletions: heal::Deletions::default(),
             lost: BTreeMap::new(),
             missing: BTreeSet::new(),
+            scope: None,
         }
     }
 
@@ -925,6 +929,11 @@ impl Controller {
         let Some(needed) = needed_for(secret) else {
             return Written::Refused;
         };
+        // The same preconditions as admission, for every write into a tenant's Secret.
+        if let Some(hold) = self.hold(ns, &needed) {
+            debug!(secret = %name, namespace = %ns, ?hold, "not written");
+            return Written::Refused;
+        }
         let desired = match materialize::desired_secret(ns, &needed, fetched, &self.inject.keys) {
             Ok(d) => d,
             Err(e) => {
@@ -1030,36 +1039,11 @@ async fn publish(
     }
 }
 
-/// Rebuilds what a materialized Secret was made from, out of its own metadata.
+/// Rebuilds what a materialized Secret was made from, out of its own metadata: only when
+/// that metadata gives back its name (`CachedSecret::made_for`), so an annotation edited by
+/// hand (a registry host, a user name, a ServiceAccount) never steers what is written.
 fn needed_for(secret: &CachedSecret) -> Option<Needed> {
-    let annotation = |name| secret.annotation(name);
-    let reference = Reference::parse(annotation(materialize::REFERENCE_ANNOTATION)?)?.ok()?;
-    let source = match (
-        secret.type_.as_deref(),
-        annotation(materialize::REGISTRY_ANNOTATION),
-        annotation(materialize::USERNAME_ANNOTATION),
-    ) {
-        (Some("kubernetes.io/dockerconfigjson"), Some(registry), Some(username)) => Source::RegistryLogin {
-            registry: registry.to_owned(),
-            username: username.to_owned(),
-            password: reference,
-        },
-        (Some("kubernetes.io/dockerconfigjson"), _, _) => Source::DockerConfig(reference),
-        _ => Source::Env(reference),
-    };
-    let identity = match (
-        annotation(materialize::SERVICE_ACCOUNT_ANNOTATION),
-        annotation(materialize::CLIENT_ID_ANNOTATION),
-        annotation(materialize::TENANT_ID_ANNOTATION),
-    ) {
-        (Some(sa), Some(client_id), Some(tenant_id)) => Some(crate::identity::WorkloadIdentity {
-            namespace: secret.namespace.clone(),
-            service_account: sa.to_owned(),
-            client_id: client_id.to_owned(),
-            tenant_id: tenant_id.to_owned(),
-        }),
-        _ => None,
-    };
+    let (source, identity) = secret.made_for()?;
     Some(Needed {
         secret_name: secret.name.clone(),
         source,
@@ -1071,6 +1055,7 @@ fn needed_for(secret: &CachedSecret) -> Option<Needed> {
 mod tests {
     use super::*;
     use crate::keyvault::{SecretValue, source::FetchError};
+    use crate::mutate::Source;
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
     /// A Key Vault double: this tests the sweep's scheduling, which the real vault cannot

@@ -3,7 +3,7 @@
 //! decides from nothing else (evictions list pods from the apiserver), and a whole `Pod`
 //! costs about ten times as much in memory.
 
-use super::decide::{self, REFRESH_INTERVAL_ANNOTATION};
+use super::decide::REFRESH_INTERVAL_ANNOTATION;
 use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::reflector::Lookup;
 use std::borrow::Cow;
@@ -16,13 +16,19 @@ pub struct PodUse {
     resource_version: Option<String>,
     /// The pod's `kvinject.io/refresh-interval`, as written.
     pub refresh_interval: Option<Box<str>>,
-    /// The Secrets it refers to (env, imagePullSecrets, projected volumes), each once.
+    /// The Secrets it refers to (every place a pod can name one), each once.
     pub secrets: Box<[Box<str>]>,
+    /// The ServiceAccount it runs as: whose grant a write into its Secrets needs.
+    pub service_account: Box<str>,
 }
 
 impl From<Pod> for PodUse {
     fn from(pod: Pod) -> Self {
-        let mut secrets: Vec<Box<str>> = decide::pod_secret_names(&pod).map(Box::from).collect();
+        let mut secrets: Vec<Box<str>> = crate::access::direct::secrets_named(&pod)
+            .into_iter()
+            .map(|n| Box::from(n.name))
+            .collect();
+        let service_account = Box::from(crate::access::grant::service_account_of(&pod));
         secrets.sort_unstable();
         secrets.dedup();
         let refresh_interval = pod
@@ -39,6 +45,7 @@ impl From<Pod> for PodUse {
             resource_version: meta.resource_version,
             refresh_interval,
             secrets: secrets.into_boxed_slice(),
+            service_account,
         }
     }
 }

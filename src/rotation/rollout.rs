@@ -118,15 +118,21 @@ impl Controller {
             return;
         }
         let mut versions = BTreeMap::new();
+        let version_of = |name: &str| {
+            let object = reflector::ObjectRef::<crate::materialize::CachedSecret>::new(name).within(&ns);
+            let secret = self.caches.secrets.get(&object)?;
+            decide::version_of(&secret).map(str::to_owned)
+        };
         for name in names {
-            let object = reflector::ObjectRef::<crate::materialize::CachedSecret>::new(&name).within(&ns);
+            // Pods admitted before names hashed 64 bits use the Secret under its old name
+            // until they are replaced: it is the one whose versions roll them.
+            let legacy = || {
+                let needed = plan.needed.iter().find(|n| n.secret_name == name)?;
+                let legacy = needed.source.legacy_secret_name_as(needed.identity.as_ref());
+                Some((version_of(&legacy)?, legacy))
+            };
             // Not materialized yet: its pods have not been admitted; nothing to compare.
-            let Some(version) = self
-                .caches
-                .secrets
-                .get(&object)
-                .and_then(|s| decide::version_of(&s).map(str::to_owned))
-            else {
+            let Some((version, name)) = version_of(&name).map(|v| (v, name.clone())).or_else(legacy) else {
                 return;
             };
             versions.insert(name, version);

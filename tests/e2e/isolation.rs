@@ -582,3 +582,136 @@ fn scopeguard(ns: &str) -> impl Drop {
     }
     Guard(ns.to_owned())
 }
+
+#[tokio::test]
+async fn a_hand_edited_value_is_never_handed_to_a_pod() {
+    let _vault = support::VAULT.read().await;
+    // No rotation controller here: nothing restores the value, so the webhook's own answer
+    // is what is observed.
+    let t = tenant("edited", &[]).await;
+    let name = format!("{}-pub-edited", t.run);
+    support::seed_secret(&name, &support::distinctive_value()).await;
+    let p = pod("first", &[("X", &inject::reference(&name))], json!({}));
+    support::eventually(
+        Duration::from_secs(10),
+        "kvinject to load the policies",
+        || async { create(&t, &p, true).await.is_ok() },
+    )
+    .await;
+    let stored = create(&t, &p, false).await.unwrap();
+    let secret = inject::secret_key_ref(&stored, "X").unwrap();
+    let edited = support::distinctive_value();
+    let patch = json!({"stringData": {"value": edited}});
+    Api::<Secret>::namespaced(t.client.clone(), &t.ns)
+        .patch(&secret, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    let next = pod("next", &[("X", &inject::reference(&name))], json!({}));
+    support::eventually(Duration::from_secs(10), "kvinject to see the edit", || async {
+        create(&t, &next, true).await.is_err()
+    })
+    .await;
+    let err = create(&t, &next, false)
+        .await
+        .expect_err("the edited value is not handed out");
+    assert!(
+        err.contains(&format!(
+            "Secret {}/{secret} was changed by hand; kvinject does not hand the edited value to a pod",
+            t.ns
+        )),
+        "{err}"
+    );
+    assert!(!err.contains(&edited) && !t.kvinject.logs().contains(&edited));
+}
+
+/// The version the Secret holds stays `held` for a few seconds of one-second checks.
+async fn keeps_version(secrets: &Api<Secret>, name: &str, held: &str, why: &str) {
+    for _ in 0..6 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now = crate::rotation::version(&secrets.get(name).await.unwrap());
+        assert_eq!(now, held, "{why}");
+    }
+}
+
+#[tokio::test]
+async fn the_controller_writes_only_where_admission_would() {
+    let _vault = support::VAULT.read().await;
+    let _rotation = support::ROTATION.lock().await;
+    let args = crate::rotation::rotation_args(&support::unique("lease"), "1s");
+    let t = tenant("deputy", &args.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    let (secret, _) = payment_secret(&t).await;
+    let secrets: Api<Secret> = Api::namespaced(t.client.clone(), &t.ns);
+    let held = crate::rotation::version(&secrets.get(&secret).await.unwrap());
+    let vault_name = format!("{}-pay-key", t.run);
+
+    // 1. The grant moves to another ServiceAccount: the namespace still has a grant for the
+    // secret, but not for the one whose pod uses it. The controller stops refreshing it.
+    let policies: Api<kvinject::access::policy::AccessPolicy> = Api::all(t.client.clone());
+    let to = |sa: &str| json!({"spec": {"serviceAccounts": [sa]}});
+    let pay = format!("{}-pay", t.run);
+    policies
+        .patch(&pay, &PatchParams::default(), &Patch::Merge(&to("someone-else")))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let newer = support::seed_secret(&vault_name, &support::distinctive_value()).await;
+    keeps_version(
+        &secrets,
+        &secret,
+        &held,
+        "refreshed for a ServiceAccount no policy grants it to",
+    )
+    .await;
+    policies
+        .patch(&pay, &PatchParams::default(), &Patch::Merge(&to("payment")))
+        .await
+        .unwrap();
+    support::eventually(
+        Duration::from_secs(20),
+        "the refresh once the grant is back",
+        || async { crate::rotation::version(&secrets.get(&secret).await.unwrap()) == newer },
+    )
+    .await;
+
+    // 2. The namespace leaves kvinject's scope (its opt-in label removed): nothing is
+    // written there any more, nor brought back when deleted.
+    let namespaces: Api<Namespace> = Api::all(t.client.clone());
+    let label = |v: Value| json!({"metadata": {"labels": {"kvinject.test/suite": v}}});
+    let was = namespaces.get(&t.ns).await.unwrap().metadata.labels.unwrap()["kvinject.test/suite"].clone();
+    namespaces
+        .patch(&t.ns, &PatchParams::default(), &Patch::Merge(&label(Value::Null)))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let newest = support::seed_secret(&vault_name, &support::distinctive_value()).await;
+    keeps_version(
+        &secrets,
+        &secret,
+        &newer,
+        "refreshed in a namespace kvinject does not act for",
+    )
+    .await;
+    secrets.delete(&secret, &Default::default()).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(
+        secrets.get_opt(&secret).await.unwrap().is_none(),
+        "recreated out of scope"
+    );
+    // Back in scope, the pod's Secret comes back, and is refreshed to the newest version.
+    namespaces
+        .patch(&t.ns, &PatchParams::default(), &Patch::Merge(&label(json!(was))))
+        .await
+        .unwrap();
+    support::eventually(
+        Duration::from_secs(60),
+        "the Secret recreated and refreshed once in scope",
+        || async {
+            secrets
+                .get_opt(&secret)
+                .await
+                .unwrap()
+                .is_some_and(|s| crate::rotation::version(&s) == newest)
+        },
+    )
+    .await;
+}

@@ -1,0 +1,86 @@
+//! The preconditions of every write the controller makes into a tenant's Secret (a
+//! refresh, a restore, a recreation), the same as admission's: the namespace is one
+//! kvinject acts for, the access policies have been listed, and a policy grants the
+//! reference to the ServiceAccount whose pods use it. The controller holds kvinject's
+//! strong permissions, so it fails closed: when it cannot tell, it does not write.
+
+use super::Controller;
+use crate::{
+    access::grant::{Subject, use_of},
+    mutate::Needed,
+    scope::Scope,
+};
+use kube::runtime::reflector::ObjectRef;
+
+/// Why the controller does not write a Secret now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Hold {
+    /// Not yet: the policies have not been listed since the controller started, or the
+    /// namespace is out of scope (a label may come back; a Secret its pods use is then
+    /// made again).
+    Wait(&'static str),
+    /// Not while things stay as they are (the namespace out of scope, no grant).
+    Refuse(String),
+}
+
+impl Controller {
+    /// Acts only for the namespaces `scope` selects, as the webhook does.
+    pub fn with_scope(mut self, scope: Scope) -> Self {
+        self.scope = Some(scope);
+        self
+    }
+
+    /// Whether the controller may write the Secret `needed` in namespace `ns` (`None`) or
+    /// why not. A Secret read as a workload identity needs a grant to that identity's
+    /// ServiceAccount; one read as kvinject needs a grant to the ServiceAccount of a pod
+    /// that uses it, or, when no pod does, to some ServiceAccount of the namespace.
+    pub(super) fn hold(&self, ns: &str, needed: &Needed) -> Option<Hold> {
+        let namespace = self.caches.namespaces.get(&ObjectRef::new(ns));
+        let labels = namespace
+            .as_ref()
+            .and_then(|n| n.metadata.labels.clone())
+            .unwrap_or_default();
+        if let Some(scope) = &self.scope
+            && (namespace.is_none() || !scope.includes(ns, &labels))
+        {
+            return Some(Hold::Wait(
+                "kvinject does not act for the namespace (not selected by its namespace selector, or excluded)",
+            ));
+        }
+        let Some(policies) = &self.access else {
+            return None;
+        };
+        let Some(index) = policies.loaded() else {
+            return Some(Hold::Wait("the access policies have not been listed yet"));
+        };
+        let (reference, use_) = (needed.source.reference(), use_of(&needed.source));
+        let granted = |service_account: &str| {
+            let subject = Subject {
+                namespace: ns,
+                labels: &labels,
+                service_account,
+            };
+            index.check(&subject, reference, use_).is_ok()
+        };
+        let ok = match &needed.identity {
+            Some(identity) => granted(&identity.service_account),
+            None => {
+                let pods = self.caches.pods.state();
+                let mut users = pods
+                    .iter()
+                    .filter(|p| p.namespace == ns && p.uses(&needed.secret_name))
+                    .peekable();
+                match users.peek() {
+                    Some(_) => users.any(|p| granted(&p.service_account)),
+                    None => index.grants_namespace(ns, &labels, reference, use_),
+                }
+            }
+        };
+        (!ok).then(|| {
+            Hold::Refuse(format!(
+                "no AccessPolicy grants {reference} for {} to the ServiceAccount whose pods use it",
+                use_.as_str()
+            ))
+        })
+    }
+}
