@@ -707,8 +707,11 @@ async fn the_apiserver_accepts_the_manifests_and_kvinject_works_on_the_charts_pe
     for policy in [
         "kvinject-secrets",
         "kvinject-workloads",
+        "kvinject-workloads-statefulsets",
+        "kvinject-workloads-daemonsets",
         "kvinject-replicas",
         "kvinject-tokens",
+        "kvinject-webhook",
     ] {
         support::eventually(
             Duration::from_secs(20),
@@ -817,6 +820,230 @@ async fn the_apiserver_accepts_the_manifests_and_kvinject_works_on_the_charts_pe
         .patch("restart", &PatchParams::default(), &Patch::Merge(&own))
         .await
         .expect("a kvinject.io/ annotation is kvinject's to change");
+}
+
+/// The apiserver's refusal of a request, as its message (or the whole error).
+fn refusal<T: std::fmt::Debug>(result: Result<T, kube::Error>) -> String {
+    match result {
+        Err(kube::Error::Api(s)) => s.message,
+        other => format!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn the_charts_policies_fence_kvinjects_own_permissions() {
+    let _install = INSTALL.lock().await;
+    let client = support::kube().await;
+    apply_chart(&["identity.perServiceAccount=true"]);
+    for policy in ["kvinject-secrets", "kvinject-webhook", "kvinject-tokens"] {
+        support::eventually(Duration::from_secs(20), &format!("{policy} in force"), || async {
+            let (ok, out, _) = support::kubectl(
+                &[
+                    "get",
+                    "validatingadmissionpolicy",
+                    policy,
+                    "-o",
+                    "jsonpath={.status.typeChecking}",
+                ],
+                None,
+            );
+            ok && !out.is_empty()
+        })
+        .await;
+    }
+    let as_kvinject = service_account_client().await;
+    let pp = PostParams::default();
+    let opted = support::namespace(&client, "fenced", &[OPT_IN]).await;
+    let outside = support::namespace(&client, "unfenced", &[]).await;
+    let _cleanup = [opted.clone(), outside.clone()].map(|ns| NsCleanup(ns));
+    let labelled = |type_: &str, annotations: serde_json::Value| -> Secret {
+        serde_json::from_value(json!({
+            "metadata": {"name": support::unique("kvi-fenced"), "labels": {"app.kubernetes.io/managed-by": "kvinject"}, "annotations": annotations},
+            "type": type_,
+            "data": {"value": "eA==", "tls.crt": "eA==", "tls.key": "eA=="},
+        }))
+        .unwrap()
+    };
+    let ours = json!({"kvinject.io/reference": "akv://main/x", "kvinject.io/signature": "v1:k:a:b"});
+    // The policies are in force (eventually: a binding takes a moment to apply).
+    support::eventually(
+        Duration::from_secs(20),
+        "the Secrets policy to refuse kube-system",
+        || async {
+            let s = labelled("Opaque", ours.clone());
+            refusal(
+                Api::<Secret>::namespaced(as_kvinject.clone(), "kube-system")
+                    .create(&pp, &s)
+                    .await,
+            )
+            .contains("may not write Secrets in namespaces kvinject never acts for")
+        },
+    )
+    .await;
+    // A labelled service-account token in kube-system: refused, whatever its label says.
+    let token: Secret = serde_json::from_value(json!({
+        "metadata": {"name": support::unique("kvi-token"), "labels": {"app.kubernetes.io/managed-by": "kvinject"},
+                     "annotations": {"kubernetes.io/service-account.name": "default", "kvinject.io/reference": "akv://main/x", "kvinject.io/signature": "v1:k:a:b"}},
+        "type": "kubernetes.io/service-account-token",
+    }))
+    .unwrap();
+    let message = refusal(
+        Api::<Secret>::namespaced(as_kvinject.clone(), "kube-system")
+            .create(&pp, &token)
+            .await,
+    );
+    assert!(
+        message.contains("kvinject's ServiceAccount may"),
+        "a labelled token in kube-system: {message}"
+    );
+    let in_opted: Api<Secret> = Api::namespaced(as_kvinject.clone(), &opted);
+    let message = refusal(
+        in_opted
+            .create(&pp, &labelled("kubernetes.io/tls", ours.clone()))
+            .await,
+    );
+    assert!(
+        message.contains("only Secrets of type Opaque or kubernetes.io/dockerconfigjson"),
+        "{message}"
+    );
+    let message = refusal(in_opted.create(&pp, &labelled("Opaque", json!({}))).await);
+    assert!(
+        message.contains("carry kvinject.io/reference and kvinject.io/signature"),
+        "{message}"
+    );
+    in_opted
+        .create(&pp, &labelled("Opaque", ours.clone()))
+        .await
+        .expect("a Secret shaped as kvinject writes them");
+
+    // Its MutatingWebhookConfiguration: the caBundle, nothing else.
+    let webhooks: Api<MutatingWebhookConfiguration> = Api::all(as_kvinject.clone());
+    let change = |field: serde_json::Value| {
+        let mut w = json!({"name": "pods.kvinject.io"});
+        w.as_object_mut()
+            .unwrap()
+            .extend(field.as_object().unwrap().clone());
+        json!({"webhooks": [w]})
+    };
+    let message = refusal(
+        webhooks
+            .patch(
+                NAME,
+                &PatchParams::default(),
+                &Patch::Strategic(change(json!({"failurePolicy": "Ignore"}))),
+            )
+            .await,
+    );
+    assert!(
+        message.contains("may change only the caBundle"),
+        "failurePolicy: {message}"
+    );
+    let selector = json!({"namespaceSelector": {"matchLabels": {"anything": "goes"}}});
+    let message = refusal(
+        webhooks
+            .patch(NAME, &PatchParams::default(), &Patch::Strategic(change(selector)))
+            .await,
+    );
+    assert!(
+        message.contains("may change only the caBundle"),
+        "namespaceSelector: {message}"
+    );
+    let ca = base64::Engine::encode(
+        &base64::engine::general_purpose::STANDARD,
+        std::fs::read(&support::testbed().ca).unwrap(),
+    );
+    webhooks
+        .patch(
+            NAME,
+            &PatchParams::default(),
+            &Patch::Strategic(change(json!({"clientConfig": {"caBundle": ca}}))),
+        )
+        .await
+        .expect("the caBundle is kvinject's to keep current");
+
+    // Workloads: kvinject.io/ annotations, nothing else, not its owners.
+    let deployment = deployment("fenced", "kvi-none", json!({}));
+    Api::<Deployment>::namespaced(client.clone(), &opted)
+        .create(&pp, &deployment)
+        .await
+        .unwrap();
+    let as_kvinject_deployments: Api<Deployment> = Api::namespaced(as_kvinject.clone(), &opted);
+    for (what, patch) in [
+        ("minReadySeconds", json!({"spec": {"minReadySeconds": 30}})),
+        (
+            "strategy",
+            json!({"spec": {"strategy": {"type": "Recreate", "rollingUpdate": null}}}),
+        ),
+        (
+            "progressDeadlineSeconds",
+            json!({"spec": {"progressDeadlineSeconds": 1}}),
+        ),
+        (
+            "ownerReferences",
+            json!({"metadata": {"ownerReferences": [{"apiVersion": "v1", "kind": "ConfigMap", "name": "x", "uid": "00000000-0000-0000-0000-000000000001"}]}}),
+        ),
+        (
+            "finalizers",
+            json!({"metadata": {"finalizers": ["example.com/hold"]}}),
+        ),
+    ] {
+        let message = refusal(
+            as_kvinject_deployments
+                .patch("fenced", &PatchParams::default(), &Patch::Merge(&patch))
+                .await,
+        );
+        assert!(
+            message.contains("may change only kvinject.io/ annotations"),
+            "{what}: {message}"
+        );
+    }
+    as_kvinject_deployments
+        .patch(
+            "fenced",
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"metadata": {"annotations": {"kvinject.io/probe": "ok"}}})),
+        )
+        .await
+        .expect("a kvinject.io/ annotation");
+
+    // Tokens only in namespaces that opted in.
+    let sa: ServiceAccount = serde_json::from_value(json!({"metadata": {"name": "wi"}})).unwrap();
+    for ns in [&opted, &outside] {
+        Api::<ServiceAccount>::namespaced(client.clone(), ns)
+            .create(&pp, &sa)
+            .await
+            .unwrap();
+    }
+    let request = k8s_openapi::api::authentication::v1::TokenRequest {
+        spec: k8s_openapi::api::authentication::v1::TokenRequestSpec {
+            audiences: vec!["api://AzureADTokenExchange".to_owned()],
+            expiration_seconds: Some(600),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let message = refusal(
+        Api::<ServiceAccount>::namespaced(as_kvinject.clone(), &outside)
+            .create_token_request("wi", &pp, &request)
+            .await,
+    );
+    assert!(
+        message.contains("only in namespaces that opted in to kvinject"),
+        "{message}"
+    );
+    Api::<ServiceAccount>::namespaced(as_kvinject.clone(), &opted)
+        .create_token_request("wi", &pp, &request)
+        .await
+        .expect("a token in an opted-in namespace");
+}
+
+/// Deletes a namespace when dropped.
+struct NsCleanup(String);
+
+impl Drop for NsCleanup {
+    fn drop(&mut self) {
+        support::delete_from_drop::<Namespace>(self.0.clone());
+    }
 }
 
 /// A client acting as the chart's ServiceAccount.
