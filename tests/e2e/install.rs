@@ -855,7 +855,7 @@ async fn the_charts_policies_fence_kvinjects_own_permissions() {
     let pp = PostParams::default();
     let opted = support::namespace(&client, "fenced", &[OPT_IN]).await;
     let outside = support::namespace(&client, "unfenced", &[]).await;
-    let _cleanup = [opted.clone(), outside.clone()].map(|ns| NsCleanup(ns));
+    let _cleanup = [opted.clone(), outside.clone()].map(NsCleanup);
     let labelled = |type_: &str, annotations: serde_json::Value| -> Secret {
         serde_json::from_value(json!({
             "metadata": {"name": support::unique("kvi-fenced"), "labels": {"app.kubernetes.io/managed-by": "kvinject"}, "annotations": annotations},
