@@ -393,13 +393,14 @@ pub fn plan_as(
             .iter()
             .chain(spec.init_containers.iter().flatten())
         {
-            if c.volume_mounts
-                .iter()
-                .flatten()
-                .any(|m| m.name == volume.name && m.sub_path.as_deref().is_some_and(|p| !p.is_empty()))
-            {
+            if c.volume_mounts.iter().flatten().any(|m| {
+                m.name == volume.name
+                    && [&m.sub_path, &m.sub_path_expr]
+                        .into_iter()
+                        .any(|p| p.as_deref().is_some_and(|p| !p.is_empty()))
+            }) {
                 return Err(bad(format!(
-                    "container `{}` mounts it with subPath, which kubelet never updates on rotation: mount the whole volume",
+                    "container `{}` mounts it with subPath or subPathExpr, which kubelet never updates on rotation: mount the whole volume",
                     c.name
                 )));
             }
@@ -905,6 +906,11 @@ mod tests {
                 json!({"pw": "akv://main/db"}),
                 json!({"name": "creds", "mountPath": "/x/pw", "subPath": "pw"}),
                 "volume `creds`: container `c` mounts it with subPath",
+            ),
+            (
+                json!({"pw": "akv://main/db"}),
+                json!({"name": "creds", "mountPath": "/x/pw", "subPathExpr": "$(POD_NAME)"}),
+                "volume `creds`: container `c` mounts it with subPath or subPathExpr",
             ),
         ];
         for (attributes, mount, want) in cases {

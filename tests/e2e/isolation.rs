@@ -715,3 +715,47 @@ async fn the_controller_writes_only_where_admission_would() {
     )
     .await;
 }
+
+#[tokio::test]
+async fn sub_path_expr_mounts_of_file_volumes_and_mirror_pods_are_handled_as_documented() {
+    let _vault = support::VAULT.read().await;
+    let t = tenant("edges", &[]).await;
+    let name = format!("{}-pub-file", t.run);
+    support::seed_secret(&name, &support::distinctive_value()).await;
+    // kubelet never updates a subPathExpr mount either: refused like subPath.
+    let p = raw_pod(
+        "expr",
+        json!({"volumeMounts": [{"name": "creds", "mountPath": "/creds/pw", "subPathExpr": "$(POD_NAME)"}]}),
+        json!({"volumes": [{"name": "creds", "csi": {"driver": "kvinject.io", "volumeAttributes": {"pw": inject::reference(&name)}}}]}),
+        json!({}),
+    );
+    let mut last = String::new();
+    for _ in 0..20 {
+        last = create(&t, &p, true).await.err().unwrap_or_default();
+        if last.contains("subPathExpr") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(
+        last.contains("volume `creds`: container `app` mounts it with subPath or subPathExpr"),
+        "{last}"
+    );
+    // A mirror pod (kubelet's copy of a static pod): left unchanged, with a warning.
+    let mirror = pod(
+        "mirror",
+        &[("X", &inject::reference(&name))],
+        json!({"kubernetes.io/config.mirror": "abc"}),
+    );
+    let mut mirror = mirror;
+    mirror.spec.as_mut().unwrap().node_name = Some("static-node".into());
+    let stored = create(&t, &mirror, true)
+        .await
+        .expect("a mirror pod is not denied");
+    let env = &stored.spec.unwrap().containers[0].env.clone().unwrap()[0];
+    assert_eq!(
+        env.value.as_deref(),
+        Some(inject::reference(&name).as_str()),
+        "left unchanged"
+    );
+}
