@@ -60,6 +60,18 @@ pub trait SecretWriter: Send + Sync {
     async fn find(&self, _namespace: &str, _name: &str) -> Result<direct::Found, WriteError> {
         Ok(direct::Found::Absent)
     }
+
+    /// Clears the garbage-collection mark of a Secret a pod is about to use, as a write
+    /// conditional on `resource_version` (what the cache showed): `false` when the Secret is
+    /// gone. Unless told otherwise: it is gone, and is made again.
+    async fn unmark(
+        &self,
+        _namespace: &str,
+        _name: &str,
+        _resource_version: &str,
+    ) -> Result<bool, WriteError> {
+        Ok(false)
+    }
 }
 
 #[derive(Clone, Debug, thiserror::Error)]
@@ -168,6 +180,9 @@ struct Found {
     verdict: Verdict,
     /// When Key Vault was first found not to have its secret any more.
     missing_since: Option<String>,
+    /// The resourceVersion it had when garbage collection marked it unreferenced, if it is
+    /// marked: a pod about to use it clears the mark on that version.
+    marked_at: Option<String>,
 }
 
 /// One needed Secret, before anything is written.
@@ -480,7 +495,7 @@ impl Injector {
             return Err(denied.into());
         }
         let prepared =
-            futures::future::join_all(plan.needed.iter().map(|n| self.prepare(namespace, n))).await;
+            futures::future::join_all(plan.needed.iter().map(|n| self.prepare(namespace, n, dry_run))).await;
         let mut warnings = plan.warnings;
         let mut missing = Vec::new();
         let mut all_cached = true;
@@ -553,16 +568,34 @@ impl Injector {
     }
 
     /// Finds the Secret for `needed`, or reads Key Vault and builds it. No writes.
-    async fn prepare(&self, namespace: &str, needed: &Needed) -> Result<Prepared, Denied> {
+    async fn prepare(&self, namespace: &str, needed: &Needed, dry_run: bool) -> Result<Prepared, Denied> {
         let key = (namespace.to_owned(), needed.secret_name.clone());
         let reference = needed.source.reference();
-        if let Some(found) = self.materialized(&key, needed)? {
+        let mut found = self.materialized(&key, needed)?;
+        // Marked unreferenced: garbage collection may be deleting it right now. Clearing the
+        // mark on the version it was marked at changes that version, so a delete in flight
+        // (conditional on it) fails; and one that came first leaves nothing to clear, and
+        // the Secret is made again below.
+        if let Some(marked_at) = found.as_ref().and_then(|f| f.marked_at.clone())
+            && !dry_run
+        {
+            match self
+                .writer
+                .unmark(namespace, &needed.secret_name, &marked_at)
+                .await?
+            {
+                true => found.iter_mut().for_each(|f| f.cached = false),
+                false => found = None,
+            }
+        }
+        if let Some(found) = found {
             self.metrics.cache("secret", true);
             let Found {
                 cached,
                 version,
                 verdict,
                 missing_since,
+                marked_at: _,
             } = found;
             let mut warning = self.health.outage(&reference.vault).map(|why| {
                 format!("{reference}: Key Vault is unreachable ({why}); using the materialized Secret {} (version {version})", needed.secret_name)
@@ -682,6 +715,9 @@ impl Injector {
                 version: annotation(materialize::VERSION_ANNOTATION).unwrap_or_default(),
                 verdict,
                 missing_since: annotation(materialize::MISSING_ANNOTATION),
+                marked_at: secret
+                    .annotation(crate::rotation::decide::UNREFERENCED_ANNOTATION)
+                    .map(|_| secret.resource_version.clone()),
             }));
         }
         Ok(self.created.contains_key(key).then(|| Found {
@@ -689,6 +725,7 @@ impl Injector {
             version: "just created".to_owned(),
             verdict: Verdict::Genuine,
             missing_since: None,
+            marked_at: None,
         }))
     }
 
@@ -816,6 +853,44 @@ impl SecretWriter for KubeWriter {
                 detail: format!("reading it to check what a pod names failed: {e}"),
             }),
         }
+    }
+
+    async fn unmark(&self, namespace: &str, name: &str, resource_version: &str) -> Result<bool, WriteError> {
+        let api: Api<Secret> = Api::namespaced(self.client.clone(), namespace);
+        let failed = |detail: String| WriteError::Api {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+            detail,
+        };
+        let mut version = resource_version.to_owned();
+        // Another write in between (a rotation, a mark): read it again, a few times.
+        for _ in 0..3 {
+            let patch = serde_json::json!({"metadata": {
+                "resourceVersion": version,
+                "annotations": {crate::rotation::decide::UNREFERENCED_ANNOTATION: null},
+            }});
+            let params = kube::api::PatchParams {
+                field_manager: Some(FIELD_MANAGER.to_owned()),
+                ..Default::default()
+            };
+            match api.patch(name, &params, &kube::api::Patch::Merge(&patch)).await {
+                Ok(_) => return Ok(true),
+                Err(kube::Error::Api(s)) if s.code == 404 => return Ok(false),
+                Err(kube::Error::Api(s)) if s.code == 409 => match api.get_opt(name).await {
+                    Ok(None) => return Ok(false),
+                    Ok(Some(current)) => version = current.metadata.resource_version.unwrap_or_default(),
+                    Err(e) => {
+                        return Err(failed(format!(
+                            "reading it to clear its unreferenced mark failed: {e}"
+                        )));
+                    }
+                },
+                Err(e) => return Err(failed(format!("clearing its unreferenced mark failed: {e}"))),
+            }
+        }
+        Err(failed(
+            "clearing its unreferenced mark kept conflicting with other writes".into(),
+        ))
     }
 
     async fn create(&self, secret: Secret) -> Result<(), WriteError> {

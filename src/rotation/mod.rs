@@ -218,34 +218,34 @@ pub fn watch_workloads(
         let events = watcher(api, config).map(|e| e.map(|e| map_event(e, pods::PodUse::from)));
         (store, drive(reflector::reflector(writer, events)))
     };
-    // Workloads: the spec only of those whose pods can use kvinject's Secrets, and no status.
-    let (deployments, d) =
-        reflect_templates(Api::<Deployment>::all(client.clone()), namespaces.clone(), |o| {
-            o.status = None;
-            &mut o.spec
-        });
-    let (statefulsets, s) =
-        reflect_templates(Api::<StatefulSet>::all(client.clone()), namespaces.clone(), |o| {
-            o.status = None;
-            &mut o.spec
-        });
-    let (daemonsets, ds) =
-        reflect_templates(Api::<DaemonSet>::all(client.clone()), namespaces.clone(), |o| {
-            o.status = None;
-            &mut o.spec
-        });
-    let (replicasets, rs) =
-        reflect_templates(Api::<ReplicaSet>::all(client.clone()), namespaces.clone(), |o| {
-            o.status = None;
-            &mut o.spec
-        });
-    let (jobs, j) = reflect_templates(Api::<Job>::all(client.clone()), namespaces.clone(), |o| {
+    // Workloads: no status, and the pod template whole only where it can use kvinject's
+    // Secrets.
+    let (deployments, d) = reflect_templates(Api::<Deployment>::all(client.clone()), |o| {
         o.status = None;
-        &mut o.spec
+        o.spec.as_mut().map(|s| &mut s.template)
     });
-    let (cronjobs, cj) = reflect_templates(Api::<CronJob>::all(client.clone()), namespaces.clone(), |o| {
+    let (statefulsets, s) = reflect_templates(Api::<StatefulSet>::all(client.clone()), |o| {
         o.status = None;
-        &mut o.spec
+        o.spec.as_mut().map(|s| &mut s.template)
+    });
+    let (daemonsets, ds) = reflect_templates(Api::<DaemonSet>::all(client.clone()), |o| {
+        o.status = None;
+        o.spec.as_mut().map(|s| &mut s.template)
+    });
+    let (replicasets, rs) = reflect_templates(Api::<ReplicaSet>::all(client.clone()), |o| {
+        o.status = None;
+        o.spec.as_mut().and_then(|s| s.template.as_mut())
+    });
+    let (jobs, j) = reflect_templates(Api::<Job>::all(client.clone()), |o| {
+        o.status = None;
+        o.spec.as_mut().map(|s| &mut s.template)
+    });
+    let (cronjobs, cj) = reflect_templates(Api::<CronJob>::all(client.clone()), |o| {
+        o.status = None;
+        o.spec
+            .as_mut()
+            .and_then(|s| s.job_template.spec.as_mut())
+            .map(|s| &mut s.template)
     });
     let caches = Caches {
         secrets,
@@ -266,36 +266,45 @@ pub fn watch_workloads(
 
 /// A cache of a kind with a pod template (Deployments, StatefulSets, DaemonSets, and those
 /// whose templates only keep Secrets from collection: ReplicaSets, Jobs, CronJobs). `strip`
-/// drops an object's status and gives its spec, which is dropped too when it mentions
-/// nothing of kvinject's (an `akv://` reference or a `kvinject.io/` annotation: a
-/// conservative text search over its JSON), unless its namespace gives every pod registry
-/// credentials. Such a workload consumes no Secret of kvinject's and is never rolled, so
-/// most workloads of a cluster cost only their metadata.
-fn reflect_templates<K, S>(
+/// drops an object's status and gives its pod template, which is cut to a skeleton (its
+/// ServiceAccount, nothing else) when it mentions nothing of kvinject's (an `akv://`
+/// reference or a `kvinject.io/` annotation: a conservative text search over its JSON).
+/// Such a workload consumes no Secret of kvinject's but the registry credentials its
+/// namespace may give every pod, which the skeleton still plans; so what is kept depends on
+/// the template alone, never on what the namespace cache held when the watch saw it, and
+/// most workloads of a cluster cost little more than their metadata.
+fn reflect_templates<K>(
     api: Api<K>,
-    namespaces: Store<Namespace>,
-    strip: fn(&mut K) -> &mut Option<S>,
+    strip: fn(&mut K) -> Option<&mut PodTemplateSpec>,
 ) -> (Store<K>, BoxFuture<'static, ()>)
 where
     K: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
-    S: k8s_openapi::serde::Serialize + 'static,
 {
     reflect_modified(api, watcher::Config::default(), move |o: &mut K| {
         prune(o);
-        let pull_secrets_for_all = o.meta().namespace.as_ref().is_some_and(|ns| {
-            namespaces
-                .get(&reflector::ObjectRef::new(ns))
-                .and_then(|n| n.metadata.annotations.clone())
-                .is_some_and(|a| a.contains_key(crate::mutate::PULL_SECRETS_ANNOTATION))
-        });
-        let spec = strip(o);
-        let mentions_kvinject = spec.as_ref().is_some_and(|s| {
-            serde_json::to_string(s).is_ok_and(|j| j.contains("akv://") || j.contains("kvinject.io/"))
-        });
-        if !mentions_kvinject && !pull_secrets_for_all {
-            *spec = None;
+        let Some(template) = strip(o) else { return };
+        let mentions_kvinject =
+            serde_json::to_string(template).is_ok_and(|j| j.contains("akv://") || j.contains("kvinject.io/"));
+        if !mentions_kvinject {
+            *template = skeleton(template);
         }
     })
+}
+
+/// What planning a template that mentions nothing of kvinject's reads: the ServiceAccount
+/// its pods run as (for the identity of a namespace's registry credentials).
+fn skeleton(template: &PodTemplateSpec) -> PodTemplateSpec {
+    let service_account = template
+        .spec
+        .as_ref()
+        .and_then(|s| s.service_account_name.clone());
+    PodTemplateSpec {
+        metadata: None,
+        spec: Some(k8s_openapi::api::core::v1::PodSpec {
+            service_account_name: service_account,
+            ..Default::default()
+        }),
+    }
 }
 
 /// How a write of a Secret's value went.

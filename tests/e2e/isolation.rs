@@ -759,3 +759,128 @@ async fn sub_path_expr_mounts_of_file_volumes_and_mirror_pods_are_handled_as_doc
         "left unchanged"
     );
 }
+
+#[tokio::test]
+async fn a_pod_reusing_a_secret_marked_unreferenced_makes_a_delete_in_flight_fail() {
+    let _vault = support::VAULT.read().await;
+    // No controller: the test plays the collector's part, at the moment it would delete.
+    let t = tenant("gc-race", &[]).await;
+    let name = format!("{}-pub-race", t.run);
+    support::seed_secret(&name, &support::distinctive_value()).await;
+    let first = pod("first", &[("X", &inject::reference(&name))], json!({}));
+    support::eventually(
+        Duration::from_secs(10),
+        "kvinject to load the policies",
+        || async { create(&t, &first, true).await.is_ok() },
+    )
+    .await;
+    let secret = inject::secret_key_ref(&create(&t, &first, false).await.unwrap(), "X").unwrap();
+    let secrets: Api<Secret> = Api::namespaced(t.client.clone(), &t.ns);
+    // Marked long ago; the collector read it at this resourceVersion and is about to delete.
+    let mark =
+        json!({"metadata": {"annotations": {"kvinject.io/unreferenced-since": "2020-01-01T00:00:00Z"}}});
+    let marked = secrets
+        .patch(&secret, &PatchParams::default(), &Patch::Merge(&mark))
+        .await
+        .unwrap();
+    let seen = marked.metadata.resource_version.clone().unwrap();
+    support::eventually(
+        Duration::from_secs(10),
+        "the mark in kvinject's cache, and cleared by a pod",
+        || async {
+            create(
+                &t,
+                &pod(
+                    &support::unique("p"),
+                    &[("X", &inject::reference(&name))],
+                    json!({}),
+                ),
+                false,
+            )
+            .await
+            .is_ok()
+                && !secrets
+                    .get(&secret)
+                    .await
+                    .unwrap()
+                    .metadata
+                    .annotations
+                    .unwrap_or_default()
+                    .contains_key("kvinject.io/unreferenced-since")
+        },
+    )
+    .await;
+    let now = secrets.get(&secret).await.unwrap();
+    assert_ne!(now.metadata.resource_version.as_deref(), Some(seen.as_str()));
+    // The collector's delete, conditional on what it saw: refused, the Secret stays.
+    let params = kube::api::DeleteParams {
+        preconditions: Some(kube::api::Preconditions {
+            resource_version: Some(seen),
+            uid: None,
+        }),
+        ..Default::default()
+    };
+    let refused = secrets.delete(&secret, &params).await;
+    assert!(
+        matches!(refused, Err(kube::Error::Api(ref s)) if s.code == 409),
+        "{refused:?}"
+    );
+    assert!(secrets.get_opt(&secret).await.unwrap().is_some());
+}
+
+#[tokio::test]
+async fn a_template_without_references_keeps_its_namespaces_registry_credential_from_collection() {
+    let _vault = support::VAULT.read().await;
+    let _rotation = support::ROTATION.lock().await;
+    let mut args = crate::rotation::rotation_args(&support::unique("lease"), "1h");
+    args.extend(["--gc-grace-period".to_owned(), "1s".to_owned()]);
+    let t = tenant("skeleton", &args.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    let acr = format!("{}-pub-acr", t.run);
+    support::seed_secret(&acr, r#"{"auths":{"registry.invalid":{"auth":"dTpw"}}}"#).await;
+    // A Deployment that mentions nothing of kvinject's, seen before the namespace gives
+    // every pod registry credentials (no replicas: only its template refers to them).
+    let deployments: Api<k8s_openapi::api::apps::v1::Deployment> = Api::namespaced(t.client.clone(), &t.ns);
+    let plain: k8s_openapi::api::apps::v1::Deployment = serde_json::from_value(json!({
+        "metadata": {"name": "plain"},
+        "spec": {"replicas": 0, "selector": {"matchLabels": {"app": "plain"}},
+                 "template": {"metadata": {"labels": {"app": "plain"}}, "spec": {"containers": [{"name": "c", "image": "registry.invalid/c:1"}]}}}
+    }))
+    .unwrap();
+    deployments.create(&PostParams::default(), &plain).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let namespaces: Api<Namespace> = Api::all(t.client.clone());
+    let annotate =
+        json!({"metadata": {"annotations": {"kvinject.io/image-pull-secrets": inject::reference(&acr)}}});
+    namespaces
+        .patch(&t.ns, &PatchParams::default(), &Patch::Merge(&annotate))
+        .await
+        .unwrap();
+    // A pod materializes the credential, then goes away.
+    let p = pod("puller", &[], json!({}));
+    support::eventually(
+        Duration::from_secs(10),
+        "kvinject to see the annotation",
+        || async {
+            create(&t, &p, true)
+                .await
+                .is_ok_and(|p| p.spec.is_some_and(|s| s.image_pull_secrets.is_some()))
+        },
+    )
+    .await;
+    let stored = Some(create(&t, &p, false).await.unwrap());
+    let pull = stored.unwrap().spec.unwrap().image_pull_secrets.unwrap()[0]
+        .name
+        .clone();
+    let pods: Api<Pod> = Api::namespaced(t.client.clone(), &t.ns);
+    pods.delete("puller", &kube::api::DeleteParams::background())
+        .await
+        .unwrap();
+    let secrets: Api<Secret> = Api::namespaced(t.client.clone(), &t.ns);
+    for _ in 0..8 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(
+            secrets.get_opt(&pull).await.unwrap().is_some(),
+            "the Deployment's pods will need {pull}: not collected"
+        );
+    }
+}
