@@ -867,10 +867,8 @@ async fn a_template_without_references_keeps_its_namespaces_registry_credential_
         },
     )
     .await;
-    let stored = Some(create(&t, &p, false).await.unwrap());
-    let pull = stored.unwrap().spec.unwrap().image_pull_secrets.unwrap()[0]
-        .name
-        .clone();
+    let stored = create(&t, &p, false).await.unwrap();
+    let pull = stored.spec.unwrap().image_pull_secrets.unwrap()[0].name.clone();
     let pods: Api<Pod> = Api::namespaced(t.client.clone(), &t.ns);
     pods.delete("puller", &kube::api::DeleteParams::background())
         .await
