@@ -154,6 +154,10 @@ async fn chart_lints_renders_and_the_plain_manifests_are_in_sync() {
             "accessPolicy=maybe",
             "accessPolicy: \"maybe\" is not required or off",
         ),
+        (
+            "networkPolicy.from=null",
+            "networkPolicy.from: say where the apiserver's calls to the webhook come from",
+        ),
     ] {
         let (ok, _, err) = helm(&[
             "template", "kvinject", chart, "-n", NS, "-f", values, "--set", set,
@@ -851,6 +855,27 @@ async fn the_charts_policies_fence_kvinjects_own_permissions() {
         })
         .await;
     }
+    // The webhook port admits only where the apiserver's calls come from, by default.
+    let policy = Api::<k8s_openapi::api::networking::v1::NetworkPolicy>::namespaced(client.clone(), NS)
+        .get(NAME)
+        .await
+        .expect("the chart's NetworkPolicy is on by default");
+    let ingress = policy.spec.unwrap().ingress.unwrap();
+    let webhook = ingress
+        .iter()
+        .find(|r| {
+            r.ports.iter().flatten().any(|p| {
+                p.port
+                    == Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String(
+                        "webhook".into(),
+                    ))
+            })
+        })
+        .expect("a rule for the webhook port");
+    assert!(
+        webhook.from.as_ref().is_some_and(|f| !f.is_empty()),
+        "{webhook:?}"
+    );
     let as_kvinject = service_account_client().await;
     let pp = PostParams::default();
     let opted = support::namespace(&client, "fenced", &[OPT_IN]).await;

@@ -79,6 +79,9 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- if or (lt $t 3) (gt $t 9) -}}
 {{- fail (printf "webhook.timeoutSeconds: %d must be 3..9 (below the apiserver's 10 s; kvinject answers within it minus 2 s)" $t) -}}
 {{- end -}}
+{{- if and .Values.networkPolicy.enabled (not .Values.networkPolicy.from) -}}
+{{- fail "networkPolicy.from: say where the apiserver's calls to the webhook come from, e.g. your nodes' addresses ([{ipBlock: {cidr: 10.240.0.0/16}}]) or, on a managed control plane, its tunnel pods ([{namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: kube-system}}, podSelector: {matchLabels: {app: konnectivity-agent}}}]); or set networkPolicy.enabled=false (then consider --client-ca)" -}}
+{{- end -}}
 {{- if not (has .Values.antiAffinity (list "preferred" "required" "none")) -}}
 {{- fail (printf "antiAffinity: %q is not preferred, required or none" .Values.antiAffinity) -}}
 {{- end -}}
