@@ -882,3 +882,57 @@ async fn a_template_without_references_keeps_its_namespaces_registry_credential_
         );
     }
 }
+
+#[tokio::test]
+async fn a_holder_whose_clock_is_behind_keeps_the_lease_while_it_renews() {
+    let _rotation = support::ROTATION.lock().await;
+    let client = support::kube().await;
+    let lease_name = support::unique("lease");
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> = Api::namespaced(client.clone(), "default");
+    // Another replica holds the lease and renews it every second, but its clock is an hour
+    // behind: every renewTime it writes is an hour old by this machine's clock.
+    let record = |n: i64| {
+        let behind = k8s_openapi::jiff::Timestamp::now().as_second() - 3600;
+        json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": {"name": lease_name}, "spec": {
+            "holderIdentity": "skewed-holder", "leaseDurationSeconds": 3, "leaseTransitions": 0,
+            "renewTime": k8s_openapi::jiff::Timestamp::from_second(behind + n).unwrap().to_string().replace('Z', ".000000Z"),
+        }})
+    };
+    let apply = |n: i64| {
+        let leases = leases.clone();
+        let body = record(n);
+        let name = lease_name.clone();
+        async move {
+            let params = PatchParams::apply("skewed-holder").force();
+            leases.patch(&name, &params, &Patch::Apply(&body)).await.unwrap();
+        }
+    };
+    apply(0).await;
+    let args = crate::rotation::rotation_args(&lease_name, "1h");
+    let _k = Kvinject::start(&args.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    let holder = || async {
+        leases
+            .get(&lease_name)
+            .await
+            .unwrap()
+            .spec
+            .unwrap()
+            .holder_identity
+            .unwrap_or_default()
+    };
+    for n in 1..=8 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(
+            holder().await,
+            "skewed-holder",
+            "taken over from a holder that renews (after {n}s)"
+        );
+        apply(n).await;
+    }
+    // It stops renewing: kvinject takes over once the record has stood for its duration.
+    support::eventually(Duration::from_secs(15), "kvinject to take the lease", || async {
+        holder().await != "skewed-holder"
+    })
+    .await;
+    let _ = leases.delete(&lease_name, &Default::default()).await;
+}
