@@ -225,6 +225,7 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
             )
             .with_access(policies.clone())
             .with_scope(config.scope.clone())
+            .with_read_limit(config.namespace_reads)
             .with_deletions(deletions)
             .with_identities(ServiceAccounts {
                 client: None,

@@ -30,6 +30,12 @@ impl Controller {
         self
     }
 
+    /// Bounds the Key Vault reads a tenant can cause per namespace (restores, recreations).
+    pub fn with_read_limit(mut self, limit: crate::config::ReadLimit) -> Self {
+        self.reads = crate::limit::ReadBuckets::new(limit);
+        self
+    }
+
     /// Whether the controller may write the Secret `needed` in namespace `ns` (`None`) or
     /// why not. A Secret read as a workload identity needs a grant to that identity's
     /// ServiceAccount; one read as kvinject needs a grant to the ServiceAccount of a pod

@@ -253,7 +253,9 @@ impl Controller {
             else {
                 continue;
             };
-            if self.still_lost(&key, &needed).is_some() {
+            // Deleting Secrets again and again must not spend the vault's budget: one read
+            // per namespace's budget, or the next sweep.
+            if self.still_lost(&key, &needed).is_some() && self.reads.take(&key.0) {
                 todo.push((key, needed, version));
             }
         }

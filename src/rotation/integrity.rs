@@ -54,6 +54,11 @@ impl Controller {
             return;
         };
         let reference = needed.source.reference();
+        // Editing a value by hand again and again must not spend the vault's budget.
+        if !self.reads.take(&secret.namespace) {
+            warn!(secret = %secret.name, namespace = %secret.namespace, "restore deferred: the namespace's Key Vault read budget is spent (--namespace-read-rate); retrying next sweep");
+            return;
+        }
         let pinned = Reference {
             version: Some(version.to_owned()),
             ..reference.secret()

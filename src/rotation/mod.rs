@@ -394,6 +394,9 @@ pub struct Controller {
     missing: BTreeSet<crate::metrics::SecretLabels>,
     /// The namespaces kvinject acts for; `None`: every namespace (tests, benchmarks).
     scope: Option<crate::scope::Scope>,
+    /// Key Vault reads a tenant can cause (a restore of a value it edited, a recreation of
+    /// a Secret it deleted), per namespace: the same budget as first uses at admission.
+    reads: crate::limit::ReadBuckets,
 }
 
 impl Controller {
@@ -438,6 +441,7 @@ impl Controller {
             lost: BTreeMap::new(),
             missing: BTreeSet::new(),
             scope: None,
+            reads: Default::default(),
         }
     }
 

@@ -936,3 +936,68 @@ async fn a_holder_whose_clock_is_behind_keeps_the_lease_while_it_renews() {
     .await;
     let _ = leases.delete(&lease_name, &Default::default()).await;
 }
+
+#[tokio::test]
+async fn restores_a_tenant_causes_count_against_its_namespaces_read_budget() {
+    let _vault = support::VAULT.read().await;
+    let _rotation = support::ROTATION.lock().await;
+    let mut args = crate::rotation::rotation_args(&support::unique("lease"), "1h");
+    // One read, then one every 1000 s.
+    args.extend(["--namespace-read-rate", "0.001", "--namespace-read-burst", "1"].map(String::from));
+    let t = tenant("budget", &args.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    let name = format!("{}-pub-budget", t.run);
+    let value = support::distinctive_value();
+    support::seed_secret(&name, &value).await;
+    let p = pod("app", &[("X", &inject::reference(&name))], json!({}));
+    support::eventually(
+        Duration::from_secs(10),
+        "kvinject to load the policies",
+        || async { create(&t, &p, false).await.is_ok() },
+    )
+    .await;
+    let stored = Api::<Pod>::namespaced(t.client.clone(), &t.ns)
+        .get("app")
+        .await
+        .unwrap();
+    let secret = inject::secret_key_ref(&stored, "X").unwrap();
+    let secrets: Api<Secret> = Api::namespaced(t.client.clone(), &t.ns);
+    let held = || async {
+        secrets.get(&secret).await.unwrap().data.unwrap()["value"]
+            .0
+            .clone()
+    };
+    let edit = |by_hand: String| {
+        let secrets = secrets.clone();
+        let secret = secret.clone();
+        async move {
+            let patch = json!({"stringData": {"value": by_hand}});
+            secrets
+                .patch(&secret, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+                .unwrap();
+        }
+    };
+    // The first edit is restored: the namespace had a read left.
+    edit(support::distinctive_value()).await;
+    support::eventually(Duration::from_secs(15), "the first edit restored", || async {
+        held().await == value.as_bytes()
+    })
+    .await;
+    // The second is not, while the budget is spent: the value stays as edited (and new pods
+    // are denied, as for any edited value) rather than the vault being read on demand.
+    let again = support::distinctive_value();
+    edit(again.clone()).await;
+    for _ in 0..6 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(
+            held().await,
+            again.as_bytes(),
+            "restored beyond the namespace's budget"
+        );
+    }
+    assert!(
+        t.kvinject
+            .logs()
+            .contains("restore deferred: the namespace's Key Vault read budget is spent")
+    );
+}
