@@ -717,24 +717,7 @@ async fn the_apiserver_accepts_the_manifests_and_kvinject_works_on_the_charts_pe
         "kvinject-tokens",
         "kvinject-webhook",
     ] {
-        support::eventually(
-            Duration::from_secs(20),
-            &format!("{policy} to be type-checked"),
-            || async {
-                let (ok, out, _) = support::kubectl(
-                    &[
-                        "get",
-                        "validatingadmissionpolicy",
-                        policy,
-                        "-o",
-                        "jsonpath={.status.typeChecking}",
-                    ],
-                    None,
-                );
-                ok && !out.is_empty()
-            },
-        )
-        .await;
+        type_checked(policy).await;
         let (_, out, _) = support::kubectl(
             &[
                 "get",
@@ -826,6 +809,28 @@ async fn the_apiserver_accepts_the_manifests_and_kvinject_works_on_the_charts_pe
         .expect("a kvinject.io/ annotation is kvinject's to change");
 }
 
+/// Waits until the apiserver has type-checked the ValidatingAdmissionPolicy `policy`.
+async fn type_checked(policy: &str) {
+    support::eventually(
+        Duration::from_secs(20),
+        &format!("{policy} to be type-checked"),
+        || async {
+            let (ok, out, _) = support::kubectl(
+                &[
+                    "get",
+                    "validatingadmissionpolicy",
+                    policy,
+                    "-o",
+                    "jsonpath={.status.typeChecking}",
+                ],
+                None,
+            );
+            ok && !out.is_empty()
+        },
+    )
+    .await;
+}
+
 /// The apiserver's refusal of a request, as its message (or the whole error).
 fn refusal<T: std::fmt::Debug>(result: Result<T, kube::Error>) -> String {
     match result {
@@ -840,20 +845,7 @@ async fn the_charts_policies_fence_kvinjects_own_permissions() {
     let client = support::kube().await;
     apply_chart(&["identity.perServiceAccount=true"]);
     for policy in ["kvinject-secrets", "kvinject-webhook", "kvinject-tokens"] {
-        support::eventually(Duration::from_secs(20), &format!("{policy} in force"), || async {
-            let (ok, out, _) = support::kubectl(
-                &[
-                    "get",
-                    "validatingadmissionpolicy",
-                    policy,
-                    "-o",
-                    "jsonpath={.status.typeChecking}",
-                ],
-                None,
-            );
-            ok && !out.is_empty()
-        })
-        .await;
+        type_checked(policy).await;
     }
     // The webhook port admits only where the apiserver's calls come from, by default.
     let policy = Api::<k8s_openapi::api::networking::v1::NetworkPolicy>::namespaced(client.clone(), NS)
