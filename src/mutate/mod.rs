@@ -210,6 +210,16 @@ pub fn carries_references(pod: &Pod) -> bool {
             .any(|v| v.csi.as_ref().is_some_and(|c| c.driver == VOLUME_DRIVER))
 }
 
+/// The pod a `pods/ephemeralcontainers` update makes: the stored pod with only the sent
+/// pod's ephemeral containers. The apiserver drops every other change the update carries
+/// after admission, so only these are the caller's to choose.
+pub fn with_ephemeral_containers_of(stored: &Pod, sent: &Pod) -> Pod {
+    let mut pod = stored.clone();
+    let ephemeral = sent.spec.as_ref().and_then(|s| s.ephemeral_containers.clone());
+    pod.spec.get_or_insert_with(Default::default).ephemeral_containers = ephemeral;
+    pod
+}
+
 /// Ephemeral containers are added to a running pod, whose spec kvinject no longer rewrites:
 /// a reference there would reach the container as its literal text.
 pub fn refuse_ephemeral_references(pod: &Pod) -> Result<(), Denial> {
@@ -620,6 +630,33 @@ mod tests {
             version: None,
             field: None,
         })
+    }
+
+    #[test]
+    fn an_ephemeral_update_is_the_stored_pod_with_only_the_sent_ephemeral_containers() {
+        let stored = pod(json!({
+            "metadata": {"name": "a"},
+            "spec": {"serviceAccountName": "web", "containers": [{"name": "app"}]}
+        }));
+        let sent = pod(json!({
+            "metadata": {"name": "a", "annotations": {"kubernetes.io/config.mirror": "x"}},
+            "spec": {
+                "serviceAccountName": "payment",
+                "containers": [{"name": "app"}],
+                "ephemeralContainers": [{"name": "debug"}]
+            }
+        }));
+        let judged = with_ephemeral_containers_of(&stored, &sent);
+        assert_eq!(judged.metadata.annotations, None);
+        let spec = judged.spec.unwrap();
+        assert_eq!(spec.service_account_name.as_deref(), Some("web"));
+        let names: Vec<_> = spec
+            .ephemeral_containers
+            .unwrap()
+            .into_iter()
+            .map(|c| c.name)
+            .collect();
+        assert_eq!(names, ["debug"]);
     }
 
     #[test]

@@ -226,7 +226,23 @@ async fn review(state: &WebhookState, body: &[u8]) -> (AdmissionResponse, Subjec
     let decide = match (&request.operation, request.sub_resource.as_deref()) {
         (Operation::Create, None) => injector.admit(&namespace, pod, request.dry_run).boxed(),
         (Operation::Update, Some("ephemeralcontainers")) => {
-            injector.admit_ephemeral(&namespace, pod, request.dry_run).boxed()
+            // The subresource keeps only `spec.ephemeralContainers` of what it is sent, after
+            // admission: the rest of the object (a mirror annotation, another
+            // serviceAccountName) is the caller's word and is judged from the stored pod.
+            let Some(stored) = request.old_object.as_ref() else {
+                return (
+                    response.deny("the AdmissionReview for pods/ephemeralcontainers has no oldObject"),
+                    subject,
+                    None,
+                );
+            };
+            let judged = crate::mutate::with_ephemeral_containers_of(stored, pod);
+            async move {
+                injector
+                    .admit_ephemeral(&namespace, &judged, request.dry_run)
+                    .await
+            }
+            .boxed()
         }
         // Not what kvinject registers for: nothing to decide.
         _ => return (response, subject, None),
