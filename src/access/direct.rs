@@ -8,7 +8,7 @@
 use super::grant::{Index, NotGrantedTo, Subject, use_of};
 use crate::{
     identity::WorkloadIdentity,
-    materialize::CachedSecret,
+    materialize::{CachedSecret, seal::Verdict},
     mutate::{Plan, Source},
     reference,
 };
@@ -113,6 +113,13 @@ pub fn secrets_named(pod: &Pod) -> Vec<Named<'_>> {
             ),
             ("scaleIO", v.scale_io.as_ref().map(|c| c.secret_ref.name.as_str())),
             (
+                "cinder",
+                v.cinder
+                    .as_ref()
+                    .and_then(|c| c.secret_ref.as_ref())
+                    .map(|r| r.name.as_str()),
+            ),
+            (
                 "storageos",
                 v.storageos
                     .as_ref()
@@ -198,6 +205,10 @@ pub enum Refusal {
     NotPull(String),
     #[error("{0}")]
     NotGranted(NotGrantedTo),
+    #[error("its value was changed by hand; kvinject hands it out again once it has restored it")]
+    Edited,
+    #[error("its seal does not verify: kvinject did not write it as it is")]
+    Foreign,
 }
 
 /// A pod that names kvinject's Secrets outside kvinject's plan: every such place.
@@ -256,6 +267,11 @@ pub fn check(
 /// One of kvinject's Secrets, named outside the plan: allowed only when kvinject would have
 /// made it, under that name, for this pod's ServiceAccount and a granted use.
 fn judge(secret: &CachedSecret, place: Place, asking: &Asking<'_>) -> Option<Refusal> {
+    match secret.verdict {
+        Verdict::Genuine => {}
+        Verdict::Edited => return Some(Refusal::Edited),
+        Verdict::Foreign => return Some(Refusal::Foreign),
+    }
     let Some((source, _)) = secret.made_for() else {
         return Some(Refusal::Undescribed);
     };
@@ -381,21 +397,23 @@ mod tests {
                 {"name": "v1", "secret": {"secretName": "s4"}},
                 {"name": "v2", "projected": {"sources": [{"secret": {"name": "s5"}}]}},
                 {"name": "v3", "csi": {"driver": "x", "nodePublishSecretRef": {"name": "s6"}}},
-                {"name": "v4", "azureFile": {"secretName": "s7", "shareName": "x"}}
+                {"name": "v4", "azureFile": {"secretName": "s7", "shareName": "x"}},
+                {"name": "v5", "cinder": {"volumeID": "x", "secretRef": {"name": "s8"}}}
             ],
-            "imagePullSecrets": [{"name": "s8"}]
+            "imagePullSecrets": [{"name": "s9"}]
         }));
         let named = secrets_named(&p);
         let names: Vec<&str> = named.iter().map(|n| n.name).collect();
-        assert_eq!(names, ["s1", "s2", "s3", "s4", "s5", "s6", "s7", "s8"]);
+        assert_eq!(names, ["s1", "s2", "s3", "s4", "s5", "s6", "s7", "s8", "s9"]);
         assert_eq!(named[0].location, "init container `i` env `A` (secretKeyRef)");
         assert_eq!(
             named[2].location,
             "ephemeral container `e` env `B` (secretKeyRef)"
         );
         assert_eq!(named[4].location, "volume `v2` (projected secret)");
-        assert_eq!(named[7].place, Place::Pull);
-        assert!(named[..7].iter().all(|n| n.place == Place::Data));
+        assert_eq!(named[7].location, "volume `v5` (cinder)");
+        assert_eq!(named[8].place, Place::Pull);
+        assert!(named[..8].iter().all(|n| n.place == Place::Data));
     }
 
     #[test]
@@ -474,6 +492,35 @@ mod tests {
             "{message}"
         );
         assert!(message.contains("container `c` env `Y`"), "{message}");
+    }
+
+    #[test]
+    fn an_edited_or_unsealed_secret_is_never_named_even_when_granted() {
+        let grants = policies(&["team-a-*"], &[]);
+        let env = |name: &str| {
+            pod(
+                json!({"containers": [{"name": "c", "env": [{"name": "X", "valueFrom": {"secretKeyRef": {"name": name, "key": "value"}}}]}]}),
+            )
+        };
+        let genuine = ours(Source::Env(r("team-a-db")), None);
+        assert_eq!(
+            decide(
+                &env(&genuine.name),
+                std::slice::from_ref(&genuine),
+                Some(&grants),
+                false
+            ),
+            Ok(())
+        );
+        for (verdict, refusal) in [
+            (Verdict::Edited, Refusal::Edited),
+            (Verdict::Foreign, Refusal::Foreign),
+        ] {
+            let mut s = genuine.clone();
+            s.verdict = verdict;
+            let denied = decide(&env(&s.name), &[s.clone()], Some(&grants), false).unwrap_err();
+            assert_eq!(denied.0[0].2, refusal);
+        }
     }
 
     #[test]

@@ -295,6 +295,33 @@ async fn containers_added_to_a_running_pod_are_held_to_the_same_grants() {
         )),
         "{err}"
     );
+    // The subresource keeps only the ephemeral containers of what it is sent: a mirror
+    // annotation or another ServiceAccount in the same patch is not what the pod becomes,
+    // and is not what kvinject judges.
+    let steal = json!([{"name": "S", "valueFrom": {"secretKeyRef": {"name": secret, "key": "value"}}}]);
+    for (how, rest) in [
+        (
+            "a mirror annotation",
+            json!({"metadata": {"annotations": {"kubernetes.io/config.mirror": "x"}}}),
+        ),
+        (
+            "the granted ServiceAccount",
+            json!({"spec": {"serviceAccountName": "payment"}}),
+        ),
+    ] {
+        let mut patch = json!({"spec": {"ephemeralContainers": [{"name": "steal", "image": "registry.invalid/debug:1", "env": steal}]}});
+        json_patch::merge(&mut patch, &rest);
+        let err = pods
+            .patch_ephemeral_containers("debugged", &PatchParams::default(), &Patch::Strategic(patch))
+            .await
+            .map(|_| ())
+            .expect_err(how);
+        assert!(
+            err.to_string()
+                .contains(&format!("names Secret `{secret}` itself")),
+            "{how}: {err}"
+        );
+    }
     let err = add(
         "literal",
         json!([{"name": "R", "value": inject::reference(&format!("{}-pub-x", t.run))}]),
@@ -501,17 +528,41 @@ impl kvinject::inject::SecretWriter for EmptyVault {
 /// kvinject's decision in process, with a namespace cache that still holds `stale` (the
 /// namespace before its opt-in label: a watch that lags), asking `client` when in doubt.
 async fn decide_with_stale_cache(client: Client, stale: Namespace, p: &Pod) -> Result<bool, String> {
+    decide_in_process(client, Some(stale), None, p).await
+}
+
+/// kvinject's decision in process, as `client`: its namespace cache holds only `cached`
+/// (none: the namespace is not in the cache yet), its ServiceAccount cache nothing when
+/// `identities` are given (each is read from the apiserver, as for one just created).
+pub(crate) async fn decide_in_process(
+    client: Client,
+    cached: Option<Namespace>,
+    identities: Option<kvinject::identity::Settings>,
+    p: &Pod,
+) -> Result<bool, String> {
     use kube::runtime::{reflector::store::Writer, watcher};
-    use kvinject::{access::NamespaceLabels, inject::Injector, mutate::InjectConfig, scope::Scope};
+    use kvinject::{
+        access::NamespaceLabels,
+        inject::{Injector, ServiceAccounts},
+        mutate::InjectConfig,
+        scope::Scope,
+    };
     use std::sync::Arc;
-    let ns = stale.metadata.name.clone().unwrap();
+    let ns = p
+        .metadata
+        .namespace
+        .clone()
+        .or_else(|| cached.as_ref()?.metadata.name.clone())
+        .unwrap();
     let mut namespaces = Writer::<Namespace>::default();
-    namespaces.apply_watcher_event(&watcher::Event::Apply(stale));
+    if let Some(cached) = cached {
+        namespaces.apply_watcher_event(&watcher::Event::Apply(cached));
+    }
     let config = InjectConfig {
         vaults: [support::testbed().vault_name.clone()].into(),
         ..Default::default()
     };
-    let injector = Injector::new(
+    let mut injector = Injector::new(
         config,
         Arc::new(EmptyVault),
         Arc::new(EmptyVault),
@@ -519,8 +570,15 @@ async fn decide_with_stale_cache(client: Client, stale: Namespace, p: &Pod) -> R
         Duration::from_secs(60),
         Default::default(),
     )
-    .with_namespaces(NamespaceLabels::new(namespaces.as_reader(), Some(client)))
+    .with_namespaces(NamespaceLabels::new(namespaces.as_reader(), Some(client.clone())))
     .with_scope(Scope::new("kvinject.test/suite", []).unwrap());
+    if let Some(settings) = identities {
+        injector = injector.with_identities(ServiceAccounts {
+            store: Writer::default().as_reader(),
+            client: Some(client),
+            settings: Arc::new(settings),
+        });
+    }
     injector
         .admit(&ns, p, true)
         .await
@@ -619,6 +677,20 @@ async fn a_hand_edited_value_is_never_handed_to_a_pod() {
             "Secret {}/{secret} was changed by hand; kvinject does not hand the edited value to a pod",
             t.ns
         )),
+        "{err}"
+    );
+    // Named directly, by a pod whose ServiceAccount is granted the reference: the same.
+    let direct = raw_pod(
+        "direct",
+        json!({"env": [{"name": "X", "valueFrom": {"secretKeyRef": {"name": secret, "key": "value"}}}]}),
+        json!({}),
+        json!({}),
+    );
+    let err = create(&t, &direct, false)
+        .await
+        .expect_err("the edited value is not handed out by name either");
+    assert!(
+        err.contains(&format!("names Secret `{secret}` itself")) && err.contains("changed by hand"),
         "{err}"
     );
     assert!(!err.contains(&edited) && !t.kvinject.logs().contains(&edited));
