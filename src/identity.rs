@@ -86,6 +86,14 @@ pub enum IdentityError {
         service_account: String,
         value: String,
     },
+    #[error(
+        "ServiceAccount `{namespace}/{service_account}` could not be read, so the Azure identity its pods read Key Vault as is unknown: {detail}"
+    )]
+    Unreadable {
+        namespace: String,
+        service_account: String,
+        detail: String,
+    },
 }
 
 /// The platform's choices: who reads for ServiceAccounts that say nothing, and where a

@@ -139,7 +139,7 @@ pub enum Denied {
     )]
     BeingRestored { namespace: String, name: String },
     #[error(
-        "the pod carries akv:// references, and kvinject could not read namespace {namespace} to tell whether it acts there: {detail}"
+        "the pod carries akv:// references or names Secrets of kvinject's shape, and kvinject could not read namespace {namespace} to tell whether it acts there: {detail}"
     )]
     ScopeUnknown { namespace: String, detail: String },
     #[error(
@@ -396,26 +396,38 @@ impl Injector {
                 from_caches: None,
             });
         }
+        // Whether kvinject has any part in this pod: references to resolve, or Secrets of
+        // kvinject's shape it names itself. Such a pod is never decided on labels that could
+        // not be read.
+        let concerns_kvinject = mutate::carries_references(pod)
+            || direct::secrets_named(pod)
+                .iter()
+                .any(|n| direct::is_kvinject_name(n.name));
+        let scope_unknown = |e: kube::Error| Denied::ScopeUnknown {
+            namespace: namespace.to_owned(),
+            detail: e.to_string(),
+        };
         let (mut labels, mut namespace_annotations) = match &self.namespaces {
-            Some(n) => n.get(namespace).await,
+            Some(n) => match n.get(namespace).await {
+                Ok(read) => read,
+                Err(e) if concerns_kvinject => return Err(scope_unknown(e)),
+                Err(e) => {
+                    warn!(namespace, error = %e, "reading a namespace's labels; deciding without them");
+                    Default::default()
+                }
+            },
             None => Default::default(),
         };
         // The apiserver sends only the namespaces the registration selects, and a pod with
-        // references that is let through unchanged would keep its akv:// text: when the cache
-        // says "not selected" (it may lag a label just set), ask the apiserver, and deny when
-        // that cannot be answered.
+        // references that is let through unchanged would keep its akv:// text (one naming
+        // kvinject's Secrets would skip the check of who may): when the cache says "not
+        // selected" (it may lag a label just set), ask the apiserver, and deny when that
+        // cannot be answered.
         if let (Some(scope), Some(namespaces)) = (&self.scope, &self.namespaces)
             && !scope.includes(namespace, &labels)
-            && mutate::carries_references(pod)
+            && concerns_kvinject
         {
-            (labels, namespace_annotations) =
-                namespaces
-                    .read(namespace)
-                    .await
-                    .map_err(|e| Denied::ScopeUnknown {
-                        namespace: namespace.to_owned(),
-                        detail: e.to_string(),
-                    })?;
+            (labels, namespace_annotations) = namespaces.read(namespace).await.map_err(scope_unknown)?;
         }
         // Anything that reaches the port can POST a review naming any namespace: act only
         // for the ones the registration selects.
@@ -817,11 +829,15 @@ impl ServiceAccounts {
         let cached = self.store.get(&ObjectRef::new(name).within(namespace));
         let annotations = match (cached, &self.client) {
             (Some(sa), _) => sa.metadata.annotations.clone().unwrap_or_default(),
+            // Not readable is not "says nothing": that may be kvinject's own identity.
             (None, Some(client)) => Api::<ServiceAccount>::namespaced(client.clone(), namespace)
                 .get_opt(name)
                 .await
-                .ok()
-                .flatten()
+                .map_err(|e| IdentityError::Unreadable {
+                    namespace: namespace.to_owned(),
+                    service_account: name.to_owned(),
+                    detail: e.to_string(),
+                })?
                 .and_then(|sa| sa.metadata.annotations)
                 .unwrap_or_default(),
             (None, None) => BTreeMap::new(),

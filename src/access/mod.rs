@@ -159,26 +159,18 @@ impl NamespaceLabels {
             .unwrap_or_default())
     }
 
-    /// The namespace's labels and annotations.
-    pub async fn get(&self, namespace: &str) -> (BTreeMap<String, String>, BTreeMap<String, String>) {
-        let of = |ns: &Namespace| {
-            (
+    /// The namespace's labels and annotations: from the cache, or from the apiserver for a
+    /// namespace the cache does not hold yet (it was just created).
+    pub async fn get(
+        &self,
+        namespace: &str,
+    ) -> Result<(BTreeMap<String, String>, BTreeMap<String, String>), kube::Error> {
+        match self.store.get(&ObjectRef::new(namespace)) {
+            Some(ns) => Ok((
                 ns.metadata.labels.clone().unwrap_or_default(),
                 ns.metadata.annotations.clone().unwrap_or_default(),
-            )
-        };
-        if let Some(ns) = self.store.get(&ObjectRef::new(namespace)) {
-            return of(&ns);
-        }
-        let Some(client) = &self.client else {
-            return Default::default();
-        };
-        match Api::<Namespace>::all(client.clone()).get_opt(namespace).await {
-            Ok(ns) => ns.as_ref().map(of).unwrap_or_default(),
-            Err(e) => {
-                warn!(namespace, error = %e, "reading a namespace's labels; deciding without them");
-                Default::default()
-            }
+            )),
+            None => self.read(namespace).await,
         }
     }
 }

@@ -1457,3 +1457,50 @@ fn the_charts_alerts_fire_when_they_should() {
         "promtool test rules:\n{text}"
     );
 }
+
+#[tokio::test]
+async fn the_charts_permissions_cover_kvinjects_live_reads_of_namespaces_and_service_accounts() {
+    // In process, as the chart's ServiceAccount: the namespace and the ServiceAccount are not
+    // in kvinject's caches yet (both were just created), so each is read from the apiserver.
+    // A read the chart does not allow must deny, and must not be taken for "nothing said".
+    let _install = INSTALL.lock().await;
+    let admin = support::kube().await;
+    apply_manifests();
+    let ns = support::namespace(&admin, "liveread", &[("kvinject.test/suite", "x")]).await;
+    let _ns = NsCleanup(ns.clone());
+    let mut sa = ServiceAccount::default();
+    sa.metadata.name = Some("own-identity".into());
+    sa.metadata.annotations = Some([("kvinject.io/identity".to_owned(), "workload".to_owned())].into());
+    Api::<ServiceAccount>::namespaced(admin.clone(), &ns)
+        .create(&PostParams::default(), &sa)
+        .await
+        .unwrap();
+    let chart = service_account_client().await;
+    let with_reference = |sa: &str| {
+        let mut p = inject::pod("app", &[("X", &reference("live-read"))], json!({}));
+        p.metadata.namespace = Some(ns.clone());
+        p.spec.as_mut().unwrap().service_account_name = Some(sa.to_owned());
+        p
+    };
+    // The namespace's labels read live: kvinject acts, and the bed's vault has nothing.
+    let err = crate::isolation::decide_in_process(chart.clone(), None, None, &with_reference("default"))
+        .await
+        .expect_err("kvinject decides for the opted-in namespace");
+    assert!(
+        err.contains("live-read") && !err.contains("could not read"),
+        "{err}"
+    );
+    // The ServiceAccount read live: its annotation is what decides the identity.
+    let err = crate::isolation::decide_in_process(
+        chart,
+        None,
+        Some(Default::default()),
+        &with_reference("own-identity"),
+    )
+    .await
+    .expect_err("a workload identity without a client id");
+    assert!(
+        err.contains("has no `azure.workload.identity/client-id` annotation"),
+        "{err}"
+    );
+}
