@@ -195,6 +195,10 @@ pub enum Found {
 pub enum Refusal {
     #[error("no such Secret exists; names of this shape are kvinject's, made only for an akv:// reference")]
     Absent,
+    #[error(
+        "it is not kvinject's, but names of this shape are: kvinject could make it later for someone else's reference (rename the Secret)"
+    )]
+    Reserved,
     #[error("its kvinject.io/ annotations do not give back its name (changed by hand?)")]
     Undescribed,
     #[error("it was read as another ServiceAccount's Azure identity, not as this pod's")]
@@ -247,6 +251,9 @@ pub fn check(
             // The plan's own Secret (granted by the plan's check) in another place too.
             Some(needed) => placed(&needed.source, named.place),
             None => match find(named.name) {
+                // Someone's own Secret under a name kvinject may need: deleted later, kvinject
+                // would make it for another pod's reference, and this pod would read it.
+                Found::Theirs if is_kvinject_name(named.name) => Some(Refusal::Reserved),
                 Found::Theirs => None,
                 Found::Absent if asking.dry_run || !is_kvinject_name(named.name) => None,
                 Found::Absent => Some(Refusal::Absent),
@@ -468,6 +475,26 @@ mod tests {
         let future = Source::Env(r("team-b-db")).secret_name_as(Some(&api()));
         assert!(matches!(why(&env(&future), &grants), Refusal::Absent));
         assert_eq!(decide(&env(&future), &cache, Some(&grants), true), Ok(()));
+        // The tenant's own Secret squatting such a name: it could delete it once the pod is
+        // stored, and kvinject would fill the name for someone else.
+        let squatting = |p: &Pod| {
+            let labels = BTreeMap::new();
+            let subject = Subject {
+                namespace: "team-a",
+                labels: &labels,
+                service_account: "default",
+            };
+            let asking = Asking {
+                subject: &subject,
+                identity: None,
+                grants: Some(&grants),
+                dry_run: false,
+            };
+            check(p, &Plan::default(), &asking, |_| Found::Theirs)
+        };
+        let squat = squatting(&env(&future)).unwrap_err();
+        assert!(matches!(squat.0[0].2, Refusal::Reserved), "{squat}");
+        assert_eq!(squatting(&env("app-config")), Ok(()));
         // With --access-policy off only the identity and the place count.
         assert_eq!(decide(&env(&other.name), &cache, None, false), Ok(()));
         assert!(decide(&env(&apis.name), &cache, None, false).is_err());
