@@ -27,6 +27,7 @@ const SHARED: &[&str] = &[
     super::CLIENT_ID_ANNOTATION,
     super::TENANT_ID_ANNOTATION,
     super::MISSING_ANNOTATION,
+    super::RESTORED_ANNOTATION,
     "Opaque",
     "kubernetes.io/dockerconfigjson",
 ];

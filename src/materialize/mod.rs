@@ -31,6 +31,10 @@ pub const TENANT_ID_ANNOTATION: &str = "kvinject.io/tenant-id";
 /// in the vault): when that was first seen. The value is kept; the rotation controller
 /// sets and clears it, the webhook warns about it.
 pub const MISSING_ANNOTATION: &str = "kvinject.io/missing-in-vault-since";
+/// On a materialized Secret whose hand-edited value the controller restored: when. Part of
+/// what its consumers are rolled by, so pods that started on the edited value are replaced
+/// once; a new version drops it.
+pub const RESTORED_ANNOTATION: &str = "kvinject.io/restored-at";
 /// The type of the Secrets that hold registry credentials.
 pub const DOCKER_CONFIG_TYPE: &str = "kubernetes.io/dockerconfigjson";
 /// Secrets hold at most 1 MiB of data; the rest is left for metadata.

@@ -35,6 +35,16 @@ pub fn version_of(secret: &CachedSecret) -> Option<&str> {
     secret.annotation(materialize::VERSION_ANNOTATION)
 }
 
+/// What a workload's rollouts follow of a Secret: its version and, after a hand-edited value
+/// was restored, when (pods that started meanwhile read the edited value: they roll once).
+pub fn rollout_version(secret: &CachedSecret) -> Option<String> {
+    let version = version_of(secret)?;
+    Some(match secret.annotation(materialize::RESTORED_ANNOTATION) {
+        Some(at) => format!("{version} restored {at}"),
+        None => version.to_owned(),
+    })
+}
+
 /// The intervals pods ask for, per Secret they use (`(namespace, name)`): the shortest
 /// `kvinject.io/refresh-interval` among them, never below `floor`. One pass over the pods; unparseable or zero
 /// annotations are ignored, and Secrets no pod asks about are absent (they use the default).
@@ -320,6 +330,28 @@ mod tests {
             "spec": {"containers": [{"name": "c", "env": [{"name": "X", "valueFrom": {"secretKeyRef": {"name": secret, "key": "value"}}}]}]}
         }))
         .unwrap()
+    }
+
+    #[test]
+    fn a_restore_changes_what_rollouts_follow_and_a_new_version_drops_it() {
+        let secret = |annotations: serde_json::Value| {
+            let s: k8s_openapi::api::core::v1::Secret =
+                serde_json::from_value(json!({"metadata": {"name": "s", "annotations": annotations}})).unwrap();
+            CachedSecret::with_verdict(&s, crate::materialize::seal::Verdict::Genuine)
+        };
+        let plain = secret(json!({materialize::VERSION_ANNOTATION: "v1"}));
+        let restored = secret(json!({
+            materialize::VERSION_ANNOTATION: "v1",
+            materialize::RESTORED_ANNOTATION: "2026-12-07T09:00:00Z"
+        }));
+        let again = secret(json!({
+            materialize::VERSION_ANNOTATION: "v1",
+            materialize::RESTORED_ANNOTATION: "2026-12-07T10:00:00Z"
+        }));
+        assert_eq!(rollout_version(&plain).as_deref(), Some("v1"));
+        assert_ne!(rollout_version(&restored), rollout_version(&plain));
+        assert_ne!(rollout_version(&again), rollout_version(&restored));
+        assert_eq!(rollout_version(&secret(json!({}))), None);
     }
 
     #[test]

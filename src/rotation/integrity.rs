@@ -70,7 +70,7 @@ impl Controller {
                 return;
             }
         };
-        if self.write_value(secret, &fetched).await == Written::Yes {
+        if self.write_value(secret, &fetched, true).await == Written::Yes {
             info!(secret = %secret.name, namespace = %secret.namespace, "restored a hand-edited value");
             let note = format!(
                 "its value was changed by hand; restored {reference} version {version} from Key Vault"

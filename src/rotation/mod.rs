@@ -919,7 +919,7 @@ impl Controller {
 
     /// Writes the new value and version into `secret`, with a `Rotated` Event.
     async fn update(&self, secret: &CachedSecret, fetched: &Fetched) -> Written {
-        let written = self.write_value(secret, fetched).await;
+        let written = self.write_value(secret, fetched, false).await;
         if written != Written::Yes {
             return written;
         }
@@ -937,7 +937,9 @@ impl Controller {
 
     /// Replaces `secret`'s value and version with `fetched`, sealed. A value that cannot be
     /// used keeps the old one, with a `RotationRefused` Event.
-    async fn write_value(&self, secret: &CachedSecret, fetched: &Fetched) -> Written {
+    /// `restored`: the value puts back one edited by hand (recorded, so the workloads that
+    /// may have started on the edited value roll once).
+    async fn write_value(&self, secret: &CachedSecret, fetched: &Fetched, restored: bool) -> Written {
         let (ns, name) = (&secret.namespace, &secret.name);
         let Some(needed) = needed_for(secret) else {
             return Written::Refused;
@@ -1001,6 +1003,12 @@ impl Controller {
             // A value read from Key Vault just now: its secret is not missing there.
             if let Some(a) = updated.metadata.annotations.as_mut() {
                 a.remove(materialize::MISSING_ANNOTATION);
+                if restored {
+                    let now = k8s_openapi::jiff::Timestamp::now().to_string();
+                    a.insert(materialize::RESTORED_ANNOTATION.to_owned(), now);
+                } else {
+                    a.remove(materialize::RESTORED_ANNOTATION);
+                }
             }
             updated.metadata.managed_fields = None;
             match api.replace(name, &params, &updated).await {

@@ -121,7 +121,7 @@ impl Controller {
         let version_of = |name: &str| {
             let object = reflector::ObjectRef::<crate::materialize::CachedSecret>::new(name).within(&ns);
             let secret = self.caches.secrets.get(&object)?;
-            decide::version_of(&secret).map(str::to_owned)
+            decide::rollout_version(&secret)
         };
         for name in names {
             // Pods admitted before names hashed 64 bits use the Secret under its old name

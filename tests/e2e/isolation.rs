@@ -238,11 +238,31 @@ async fn a_pod_reaches_kvinjects_secrets_only_through_references_its_service_acc
     )
     .secret_name();
     let waiting = json!({"env": [{"name": "LATER", "valueFrom": {"secretKeyRef": {"name": future, "key": "value", "optional": true}}}]});
-    let err = create(&t, &raw_pod("waiting", waiting, json!({}), json!({})), false)
+    let err = create(
+        &t,
+        &raw_pod("waiting", waiting.clone(), json!({}), json!({})),
+        false,
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        err.contains("no such Secret exists; names of this shape are kvinject's"),
+        "{err}"
+    );
+    // Squatting the name with a Secret of one's own first, to delete it once the pod is
+    // stored: refused too.
+    let squat: Secret =
+        serde_json::from_value(json!({"metadata": {"name": future}, "stringData": {"value": "mine"}}))
+            .unwrap();
+    Api::<Secret>::namespaced(t.client.clone(), &t.ns)
+        .create(&PostParams::default(), &squat)
+        .await
+        .unwrap();
+    let err = create(&t, &raw_pod("squatting", waiting, json!({}), json!({})), false)
         .await
         .unwrap_err();
     assert!(
-        err.contains("no such Secret exists; names of this shape are kvinject's"),
+        err.contains("it is not kvinject's, but names of this shape are"),
         "{err}"
     );
 
@@ -1071,5 +1091,61 @@ async fn restores_a_tenant_causes_count_against_its_namespaces_read_budget() {
         t.kvinject
             .logs()
             .contains("restore deferred: the namespace's Key Vault read budget is spent")
+    );
+}
+
+#[tokio::test]
+async fn workloads_that_may_have_started_on_an_edited_value_roll_once_it_is_restored() {
+    let _vault = support::VAULT.read().await;
+    let _rotation = support::ROTATION.lock().await;
+    let args = crate::rotation::rotation_args(&support::unique("lease"), "1h");
+    let t = tenant("restored", &args.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    let name = format!("{}-pub-restored", t.run);
+    let value = support::distinctive_value();
+    support::seed_secret(&name, &value).await;
+    let deployments: Api<k8s_openapi::api::apps::v1::Deployment> = Api::namespaced(t.client.clone(), &t.ns);
+    let d: k8s_openapi::api::apps::v1::Deployment =
+        crate::rotation::deployment("app", &name, json!({"kvinject.io/rollout-on-rotation": "true"}));
+    support::eventually(
+        Duration::from_secs(10),
+        "kvinject to load the policies",
+        || async {
+            create(
+                &t,
+                &pod("probe", &[("X", &inject::reference(&name))], json!({})),
+                true,
+            )
+            .await
+            .is_ok()
+        },
+    )
+    .await;
+    deployments.create(&PostParams::default(), &d).await.unwrap();
+    support::eventually(Duration::from_secs(30), "the versions recorded", || async {
+        crate::rotation::stored_hash(&deployments.get("app").await.unwrap()).is_some()
+    })
+    .await;
+    let before = crate::rotation::template_hash(&deployments.get("app").await.unwrap());
+    let secret = crate::rotation::secret_of_pod(&t.client, &t.ns, "app=app").await;
+    let secrets: Api<Secret> = Api::namespaced(t.client.clone(), &t.ns);
+    let patch = json!({"stringData": {"value": support::distinctive_value()}});
+    secrets
+        .patch(&secret, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    support::eventually(Duration::from_secs(20), "the value restored", || async {
+        secrets.get(&secret).await.unwrap().data.unwrap()["value"].0 == value.as_bytes()
+    })
+    .await;
+    support::eventually(Duration::from_secs(20), "the Deployment rolled", || async {
+        crate::rotation::template_hash(&deployments.get("app").await.unwrap()) != before
+    })
+    .await;
+    // Once: the next reconciles change nothing.
+    let rolled = crate::rotation::template_hash(&deployments.get("app").await.unwrap());
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(
+        crate::rotation::template_hash(&deployments.get("app").await.unwrap()),
+        rolled
     );
 }
