@@ -60,7 +60,18 @@ pub struct CachedSecret {
 impl CachedSecret {
     /// `secret` as a cache keeps it, its seal checked with `keys`.
     pub fn new(keys: &seal::Keys, secret: &Secret) -> Self {
-        Self::with_verdict(secret, seal::verify(keys, secret))
+        let mut cached = Self::with_verdict(secret, seal::verify(keys, secret));
+        // A "missing in Key Vault" mark kvinject did not sign is not kept: it is no mark.
+        if cached.annotation(super::MISSING_ANNOTATION).is_some()
+            && seal::verified_missing_since(keys, secret).is_none()
+        {
+            let kept = std::mem::take(&mut cached.annotations);
+            cached.annotations = kept
+                .into_iter()
+                .filter(|(k, _)| k.as_ref() != super::MISSING_ANNOTATION)
+                .collect();
+        }
+        cached
     }
 
     /// `secret` as a cache keeps it, with a seal verdict reached elsewhere.
@@ -211,6 +222,69 @@ mod tests {
     }
 
     #[test]
+    fn a_missing_in_vault_mark_counts_only_as_kvinject_signed_it_for_this_secret() {
+        let mut s = secret(&[
+            (super::super::REFERENCE_ANNOTATION, "akv://main/db"),
+            (super::super::VERSION_ANNOTATION, "v1"),
+        ]);
+        let keys = seal::Keys::default();
+        seal::seal(&keys, &mut s);
+        let at = |s: &Secret| {
+            CachedSecret::new(&keys, s)
+                .annotation(super::super::MISSING_ANNOTATION)
+                .map(str::to_owned)
+        };
+        let mark = |s: &mut Secret, since: &str, signature: Option<String>| {
+            let a = s.metadata.annotations.as_mut().unwrap();
+            a.insert(super::super::MISSING_ANNOTATION.into(), since.into());
+            match signature {
+                Some(sig) => a.insert(super::super::MISSING_SEAL_ANNOTATION.into(), sig),
+                None => a.remove(super::super::MISSING_SEAL_ANNOTATION),
+            };
+        };
+        let signed = |name: &str, version: &str, since: &str| {
+            let m = seal::Missing {
+                namespace: "team-a",
+                name,
+                reference: "akv://main/db",
+                version,
+                since,
+            };
+            seal::missing_mark(&keys, &m)
+        };
+        let name = s.metadata.name.clone().unwrap();
+        let since = "2026-11-29T00:00:00Z";
+        // Set by hand: no mark.
+        mark(&mut s, since, None);
+        assert_eq!(at(&s), None);
+        // Signed by kvinject for this Secret: the mark.
+        mark(&mut s, since, signed(&name, "v1", since));
+        assert_eq!(at(&s).as_deref(), Some(since));
+        // Another time under the same signature, another Secret's or another version's
+        // signature, another key's: no mark. The Secret's own seal is not touched.
+        mark(&mut s, "2026-01-01T00:00:00Z", signed(&name, "v1", since));
+        assert_eq!(at(&s), None);
+        mark(&mut s, since, signed("kvi-main-other-0123456789", "v1", since));
+        assert_eq!(at(&s), None);
+        mark(&mut s, since, signed(&name, "v0", since));
+        assert_eq!(at(&s), None);
+        let other = seal::Keys::default();
+        let foreign = seal::missing_mark(
+            &other,
+            &seal::Missing {
+                namespace: "team-a",
+                name: &name,
+                reference: "akv://main/db",
+                version: "v1",
+                since,
+            },
+        );
+        mark(&mut s, since, foreign);
+        assert_eq!(at(&s), None);
+        assert_eq!(CachedSecret::new(&keys, &s).verdict, Verdict::Genuine);
+    }
+
+    #[test]
     fn keeps_kvinjects_annotations_and_the_verdict_and_never_the_value() {
         let mut s = secret(&[
             (super::super::REFERENCE_ANNOTATION, "akv://main/db"),
@@ -220,6 +294,19 @@ mod tests {
         ]);
         let keys = seal::Keys::default();
         seal::seal(&keys, &mut s);
+        let mark = seal::Missing {
+            namespace: "team-a",
+            name: "kvi-main-db-0123456789",
+            reference: "akv://main/db",
+            version: "v1",
+            since: "2026-11-29T00:00:00Z",
+        };
+        let signature = seal::missing_mark(&keys, &mark).unwrap();
+        s.metadata
+            .annotations
+            .as_mut()
+            .unwrap()
+            .insert(super::super::MISSING_SEAL_ANNOTATION.into(), signature);
         let cached = CachedSecret::new(&keys, &s);
         assert_eq!(cached.verdict, Verdict::Genuine);
         assert_eq!(cached.key_id.as_deref(), Some(keys.current_id()));

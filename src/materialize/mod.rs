@@ -31,6 +31,9 @@ pub const TENANT_ID_ANNOTATION: &str = "kvinject.io/tenant-id";
 /// in the vault): when that was first seen. The value is kept; the rotation controller
 /// sets and clears it, the webhook warns about it.
 pub const MISSING_ANNOTATION: &str = "kvinject.io/missing-in-vault-since";
+/// The controller's signature over that mark (`seal::missing_mark`): a mark a tenant set or
+/// copied by hand is not taken for the controller's.
+pub const MISSING_SEAL_ANNOTATION: &str = "kvinject.io/missing-in-vault-seal";
 /// On a materialized Secret whose hand-edited value the controller restored: when. Part of
 /// what its consumers are rolled by, so pods that started on the edited value are replaced
 /// once; a new version drops it.

@@ -214,6 +214,74 @@ pub fn verify(keys: &Keys, secret: &Secret) -> Verdict {
     Verdict::Genuine
 }
 
+/// What the controller's "missing in Key Vault" mark on a Secret says: which Secret, for
+/// which reference and version, since when.
+#[derive(Clone, Copy, Debug)]
+pub struct Missing<'a> {
+    pub namespace: &'a str,
+    pub name: &'a str,
+    pub reference: &'a str,
+    pub version: &'a str,
+    pub since: &'a str,
+}
+
+fn missing_message(m: &Missing<'_>) -> Vec<u8> {
+    let mut out = b"kvinject-missing-v1".to_vec();
+    for part in [m.namespace, m.name, m.reference, m.version, m.since] {
+        push(&mut out, part.as_bytes());
+    }
+    out
+}
+
+/// The signature of a "missing in Key Vault" mark (`kvinject.io/missing-in-vault-seal`).
+/// The mark is metadata a tenant who may edit Secrets can write, and what it sets reaches
+/// past the namespace (the webhook drops its cached values of the reference, the gauge
+/// alerts): only a signed one counts.
+pub fn missing_mark(keys: &Keys, mark: &Missing<'_>) -> Option<String> {
+    let key = keys.keys.get(&keys.current)?;
+    let tag = b64(hmac::sign(key, &missing_message(mark)));
+    Some(format!("{VERSION_TAG}:{}:{tag}", keys.current))
+}
+
+/// Whether `signature` is kvinject's over `mark` (constant-time comparison).
+pub fn missing_mark_verifies(keys: &Keys, mark: &Missing<'_>, signature: &str) -> bool {
+    let parts: Vec<&str> = signature.split(':').collect();
+    let [VERSION_TAG, id, tag] = parts.as_slice() else {
+        return false;
+    };
+    let Some(key) = keys.keys.get(*id) else {
+        return false;
+    };
+    let tag = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(tag)
+        .unwrap_or_default();
+    hmac::verify(key, &missing_message(mark), &tag).is_ok()
+}
+
+/// `secret`'s "missing in Key Vault" mark when kvinject signed it: its time.
+pub fn verified_missing_since(keys: &Keys, secret: &Secret) -> Option<String> {
+    let since = field(secret, super::MISSING_ANNOTATION);
+    if since.is_empty() {
+        return None;
+    }
+    let (namespace, name) = (
+        secret.metadata.namespace.as_deref().unwrap_or_default(),
+        secret.metadata.name.as_deref().unwrap_or_default(),
+    );
+    let (reference, version) = (
+        field(secret, super::REFERENCE_ANNOTATION),
+        field(secret, super::VERSION_ANNOTATION),
+    );
+    let mark = Missing {
+        namespace,
+        name,
+        reference: &reference,
+        version: &version,
+        since: &since,
+    };
+    missing_mark_verifies(keys, &mark, &field(secret, super::MISSING_SEAL_ANNOTATION)).then_some(since)
+}
+
 /// The key id a genuine Secret was signed with (to re-sign after a key rotation).
 pub fn key_id(secret: &Secret) -> Option<String> {
     let signature = field(secret, SIGNATURE_ANNOTATION);

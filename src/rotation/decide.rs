@@ -336,7 +336,8 @@ mod tests {
     fn a_restore_changes_what_rollouts_follow_and_a_new_version_drops_it() {
         let secret = |annotations: serde_json::Value| {
             let s: k8s_openapi::api::core::v1::Secret =
-                serde_json::from_value(json!({"metadata": {"name": "s", "annotations": annotations}})).unwrap();
+                serde_json::from_value(json!({"metadata": {"name": "s", "annotations": annotations}}))
+                    .unwrap();
             CachedSecret::with_verdict(&s, crate::materialize::seal::Verdict::Genuine)
         };
         let plain = secret(json!({materialize::VERSION_ANNOTATION: "v1"}));

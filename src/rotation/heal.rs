@@ -14,7 +14,10 @@ use crate::{
     identity::WorkloadIdentity,
     inject::FIELD_MANAGER,
     keyvault::source::{FetchError, Fetched, SecretSource},
-    materialize::{self, CachedSecret, seal::Verdict},
+    materialize::{
+        self, CachedSecret,
+        seal::{self, Verdict},
+    },
     metrics::SecretLabels,
     mutate::Needed,
     reference::Reference,
@@ -463,7 +466,22 @@ impl Controller {
     pub(super) async fn report_missing(&self, reference: &Read, secrets: &[Arc<CachedSecret>]) {
         let since = k8s_openapi::jiff::Timestamp::now().to_string();
         for secret in secrets.iter().filter(|s| missing_since(s).is_none()) {
-            let patch = json!({"metadata": {"annotations": {materialize::MISSING_ANNOTATION: since}}});
+            let mark = seal::Missing {
+                namespace: &secret.namespace,
+                name: &secret.name,
+                reference: secret
+                    .annotation(materialize::REFERENCE_ANNOTATION)
+                    .unwrap_or_default(),
+                version: decide::version_of(secret).unwrap_or_default(),
+                since: &since,
+            };
+            let Some(signature) = seal::missing_mark(&self.inject.keys, &mark) else {
+                continue;
+            };
+            let patch = json!({"metadata": {"annotations": {
+                materialize::MISSING_ANNOTATION: since,
+                materialize::MISSING_SEAL_ANNOTATION: signature,
+            }}});
             if let Err(e) = self.patch_secret(secret, &patch).await {
                 warn!(secret = %secret.name, namespace = %secret.namespace, error = %e, "could not mark a Secret whose Key Vault secret is gone; retrying at the next check");
                 continue;
@@ -483,7 +501,10 @@ impl Controller {
     pub(super) async fn report_found(&self, reference: &Read, secrets: &[Arc<CachedSecret>], version: &str) {
         for secret in secrets.iter().filter(|s| missing_since(s).is_some()) {
             if decide::version_of(secret) == Some(version) {
-                let patch = json!({"metadata": {"annotations": {materialize::MISSING_ANNOTATION: null}}});
+                let patch = json!({"metadata": {"annotations": {
+                    materialize::MISSING_ANNOTATION: null,
+                    materialize::MISSING_SEAL_ANNOTATION: null,
+                }}});
                 if let Err(e) = self.patch_secret(secret, &patch).await {
                     warn!(secret = %secret.name, namespace = %secret.namespace, error = %e, "could not unmark a Secret whose Key Vault secret is back; retrying at the next check");
                     continue;

@@ -1003,6 +1003,7 @@ impl Controller {
             // A value read from Key Vault just now: its secret is not missing there.
             if let Some(a) = updated.metadata.annotations.as_mut() {
                 a.remove(materialize::MISSING_ANNOTATION);
+                a.remove(materialize::MISSING_SEAL_ANNOTATION);
                 if restored {
                     let now = k8s_openapi::jiff::Timestamp::now().to_string();
                     a.insert(materialize::RESTORED_ANNOTATION.to_owned(), now);

@@ -402,6 +402,25 @@ async fn a_secret_deleted_in_the_vault_is_reported_kept_and_recovered() {
     assert!(ok, "{stderr}");
     assert!(!stderr.contains("no longer has"), "the warning stopped: {stderr}");
 
+    // A mark set by hand (anyone who may edit the namespace's Secrets) is no mark: no
+    // warning, no gauge (which would alert on the reference for every namespace).
+    let forged = json!({"metadata": {"annotations": {"kvinject.io/missing-in-vault-since": "2026-01-01T00:00:00Z"}}});
+    secrets
+        .patch(&secret_name, &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&forged))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await; // the watch, and a few checks
+    let (ok, _, stderr) = support::kubectl(&["create", "-f", "-"], Some(&manifest("forged-mark")));
+    assert!(ok, "{stderr}");
+    assert!(!stderr.contains("no longer has"), "a forged mark warns: {stderr}");
+    assert_eq!(
+        s.kvinject
+            .metric_if_exported("kvinject_keyvault_secret_missing", &gauge)
+            .await,
+        None,
+        "a forged mark raises the gauge"
+    );
+
     // And a later rotation still works.
     let v2 = support::seed_secret(&name, &support::distinctive_value()).await;
     support::eventually(
