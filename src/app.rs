@@ -95,6 +95,15 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     let keys = materialize::keys::load_or_create(&client, key_namespace, key_secret)
         .await
         .context("loading the signing key for materialized Secrets")?;
+    // Followed while serving: a key added verifies, and a new current key signs, without a
+    // restart (in two phases: see keys.rs).
+    let follow_keys = materialize::keys::follow(
+        client.clone(),
+        key_namespace.clone(),
+        key_secret.clone(),
+        keys.clone(),
+        config.signing_key_reload,
+    );
     let inject_config = InjectConfig {
         vaults: config.vaults.keys().cloned().collect(),
         keys: keys.clone(),
@@ -316,6 +325,7 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         r = webhook_server => r.context("webhook server")?,
         r = admin_server => r.context("admin server")?,
         _ = reload => {},
+        _ = follow_keys => {},
         _ = mark_ready => {},
         _ = watch => {},
         _ = namespace_watch => {},

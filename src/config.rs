@@ -180,6 +180,10 @@ pub struct TenancyArgs {
     /// kvinject's own namespace, where the signing key lives.
     #[arg(long, env = "POD_NAMESPACE", default_value = "kvinject")]
     pub signing_key_namespace: String,
+    /// How often each replica reads the signing keys again: a key added verifies within one
+    /// interval, and a newly named current key signs after three (every replica has it).
+    #[arg(long, env = "KVINJECT_SIGNING_KEY_RELOAD_INTERVAL", default_value = "30s", value_parser = parse_duration)]
+    pub signing_key_reload_interval: Duration,
     /// Floor of `kvinject.io/refresh-interval`: a pod asking for less gets this, with an
     /// admission warning.
     #[arg(long, env = "KVINJECT_MIN_REFRESH_INTERVAL", default_value = "30s", value_parser = parse_duration)]
@@ -399,6 +403,7 @@ pub struct ServeConfig {
     pub scope: crate::scope::Scope,
     /// (namespace, name) of the signing-key Secret.
     pub signing_key: (String, String),
+    pub signing_key_reload: Duration,
     pub min_refresh_interval: Duration,
     pub namespace_reads: ReadLimit,
     pub listen: SocketAddr,
@@ -490,6 +495,7 @@ impl ServeArgs {
                 self.tenancy.signing_key_namespace.clone(),
                 self.tenancy.signing_key_secret.clone(),
             ),
+            signing_key_reload: self.tenancy.signing_key_reload_interval,
             min_refresh_interval: self.tenancy.min_refresh_interval,
             namespace_reads: ReadLimit::new(
                 self.tenancy.namespace_read_rate,

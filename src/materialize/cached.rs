@@ -309,7 +309,7 @@ mod tests {
             .insert(super::super::MISSING_SEAL_ANNOTATION.into(), signature);
         let cached = CachedSecret::new(&keys, &s);
         assert_eq!(cached.verdict, Verdict::Genuine);
-        assert_eq!(cached.key_id.as_deref(), Some(keys.current_id()));
+        assert_eq!(cached.key_id.as_deref(), Some(keys.current_id().as_str()));
         assert!(cached.managed);
         assert_eq!(
             cached.key(),

@@ -17,28 +17,38 @@
 use aws_lc_rs::hmac;
 use base64::Engine;
 use k8s_openapi::api::core::v1::Secret;
-use std::{collections::BTreeMap, fmt, sync::Arc};
+use std::{
+    collections::BTreeMap,
+    fmt,
+    sync::{Arc, RwLock},
+};
 
 pub const SIGNATURE_ANNOTATION: &str = "kvinject.io/signature";
 const VERSION_TAG: &str = "v1";
 /// Bytes of key material (HMAC-SHA256 wants at least 32).
 pub const KEY_BYTES: usize = 32;
 
-/// The signing keys: the current one signs, every one verifies (so a new key can be
-/// introduced without turning existing Secrets foreign).
+/// The signing keys: one signs, every one verifies (so a new key can be introduced without
+/// turning existing Secrets foreign). Clones share them: `replace` (the key Secret
+/// followed while running) changes what every clone signs and verifies with.
 #[derive(Clone)]
 pub struct Keys {
-    current: String,
-    keys: Arc<BTreeMap<String, hmac::Key>>,
+    set: Arc<RwLock<Arc<KeySet>>>,
+}
+
+struct KeySet {
+    signing: String,
+    keys: BTreeMap<String, hmac::Key>,
 }
 
 impl fmt::Debug for Keys {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let ids: Vec<&String> = self.keys.keys().collect();
+        let set = self.snapshot();
+        let ids: Vec<&String> = set.keys.keys().collect();
         write!(
             f,
             "Keys {{ current: {:?}, ids: {ids:?}, material: <redacted> }}",
-            self.current
+            set.signing
         )
     }
 }
@@ -50,10 +60,10 @@ impl Default for Keys {
         Keys::new("local", BTreeMap::from([("local".to_owned(), random_key())])).unwrap_or_else(|_| {
             // Unreachable: one well-formed key. Fall back to an empty set that signs nothing
             // verifiable rather than panic.
-            Keys {
-                current: String::new(),
-                keys: Arc::new(BTreeMap::new()),
-            }
+            Keys::from_set(KeySet {
+                signing: String::new(),
+                keys: BTreeMap::new(),
+            })
         })
     }
 }
@@ -77,29 +87,59 @@ pub fn random_key() -> Vec<u8> {
     bytes
 }
 
+fn key_set(signing: &str, material: BTreeMap<String, Vec<u8>>) -> Result<KeySet, KeyError> {
+    let mut keys = BTreeMap::new();
+    for (id, bytes) in material {
+        if id.is_empty() || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+            return Err(KeyError::BadId(id));
+        }
+        if bytes.len() < KEY_BYTES {
+            return Err(KeyError::TooShort { id, len: bytes.len() });
+        }
+        keys.insert(id, hmac::Key::new(hmac::HMAC_SHA256, &bytes));
+    }
+    if !keys.contains_key(signing) {
+        return Err(KeyError::NoCurrent(signing.to_owned()));
+    }
+    Ok(KeySet {
+        signing: signing.to_owned(),
+        keys,
+    })
+}
+
 impl Keys {
-    pub fn new(current: &str, material: BTreeMap<String, Vec<u8>>) -> Result<Self, KeyError> {
-        let mut keys = BTreeMap::new();
-        for (id, bytes) in material {
-            if id.is_empty() || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
-                return Err(KeyError::BadId(id));
-            }
-            if bytes.len() < KEY_BYTES {
-                return Err(KeyError::TooShort { id, len: bytes.len() });
-            }
-            keys.insert(id, hmac::Key::new(hmac::HMAC_SHA256, &bytes));
-        }
-        if !keys.contains_key(current) {
-            return Err(KeyError::NoCurrent(current.to_owned()));
-        }
-        Ok(Keys {
-            current: current.to_owned(),
-            keys: Arc::new(keys),
-        })
+    /// `material` by key id, `signing` the one that signs.
+    pub fn new(signing: &str, material: BTreeMap<String, Vec<u8>>) -> Result<Self, KeyError> {
+        Ok(Keys::from_set(key_set(signing, material)?))
     }
 
-    pub fn current_id(&self) -> &str {
-        &self.current
+    fn from_set(set: KeySet) -> Self {
+        Keys {
+            set: Arc::new(RwLock::new(Arc::new(set))),
+        }
+    }
+
+    /// Every clone signs with `signing` and verifies with `material` from now on. Invalid
+    /// input changes nothing.
+    pub fn replace(&self, signing: &str, material: BTreeMap<String, Vec<u8>>) -> Result<(), KeyError> {
+        let set = Arc::new(key_set(signing, material)?);
+        // A poisoned lock still holds a whole set (it is only ever swapped).
+        *self.set.write().unwrap_or_else(|p| p.into_inner()) = set;
+        Ok(())
+    }
+
+    fn snapshot(&self) -> Arc<KeySet> {
+        self.set.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The id of the key that signs.
+    pub fn current_id(&self) -> String {
+        self.snapshot().signing.clone()
+    }
+
+    /// The ids of every key that verifies.
+    pub fn ids(&self) -> Vec<String> {
+        self.snapshot().keys.keys().cloned().collect()
     }
 }
 
@@ -177,12 +217,13 @@ fn b64(tag: hmac::Tag) -> String {
 
 /// Signs `secret` as it is (namespace, name, reference and version annotations, type, data).
 pub fn seal(keys: &Keys, secret: &mut Secret) {
-    let Some(key) = keys.keys.get(&keys.current) else {
+    let set = keys.snapshot();
+    let Some(key) = set.keys.get(&set.signing) else {
         return;
     };
     let origin = b64(hmac::sign(key, &origin_message(secret)));
     let seal = b64(hmac::sign(key, &seal_message(secret)));
-    let value = format!("{VERSION_TAG}:{}:{origin}:{seal}", keys.current);
+    let value = format!("{VERSION_TAG}:{}:{origin}:{seal}", set.signing);
     secret
         .metadata
         .annotations
@@ -197,7 +238,8 @@ pub fn verify(keys: &Keys, secret: &Secret) -> Verdict {
     let [VERSION_TAG, id, origin, seal] = parts.as_slice() else {
         return Verdict::Foreign;
     };
-    let Some(key) = keys.keys.get(*id) else {
+    let set = keys.snapshot();
+    let Some(key) = set.keys.get(*id) else {
         return Verdict::Foreign;
     };
     let decode = |s: &str| {
@@ -238,9 +280,10 @@ fn missing_message(m: &Missing<'_>) -> Vec<u8> {
 /// past the namespace (the webhook drops its cached values of the reference, the gauge
 /// alerts): only a signed one counts.
 pub fn missing_mark(keys: &Keys, mark: &Missing<'_>) -> Option<String> {
-    let key = keys.keys.get(&keys.current)?;
+    let set = keys.snapshot();
+    let key = set.keys.get(&set.signing)?;
     let tag = b64(hmac::sign(key, &missing_message(mark)));
-    Some(format!("{VERSION_TAG}:{}:{tag}", keys.current))
+    Some(format!("{VERSION_TAG}:{}:{tag}", set.signing))
 }
 
 /// Whether `signature` is kvinject's over `mark` (constant-time comparison).
@@ -249,7 +292,8 @@ pub fn missing_mark_verifies(keys: &Keys, mark: &Missing<'_>, signature: &str) -
     let [VERSION_TAG, id, tag] = parts.as_slice() else {
         return false;
     };
-    let Some(key) = keys.keys.get(*id) else {
+    let set = keys.snapshot();
+    let Some(key) = set.keys.get(*id) else {
         return false;
     };
     let tag = base64::engine::general_purpose::URL_SAFE_NO_PAD

@@ -39,7 +39,9 @@ impl Controller {
                     foreign_now.insert(key);
                 }
                 Verdict::Edited => self.restore(secret).await,
-                Verdict::Genuine if secret.key_id.as_deref() != Some(self.inject.keys.current_id()) => {
+                Verdict::Genuine
+                    if secret.key_id.as_deref() != Some(self.inject.keys.current_id().as_str()) =>
+                {
                     self.reseal(secret).await
                 }
                 _ => {}

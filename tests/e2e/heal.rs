@@ -404,9 +404,14 @@ async fn a_secret_deleted_in_the_vault_is_reported_kept_and_recovered() {
 
     // A mark set by hand (anyone who may edit the namespace's Secrets) is no mark: no
     // warning, no gauge (which would alert on the reference for every namespace).
-    let forged = json!({"metadata": {"annotations": {"kvinject.io/missing-in-vault-since": "2026-01-01T00:00:00Z"}}});
+    let forged =
+        json!({"metadata": {"annotations": {"kvinject.io/missing-in-vault-since": "2026-01-01T00:00:00Z"}}});
     secrets
-        .patch(&secret_name, &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&forged))
+        .patch(
+            &secret_name,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&forged),
+        )
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_secs(3)).await; // the watch, and a few checks

@@ -1149,3 +1149,120 @@ async fn workloads_that_may_have_started_on_an_edited_value_roll_once_it_is_rest
         rolled
     );
 }
+
+/// The id of the key whose seal `secret` carries.
+fn sealed_with(secret: &Secret) -> Option<String> {
+    let signature = secret
+        .metadata
+        .annotations
+        .as_ref()?
+        .get("kvinject.io/signature")?;
+    signature.split(':').nth(1).map(str::to_owned)
+}
+
+/// kvinject's Secret for `reference` in `ns`, once there.
+async fn materialized(client: &Client, ns: &str, reference: &str) -> Secret {
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let found = secrets
+            .list(&kube::api::ListParams::default().labels("app.kubernetes.io/managed-by=kvinject"))
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .find(|s| {
+                s.metadata
+                    .annotations
+                    .as_ref()
+                    .and_then(|a| a.get("kvinject.io/reference"))
+                    == Some(&reference.to_owned())
+            });
+        if let Some(found) = found {
+            return found;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no Secret for {reference} in {ns}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Whether `k` admits a pod in `ns` that uses `name`, and its message, POSTed directly.
+async fn admits(k: &Kvinject, ns: &str, name: &str) -> (bool, String) {
+    let answer = support::post_review(k, &support::review(ns, &inject::reference(name))).await;
+    let message = answer["response"]["status"]["message"].to_string();
+    (answer["response"]["allowed"] == true, message)
+}
+
+/// `admits` until it does, for up to ten seconds: the last answer.
+async fn admits_eventually(k: &Kvinject, ns: &str, name: &str) -> (bool, String) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let answer = admits(k, ns, name).await;
+        if answer.0 || std::time::Instant::now() > deadline {
+            return answer;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_signing_key_rotated_in_two_phases_never_makes_one_replicas_seals_foreign_to_another() {
+    let _vault = support::VAULT.read().await;
+    let client = support::kube().await;
+    let key_secret = support::unique("signing-key");
+    let flags = [
+        "--signing-key-secret",
+        key_secret.as_str(),
+        "--signing-key-reload-interval",
+        "1s",
+    ];
+    let a = Kvinject::start(&flags).await;
+    let keys: Api<Secret> = Api::namespaced(client.clone(), "default");
+    let ns = support::namespace(&client, "keyroll", &[("kvinject.test/suite", "keyroll")]).await;
+    let _ns = scopeguard(&ns);
+    let _grant = support::grant_all(&client, &ns).await;
+    let (early, late) = (support::unique("keyroll-early"), support::unique("keyroll-late"));
+    for name in [&early, &late] {
+        support::seed_secret(name, &support::distinctive_value()).await;
+    }
+
+    // Phase 1: a second key beside the first, which still signs. Every replica reads it
+    // within an interval, with no restart.
+    let material = serde_json::to_value(k8s_openapi::ByteString(seal::random_key())).unwrap();
+    keys.patch(
+        &key_secret,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"data": {"k2": material}})),
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Phase 2: the second key signs. A replica started now signs with it at once.
+    let current = json!({"metadata": {"annotations": {"kvinject.io/current-key": "k2"}}});
+    keys.patch(&key_secret, &PatchParams::default(), &Patch::Merge(current))
+        .await
+        .unwrap();
+    let b = Kvinject::start(&flags).await;
+    let (ok, message) = admits_eventually(&b, &ns, &early).await;
+    assert!(ok, "B admits: {message}");
+    let made_by_b = materialized(&client, &ns, &inject::reference(&early)).await;
+    assert_eq!(sealed_with(&made_by_b).as_deref(), Some("k2"));
+
+    // A, running since before either phase, takes B's Secret for kvinject's own.
+    let (ok, message) = admits_eventually(&a, &ns, &early).await;
+    assert!(ok, "A hands out B's Secret: {message}");
+    // And A signs with k2 itself once every replica has had it for three intervals.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let (ok, message) = admits(&a, &ns, &late).await;
+    assert!(ok, "{message}");
+    let made_by_a = materialized(&client, &ns, &inject::reference(&late)).await;
+    assert_eq!(sealed_with(&made_by_a).as_deref(), Some("k2"));
+    assert!(
+        a.logs().contains("signing with a new key"),
+        "A switched, and said so"
+    );
+    let _ = keys.delete(&key_secret, &Default::default()).await;
+}
