@@ -55,7 +55,7 @@ pub async fn check(args: &AccessCheckArgs) -> anyhow::Result<bool> {
             Ok(true)
         }
         Err(why) => {
-            println!("denied: {why}");
+            println!("denied: {}", why.detail());
             Ok(false)
         }
     }

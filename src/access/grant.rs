@@ -171,7 +171,31 @@ pub struct Index {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NotGranted {
     /// Policies that grant the secret to the namespace, and why each did not apply.
-    pub near_misses: Vec<String>,
+    pub near_misses: Vec<NearMiss>,
+}
+
+/// A policy that covers the secret and the namespace, and why it did not apply.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NearMiss {
+    pub policy: String,
+    /// Its ServiceAccounts, when the pod's is not among them.
+    pub service_accounts: Option<Vec<String>>,
+    /// Its uses, when the pod's is not among them.
+    pub uses: Option<Vec<String>>,
+}
+
+impl NearMiss {
+    /// All of it, for the platform (`kvinject access check`).
+    fn detail(&self) -> String {
+        let mut why = Vec::new();
+        if let Some(names) = &self.service_accounts {
+            why.push(format!("only to ServiceAccounts {}", names.join(", ")));
+        }
+        if let Some(uses) = &self.uses {
+            why.push(format!("only for {}", uses.join(", ")));
+        }
+        format!("AccessPolicy {} grants it {}", self.policy, why.join(" and "))
+    }
 }
 
 impl Index {
@@ -257,22 +281,12 @@ impl Index {
     }
 }
 
-fn miss(policy: &Compiled, sa_ok: bool, use_ok: bool) -> String {
-    let mut why = Vec::new();
-    if !sa_ok {
-        let names: Vec<&str> = policy
-            .service_accounts
-            .iter()
-            .flatten()
-            .map(String::as_str)
-            .collect();
-        why.push(format!("only to ServiceAccounts {}", names.join(", ")));
+fn miss(policy: &Compiled, sa_ok: bool, use_ok: bool) -> NearMiss {
+    NearMiss {
+        policy: policy.name.clone(),
+        service_accounts: (!sa_ok).then(|| policy.service_accounts.iter().flatten().cloned().collect()),
+        uses: (!use_ok).then(|| policy.uses.iter().map(|u| u.as_str().to_owned()).collect()),
     }
-    if !use_ok {
-        let uses: Vec<&str> = policy.uses.iter().map(|u| u.as_str()).collect();
-        why.push(format!("only for {}", uses.join(", ")));
-    }
-    format!("AccessPolicy {} grants it {}", policy.name, why.join(" and "))
 }
 
 /// The ServiceAccount a pod runs as.
@@ -297,7 +311,7 @@ pub fn use_of(source: &Source) -> Use {
 #[error(
     "{reference} is not granted to ServiceAccount `{service_account}` in namespace `{namespace}`: no AccessPolicy grants it for {}{}",
     use_.as_str(),
-    hints(near_misses)
+    hints(near_misses, false)
 )]
 pub struct NotGrantedTo {
     pub reference: String,
@@ -305,7 +319,23 @@ pub struct NotGrantedTo {
     pub service_account: String,
     pub use_: Use,
     /// Policies that grant the secret to the namespace, and why each did not apply.
-    pub near_misses: Vec<String>,
+    pub near_misses: Vec<NearMiss>,
+}
+
+impl NotGrantedTo {
+    /// The denial with every policy that came close named, for the platform: the one a pod
+    /// gets names neither the policies that grant the secret to other ServiceAccounts nor
+    /// those ServiceAccounts (which would say whose pods to impersonate).
+    pub fn detail(&self) -> String {
+        format!(
+            "{} is not granted to ServiceAccount `{}` in namespace `{}`: no AccessPolicy grants it for {}{}",
+            self.reference,
+            self.service_account,
+            self.namespace,
+            self.use_.as_str(),
+            hints(&self.near_misses, true)
+        )
+    }
 }
 
 /// A pod denied: every reference nothing grants, each with the places in the pod that use
@@ -314,11 +344,26 @@ pub struct NotGrantedTo {
 #[error("{}", self.0.iter().map(|(locations, why)| format!("{locations}: {why}")).collect::<Vec<_>>().join("; "))]
 pub struct AccessDenied(pub Vec<(String, NotGrantedTo)>);
 
-fn hints(near_misses: &[String]) -> String {
-    if near_misses.is_empty() {
+fn hints(near_misses: &[NearMiss], detail: bool) -> String {
+    let mut hints: Vec<String> = Vec::new();
+    let mut others = false;
+    for miss in near_misses {
+        if detail || miss.service_accounts.is_none() {
+            hints.push(miss.detail());
+        } else {
+            others = true;
+        }
+    }
+    if others {
+        hints.push(
+            "it is granted in this namespace to other ServiceAccounts only; the platform team can see which with `kvinject access check`"
+                .to_owned(),
+        );
+    }
+    if hints.is_empty() {
         String::new()
     } else {
-        format!(" ({})", near_misses.join("; "))
+        format!(" ({})", hints.join("; "))
     }
 }
 
@@ -637,9 +682,16 @@ mod tests {
             )
             .unwrap_err();
         assert_eq!(
-            err.to_string(),
+            err.detail(),
             "akv://main/api-key is not granted to ServiceAccount `default` in namespace `team-a`: no AccessPolicy grants it \
              for env (AccessPolicy team-a-api grants it only to ServiceAccounts api)"
+        );
+        // What the pod's creator reads names neither the policy nor whose it is.
+        assert_eq!(
+            err.to_string(),
+            "akv://main/api-key is not granted to ServiceAccount `default` in namespace `team-a`: no AccessPolicy grants it \
+             for env (it is granted in this namespace to other ServiceAccounts only; the platform team can see which with \
+             `kvinject access check`)"
         );
     }
 

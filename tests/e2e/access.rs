@@ -244,9 +244,10 @@ async fn a_grant_limited_to_one_service_account_admits_only_its_pods() {
         .unwrap();
     let secret = support::unique("api-token");
     support::seed_secret(&secret, &support::distinctive_value()).await;
+    let policy_name = support::unique("api-only");
     let _policy = support::access_policy(
         &t.client,
-        &support::unique("api-only"),
+        &policy_name,
         json!({"vault": vault(), "secrets": [secret], "namespaces": {"names": [ns]}, "serviceAccounts": ["api"], "uses": ["env"]}),
     )
     .await;
@@ -264,7 +265,7 @@ async fn a_grant_limited_to_one_service_account_admits_only_its_pods() {
         .expect("ServiceAccount api is granted");
 
     // The same reference from the namespace's default ServiceAccount: denied, and the
-    // denial says which policy came close and why it did not apply.
+    // denial says that a grant exists for other ServiceAccounts.
     let denied = create(
         &t.client,
         ns,
@@ -275,8 +276,28 @@ async fn a_grant_limited_to_one_service_account_admits_only_its_pods() {
     .expect_err("ServiceAccount default is not granted");
     assert!(denied.contains("ServiceAccount `default`"), "{denied}");
     assert!(
-        denied.contains("grants it only to ServiceAccounts api"),
+        denied.contains("it is granted in this namespace to other ServiceAccounts only"),
         "{denied}"
+    );
+    // Not which ServiceAccount (whose pods to impersonate), nor the policy's name: those
+    // are for the platform, through `kvinject access check`.
+    assert!(
+        !denied.contains("ServiceAccounts api") && !denied.contains(&policy_name),
+        "{denied}"
+    );
+    let (code, out) = access_check(&[
+        "--namespace",
+        ns,
+        "--service-account",
+        "default",
+        &reference(&secret),
+    ]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains(&format!(
+            "AccessPolicy {policy_name} grants it only to ServiceAccounts api"
+        )),
+        "{out}"
     );
 
     // The same secret as a registry credential: the policy grants env only.
