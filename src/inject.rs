@@ -143,6 +143,10 @@ pub enum Denied {
     )]
     ScopeUnknown { namespace: String, detail: String },
     #[error(
+        "Secret {namespace}/{name}, which the pod names itself, was being deleted as unused while the pod was admitted; retry: a pod with the akv:// reference gets it made again"
+    )]
+    Collected { namespace: String, name: String },
+    #[error(
         "Secret {namespace}/{name} is kvinject's, but it was made for another reference or identity than {reference} for this pod; kvinject will not hand it out. Delete it: the next pod gets a fresh one"
     )]
     Mismatch {
@@ -531,7 +535,7 @@ impl Injector {
         // Whether the memo may keep this decision: what it read came from the watch caches
         // alone. Looked up again after deciding: a cache that learned of an object since
         // then has also moved `changes`, so such a decision is not kept anyway.
-        let from_caches = (missing.is_empty()
+        let mut from_caches = (missing.is_empty()
             && all_cached
             && !asked_apiserver
             && self.namespaces.as_ref().is_none_or(|n| n.knows(namespace))
@@ -540,11 +544,48 @@ impl Injector {
                 .as_ref()
                 .is_none_or(|i| i.knows(namespace, grant::service_account_of(pod))))
         .then(|| u64::try_from(plan.needed.len()).unwrap_or(u64::MAX));
+        // kvinject's Secrets the pod names itself (allowed above) are used as much as the
+        // plan's: the pod is labelled as one kvinject admitted, so the controller counts them,
+        // and a garbage-collection mark on one is cleared as for the plan's own.
+        let named_ours: Vec<&CachedSecret> = found
+            .values()
+            .filter_map(|f| match f {
+                direct::Found::Ours(s) => Some(s),
+                _ => None,
+            })
+            .collect();
+        if !dry_run {
+            for s in &named_ours {
+                if s.annotation(crate::rotation::decide::UNREFERENCED_ANNOTATION)
+                    .is_some()
+                    && !self
+                        .writer
+                        .unmark(namespace, &s.name, &s.resource_version)
+                        .await?
+                {
+                    return Err(Denied::Collected {
+                        namespace: namespace.to_owned(),
+                        name: s.name.clone(),
+                    });
+                }
+            }
+        }
+        // A decision that wrote is not one the memo may repeat.
+        if named_ours.iter().any(|s| {
+            s.annotation(crate::rotation::decide::UNREFERENCED_ANNOTATION)
+                .is_some()
+        }) {
+            from_caches = None;
+        }
+        let patch = match review {
+            Review::Create if !named_ours.is_empty() => mutate::labelled_injected(pod, plan.patch),
+            _ => plan.patch,
+        };
         if !dry_run {
             futures::future::try_join_all(missing.into_iter().map(|s| self.create(namespace, s))).await?;
         }
         Ok(Admitted {
-            patch: plan.patch,
+            patch,
             warnings,
             from_caches,
         })

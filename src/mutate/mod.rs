@@ -210,6 +210,24 @@ pub fn carries_references(pod: &Pod) -> bool {
             .any(|v| v.csi.as_ref().is_some_and(|c| c.driver == VOLUME_DRIVER))
 }
 
+/// `patch` with the pod also labelled as one kvinject admitted (`INJECTED_LABEL`): a pod
+/// that names kvinject's Secrets itself uses them as much as one whose references were
+/// rewritten, and the rotation controller (which watches labelled pods) must see it, or it
+/// would collect a Secret the pod still needs.
+pub fn labelled_injected(pod: &Pod, patch: Option<Patch>) -> Option<Patch> {
+    let labels = pod.metadata.labels.as_ref();
+    let mut ops = patch.map(|p| p.0).unwrap_or_default();
+    let adds_label = ops.iter().any(|op| match op {
+        json_patch::PatchOperation::Add(a) => a.path.to_string().ends_with("/kvinject.io~1injected"),
+        _ => false,
+    });
+    if labels.and_then(|l| l.get(INJECTED_LABEL)).map(String::as_str) != Some("true") && !adds_label {
+        patch::ensure_map(&mut ops, &["metadata", "labels"], labels.is_some());
+        ops.push(patch::add(&["metadata", "labels", INJECTED_LABEL], "true".into()));
+    }
+    (!ops.is_empty()).then_some(Patch(ops))
+}
+
 /// The pod a `pods/ephemeralcontainers` update makes: the stored pod with only the sent
 /// pod's ephemeral containers. The apiserver drops every other change the update carries
 /// after admission, so only these are the caller's to choose.
@@ -630,6 +648,29 @@ mod tests {
             version: None,
             field: None,
         })
+    }
+
+    #[test]
+    fn a_pod_naming_kvinjects_secrets_itself_is_labelled_once() {
+        let bare = pod(json!({"metadata": {"name": "a"}, "spec": {"containers": [{"name": "c"}]}}));
+        let labelled = apply(
+            &bare,
+            &Plan {
+                patch: labelled_injected(&bare, None),
+                ..Default::default()
+            },
+        );
+        assert_eq!(labelled["metadata"]["labels"][INJECTED_LABEL], "true");
+        // Already labelled, or labelled by the plan's own patch: nothing more.
+        let already = pod(json!({"metadata": {"name": "a", "labels": {INJECTED_LABEL: "true"}}}));
+        assert_eq!(labelled_injected(&already, None), None);
+        let with_refs = pod(json!({
+            "metadata": {"name": "a"},
+            "spec": {"containers": [{"name": "c", "env": [{"name": "X", "value": "akv://main/db"}]}]}
+        }));
+        let plan = plan(&with_refs, &config()).unwrap();
+        let ops = plan.patch.clone().unwrap().0.len();
+        assert_eq!(labelled_injected(&with_refs, plan.patch).unwrap().0.len(), ops);
     }
 
     #[test]

@@ -1266,3 +1266,93 @@ async fn a_signing_key_rotated_in_two_phases_never_makes_one_replicas_seals_fore
     );
     let _ = keys.delete(&key_secret, &Default::default()).await;
 }
+
+#[tokio::test]
+async fn a_pod_naming_kvinjects_secret_itself_keeps_it_from_collection() {
+    let _vault = support::VAULT.read().await;
+    // No controller: what it goes by is observed (the label its pod watch selects, the
+    // mark it deletes on).
+    let t = tenant("named-use", &[]).await;
+    let name = format!("{}-pub-named", t.run);
+    support::seed_secret(&name, &support::distinctive_value()).await;
+    let first = pod("first", &[("X", &inject::reference(&name))], json!({}));
+    support::eventually(
+        Duration::from_secs(10),
+        "kvinject to load the policies",
+        || async { create(&t, &first, true).await.is_ok() },
+    )
+    .await;
+    let secret = inject::secret_key_ref(&create(&t, &first, false).await.unwrap(), "X").unwrap();
+    let secrets: Api<Secret> = Api::namespaced(t.client.clone(), &t.ns);
+    // Marked unreferenced (the reference's pod gone), then a pod that names it itself, as a
+    // copied spec does.
+    let mark =
+        json!({"metadata": {"annotations": {"kvinject.io/unreferenced-since": "2020-01-01T00:00:00Z"}}});
+    let seen = secrets
+        .patch(&secret, &PatchParams::default(), &Patch::Merge(&mark))
+        .await
+        .unwrap()
+        .metadata
+        .resource_version
+        .unwrap();
+    let copy = |n: &str| {
+        raw_pod(
+            n,
+            json!({"env": [{"name": "X", "valueFrom": {"secretKeyRef": {"name": secret, "key": "value"}}}]}),
+            json!({}),
+            json!({}),
+        )
+    };
+    let mut stored = None;
+    for i in 0..50 {
+        let p = create(&t, &copy(&format!("copy-{i}")), false).await.unwrap();
+        let cleared = !secrets
+            .get(&secret)
+            .await
+            .unwrap()
+            .metadata
+            .annotations
+            .unwrap_or_default()
+            .contains_key("kvinject.io/unreferenced-since");
+        if cleared {
+            stored = Some(p);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let stored = stored.expect("a pod naming the marked Secret clears the mark");
+    assert_eq!(
+        stored
+            .metadata
+            .labels
+            .unwrap_or_default()
+            .get("kvinject.io/injected")
+            .map(String::as_str),
+        Some("true"),
+        "the controller's pod watch sees the pod"
+    );
+    // The collector's delete, conditional on what it saw: refused.
+    let params = kube::api::DeleteParams {
+        preconditions: Some(kube::api::Preconditions {
+            resource_version: Some(seen),
+            uid: None,
+        }),
+        ..Default::default()
+    };
+    let refused = secrets.delete(&secret, &params).await;
+    assert!(
+        matches!(refused, Err(kube::Error::Api(ref s)) if s.code == 409),
+        "{refused:?}"
+    );
+    // A dry run writes nothing.
+    let seen = secrets
+        .patch(&secret, &PatchParams::default(), &Patch::Merge(&mark))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    create(&t, &copy("dry"), true).await.unwrap();
+    assert_eq!(
+        secrets.get(&secret).await.unwrap().metadata.resource_version,
+        seen.metadata.resource_version
+    );
+}
