@@ -180,7 +180,11 @@ impl Controller {
             if only.is_some_and(|o| o != ns) {
                 return;
             }
-            let identity = self.template_identity(ns, template);
+            // A ServiceAccount whose identity cannot be told: its pods are denied, so its
+            // template needs nothing (and is never a reason to read as kvinject).
+            let Ok(identity) = self.template_identity(ns, template) else {
+                return;
+            };
             let annotations = self.namespace_annotations(ns);
             if let Some(plan) = decide::workload_plan(template, &self.inject, identity.as_ref(), &annotations)
             {

@@ -37,9 +37,10 @@ impl Controller {
     }
 
     /// Whether the controller may write the Secret `needed` in namespace `ns` (`None`) or
-    /// why not. A Secret read as a workload identity needs a grant to that identity's
-    /// ServiceAccount; one read as kvinject needs a grant to the ServiceAccount of a pod
-    /// that uses it, or, when no pod does, to some ServiceAccount of the namespace.
+    /// why not. Every pod that uses it must run as a ServiceAccount that reads as the
+    /// Secret's identity and is granted the reference; a Secret read as a workload identity
+    /// also needs a grant to that identity's ServiceAccount, and one read as kvinject that no
+    /// pod uses, a grant to some ServiceAccount of the namespace.
     pub(super) fn hold(&self, ns: &str, needed: &Needed) -> Option<Hold> {
         let namespace = self.caches.namespaces.get(&ObjectRef::new(ns));
         let labels = namespace
@@ -51,6 +52,27 @@ impl Controller {
         {
             return Some(Hold::Wait(
                 "kvinject does not act for the namespace (not selected by its namespace selector, or excluded)",
+            ));
+        }
+        // Every pod that uses it reads as the identity it was read with: a ServiceAccount
+        // moved off kvinject's identity (or onto another client id) since is not written for.
+        let pods = self.caches.pods.state();
+        let users: Vec<_> = pods
+            .iter()
+            .filter(|p| p.namespace == ns && p.uses(&needed.secret_name))
+            .collect();
+        let reads_as_needed = |service_account: &str| {
+            self.identity_of(ns, service_account).ok().as_ref() == Some(&needed.identity)
+        };
+        let same_identity = users.iter().all(|p| reads_as_needed(&p.service_account))
+            && needed
+                .identity
+                .as_ref()
+                .is_none_or(|i| reads_as_needed(&i.service_account));
+        if !same_identity {
+            return Some(Hold::Refuse(
+                "a ServiceAccount whose pods use it no longer reads Key Vault as the identity it was read with"
+                    .to_owned(),
             ));
         }
         let Some(policies) = &self.access else {
@@ -68,23 +90,18 @@ impl Controller {
             };
             index.check(&subject, reference, use_).is_ok()
         };
-        let ok = match &needed.identity {
-            Some(identity) => granted(&identity.service_account),
-            None => {
-                let pods = self.caches.pods.state();
-                let mut users = pods
-                    .iter()
-                    .filter(|p| p.namespace == ns && p.uses(&needed.secret_name))
-                    .peekable();
-                match users.peek() {
-                    Some(_) => users.any(|p| granted(&p.service_account)),
-                    None => index.grants_namespace(ns, &labels, reference, use_),
-                }
-            }
-        };
+        // Each ServiceAccount whose pods use it is granted it: one that lost its grant keeps
+        // what it has, and gets nothing new.
+        let users_granted = users.iter().all(|p| granted(&p.service_account));
+        let ok = users_granted
+            && match &needed.identity {
+                Some(identity) => granted(&identity.service_account),
+                None if users.is_empty() => index.grants_namespace(ns, &labels, reference, use_),
+                None => true,
+            };
         (!ok).then(|| {
             Hold::Refuse(format!(
-                "no AccessPolicy grants {reference} for {} to the ServiceAccount whose pods use it",
+                "no AccessPolicy grants {reference} for {} to every ServiceAccount whose pods use it",
                 use_.as_str()
             ))
         })

@@ -16,7 +16,7 @@ use crate::{
 use k8s_openapi::api::core::v1::Secret;
 use kube::{Api, api::PostParams, runtime::events::EventType};
 use std::{collections::BTreeSet, sync::Arc};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 impl Controller {
     /// Reports foreign Secrets once, restores edited ones, and re-seals old-key ones.
@@ -56,6 +56,11 @@ impl Controller {
             return;
         };
         let reference = needed.source.reference();
+        // Not even read for a Secret the controller would not write.
+        if let Some(hold) = self.hold(&secret.namespace, &needed) {
+            debug!(secret = %secret.name, namespace = %secret.namespace, ?hold, "not restored");
+            return;
+        }
         // Editing a value by hand again and again must not spend the vault's budget.
         if !self.reads.take(&secret.namespace) {
             warn!(secret = %secret.name, namespace = %secret.namespace, "restore deferred: the namespace's Key Vault read budget is spent (--namespace-read-rate); retrying next sweep");

@@ -471,17 +471,26 @@ impl Controller {
         &self,
         ns: &str,
         template: &PodTemplateSpec,
-    ) -> Option<crate::identity::WorkloadIdentity> {
+    ) -> Result<Option<crate::identity::WorkloadIdentity>, crate::identity::IdentityError> {
         let sa = template
             .spec
             .as_ref()
             .and_then(|s| s.service_account_name.as_deref())
             .filter(|s| !s.is_empty());
-        self.identities
-            .as_ref()?
-            .cached(ns, sa.unwrap_or(crate::access::grant::DEFAULT_SERVICE_ACCOUNT))
-            .ok()
-            .flatten()
+        self.identity_of(ns, sa.unwrap_or(crate::access::grant::DEFAULT_SERVICE_ACCOUNT))
+    }
+
+    /// The identity pods of ServiceAccount `ns/sa` read Key Vault as, from the cache: an
+    /// error is never taken for kvinject's own.
+    pub(super) fn identity_of(
+        &self,
+        ns: &str,
+        sa: &str,
+    ) -> Result<Option<crate::identity::WorkloadIdentity>, crate::identity::IdentityError> {
+        match &self.identities {
+            Some(identities) => identities.cached(ns, sa),
+            None => Ok(None),
+        }
     }
 
     /// Follows grants: a Secret that no AccessPolicy grants any more is left alone by

@@ -97,7 +97,10 @@ impl Controller {
     {
         let Some((template, selector)) = spec else { return };
         let ns = workload.meta().namespace.clone().unwrap_or_default();
-        let identity = self.template_identity(&ns, template);
+        // A ServiceAccount whose identity cannot be told: its pods are denied, nothing to follow.
+        let Ok(identity) = self.template_identity(&ns, template) else {
+            return;
+        };
         let Some(plan) = decide::workload_plan(
             template,
             &self.inject,

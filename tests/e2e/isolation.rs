@@ -765,6 +765,56 @@ async fn the_controller_writes_only_where_admission_would() {
     )
     .await;
 
+    // 1b. Pods of two ServiceAccounts use it, and one loses its grant: the other's grant is
+    // no reason to write a value the first would read at its next start.
+    let to_both = json!({"spec": {"serviceAccounts": ["payment", "billing"]}});
+    policies
+        .patch(&pay, &PatchParams::default(), &Patch::Merge(&to_both))
+        .await
+        .unwrap();
+    let sa: ServiceAccount = serde_json::from_value(json!({"metadata": {"name": "billing"}})).unwrap();
+    Api::<ServiceAccount>::namespaced(t.client.clone(), &t.ns)
+        .create(&PostParams::default(), &sa)
+        .await
+        .unwrap();
+    let billing = as_sa(
+        pod("billing", &[("KEY", &inject::reference(&vault_name))], json!({})),
+        "billing",
+    );
+    support::eventually(Duration::from_secs(10), "billing granted", || async {
+        create(&t, &billing, true).await.is_ok()
+    })
+    .await;
+    let stored = create(&t, &billing, false).await.unwrap();
+    assert_eq!(
+        inject::secret_key_ref(&stored, "KEY").as_deref(),
+        Some(secret.as_str())
+    );
+    policies
+        .patch(&pay, &PatchParams::default(), &Patch::Merge(&to("payment")))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let third = support::seed_secret(&vault_name, &support::distinctive_value()).await;
+    keeps_version(
+        &secrets,
+        &secret,
+        &newer,
+        "refreshed while a ServiceAccount whose pod uses it lost its grant",
+    )
+    .await;
+    Api::<Pod>::namespaced(t.client.clone(), &t.ns)
+        .delete("billing", &kube::api::DeleteParams::default().grace_period(0))
+        .await
+        .unwrap();
+    support::eventually(
+        Duration::from_secs(20),
+        "the refresh once only granted pods use it",
+        || async { crate::rotation::version(&secrets.get(&secret).await.unwrap()) == third },
+    )
+    .await;
+    let newer = third;
+
     // 2. The namespace leaves kvinject's scope (its opt-in label removed): nothing is
     // written there any more, nor brought back when deleted.
     let namespaces: Api<Namespace> = Api::all(t.client.clone());
