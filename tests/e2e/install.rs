@@ -752,7 +752,7 @@ async fn the_apiserver_accepts_the_manifests_and_kvinject_works_on_the_charts_pe
         .await;
     let message = format!("{refused:?}");
     assert!(
-        message.contains("may change only kvinject.io/ annotations"),
+        message.contains("may change only the annotations its rollouts write"),
         "an image change as kvinject's ServiceAccount: {message}"
     );
     // Tokens: kvinject's ServiceAccount may mint ServiceAccount tokens for Entra ID's
@@ -802,11 +802,11 @@ async fn the_apiserver_accepts_the_manifests_and_kvinject_works_on_the_charts_pe
         .await
         .expect("a token for Entra ID's audience");
 
-    let own = json!({"metadata": {"annotations": {"kvinject.io/probe": "ok"}}});
+    let own = json!({"metadata": {"annotations": {"kvinject.io/rollout-halted": "probe"}}});
     as_kvinject_deployments
         .patch("restart", &PatchParams::default(), &Patch::Merge(&own))
         .await
-        .expect("a kvinject.io/ annotation is kvinject's to change");
+        .expect("an annotation its rollouts write is kvinject's to change");
 }
 
 /// Waits until the apiserver has type-checked the ValidatingAdmissionPolicy `policy`.
@@ -928,6 +928,20 @@ async fn the_charts_policies_fence_kvinjects_own_permissions() {
         message.contains("carry kvinject.io/reference and kvinject.io/signature"),
         "{message}"
     );
+    let mut app_named = labelled("Opaque", ours.clone());
+    app_named.metadata.name = Some(support::unique("app-config"));
+    let message = refusal(in_opted.create(&pp, &app_named).await);
+    assert!(message.contains("only Secrets named kvi-"), "{message}");
+    let message = refusal(
+        Api::<Secret>::namespaced(as_kvinject.clone(), &outside)
+            .create(&pp, &labelled("Opaque", ours.clone()))
+            .await,
+    );
+    assert!(
+        message
+            .contains("create and change Secrets only in namespaces labelled kvinject.io/injection=enabled"),
+        "a namespace that did not opt in: {message}"
+    );
     in_opted
         .create(&pp, &labelled("Opaque", ours.clone()))
         .await
@@ -1003,6 +1017,15 @@ async fn the_charts_policies_fence_kvinjects_own_permissions() {
             "finalizers",
             json!({"metadata": {"finalizers": ["example.com/hold"]}}),
         ),
+        // kvinject.io/ annotations it does not write: what the template's pods get.
+        (
+            "a template's image-pull-secrets",
+            json!({"spec": {"template": {"metadata": {"annotations": {"kvinject.io/image-pull-secrets": "akv://main/x"}}}}}),
+        ),
+        (
+            "another kvinject.io/ annotation",
+            json!({"metadata": {"annotations": {"kvinject.io/rollout-strategy": "evict"}}}),
+        ),
     ] {
         let message = refusal(
             as_kvinject_deployments
@@ -1010,7 +1033,7 @@ async fn the_charts_policies_fence_kvinjects_own_permissions() {
                 .await,
         );
         assert!(
-            message.contains("may change only kvinject.io/ annotations"),
+            message.contains("may change only the annotations its rollouts write"),
             "{what}: {message}"
         );
     }
@@ -1018,10 +1041,13 @@ async fn the_charts_policies_fence_kvinjects_own_permissions() {
         .patch(
             "fenced",
             &PatchParams::default(),
-            &Patch::Merge(&json!({"metadata": {"annotations": {"kvinject.io/probe": "ok"}}})),
+            &Patch::Merge(&json!({
+                "metadata": {"annotations": {"kvinject.io/secret-versions": "x", "kvinject.io/secret-names": "y"}},
+                "spec": {"template": {"metadata": {"annotations": {"kvinject.io/secret-versions": "x"}}}}
+            })),
         )
         .await
-        .expect("a kvinject.io/ annotation");
+        .expect("the annotations a rollout writes");
 
     // Tokens only in namespaces that opted in.
     let sa: ServiceAccount = serde_json::from_value(json!({"metadata": {"name": "wi"}})).unwrap();
