@@ -495,7 +495,13 @@ impl ServeArgs {
                 self.tenancy.signing_key_namespace.clone(),
                 self.tenancy.signing_key_secret.clone(),
             ),
-            signing_key_reload: self.tenancy.signing_key_reload_interval,
+            signing_key_reload: {
+                let reload = self.tenancy.signing_key_reload_interval;
+                if reload.is_zero() || reload > Duration::from_secs(3600) {
+                    bail!("--signing-key-reload-interval must be above 0 and at most 1h (got {reload:?})");
+                }
+                reload
+            },
             min_refresh_interval: self.tenancy.min_refresh_interval,
             namespace_reads: ReadLimit::new(
                 self.tenancy.namespace_read_rate,
@@ -804,6 +810,21 @@ mod tests {
             all.extend_from_slice(args);
             let err = format!("{:#}", serve(&all).unwrap_err());
             assert!(err.contains(want), "{args:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn the_signing_key_reload_interval_is_bounded() {
+        assert_eq!(serve(&[]).unwrap().signing_key_reload, Duration::from_secs(30));
+        for bad in ["0s", "2h"] {
+            let err = format!(
+                "{:#}",
+                serve(&["--signing-key-reload-interval", bad]).unwrap_err()
+            );
+            assert!(
+                err.contains("--signing-key-reload-interval must be above 0 and at most 1h"),
+                "{err}"
+            );
         }
     }
 

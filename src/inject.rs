@@ -608,7 +608,11 @@ impl Injector {
             }
             let object = ObjectRef::<CachedSecret>::new(named.name).within(namespace);
             let f = match self.store.get(&object).filter(|s| s.managed) {
-                Some(secret) => direct::Found::Ours((*secret).clone()),
+                Some(secret) => {
+                    let mut secret = (*secret).clone();
+                    secret.verdict = secret.verdict_with(&self.config.keys);
+                    direct::Found::Ours(secret)
+                }
                 None if !direct::is_kvinject_name(named.name) => direct::Found::Theirs,
                 None => {
                     asked = true;
@@ -746,7 +750,7 @@ impl Injector {
     fn materialized(&self, key: &(String, String), needed: &Needed) -> Result<Option<Found>, Denied> {
         let object = ObjectRef::<CachedSecret>::new(&key.1).within(&key.0);
         if let Some(secret) = self.store.get(&object).filter(|s| s.managed) {
-            let verdict = secret.verdict;
+            let verdict = secret.verdict_with(&self.config.keys);
             if verdict == Verdict::Foreign {
                 return Err(Denied::Foreign {
                     namespace: key.0.clone(),

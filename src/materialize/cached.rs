@@ -98,6 +98,15 @@ impl CachedSecret {
         }
     }
 
+    /// Its verdict under `keys` as they are now: a seal by a key since removed is no seal.
+    pub fn verdict_with(&self, keys: &seal::Keys) -> Verdict {
+        match (&self.verdict, &self.key_id) {
+            (Verdict::Foreign, _) => Verdict::Foreign,
+            (verdict, Some(id)) if keys.knows(id) => *verdict,
+            _ => Verdict::Foreign,
+        }
+    }
+
     /// One of its `kvinject.io/` annotations.
     pub fn annotation(&self, name: &str) -> Option<&str> {
         self.annotations

@@ -34,11 +34,14 @@ pub const KEY_BYTES: usize = 32;
 #[derive(Clone)]
 pub struct Keys {
     set: Arc<RwLock<Arc<KeySet>>>,
+    generation: Arc<std::sync::atomic::AtomicU64>,
 }
 
 struct KeySet {
     signing: String,
     keys: BTreeMap<String, hmac::Key>,
+    /// Of the ids and material: tells a change of what verifies from a change of signer.
+    digest: [u8; 32],
 }
 
 impl fmt::Debug for Keys {
@@ -63,6 +66,7 @@ impl Default for Keys {
             Keys::from_set(KeySet {
                 signing: String::new(),
                 keys: BTreeMap::new(),
+                digest: [0; 32],
             })
         })
     }
@@ -89,6 +93,15 @@ pub fn random_key() -> Vec<u8> {
 
 fn key_set(signing: &str, material: BTreeMap<String, Vec<u8>>) -> Result<KeySet, KeyError> {
     let mut keys = BTreeMap::new();
+    let mut digest = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+    for (id, bytes) in &material {
+        for part in [id.as_bytes(), bytes.as_slice()] {
+            digest.update(&(part.len() as u64).to_be_bytes());
+            digest.update(part);
+        }
+    }
+    let mut digest_bytes = [0u8; 32];
+    digest_bytes.copy_from_slice(digest.finish().as_ref());
     for (id, bytes) in material {
         if id.is_empty() || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
             return Err(KeyError::BadId(id));
@@ -104,6 +117,7 @@ fn key_set(signing: &str, material: BTreeMap<String, Vec<u8>>) -> Result<KeySet,
     Ok(KeySet {
         signing: signing.to_owned(),
         keys,
+        digest: digest_bytes,
     })
 }
 
@@ -116,6 +130,7 @@ impl Keys {
     fn from_set(set: KeySet) -> Self {
         Keys {
             set: Arc::new(RwLock::new(Arc::new(set))),
+            generation: Default::default(),
         }
     }
 
@@ -124,7 +139,13 @@ impl Keys {
     pub fn replace(&self, signing: &str, material: BTreeMap<String, Vec<u8>>) -> Result<(), KeyError> {
         let set = Arc::new(key_set(signing, material)?);
         // A poisoned lock still holds a whole set (it is only ever swapped).
-        *self.set.write().unwrap_or_else(|p| p.into_inner()) = set;
+        let mut current = self.set.write().unwrap_or_else(|p| p.into_inner());
+        let verifies_otherwise = current.digest != set.digest;
+        *current = set;
+        drop(current);
+        if verifies_otherwise {
+            self.generation.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        }
         Ok(())
     }
 
@@ -140,6 +161,18 @@ impl Keys {
     /// The ids of every key that verifies.
     pub fn ids(&self) -> Vec<String> {
         self.snapshot().keys.keys().cloned().collect()
+    }
+
+    /// Whether key `id` verifies now (a verdict reached under a key since removed does not
+    /// stand).
+    pub fn knows(&self, id: &str) -> bool {
+        self.snapshot().keys.contains_key(id)
+    }
+
+    /// Counts the changes of the keys that verify: a cache whose verdicts were reached
+    /// under other keys reads its objects again when it moves.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Acquire)
     }
 }
 

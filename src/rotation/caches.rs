@@ -118,8 +118,11 @@ pub(super) fn map_event<K, T>(event: watcher::Event<K>, f: impl Fn(K) -> T) -> w
 }
 
 /// kvinject's own Secrets (by its label), each kept as a `CachedSecret`: its seal checked
-/// with `keys` once per change, its value never held. Returns the cache and the watch's
-/// events (as kept), which the caller drives.
+/// with `keys` once per change, its value never held. When the keys that verify change
+/// (`Keys::generation`, a key added or removed while serving), the watch starts again, so
+/// every Secret is checked again under the new keys: a key added late makes its Secrets
+/// genuine, one removed makes them foreign (`CachedSecret::verdict_with` covers the moment
+/// in between). Returns the cache and the watch's events (as kept), which the caller drives.
 pub fn reflect_secrets(
     client: &Client,
     keys: materialize::seal::Keys,
@@ -129,10 +132,27 @@ pub fn reflect_secrets(
 ) {
     let (store, writer) = reflector::store();
     let api = Api::<Secret>::all(client.clone());
-    let events = watcher(api, watcher::Config::default().labels(materialize::SELECTOR))
-        .map(move |e| e.map(|e| map_event(e, |s| CachedSecret::new(&keys, &s))));
+    let events = futures::stream::repeat(()).flat_map(move |()| {
+        let (generation, verify, current) = (keys.generation(), keys.clone(), keys.clone());
+        let watch = watcher(
+            api.clone(),
+            watcher::Config::default().labels(materialize::SELECTOR),
+        )
+        .map(move |e| Some(e.map(|e| map_event(e, |s| CachedSecret::new(&verify, &s)))));
+        // A tick a second, so a change of keys is seen while no Secret changes.
+        let ticks = futures::stream::unfold((), |()| async {
+            tokio::time::sleep(KEY_CHECK_EVERY).await;
+            Some((None, ()))
+        });
+        futures::stream::select(watch, ticks)
+            .take_while(move |_| std::future::ready(current.generation() == generation))
+            .filter_map(std::future::ready)
+    });
     (store, reflector::reflector(writer, events))
 }
+
+/// How often the Secret watch looks whether the signing keys changed.
+const KEY_CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// `reflect_with` for every object of the API, counting each change in `changes` once the
 /// cache holds it (the webhook decides from these caches: `generation`).

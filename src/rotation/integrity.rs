@@ -25,7 +25,7 @@ impl Controller {
     pub(super) async fn guard_integrity(&mut self, secrets: &[Arc<CachedSecret>]) {
         let mut foreign_now = BTreeSet::new();
         for secret in secrets.iter().filter(|s| s.managed) {
-            match secret.verdict {
+            match secret.verdict_with(&self.inject.keys) {
                 Verdict::Foreign => {
                     let key = secret.key();
                     if !self.foreign.contains(&key) {

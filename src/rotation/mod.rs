@@ -128,6 +128,9 @@ pub struct Controller {
     restarts: std::sync::atomic::AtomicUsize,
     /// Namespaces with a rollout that waited for its turn: reconciled at the next sweep.
     deferred: std::sync::Mutex<BTreeSet<String>>,
+    /// The Secrets this sweep wrote, at the resourceVersion each write returned: rollouts
+    /// wait for the cache to hold them, so versions written together roll a workload once.
+    written: std::sync::Mutex<Vec<(String, String, String)>>,
     leading: Option<watch::Receiver<bool>>,
     /// `None` with `--access-policy off`.
     access: Option<Policies>,
@@ -187,6 +190,7 @@ impl Controller {
             evicting: Default::default(),
             restarts: Default::default(),
             deferred: Default::default(),
+            written: Default::default(),
             leading: None,
             access: None,
             revoked: BTreeSet::new(),

@@ -22,7 +22,7 @@ impl Controller {
         let all = self.caches.secrets.state();
         let secrets: Vec<Arc<CachedSecret>> = all
             .iter()
-            .filter(|s| s.managed && s.verdict != Verdict::Foreign)
+            .filter(|s| s.managed && s.verdict_with(&self.inject.keys) != Verdict::Foreign)
             .cloned()
             .collect();
         // A Secret whose grant was revoked is never read for again.
@@ -138,6 +138,7 @@ impl Controller {
         if let Ok(mut deferred) = self.deferred.lock() {
             dirty.append(&mut deferred);
         }
+        self.await_written().await;
         self.reconcile_workloads(if full { None } else { Some(&dirty) })
             .await;
         if let Some(references) = &references {

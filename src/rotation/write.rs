@@ -25,7 +25,38 @@ pub(super) enum Written {
     Failed,
 }
 
+/// How long rollouts wait for the cache to show the values a sweep wrote.
+const WRITTEN_VISIBLE_WITHIN: Duration = Duration::from_secs(5);
+
 impl Controller {
+    /// Waits (up to `WRITTEN_VISIBLE_WITHIN`) until the Secret cache holds every write this
+    /// sweep made: rollouts compare the versions the cache shows, and one that saw only the
+    /// first of two values rotated together would roll the workload twice.
+    pub(super) async fn await_written(&self) {
+        let written = match self.written.lock() {
+            Ok(mut w) => std::mem::take(&mut *w),
+            Err(_) => return,
+        };
+        if written.is_empty() {
+            return;
+        }
+        let deadline = Instant::now() + WRITTEN_VISIBLE_WITHIN;
+        let visible = |(ns, name, rv): &(String, String, String)| {
+            let object = kube::runtime::reflector::ObjectRef::<CachedSecret>::new(name).within(ns);
+            // The write itself, or anything after it: the Secret changed again (resource
+            // versions are opaque, but etcd's are numbers: a larger one is later), or is gone.
+            self.caches.secrets.get(&object).is_none_or(|s| {
+                s.resource_version == *rv || s.resource_version.parse::<u64>().ok() > rv.parse().ok()
+            })
+        };
+        while !written.iter().all(visible) {
+            if Instant::now() >= deadline {
+                debug!("the Secret cache has not shown every write yet; rolling on what it shows");
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
     /// Records the result of reading `reference` (one Key Vault call) and updates the
     /// Secrets that follow it; returns the namespaces where a Secret changed, and whether
     /// the vault itself could not be used.
@@ -224,7 +255,14 @@ impl Controller {
             }
             updated.metadata.managed_fields = None;
             match api.replace(name, &params, &updated).await {
-                Ok(_) => return Written::Yes,
+                Ok(stored) => {
+                    if let (Some(rv), Ok(mut written)) =
+                        (stored.metadata.resource_version, self.written.lock())
+                    {
+                        written.push((ns.clone(), name.clone(), rv));
+                    }
+                    return Written::Yes;
+                }
                 Err(kube::Error::Api(status)) if status.code == 409 && attempt < CONFLICT_TRIES => {
                     debug!(secret = %name, namespace = %ns, attempt, "conflict; writing again on the current Secret");
                 }

@@ -1274,10 +1274,18 @@ async fn a_signing_key_rotated_in_two_phases_never_makes_one_replicas_seals_fore
     let ns = support::namespace(&client, "keyroll", &[("kvinject.test/suite", "keyroll")]).await;
     let _ns = scopeguard(&ns);
     let _grant = support::grant_all(&client, &ns).await;
-    let (early, late) = (support::unique("keyroll-early"), support::unique("keyroll-late"));
-    for name in [&early, &late] {
+    let (old, early, late) = (
+        support::unique("keyroll-old"),
+        support::unique("keyroll-early"),
+        support::unique("keyroll-late"),
+    );
+    for name in [&old, &early, &late] {
         support::seed_secret(name, &support::distinctive_value()).await;
     }
+    // Sealed with the first key.
+    let (ok, message) = admits_eventually(&a, &ns, &old).await;
+    assert!(ok, "{message}");
+    let first_key = sealed_with(&materialized(&client, &ns, &inject::reference(&old)).await).unwrap();
 
     // Phase 1: a second key beside the first, which still signs. Every replica reads it
     // within an interval, with no restart.
@@ -1314,6 +1322,22 @@ async fn a_signing_key_rotated_in_two_phases_never_makes_one_replicas_seals_fore
         a.logs().contains("signing with a new key"),
         "A switched, and said so"
     );
+
+    // The first key removed (retired, or compromised): what it sealed is no longer
+    // kvinject's on any replica, without a restart; what k2 sealed still is.
+    let retire = json!({"data": {first_key.clone(): null}});
+    keys.patch(&key_secret, &PatchParams::default(), &Patch::Merge(retire))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for k in [&a, &b] {
+        let (ok, message) = admits(k, &ns, &old).await;
+        assert!(
+            !ok && message.contains("was not created by kvinject"),
+            "{message}"
+        );
+        assert!(admits(k, &ns, &early).await.0);
+    }
     let _ = keys.delete(&key_secret, &Default::default()).await;
 }
 
