@@ -492,7 +492,15 @@ impl Injector {
         }
         // kvinject's Secrets reach a pod only where its plan puts them, whatever the pod
         // names itself (opted out with kvinject.io/inject: "false" included).
-        let (found, asked_apiserver) = self.find_named(namespace, pod, &plan).await?;
+        // Containers added to a running pod can name Secrets only in env (they mount the
+        // pod's volumes, judged when it was created): only they are judged, so a debug
+        // container is not refused over what the pod itself was admitted with.
+        let only_added = match review {
+            Review::EphemeralContainers => Some(mutate::only_ephemeral_containers(pod)),
+            Review::Create => None,
+        };
+        let named_by = only_added.as_ref().unwrap_or(pod);
+        let (found, asked_apiserver) = self.find_named(namespace, named_by, &plan).await?;
         if let Some(e) = unknown_identity
             && found.values().any(|f| !matches!(f, direct::Found::Theirs))
         {
@@ -504,7 +512,7 @@ impl Injector {
             grants: grants.as_deref(),
             dry_run,
         };
-        if let Err(denied) = direct::check(pod, &plan, &asking, |name| {
+        if let Err(denied) = direct::check(named_by, &plan, &asking, |name| {
             found.get(name).cloned().unwrap_or(direct::Found::Theirs)
         }) {
             self.metrics.access_denials.inc();

@@ -228,6 +228,21 @@ pub fn labelled_injected(pod: &Pod, patch: Option<Patch>) -> Option<Patch> {
     (!ops.is_empty()).then_some(Patch(ops))
 }
 
+/// Of `pod`, only its ephemeral containers (and who it runs as): what a
+/// `pods/ephemeralcontainers` update adds.
+pub fn only_ephemeral_containers(pod: &Pod) -> Pod {
+    let spec = pod.spec.as_ref();
+    Pod {
+        metadata: pod.metadata.clone(),
+        spec: Some(k8s_openapi::api::core::v1::PodSpec {
+            service_account_name: spec.and_then(|s| s.service_account_name.clone()),
+            ephemeral_containers: spec.and_then(|s| s.ephemeral_containers.clone()),
+            ..Default::default()
+        }),
+        status: None,
+    }
+}
+
 /// The pod a `pods/ephemeralcontainers` update makes: the stored pod with only the sent
 /// pod's ephemeral containers. The apiserver drops every other change the update carries
 /// after admission, so only these are the caller's to choose.

@@ -59,7 +59,8 @@ impl Controller {
         let pods = self.caches.pods.state();
         let users: Vec<_> = pods
             .iter()
-            .filter(|p| p.namespace == ns && p.uses(&needed.secret_name))
+            // A finished pod (a Job's) reads nothing more: it holds no write back.
+            .filter(|p| p.namespace == ns && !p.finished && p.uses(&needed.secret_name))
             .collect();
         let reads_as_needed = |service_account: &str| {
             self.identity_of(ns, service_account).ok().as_ref() == Some(&needed.identity)

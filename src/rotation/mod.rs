@@ -250,6 +250,15 @@ impl Controller {
         sa: &str,
     ) -> Result<Option<crate::identity::WorkloadIdentity>, crate::identity::IdentityError> {
         match &self.identities {
+            // One the cache does not hold (not created yet, or deleted) is not one that says
+            // nothing: no pod of it can be admitted either.
+            Some(identities) if !identities.knows(ns, sa) => {
+                Err(crate::identity::IdentityError::Unreadable {
+                    namespace: ns.to_owned(),
+                    service_account: sa.to_owned(),
+                    detail: "kvinject's ServiceAccount cache does not hold it".to_owned(),
+                })
+            }
             Some(identities) => identities.cached(ns, sa),
             None => Ok(None),
         }

@@ -20,6 +20,8 @@ pub struct PodUse {
     pub secrets: Box<[Box<str>]>,
     /// The ServiceAccount it runs as: whose grant a write into its Secrets needs.
     pub service_account: Box<str>,
+    /// Succeeded or Failed: its containers never start again, so it reads nothing more.
+    pub finished: bool,
 }
 
 impl From<Pod> for PodUse {
@@ -29,6 +31,11 @@ impl From<Pod> for PodUse {
             .map(|n| Box::from(n.name))
             .collect();
         let service_account = Box::from(crate::access::grant::service_account_of(&pod));
+        let finished = pod
+            .status
+            .as_ref()
+            .and_then(|s| s.phase.as_deref())
+            .is_some_and(|p| p == "Succeeded" || p == "Failed");
         secrets.sort_unstable();
         secrets.dedup();
         let refresh_interval = pod
@@ -46,6 +53,7 @@ impl From<Pod> for PodUse {
             refresh_interval,
             secrets: secrets.into_boxed_slice(),
             service_account,
+            finished,
         }
     }
 }

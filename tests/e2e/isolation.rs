@@ -699,6 +699,14 @@ async fn a_hand_edited_value_is_never_handed_to_a_pod() {
         )),
         "{err}"
     );
+    // A debug container added to the pod that already uses it is judged for what it names
+    // itself, not refused over the pod's own Secret.
+    let debug =
+        json!({"spec": {"ephemeralContainers": [{"name": "debug", "image": "registry.invalid/debug:1"}]}});
+    Api::<Pod>::namespaced(t.client.clone(), &t.ns)
+        .patch_ephemeral_containers("first", &PatchParams::default(), &Patch::Strategic(debug))
+        .await
+        .expect("kubectl debug on a pod whose Secret was edited");
     // Named directly, by a pod whose ServiceAccount is granted the reference: the same.
     let direct = raw_pod(
         "direct",
