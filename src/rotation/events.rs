@@ -6,7 +6,7 @@ use kube::{
     Resource,
     runtime::events::{Event, EventType, Recorder},
 };
-use tracing::warn;
+use tracing::{debug, warn};
 
 impl Controller {
     /// An Event on one of kvinject's Secrets, as the cache knows it.
@@ -45,7 +45,17 @@ pub(super) async fn publish(
         action: "Rotate".into(),
         secondary: None,
     };
-    if let Err(e) = recorder.publish(&event, regarding).await {
-        warn!(error = %e, reason, "could not record an event");
+    match recorder.publish(&event, regarding).await {
+        Ok(()) => {}
+        // The namespace is being deleted: nothing there needs telling any more.
+        Err(kube::Error::Api(status))
+            if status
+                .details
+                .as_ref()
+                .is_some_and(|d| d.causes.iter().any(|c| c.reason == "NamespaceTerminating")) =>
+        {
+            debug!(reason, "namespace being deleted; event not recorded");
+        }
+        Err(e) => warn!(error = %e, reason, "could not record an event"),
     }
 }

@@ -275,6 +275,11 @@ impl Controller {
     pub async fn run(mut self, mut leading: watch::Receiver<bool>) {
         self.leading = Some(leading.clone());
         self.caches.wait_ready().await;
+        // Which identity each ServiceAccount reads as: before any write or any look at what
+        // templates need (a ServiceAccount the cache does not hold yet is no identity).
+        if let Some(identities) = &self.identities {
+            let _ = identities.store.wait_until_ready().await;
+        }
         loop {
             while !*leading.borrow_and_update() {
                 if leading.changed().await.is_err() {
