@@ -368,6 +368,23 @@ mod tests {
         grants: Option<&Index>,
         dry_run: bool,
     ) -> Result<(), DirectDenied> {
+        decide_found(pod, grants, dry_run, |name| {
+            match cache.iter().find(|s| s.name == name) {
+                Some(s) => Found::Ours(s.clone()),
+                None if is_kvinject_name(name) => Found::Absent,
+                None => Found::Theirs,
+            }
+        })
+    }
+
+    /// The check for `pod` of ServiceAccount `default` in `team-a`, with `find` saying what
+    /// each name it names is.
+    fn decide_found(
+        pod: &Pod,
+        grants: Option<&Index>,
+        dry_run: bool,
+        find: impl FnMut(&str) -> Found,
+    ) -> Result<(), DirectDenied> {
         let config = InjectConfig {
             vaults: ["main".to_owned()].into(),
             ..Default::default()
@@ -385,13 +402,7 @@ mod tests {
             grants,
             dry_run,
         };
-        check(pod, &plan, &asking, |name| {
-            match cache.iter().find(|s| s.name == name) {
-                Some(s) => Found::Ours(s.clone()),
-                None if is_kvinject_name(name) => Found::Absent,
-                None => Found::Theirs,
-            }
-        })
+        check(pod, &plan, &asking, find)
     }
 
     #[test]
@@ -477,21 +488,7 @@ mod tests {
         assert_eq!(decide(&env(&future), &cache, Some(&grants), true), Ok(()));
         // The tenant's own Secret squatting such a name: it could delete it once the pod is
         // stored, and kvinject would fill the name for someone else.
-        let squatting = |p: &Pod| {
-            let labels = BTreeMap::new();
-            let subject = Subject {
-                namespace: "team-a",
-                labels: &labels,
-                service_account: "default",
-            };
-            let asking = Asking {
-                subject: &subject,
-                identity: None,
-                grants: Some(&grants),
-                dry_run: false,
-            };
-            check(p, &Plan::default(), &asking, |_| Found::Theirs)
-        };
+        let squatting = |p: &Pod| decide_found(p, Some(&grants), false, |_| Found::Theirs);
         let squat = squatting(&env(&future)).unwrap_err();
         assert!(matches!(squat.0[0].2, Refusal::Reserved), "{squat}");
         assert_eq!(squatting(&env("app-config")), Ok(()));

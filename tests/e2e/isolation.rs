@@ -910,12 +910,12 @@ async fn sub_path_expr_mounts_of_file_volumes_and_mirror_pods_are_handled_as_doc
     );
 }
 
-#[tokio::test]
-async fn a_pod_reusing_a_secret_marked_unreferenced_makes_a_delete_in_flight_fail() {
-    let _vault = support::VAULT.read().await;
-    // No controller: the test plays the collector's part, at the moment it would delete.
-    let t = tenant("gc-race", &[]).await;
-    let name = format!("{}-pub-race", t.run);
+/// A tenant whose one Secret (for `{run}-pub-<suffix>`, made by a first pod) is marked
+/// unreferenced long ago: the tenant, the Secret's name, and the resourceVersion the mark
+/// left (what a collector about to delete it would have read).
+async fn marked_unreferenced(prefix: &str, suffix: &str) -> (Tenant, String, String) {
+    let t = tenant(prefix, &[]).await;
+    let name = format!("{}-pub-{suffix}", t.run);
     support::seed_secret(&name, &support::distinctive_value()).await;
     let first = pod("first", &[("X", &inject::reference(&name))], json!({}));
     support::eventually(
@@ -925,15 +925,25 @@ async fn a_pod_reusing_a_secret_marked_unreferenced_makes_a_delete_in_flight_fai
     )
     .await;
     let secret = inject::secret_key_ref(&create(&t, &first, false).await.unwrap(), "X").unwrap();
-    let secrets: Api<Secret> = Api::namespaced(t.client.clone(), &t.ns);
-    // Marked long ago; the collector read it at this resourceVersion and is about to delete.
     let mark =
         json!({"metadata": {"annotations": {"kvinject.io/unreferenced-since": "2020-01-01T00:00:00Z"}}});
-    let marked = secrets
+    let seen = Api::<Secret>::namespaced(t.client.clone(), &t.ns)
         .patch(&secret, &PatchParams::default(), &Patch::Merge(&mark))
         .await
+        .unwrap()
+        .metadata
+        .resource_version
         .unwrap();
-    let seen = marked.metadata.resource_version.clone().unwrap();
+    (t, secret, seen)
+}
+
+#[tokio::test]
+async fn a_pod_reusing_a_secret_marked_unreferenced_makes_a_delete_in_flight_fail() {
+    let _vault = support::VAULT.read().await;
+    // No controller: the test plays the collector's part, at the moment it would delete.
+    let (t, secret, seen) = marked_unreferenced("gc-race", "race").await;
+    let name = format!("{}-pub-race", t.run);
+    let secrets: Api<Secret> = Api::namespaced(t.client.clone(), &t.ns);
     support::eventually(
         Duration::from_secs(10),
         "the mark in kvinject's cache, and cleared by a pod",
@@ -1353,30 +1363,12 @@ async fn a_signing_key_rotated_in_two_phases_never_makes_one_replicas_seals_fore
 async fn a_pod_naming_kvinjects_secret_itself_keeps_it_from_collection() {
     let _vault = support::VAULT.read().await;
     // No controller: what it goes by is observed (the label its pod watch selects, the
-    // mark it deletes on).
-    let t = tenant("named-use", &[]).await;
-    let name = format!("{}-pub-named", t.run);
-    support::seed_secret(&name, &support::distinctive_value()).await;
-    let first = pod("first", &[("X", &inject::reference(&name))], json!({}));
-    support::eventually(
-        Duration::from_secs(10),
-        "kvinject to load the policies",
-        || async { create(&t, &first, true).await.is_ok() },
-    )
-    .await;
-    let secret = inject::secret_key_ref(&create(&t, &first, false).await.unwrap(), "X").unwrap();
+    // mark it deletes on). Marked unreferenced (the reference's pod gone), then a pod that
+    // names it itself, as a copied spec does.
+    let (t, secret, seen) = marked_unreferenced("named-use", "named").await;
     let secrets: Api<Secret> = Api::namespaced(t.client.clone(), &t.ns);
-    // Marked unreferenced (the reference's pod gone), then a pod that names it itself, as a
-    // copied spec does.
     let mark =
         json!({"metadata": {"annotations": {"kvinject.io/unreferenced-since": "2020-01-01T00:00:00Z"}}});
-    let seen = secrets
-        .patch(&secret, &PatchParams::default(), &Patch::Merge(&mark))
-        .await
-        .unwrap()
-        .metadata
-        .resource_version
-        .unwrap();
     let copy = |n: &str| {
         raw_pod(
             n,
