@@ -1508,7 +1508,8 @@ async fn the_charts_permissions_cover_kvinjects_live_reads_of_namespaces_and_ser
         p.spec.as_mut().unwrap().service_account_name = Some(sa.to_owned());
         p
     };
-    // The namespace's labels read live: kvinject acts, and the bed's vault has nothing.
+    // The namespace's labels read live: kvinject acts (its vault here is the in-process
+    // EmptyVault double, which has nothing: the test is about the apiserver reads).
     let err = crate::isolation::decide_in_process(chart.clone(), None, None, &with_reference("default"))
         .await
         .expect_err("kvinject decides for the opted-in namespace");
