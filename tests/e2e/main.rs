@@ -16,6 +16,7 @@ mod install;
 mod isolation;
 mod lifecycle;
 mod listing;
+mod node;
 mod outage;
 mod reach;
 mod rotation;

@@ -38,6 +38,9 @@ pub struct TestBed {
     pub authority: String,
     pub webhook_cert: PathBuf,
     pub webhook_key: PathBuf,
+    /// The bed's node (tests/testbed/node.sh), where pods that tolerate its taint run;
+    /// `None` when the bed runs without one (not root, or KVINJECT_TESTBED_NODE=0).
+    pub node: Option<String>,
 }
 
 fn repo() -> &'static Path {
@@ -59,6 +62,10 @@ fn from_exports(vars: &BTreeMap<String, String>) -> TestBed {
         authority: get("KVINJECT_VAULT_AUTHORITY"),
         webhook_cert: get("KVINJECT_TESTBED_WEBHOOK_CERT").into(),
         webhook_key: get("KVINJECT_TESTBED_WEBHOOK_KEY").into(),
+        node: vars
+            .get("KVINJECT_TESTBED_NODE_NAME")
+            .filter(|n| !n.is_empty())
+            .cloned(),
     }
 }
 
@@ -76,11 +83,13 @@ pub fn testbed() -> &'static TestBed {
             "KVINJECT_TESTBED_WEBHOOK_CERT",
             "KVINJECT_TESTBED_WEBHOOK_KEY",
         ];
+        let optional = ["KVINJECT_TESTBED_NODE_NAME"];
         let from_env: BTreeMap<String, String> = keys
             .iter()
+            .chain(&optional)
             .filter_map(|k| std::env::var(k).ok().map(|v| (k.to_string(), v)))
             .collect();
-        if from_env.len() == keys.len() {
+        if keys.iter().all(|k| from_env.contains_key(*k)) {
             return from_exports(&from_env);
         }
         let out = Command::new(repo().join("tests/testbed/testbed"))

@@ -2,6 +2,8 @@
 # Builds (once) the test bed's components into target/testbed/, keyed by the wrapper
 # modules' content so a version bump rebuilds and a warm cache costs nothing:
 #   kube-apiserver, kube-controller-manager  from k8s.io/kubernetes (go/kube)
+#   kube-scheduler, kubelet, kubectl          the node's parts, from the same module
+#   pause                                     the node's sandbox process (go/pause, ours)
 #   etcd                                      from go.etcd.io/etcd/server/v3 (go/etcd)
 #   helm                                      from helm.sh/helm/v3 (go/helm), for the chart tests
 #   promtool                                  from github.com/prometheus/prometheus (go/promtool),
@@ -75,6 +77,10 @@ case $what in
   etcd) build_go etcd etcd go.etcd.io/etcd/server/v3 "-s -w" ;;
   kube-apiserver) build_go kube kube-apiserver k8s.io/kubernetes/cmd/kube-apiserver "$(kube_ldflags)" ;;
   kube-controller-manager) build_go kube kube-controller-manager k8s.io/kubernetes/cmd/kube-controller-manager "$(kube_ldflags)" ;;
+  kube-scheduler) build_go kube kube-scheduler k8s.io/kubernetes/cmd/kube-scheduler "$(kube_ldflags)" ;;
+  kubelet) build_go kube kubelet k8s.io/kubernetes/cmd/kubelet "$(kube_ldflags)" ;;
+  kubectl) build_go kube kubectl k8s.io/kubernetes/cmd/kubectl "$(kube_ldflags)" ;;
+  pause) build_go pause pause kvinject.test/pause "-s -w" ;;
   helm) build_go helm helm helm.sh/helm/v3/cmd/helm "$(helm_ldflags)" ;;
   promtool) build_go promtool promtool github.com/prometheus/prometheus/cmd/promtool "-s -w" ;;
   crds) fetch_crds ;;
@@ -84,6 +90,10 @@ case $what in
     fetch_crds
     build_go kube kube-apiserver k8s.io/kubernetes/cmd/kube-apiserver "$(kube_ldflags)"
     build_go kube kube-controller-manager k8s.io/kubernetes/cmd/kube-controller-manager "$(kube_ldflags)"
+    build_go kube kube-scheduler k8s.io/kubernetes/cmd/kube-scheduler "$(kube_ldflags)"
+    build_go kube kubelet k8s.io/kubernetes/cmd/kubelet "$(kube_ldflags)"
+    build_go kube kubectl k8s.io/kubernetes/cmd/kubectl "$(kube_ldflags)"
+    build_go pause pause kvinject.test/pause "-s -w"
     ;;
-  *) echo "usage: $0 [all|etcd|kube-apiserver|kube-controller-manager|helm|promtool|crds]" >&2; exit 2 ;;
+  *) echo "usage: $0 [all|etcd|kube-apiserver|kube-controller-manager|kube-scheduler|kubelet|kubectl|pause|helm|promtool|crds]" >&2; exit 2 ;;
 esac

@@ -1,0 +1,3 @@
+module kvinject.test/pause
+
+go 1.24
