@@ -30,7 +30,7 @@ use std::{
     time::Duration,
 };
 
-static INSTALL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+pub(crate) static INSTALL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 const NS: &str = "kvinject";
 const NAME: &str = "kvinject";

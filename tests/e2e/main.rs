@@ -13,6 +13,7 @@ mod heal;
 mod identity;
 mod inject;
 mod install;
+mod installed;
 mod isolation;
 mod lifecycle;
 mod listing;

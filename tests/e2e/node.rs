@@ -18,7 +18,7 @@ use k8s_openapi::api::{
     core::v1::{Event, Pod},
 };
 use kube::{
-    Api,
+    Api, Client,
     api::{ListParams, LogParams, Patch, PatchParams, PostParams},
 };
 use serde_json::{Value, json};
@@ -72,7 +72,7 @@ pub(crate) fn node_template(app: &str, secret: &str, annotations: Value, contain
     })
 }
 
-fn node_deployment(app: &str, replicas: i32, template: Value, annotations: Value) -> Deployment {
+pub(crate) fn node_deployment(app: &str, replicas: i32, template: Value, annotations: Value) -> Deployment {
     serde_json::from_value(json!({
         "metadata": {"name": app, "annotations": annotations},
         "spec": {"replicas": replicas, "selector": {"matchLabels": {"app": app}}, "template": template}
@@ -96,7 +96,11 @@ fn restarts(p: &Pod) -> i32 {
 }
 
 pub(crate) async fn ready_pods(s: &Setup, app: &str) -> Vec<Pod> {
-    Api::<Pod>::namespaced(s.client.clone(), &s.ns)
+    ready_pods_in(&s.client, &s.ns, app).await
+}
+
+pub(crate) async fn ready_pods_in(client: &Client, ns: &str, app: &str) -> Vec<Pod> {
+    Api::<Pod>::namespaced(client.clone(), ns)
         .list(&ListParams::default().labels(&format!("app={app}")))
         .await
         .unwrap()
@@ -108,7 +112,11 @@ pub(crate) async fn ready_pods(s: &Setup, app: &str) -> Vec<Pod> {
 
 /// The last `env=` and `file=` digests the pod's running container printed.
 pub(crate) async fn seen(s: &Setup, pod: &str) -> (Option<String>, Option<String>) {
-    let logs = Api::<Pod>::namespaced(s.client.clone(), &s.ns)
+    seen_in(&s.client, &s.ns, pod).await
+}
+
+pub(crate) async fn seen_in(client: &Client, ns: &str, pod: &str) -> (Option<String>, Option<String>) {
+    let logs = Api::<Pod>::namespaced(client.clone(), ns)
         .logs(
             pod,
             &LogParams {
@@ -129,26 +137,34 @@ pub(crate) async fn seen(s: &Setup, pod: &str) -> (Option<String>, Option<String
 
 /// Waits for `n` Ready pods of `app` whose containers all print `want` for env and file.
 async fn ready_with(s: &Setup, app: &str, n: usize, want: &str, within: Duration) -> Vec<Pod> {
+    ready_with_in(&s.client, &s.ns, app, n, want, within).await
+}
+
+pub(crate) async fn ready_with_in(
+    client: &Client,
+    ns: &str,
+    app: &str,
+    n: usize,
+    want: &str,
+    within: Duration,
+) -> Vec<Pod> {
     let want = digest(want);
-    support::eventually(
-        within,
-        &format!("{n} Ready pods of {app} seeing the value"),
-        || async {
-            let pods = ready_pods(s, app).await;
-            if pods.len() != n {
+    let what = format!("{n} Ready pods of {app} seeing the value");
+    support::eventually(within, &what, || async {
+        let pods = ready_pods_in(client, ns, app).await;
+        if pods.len() != n {
+            return false;
+        }
+        for p in &pods {
+            let (env, file) = seen_in(client, ns, p.metadata.name.as_deref().unwrap()).await;
+            if env.as_deref() != Some(&want) || file.as_deref() != Some(&want) {
                 return false;
             }
-            for p in &pods {
-                let (env, file) = seen(s, p.metadata.name.as_deref().unwrap()).await;
-                if env.as_deref() != Some(&want) || file.as_deref() != Some(&want) {
-                    return false;
-                }
-            }
-            true
-        },
-    )
+        }
+        true
+    })
     .await;
-    ready_pods(s, app).await
+    ready_pods_in(client, ns, app).await
 }
 
 /// Starts the bed's vault again when the test ends, however it ends.
