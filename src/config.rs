@@ -1,7 +1,9 @@
 //! Command line and environment: every flag has an `env=`, and `validate` turns the raw
 //! arguments into a plain `ServeConfig` that tests can also build directly.
 
+pub use crate::duration::parse_duration;
 use crate::keyvault::{AzureConfig, CredentialConfig};
+pub use crate::limit::ReadLimit;
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, time::Duration};
@@ -381,7 +383,7 @@ pub struct TlsArgs {
     #[arg(long, env = "KVINJECT_TLS_KEY", default_value = "/etc/kvinject/tls/tls.key")]
     pub tls_key: PathBuf,
     /// PEM CA certificates: the webhook port then requires a client certificate they
-    /// signed (the apiserver's, from its admission kubeconfig; see the README).
+    /// signed (the apiserver's, from its admission kubeconfig; see docs/src/operators/security.md).
     #[arg(long, env = "KVINJECT_CLIENT_CA")]
     pub client_ca: Option<PathBuf>,
     /// How often the certificate files (or the bootstrap Secret) are re-read; a changed
@@ -421,22 +423,6 @@ pub struct ServeConfig {
     pub vault_probe_interval: Duration,
     /// `None` when the rotation controller is off.
     pub rotation: Option<RotationSettings>,
-}
-
-/// A token bucket's shape: `rate` tokens a second, at most `burst` saved up.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct ReadLimit {
-    pub rate: f64,
-    pub burst: u32,
-}
-
-impl ReadLimit {
-    pub fn new(rate: f64, burst: u32) -> anyhow::Result<Self> {
-        if !(rate.is_finite() && rate > 0.0) || burst == 0 {
-            bail!("--namespace-read-rate must be above 0 and --namespace-read-burst at least 1");
-        }
-        Ok(ReadLimit { rate, burst })
-    }
 }
 
 #[derive(Debug, Clone)]
@@ -675,25 +661,6 @@ pub(crate) fn credential(args: &AzureArgs, federated_token_file: bool) -> anyhow
     })
 }
 
-/// Parses `30s`, `10m`, `2h`, `500ms` or a bare number of seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let (num, unit) = s
-        .find(|c: char| !c.is_ascii_digit())
-        .map_or((s, ""), |i| s.split_at(i));
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("`{s}` is not a duration like 30s, 10m or 1h"))?;
-    let d = match unit {
-        "" | "s" => Duration::from_secs(n),
-        "ms" => Duration::from_millis(n),
-        "m" => Duration::from_secs(n * 60),
-        "h" => Duration::from_secs(n * 3600),
-        _ => return Err(format!("`{s}` has an unknown unit `{unit}`; use ms, s, m or h")),
-    };
-    Ok(d)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -826,26 +793,5 @@ mod tests {
                 "{err}"
             );
         }
-    }
-
-    #[test]
-    fn durations() {
-        for (input, want) in [
-            ("30s", Some(30)),
-            ("10m", Some(600)),
-            ("1h", Some(3600)),
-            ("45", Some(45)),
-            ("", None),
-            ("5d", None),
-            ("m", None),
-            ("-1s", None),
-        ] {
-            assert_eq!(
-                parse_duration(input).ok().map(|d| d.as_secs()),
-                want,
-                "input {input:?}"
-            );
-        }
-        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
     }
 }

@@ -7,11 +7,10 @@ use crate::{
         direct::{self, DirectDenied},
         grant::{self, AccessDenied, Subject},
     },
-    config::ReadLimit,
     generation::Generation,
     identity::{self, IdentityError, WorkloadIdentity},
     keyvault::source::{FetchError, Fetched, SecretSource},
-    limit::ReadBuckets,
+    limit::{ReadBuckets, ReadLimit},
     materialize::{
         self, CachedSecret, ValueError,
         seal::{self, Verdict},
@@ -37,7 +36,7 @@ use std::{
 };
 use tracing::{debug, warn};
 
-pub const FIELD_MANAGER: &str = "kvinject";
+pub use crate::materialize::FIELD_MANAGER;
 /// The annotation kubelet puts on the mirror pods of static pods.
 pub const MIRROR_ANNOTATION: &str = "kubernetes.io/config.mirror";
 

@@ -6,6 +6,7 @@ pub mod admin;
 pub mod app;
 pub mod certs;
 pub mod config;
+pub mod duration;
 pub mod generation;
 pub mod identity;
 pub mod inject;

@@ -3,12 +3,27 @@
 //! kvinject's time. The arithmetic is pure (`Bucket::take_at`); `ReadBuckets` keeps one
 //! bucket per namespace behind a lock.
 
-use crate::config::ReadLimit;
 use std::{
     collections::HashMap,
     sync::Mutex,
     time::{Duration, Instant},
 };
+
+/// A token bucket's shape: `rate` tokens a second, at most `burst` saved up.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ReadLimit {
+    pub rate: f64,
+    pub burst: u32,
+}
+
+impl ReadLimit {
+    pub fn new(rate: f64, burst: u32) -> anyhow::Result<Self> {
+        if !(rate.is_finite() && rate > 0.0) || burst == 0 {
+            anyhow::bail!("--namespace-read-rate must be above 0 and --namespace-read-burst at least 1");
+        }
+        Ok(ReadLimit { rate, burst })
+    }
+}
 
 #[derive(Clone, Copy, Debug)]
 struct Bucket {

@@ -135,7 +135,7 @@ pub fn parse_list(value: &str) -> Result<Vec<Reference>, ReferenceError> {
 /// whose name meets another's.
 pub const HASH_HEX: usize = 16;
 /// What names had before: 40 bits. Secrets under such names keep serving the pods that
-/// use them until they are collected (README "Migration").
+/// use them until they are collected (docs, users/references.md).
 pub const LEGACY_HASH_HEX: usize = 10;
 
 /// A deterministic, collision-free DNS-1123 name of at most 63 characters:

@@ -19,7 +19,7 @@ const LOG_BUFFER: usize = 64 * 1024;
 /// The log thread writes through a buffer that it flushes each time it has emptied the
 /// queue: lines queued together go out in one `write`, and none waits in the buffer once
 /// the queue is empty. Writing each line with its own `write` took a tenth of the CPU time
-/// of warm admissions at full load (README "Warm admissions against a no-op webhook").
+/// of warm admissions at full load (docs, contributors/benchmarks.md, "Warm admissions against a no-op webhook").
 pub fn init(default_filter: &str) -> tracing_appender::non_blocking::WorkerGuard {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()

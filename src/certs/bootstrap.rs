@@ -6,7 +6,7 @@
 //! - a replica swaps in a certificate only after the caBundle trusts its CA.
 
 use super::{CertError, Lifetimes, Material, Plan, SubjectNames, plan};
-use crate::{inject::FIELD_MANAGER, metrics::Metrics};
+use crate::{materialize::FIELD_MANAGER, metrics::Metrics};
 use axum_server::tls_rustls::RustlsConfig;
 use base64::Engine;
 use k8s_openapi::{

@@ -3,6 +3,8 @@
 
 pub mod source;
 
+pub use crate::materialize::value::SecretValue;
+
 use azure_core::{
     cloud::{CloudConfiguration, CustomConfiguration},
     credentials::{Secret, TokenCredential},
@@ -15,31 +17,6 @@ use azure_identity::{
 };
 use azure_security_keyvault_secrets::{SecretClient, SecretClientOptions};
 use std::{fmt, path::PathBuf, sync::Arc, time::Duration};
-
-/// A secret's value. It never prints: Debug and Display show `<redacted>`.
-#[derive(Clone, PartialEq, Eq)]
-pub struct SecretValue(String);
-
-impl SecretValue {
-    pub fn new(value: impl Into<String>) -> Self {
-        Self(value.into())
-    }
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for SecretValue {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("<redacted>")
-    }
-}
-
-impl fmt::Display for SecretValue {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("<redacted>")
-    }
-}
 
 /// Which identity kvinject uses towards Entra ID.
 #[derive(Clone)]

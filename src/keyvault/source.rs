@@ -2,6 +2,7 @@
 
 use super::{Attempts, Connector, SecretValue, SetupError};
 use crate::{identity::WorkloadIdentity, reference::Reference};
+pub use crate::{materialize::value::Fetched, rotation::listing::Listed};
 use async_trait::async_trait;
 use azure_core::error::ErrorKind;
 use azure_security_keyvault_secrets::{ResourceExt, SecretClient, models::SecretClientGetSecretOptions};
@@ -11,22 +12,6 @@ use std::{
     time::Duration,
 };
 use time::OffsetDateTime;
-
-/// A value read from Key Vault, with the version it came from.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Fetched {
-    pub value: SecretValue,
-    pub version: String,
-}
-
-/// What a vault's listing shows of one secret: its current version's attributes, never a
-/// value. `updated` (Unix seconds) changes with every new version and every attribute change.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Listed {
-    pub updated: Option<i64>,
-    pub enabled: bool,
-    pub expires: Option<i64>,
-}
 
 /// Every secret of a vault, by lower-case name (Key Vault names are case-insensitive), and
 /// how many pages (requests) the listing took.

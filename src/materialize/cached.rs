@@ -5,7 +5,7 @@
 //! The Secret watch builds one from each Secret it sees (`CachedSecret::new`), verifying the
 //! seal there, once per resourceVersion. A `k8s_openapi` Secret with its data dropped still
 //! costs about 2.6 KiB in a cache (two `BTreeMap`s and a wide `ObjectMeta`); this is about a
-//! third of that (README "Resources").
+//! third of that (docs, operators/resources.md).
 
 use super::seal::{self, Verdict};
 use crate::{identity::WorkloadIdentity, mutate::Source, reference::Reference};

@@ -4,9 +4,10 @@
 pub mod cached;
 pub mod keys;
 pub mod seal;
+pub mod value;
 
 use crate::{
-    keyvault::source::Fetched,
+    materialize::value::Fetched,
     mutate::{self, Needed, Source},
 };
 use base64::Engine;
@@ -15,6 +16,8 @@ use k8s_openapi::{ByteString, api::core::v1::Secret};
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 
+/// The field manager of every write kvinject makes.
+pub const FIELD_MANAGER: &str = "kvinject";
 pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
 pub const MANAGED_BY: &str = "kvinject";
 /// Label selector for kvinject's own Secrets.

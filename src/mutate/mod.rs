@@ -13,6 +13,8 @@ use k8s_openapi::api::core::v1::{Container, Pod};
 use serde_json::json;
 use std::collections::{BTreeMap, BTreeSet};
 
+/// Pod annotation: how often the Secrets it uses are checked for a new version.
+pub const REFRESH_INTERVAL_ANNOTATION: &str = "kvinject.io/refresh-interval";
 /// Label on pods kvinject rewrote.
 pub const INJECTED_LABEL: &str = "kvinject.io/injected";
 /// Pod annotation: `"false"` leaves the pod alone.
@@ -532,9 +534,9 @@ fn refresh_floor_warning(
     annotations: &BTreeMap<String, String>,
     floor: std::time::Duration,
 ) -> Option<String> {
-    use crate::rotation::decide::REFRESH_INTERVAL_ANNOTATION as KEY;
+    use REFRESH_INTERVAL_ANNOTATION as KEY;
     let asked = annotations.get(KEY)?;
-    match crate::config::parse_duration(asked) {
+    match crate::duration::parse_duration(asked) {
         Err(e) => Some(format!("annotation `{KEY}`: {e}; the default interval applies")),
         Ok(d) if d < floor => Some(format!(
             "annotation `{KEY}`: {asked} is below the floor of {floor:?} (--min-refresh-interval); the Secrets are checked every {floor:?}"

@@ -2,7 +2,7 @@
 //! whether a workload rolls.
 
 use crate::{
-    config::parse_duration,
+    duration::parse_duration,
     materialize::{self, CachedSecret},
     mutate::{self, InjectConfig},
     reference::Reference,
@@ -12,8 +12,7 @@ use k8s_openapi::api::core::v1::{Pod, PodTemplateSpec};
 use sha2::{Digest, Sha256};
 use std::{collections::BTreeMap, time::Duration};
 
-/// Pod annotation: how often the Secrets it uses are checked for a new version.
-pub const REFRESH_INTERVAL_ANNOTATION: &str = "kvinject.io/refresh-interval";
+pub use crate::mutate::REFRESH_INTERVAL_ANNOTATION;
 /// Workload (or namespace) annotation: `"true"` rolls the workload when a Secret it uses changes.
 pub const ROLLOUT_ANNOTATION: &str = "kvinject.io/rollout-on-rotation";
 /// Workload annotation: `restart` (default) or `evict`.

@@ -31,7 +31,7 @@ impl Controller {
     }
 
     /// Bounds the Key Vault reads a tenant can cause per namespace (restores, recreations).
-    pub fn with_read_limit(mut self, limit: crate::config::ReadLimit) -> Self {
+    pub fn with_read_limit(mut self, limit: crate::limit::ReadLimit) -> Self {
         self.reads = crate::limit::ReadBuckets::new(limit);
         self
     }

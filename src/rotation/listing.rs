@@ -2,8 +2,16 @@
 //! (25 secrets a request) instead of one GET per referenced secret. Pure decisions; the
 //! controller makes the calls.
 
-use crate::keyvault::source::Listed;
 use std::time::Duration;
+
+/// What a vault's listing shows of one secret: its current version's attributes, never a
+/// value. `updated` (Unix seconds) changes with every new version and every attribute change.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Listed {
+    pub updated: Option<i64>,
+    pub enabled: bool,
+    pub expires: Option<i64>,
+}
 
 /// What kvinject knows of one reference since it last read it with a GET.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

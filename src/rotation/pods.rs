@@ -3,7 +3,7 @@
 //! decides from nothing else (evictions list pods from the apiserver), and a whole `Pod`
 //! costs about ten times as much in memory.
 
-use super::decide::REFRESH_INTERVAL_ANNOTATION;
+use crate::mutate::REFRESH_INTERVAL_ANNOTATION;
 use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::reflector::Lookup;
 use std::borrow::Cow;

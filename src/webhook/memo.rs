@@ -23,7 +23,7 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-/// What the memo may hold, in bytes of keys and answers (README "Resources").
+/// What the memo may hold, in bytes of keys and answers (docs, operators/resources.md).
 pub const BUDGET: usize = 256 * 1024;
 
 /// How every answer starts, up to its uid (`webhook::encode`).

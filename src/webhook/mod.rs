@@ -136,7 +136,7 @@ async fn mutate_handler(State(state): State<WebhookState>, body: Bytes) -> impl 
 ///
 /// The line carries who the admission is about as fields of its own, not as a span's: the
 /// JSON formatter parses a span's fields back from text at every line, which was a large
-/// share of the cost of an admission answered from the memo (perf; README "Benchmark").
+/// share of the cost of an admission answered from the memo (perf; docs, contributors/benchmarks.md).
 fn log_admission(state: &WebhookState, started: Instant, line: Line) {
     let metrics = &state.injector.metrics;
     let Line {
