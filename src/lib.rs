@@ -2,6 +2,7 @@
 //! Secrets by a mutating admission webhook.
 
 pub mod access;
+pub mod accounts;
 pub mod admin;
 pub mod app;
 pub mod certs;

@@ -142,7 +142,7 @@ pub struct Controller {
     /// Warning Event per object and value.
     bad_annotations: std::sync::Mutex<BTreeSet<String>>,
     /// Which identity each ServiceAccount's pods read as; `None`: kvinject's, always.
-    identities: Option<crate::inject::ServiceAccounts>,
+    identities: Option<crate::accounts::ServiceAccounts>,
     /// Per reference read in this sweep after a listing: the `updated` it showed.
     listed_updated: HashMap<Arc<Read>, Option<i64>>,
     /// Pages each vault's last listing took.
@@ -214,7 +214,7 @@ impl Controller {
     }
 
     /// Names workloads' Secrets as the webhook does for pods of their ServiceAccount.
-    pub fn with_identities(mut self, identities: crate::inject::ServiceAccounts) -> Self {
+    pub fn with_identities(mut self, identities: crate::accounts::ServiceAccounts) -> Self {
         self.identities = Some(identities);
         self
     }

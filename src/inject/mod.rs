@@ -8,13 +8,10 @@ use crate::{
         grant::{self, AccessDenied, Subject},
     },
     generation::Generation,
-    identity::{self, IdentityError, WorkloadIdentity},
+    identity::{IdentityError, WorkloadIdentity},
     keyvault::source::{FetchError, Fetched, SecretSource},
     limit::{ReadBuckets, ReadLimit},
-    materialize::{
-        self, CachedSecret, ValueError,
-        seal::{self, Verdict},
-    },
+    materialize::{self, CachedSecret, ValueError, seal::Verdict},
     metrics::{Metrics, VaultLabels},
     mutate::{self, Denial, InjectConfig, Needed},
     reference::Reference,
@@ -22,12 +19,8 @@ use crate::{
 };
 use async_trait::async_trait;
 use json_patch::Patch;
-use k8s_openapi::api::core::v1::{Pod, Secret, ServiceAccount};
-use kube::{
-    Api,
-    api::PostParams,
-    runtime::reflector::{ObjectRef, Store},
-};
+use k8s_openapi::api::core::v1::{Pod, Secret};
+use kube::runtime::reflector::{ObjectRef, Store};
 use moka::future::Cache;
 use std::{
     collections::BTreeMap,
@@ -36,7 +29,10 @@ use std::{
 };
 use tracing::{debug, warn};
 
-pub use crate::materialize::FIELD_MANAGER;
+mod kube_writer;
+
+pub use crate::{accounts::ServiceAccounts, materialize::FIELD_MANAGER};
+pub use kube_writer::KubeWriter;
 /// The annotation kubelet puts on the mirror pods of static pods.
 pub const MIRROR_ANNOTATION: &str = "kubernetes.io/config.mirror";
 
@@ -849,154 +845,6 @@ impl Injector {
                 warn!(vault = %vault, error = %why, "Key Vault unreachable");
             }
             self.health.record(vault, outage, &self.metrics);
-        }
-    }
-}
-
-/// ServiceAccounts, from a watch cache (a GET when it does not know one yet), and the
-/// identity each one's pods read Key Vault as.
-#[derive(Clone)]
-pub struct ServiceAccounts {
-    pub store: Store<ServiceAccount>,
-    pub client: Option<kube::Client>,
-    pub settings: Arc<identity::Settings>,
-}
-
-impl ServiceAccounts {
-    /// From the cache alone (a ServiceAccount it does not know: kvinject's identity).
-    pub fn cached(&self, namespace: &str, name: &str) -> Result<Option<WorkloadIdentity>, IdentityError> {
-        let sa = self.store.get(&ObjectRef::new(name).within(namespace));
-        let annotations = sa
-            .and_then(|sa| sa.metadata.annotations.clone())
-            .unwrap_or_default();
-        identity::resolve(namespace, name, &annotations, &self.settings)
-    }
-
-    /// Whether the watch cache holds this ServiceAccount.
-    pub fn knows(&self, namespace: &str, name: &str) -> bool {
-        self.store.get(&ObjectRef::new(name).within(namespace)).is_some()
-    }
-
-    pub async fn of(&self, namespace: &str, name: &str) -> Result<Option<WorkloadIdentity>, IdentityError> {
-        let cached = self.store.get(&ObjectRef::new(name).within(namespace));
-        let annotations = match (cached, &self.client) {
-            (Some(sa), _) => sa.metadata.annotations.clone().unwrap_or_default(),
-            // Not readable is not "says nothing": that may be kvinject's own identity.
-            (None, Some(client)) => Api::<ServiceAccount>::namespaced(client.clone(), namespace)
-                .get_opt(name)
-                .await
-                .map_err(|e| IdentityError::Unreadable {
-                    namespace: namespace.to_owned(),
-                    service_account: name.to_owned(),
-                    detail: e.to_string(),
-                })?
-                .and_then(|sa| sa.metadata.annotations)
-                .unwrap_or_default(),
-            (None, None) => BTreeMap::new(),
-        };
-        identity::resolve(namespace, name, &annotations, &self.settings)
-    }
-}
-
-/// Creates Secrets through the apiserver; `keys` tell an existing Secret of the same name
-/// that kvinject sealed (another replica was first) from a foreign one.
-pub struct KubeWriter {
-    pub client: kube::Client,
-    pub keys: seal::Keys,
-}
-
-#[async_trait]
-impl SecretWriter for KubeWriter {
-    async fn find(&self, namespace: &str, name: &str) -> Result<direct::Found, WriteError> {
-        let api: Api<Secret> = Api::namespaced(self.client.clone(), namespace);
-        match api.get_opt(name).await {
-            Ok(None) => Ok(direct::Found::Absent),
-            Ok(Some(s)) if materialize::is_managed(&s) => {
-                Ok(direct::Found::Ours(CachedSecret::new(&self.keys, &s)))
-            }
-            Ok(Some(_)) => Ok(direct::Found::Theirs),
-            Err(e) => Err(WriteError::Api {
-                namespace: namespace.to_owned(),
-                name: name.to_owned(),
-                detail: format!("reading it to check what a pod names failed: {e}"),
-            }),
-        }
-    }
-
-    async fn unmark(&self, namespace: &str, name: &str, resource_version: &str) -> Result<bool, WriteError> {
-        let api: Api<Secret> = Api::namespaced(self.client.clone(), namespace);
-        let failed = |detail: String| WriteError::Api {
-            namespace: namespace.to_owned(),
-            name: name.to_owned(),
-            detail,
-        };
-        let mut version = resource_version.to_owned();
-        // Another write in between (a rotation, a mark): read it again, a few times.
-        for _ in 0..3 {
-            let patch = serde_json::json!({"metadata": {
-                "resourceVersion": version,
-                "annotations": {crate::rotation::decide::UNREFERENCED_ANNOTATION: null},
-            }});
-            let params = kube::api::PatchParams {
-                field_manager: Some(FIELD_MANAGER.to_owned()),
-                ..Default::default()
-            };
-            match api.patch(name, &params, &kube::api::Patch::Merge(&patch)).await {
-                Ok(_) => return Ok(true),
-                Err(kube::Error::Api(s)) if s.code == 404 => return Ok(false),
-                Err(kube::Error::Api(s)) if s.code == 409 => match api.get_opt(name).await {
-                    Ok(None) => return Ok(false),
-                    Ok(Some(current)) => version = current.metadata.resource_version.unwrap_or_default(),
-                    Err(e) => {
-                        return Err(failed(format!(
-                            "reading it to clear its unreferenced mark failed: {e}"
-                        )));
-                    }
-                },
-                Err(e) => return Err(failed(format!("clearing its unreferenced mark failed: {e}"))),
-            }
-        }
-        Err(failed(
-            "clearing its unreferenced mark kept conflicting with other writes".into(),
-        ))
-    }
-
-    async fn create(&self, secret: Secret) -> Result<(), WriteError> {
-        let namespace = secret.metadata.namespace.clone().unwrap_or_default();
-        let name = secret.metadata.name.clone().unwrap_or_default();
-        let api: Api<Secret> = Api::namespaced(self.client.clone(), &namespace);
-        let params = PostParams {
-            field_manager: Some(FIELD_MANAGER.to_owned()),
-            ..Default::default()
-        };
-        let api_error = |e: kube::Error| WriteError::Api {
-            namespace: namespace.clone(),
-            name: name.clone(),
-            detail: e.to_string(),
-        };
-        match api.create(&params, &secret).await {
-            Ok(_) => Ok(()),
-            Err(kube::Error::Api(status)) if status.code == 409 => {
-                let existing = api.get(&name).await.map_err(api_error)?;
-                let reference = |s: &Secret| {
-                    s.metadata
-                        .annotations
-                        .as_ref()
-                        .and_then(|a| a.get(materialize::REFERENCE_ANNOTATION).cloned())
-                };
-                let sealed = seal::verify(&self.keys, &existing) != Verdict::Foreign;
-                if materialize::is_managed(&existing) && sealed && reference(&existing) == reference(&secret)
-                {
-                    Ok(())
-                } else {
-                    Err(WriteError::NotOurs {
-                        namespace,
-                        name,
-                        reference: reference(&secret).unwrap_or_default(),
-                    })
-                }
-            }
-            Err(e) => Err(api_error(e)),
         }
     }
 }
