@@ -550,7 +550,10 @@ async fn evict_replaces_pods_without_touching_the_deployment_spec() {
     let _vault = support::VAULT.read().await;
     let _rotation = support::ROTATION.lock().await;
     let s = rotation_setup("evict", &["--evict-ready-timeout", "20s"]).await;
-    // No kubelet here: the test reports its pods Ready as kubelet would.
+    // These pods never run (their image does not exist, and they do not tolerate the bed
+    // node's taint): the test reports them Ready as kubelet would. It is about the
+    // Deployment's spec staying untouched; node::evict_waits_for_ready_replacements_...
+    // evicts real pods that must pass their readiness probe.
     let _kubelet = support::ReadyPods::start(&s.client, &s.ns);
     let name = support::unique("evicting");
     support::seed_secret(&name, &support::distinctive_value()).await;
@@ -738,8 +741,8 @@ async fn statefulsets_and_daemonsets_roll_like_deployments() {
         )
         .await
         .unwrap();
-    // The bed has no nodes, so the DaemonSet has no pods; its template still names the
-    // Secret the StatefulSet's pod materialized.
+    // The DaemonSet's pods do not tolerate the bed node's taint, so it has none; its
+    // template still names the Secret the StatefulSet's pod materialized.
     daemonsets
         .create(
             &PostParams::default(),

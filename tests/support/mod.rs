@@ -992,7 +992,8 @@ impl Drop for WebhookGuard {
 }
 
 /// Reports every pod of a namespace Ready, as kubelet would once its containers pass their
-/// readiness checks (the bed has no kubelet). Stops when dropped.
+/// readiness checks, for pods that never run: they do not tolerate the bed node's taint
+/// (tests/testbed/node.sh) and their images do not exist. Stops when dropped.
 pub struct ReadyPods(tokio::task::JoinHandle<()>);
 
 impl ReadyPods {
