@@ -371,11 +371,23 @@ fn on_delete<K: k8s_openapi::serde::Serialize>(workload: &K) -> bool {
         .unwrap_or(false)
 }
 
+/// Ready by kubelet's report, and not on its way out: a pod being deleted keeps its Ready
+/// condition until kubelet has stopped it, and is nobody's replacement.
 fn is_ready(pod: &Pod) -> bool {
-    pod.status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+    pod.metadata.deletion_timestamp.is_none()
+        && pod
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+/// How many of `pods` are Ready replacements: pods that were not there when the rollout
+/// listed them (by UID: a StatefulSet's replacement keeps its name), and Ready.
+fn ready_replacements(pods: &[Pod], before: &BTreeSet<String>) -> usize {
+    pods.iter()
+        .filter(|p| !before.contains(p.uid().unwrap_or_default().as_str()) && is_ready(p))
+        .count()
 }
 
 /// How an eviction rollout ended.
@@ -406,12 +418,15 @@ async fn evict_pods(
     let list_params = kube::api::ListParams::default().labels(selector);
     // Oldest first: those started longest ago are the likeliest to run old values (after a
     // halt, the replacement made then is the newest).
+    // Every pod there now, terminating ones too, is not a replacement.
+    let mut before: BTreeSet<String> = BTreeSet::new();
     let initial: Vec<(String, String)> = match pods.list(&list_params).await {
         Ok(mut l) => {
             l.items.sort_by(|a, b| {
                 (a.metadata.creation_timestamp.as_ref().map(|t| t.0), a.name_any())
                     .cmp(&(b.metadata.creation_timestamp.as_ref().map(|t| t.0), b.name_any()))
             });
+            before.extend(l.items.iter().map(|p| p.uid().unwrap_or_default()));
             l.items
                 .iter()
                 .filter(|p| p.metadata.deletion_timestamp.is_none())
@@ -423,7 +438,6 @@ async fn evict_pods(
             return Evicted::Stopped;
         }
     };
-    let before: BTreeSet<&str> = initial.iter().map(|(_, uid)| uid.as_str()).collect();
     let still_leading = || leading.as_ref().is_none_or(|l| *l.borrow());
     for (evicted, (pod, _)) in initial.iter().enumerate() {
         if !still_leading() {
@@ -465,15 +479,10 @@ async fn evict_pods(
                 if !still_leading() {
                     return false;
                 }
-                if let Ok(list) = pods.list(&list_params).await {
-                    let replaced = list
-                        .items
-                        .iter()
-                        .filter(|p| !before.contains(p.uid().unwrap_or_default().as_str()) && is_ready(p))
-                        .count();
-                    if replaced >= wanted {
-                        return true;
-                    }
+                if let Ok(list) = pods.list(&list_params).await
+                    && ready_replacements(&list.items, &before) >= wanted
+                {
+                    return true;
                 }
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
@@ -515,6 +524,29 @@ fn selector_string(selector: &LabelSelector) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_new_ready_pods_that_are_not_terminating_count_as_replacements() {
+        let pod = |uid: &str, ready: bool, deleting: bool| -> Pod {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": uid, "uid": uid,
+                             "deletionTimestamp": deleting.then_some("2026-12-07T00:00:00Z")},
+                "status": {"conditions": [{"type": "Ready", "status": if ready { "True" } else { "False" }}]}
+            }))
+            .unwrap()
+        };
+        let before: BTreeSet<String> = ["old", "leaving"].map(String::from).into();
+        let pods = [
+            pod("old", true, false),
+            // Terminating from an earlier rollout, still reported Ready: listed before,
+            // and on its way out either way.
+            pod("leaving", true, true),
+            pod("gone-soon", true, true),
+            pod("starting", false, false),
+            pod("new", true, false),
+        ];
+        assert_eq!(ready_replacements(&pods, &before), 1, "only `new`");
+    }
 
     #[test]
     fn selectors() {

@@ -47,7 +47,7 @@ fn bed_cache() -> PathBuf {
 }
 
 /// The bed's helm, built from helm.sh/helm/v3 (a no-op when cached).
-fn helm_bin() -> PathBuf {
+pub(crate) fn helm_bin() -> PathBuf {
     let ok = Command::new(repo().join("tests/testbed/build.sh"))
         .arg("helm")
         .status()

@@ -1,16 +1,17 @@
 //! kvinject installed as a platform team installs it: `helm install` of the chart, with
-//! kvinject's own image (built here without an engine, tests/testbed/image), running as a
-//! pod on the bed's node. The apiserver calls it through the chart's Service (the bed's
-//! apiserver routes Service-backed webhooks to the Service's endpoints,
+//! kvinject's own image (built here without an engine, tests/testbed/image), running as two
+//! pods on the bed's two nodes. The apiserver calls them through the chart's Service (the
+//! bed's apiserver routes Service-backed webhooks to the Service's endpoints,
 //! --enable-aggregator-routing, as there is no kube-proxy), with the chart's RBAC, policies
 //! and certificate bootstrap. Then a labelled namespace, an AccessPolicy and a Deployment
-//! with an `akv://` reference, whose container prints what it got.
+//! with an `akv://` reference, whose container prints what it got; and a drain of one
+//! replica under load, with the chart's PodDisruptionBudget.
 //!
 //! What the bed needs beyond a user's values, each a chart value a user may need too:
 //! hostNetwork (the bed has no pod network; pods reach the apiserver and the vault on
 //! 127.0.0.1, so KUBERNETES_SERVICE_HOST/PORT point there), the bed's CA (extraVolumes and
 //! KVINJECT_AZURE_CA_BUNDLE), a client-secret credential (the bed has no workload identity
-//! webhook), and the node's taint tolerated.
+//! webhook), and the nodes' taint tolerated.
 
 use crate::{
     install::INSTALL,
@@ -41,10 +42,7 @@ fn repo() -> &'static Path {
 
 fn helm(args: &[&str]) -> (bool, String) {
     let bed = support::testbed();
-    let helm = std::env::var_os("KVINJECT_TESTBED_CACHE")
-        .map_or_else(|| repo().join("target/testbed"), PathBuf::from)
-        .join("bin/helm");
-    let out = Command::new(helm)
+    let out = Command::new(crate::install::helm_bin())
         .args(args)
         .arg("--kubeconfig")
         .arg(&bed.kubeconfig)
@@ -79,7 +77,7 @@ fn chart_values() -> String {
     json!({
         "vaults": [format!("{}={}", bed.vault_name, bed.vault_url)],
         "image": {"repository": "localhost/kvinject", "tag": "bed", "pullPolicy": "Never"},
-        "replicaCount": 1,
+        "replicaCount": 2,
         "hostNetwork": true,
         "tolerations": [{"key": "kvinject.test/node", "operator": "Exists", "effect": "NoSchedule"}],
         "azure": {
@@ -87,8 +85,8 @@ fn chart_values() -> String {
             "tenantId": "testbed-tenant", "clientId": "kvinject-tests",
             "clientSecretRef": "kvinject-azure", "authorityHost": bed.authority,
         },
-        // The apiserver calls from the node's address.
-        "networkPolicy": {"from": [{"ipBlock": {"cidr": "10.244.76.1/32"}}]},
+        // The apiserver calls from the nodes' addresses (the bed enforces no policy).
+        "networkPolicy": {"from": [{"ipBlock": {"cidr": "10.244.76.0/24"}}]},
         "keyVault": {"probeInterval": "2s"},
         "extraEnv": [
             {"name": "KVINJECT_AZURE_CA_BUNDLE", "value": "/etc/kvinject/bed-ca/ca.crt"},
@@ -139,12 +137,9 @@ impl Drop for Uninstall {
     }
 }
 
-#[tokio::test]
-async fn helm_install_runs_kvinjects_image_on_the_node_and_a_deployment_gets_its_value() {
-    let _vault = support::VAULT.read().await;
-    let _rotation = support::ROTATION.lock().await;
-    let _install = INSTALL.lock().await;
-    let node = crate::node::node();
+/// Builds and imports the image, and installs the chart as a platform team would (the
+/// caller holds VAULT, ROTATION and INSTALL); uninstalls when dropped.
+async fn install_chart() -> Uninstall {
     let bed = support::testbed();
     let out = Command::new(repo().join("tests/testbed/image"))
         .output()
@@ -157,8 +152,7 @@ async fn helm_install_runs_kvinjects_image_on_the_node_and_a_deployment_gets_its
     let values = bed.dir.join("installed-values.json");
     std::fs::write(&values, chart_values()).unwrap();
     remove_chart(&values);
-    let _uninstall = Uninstall(values.clone());
-
+    let uninstall = Uninstall(values.clone());
     // What the platform team prepares: the namespace, the credential's Secret and (here)
     // the bed's CA.
     let (ok, out, err) = support::kubectl(&["create", "namespace", NS], None);
@@ -201,26 +195,45 @@ async fn helm_install_runs_kvinjects_image_on_the_node_and_a_deployment_gets_its
         "--timeout",
         "180s",
     ]);
-    let client = support::kube().await;
     if !ok {
         let (_, describe, _) = support::kubectl(&["-n", NS, "describe", "pods"], None);
         let (_, logs, _) = support::kubectl(&["-n", NS, "logs", "deploy/kvinject", "--tail=40"], None);
         panic!("helm install:\n{out}\n{describe}\n{logs}");
     }
 
-    // kvinject runs as a pod of its own image on the node.
-    let ours = Api::<Pod>::namespaced(client.clone(), NS)
+    uninstall
+}
+
+/// kvinject's pods, by name.
+async fn kvinject_pods(client: &kube::Client) -> Vec<Pod> {
+    Api::<Pod>::namespaced(client.clone(), NS)
         .list(&ListParams::default().labels("app.kubernetes.io/name=kvinject"))
         .await
         .unwrap()
-        .items;
-    assert_eq!(ours.len(), 1, "one replica");
-    let spec = ours[0].spec.as_ref().unwrap();
-    assert_eq!(spec.node_name.as_deref(), Some(node.as_str()));
-    assert_eq!(
-        spec.containers[0].image.as_deref(),
-        Some("localhost/kvinject:bed")
-    );
+        .items
+}
+
+#[tokio::test]
+async fn helm_install_runs_kvinjects_image_on_the_nodes_and_a_deployment_gets_its_value() {
+    let _vault = support::VAULT.read().await;
+    let _rotation = support::ROTATION.lock().await;
+    let _install = INSTALL.lock().await;
+    let _uninstall = install_chart().await;
+    let client = support::kube().await;
+    assert!(support::testbed().nodes.len() >= 2, "the bed runs two nodes");
+    // kvinject runs as two pods of its own image, one on each node (the chart spreads them).
+    let ours = kvinject_pods(&client).await;
+    assert_eq!(ours.len(), 2, "two replicas");
+    let mut on: Vec<String> = ours
+        .iter()
+        .map(|p| p.spec.as_ref().unwrap().node_name.clone().unwrap())
+        .collect();
+    on.sort();
+    assert_eq!(on, support::testbed().nodes, "one replica on each node");
+    for p in &ours {
+        let image = p.spec.as_ref().unwrap().containers[0].image.as_deref();
+        assert_eq!(image, Some("localhost/kvinject:bed"));
+    }
     // The webhook is registered through the Service, with the CA the bootstrap made.
     let mwc = Api::<MutatingWebhookConfiguration>::all(client.clone())
         .get("kvinject")
@@ -371,4 +384,97 @@ async fn the_image_built_here_is_what_the_dockerfile_describes() {
         said.contains("statically linked") || said.contains("not a dynamic executable"),
         "{said}"
     );
+}
+
+#[tokio::test]
+async fn a_drained_replica_is_replaced_while_the_other_keeps_admitting_and_the_budget_holds() {
+    let _vault = support::VAULT.read().await;
+    let _rotation = support::ROTATION.lock().await;
+    let _install = INSTALL.lock().await;
+    let _uninstall = install_chart().await;
+    let client = support::kube().await;
+    let ns = support::namespace(&client, "drained", &[("kvinject.io/injection", "enabled")]).await;
+    let _ns = NsGuard(ns.clone());
+    let _policy = support::grant_all(&client, &ns).await;
+    let name = support::unique("drained");
+    support::seed_secret(&name, &support::distinctive_value()).await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let reference = crate::inject::reference(&name);
+    let pod = move |i: usize| -> Pod {
+        serde_json::from_value(json!({
+            "metadata": {"name": format!("load-{i}")},
+            "spec": {"containers": [{"name": "app", "image": "registry.invalid/app:1",
+                      "env": [{"name": "X", "value": reference}]}]}
+        }))
+        .unwrap()
+    };
+    // The first admission materializes; then a steady load of pod creations.
+    support::eventually(Duration::from_secs(30), "the first pod admitted", || async {
+        pods.create(&PostParams::default(), &pod(0)).await.is_ok()
+    })
+    .await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = tokio::spawn({
+        let (pods, stop) = (pods.clone(), stop.clone());
+        let pod = pod.clone();
+        async move {
+            let (mut ok, mut failed) = (0usize, vec![]);
+            let mut i = 1;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match pods.create(&PostParams::default(), &pod(i)).await {
+                    Ok(_) => ok += 1,
+                    Err(e) => failed.push(e.to_string()),
+                }
+                i += 1;
+            }
+            (ok, failed)
+        }
+    });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // A drain evicts one replica: allowed (two healthy, the budget keeps one).
+    let ours = kvinject_pods(&client).await;
+    let ours_api: Api<Pod> = Api::namespaced(client.clone(), NS);
+    let evict = |name: String| {
+        let api = ours_api.clone();
+        async move { api.evict(&name, &Default::default()).await }
+    };
+    let (first, second) = (
+        ours[0].metadata.name.clone().unwrap(),
+        ours[1].metadata.name.clone().unwrap(),
+    );
+    evict(first.clone()).await.expect("the first eviction is allowed");
+    // The other may not go while the first is being replaced: the budget refuses it.
+    match evict(second.clone()).await {
+        Err(kube::Error::Api(s)) => assert_eq!(s.code, 429, "refused by the budget: {}", s.message),
+        other => panic!("the second eviction must be refused, got {other:?}"),
+    }
+    // The replacement becomes Ready (on the node the evicted replica left).
+    support::eventually(Duration::from_secs(90), "a Ready replacement", || async {
+        let now = kvinject_pods(&client).await;
+        now.iter()
+            .filter(|p| p.metadata.name.as_deref() != Some(first.as_str()))
+            .filter(|p| p.metadata.deletion_timestamp.is_none())
+            .filter(|p| {
+                p.status
+                    .as_ref()
+                    .and_then(|s| s.conditions.as_ref())
+                    .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+            })
+            .count()
+            == 2
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failed) = load.await.unwrap();
+    assert!(
+        failed.is_empty(),
+        "{} of {} admissions failed during the drain: {:?}",
+        failed.len(),
+        ok + failed.len(),
+        &failed[..failed.len().min(3)]
+    );
+    assert!(ok >= 20, "a load was running: {ok} pods admitted");
+    eprintln!("{ok} pods admitted during the drain, none refused");
 }

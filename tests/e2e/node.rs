@@ -182,7 +182,12 @@ fn kill_container(p: &Pod) {
         .clone()
         .unwrap();
     let id = id.strip_prefix("containerd://").unwrap();
-    let sock = support::testbed().dir.join("containerd.sock");
+    let node = p.spec.as_ref().unwrap().node_name.as_deref().unwrap();
+    let sock = support::testbed()
+        .dir
+        .join("nodes")
+        .join(node)
+        .join("containerd.sock");
     let out = Command::new("ctr")
         .arg("--address")
         .arg(&sock)
@@ -221,7 +226,12 @@ async fn a_running_container_sees_its_value_in_env_and_in_a_file() {
         running.spec.as_ref().unwrap().node_name.as_deref(),
         Some(node().as_str())
     );
-    assert!(is_ready(&running), "the pod is Ready by kubelet's own report");
+    support::eventually(
+        Duration::from_secs(20),
+        "kubelet to report the pod Ready",
+        || async { is_ready(&pods.get("single").await.unwrap()) },
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -364,7 +374,7 @@ async fn a_rotation_with_the_restart_strategy_rolls_to_ready_pods_holding_the_ne
 async fn evict_waits_for_ready_replacements_and_one_that_never_becomes_ready_halts_the_roll() {
     let _vault = support::VAULT.read().await;
     let _rotation = support::ROTATION.lock().await;
-    let s = rotation_setup("node-evict", &["--evict-ready-timeout", "20s"]).await;
+    let s = rotation_setup("node-evict", &["--evict-ready-timeout", "30s"]).await;
     let name = support::unique("node-evict");
     let (first, second, bad) = (
         support::distinctive_value(),
@@ -384,7 +394,8 @@ async fn evict_waits_for_ready_replacements_and_one_that_never_becomes_ready_hal
         json!({"kvinject.io/refresh-interval": "1s"}),
         json!({
             "command": ["sh", "-c", ready_unless_bad],
-            "readinessProbe": {"exec": {"command": ["cat", "/tmp/ready"]}, "periodSeconds": 1, "failureThreshold": 1}
+            "readinessProbe": {"exec": {"command": ["cat", "/tmp/ready"]}, "periodSeconds": 1,
+                               "timeoutSeconds": 5, "failureThreshold": 3}
         }),
     );
     let deployments: Api<Deployment> = Api::namespaced(s.client.clone(), &s.ns);
@@ -437,11 +448,7 @@ async fn evict_waits_for_ready_replacements_and_one_that_never_becomes_ready_hal
         "the last original was evicted only once a replacement was Ready: {ready_at_last_eviction:?}"
     );
     let replaced = ready_with(&s, "evict", 2, &second, Duration::from_secs(30)).await;
-
-    // A value the app cannot start with: the first replacement never becomes Ready, and the
-    // roll stops there, with the other pod still serving.
-    support::seed_secret(&name, &bad).await;
-    support::eventually(Duration::from_secs(90), "a RolloutHalted Event", || async {
+    let halted = || async {
         Api::<Event>::namespaced(s.client.clone(), &s.ns)
             .list(&ListParams::default())
             .await
@@ -449,8 +456,16 @@ async fn evict_waits_for_ready_replacements_and_one_that_never_becomes_ready_hal
             .items
             .iter()
             .any(|e| e.reason.as_deref() == Some("RolloutHalted"))
-    })
-    .await;
+    };
+    assert!(
+        !halted().await,
+        "every replacement of the good value became Ready in time"
+    );
+
+    // A value the app cannot start with: the first replacement never becomes Ready, and the
+    // roll stops there, with the other pod still serving.
+    support::seed_secret(&name, &bad).await;
+    support::eventually(Duration::from_secs(120), "a RolloutHalted Event", halted).await;
     let now = pods
         .list(&ListParams::default().labels("app=evict"))
         .await
@@ -463,10 +478,22 @@ async fn evict_waits_for_ready_replacements_and_one_that_never_becomes_ready_hal
                 .any(|p| p.metadata.uid == r.metadata.uid && is_ready(p))
         })
         .collect();
+    let states: Vec<String> = now
+        .iter()
+        .map(|p| {
+            format!(
+                "{} ready={} deleting={} restarts={}",
+                p.metadata.name.as_deref().unwrap_or_default(),
+                is_ready(p),
+                p.metadata.deletion_timestamp.is_some(),
+                restarts(p)
+            )
+        })
+        .collect();
     assert_eq!(
         survivors.len(),
         1,
-        "one pod of the previous value is left serving"
+        "one pod of the previous value is left serving: {states:?}"
     );
     assert_eq!(
         ready_pods(&s, "evict").await.len(),

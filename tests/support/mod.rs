@@ -41,6 +41,8 @@ pub struct TestBed {
     /// The bed's node (tests/testbed/node.sh), where pods that tolerate its taint run;
     /// `None` when the bed runs without one (not root, or KVINJECT_TESTBED_NODE=0).
     pub node: Option<String>,
+    /// Every node of the bed, sorted (two when it runs them).
+    pub nodes: Vec<String>,
 }
 
 fn repo() -> &'static Path {
@@ -66,6 +68,14 @@ fn from_exports(vars: &BTreeMap<String, String>) -> TestBed {
             .get("KVINJECT_TESTBED_NODE_NAME")
             .filter(|n| !n.is_empty())
             .cloned(),
+        nodes: {
+            let mut n: Vec<String> = vars
+                .get("KVINJECT_TESTBED_NODE_NAMES")
+                .map(|n| n.split_whitespace().map(str::to_owned).collect())
+                .unwrap_or_default();
+            n.sort();
+            n
+        },
     }
 }
 
@@ -83,7 +93,7 @@ pub fn testbed() -> &'static TestBed {
             "KVINJECT_TESTBED_WEBHOOK_CERT",
             "KVINJECT_TESTBED_WEBHOOK_KEY",
         ];
-        let optional = ["KVINJECT_TESTBED_NODE_NAME"];
+        let optional = ["KVINJECT_TESTBED_NODE_NAME", "KVINJECT_TESTBED_NODE_NAMES"];
         let from_env: BTreeMap<String, String> = keys
             .iter()
             .chain(&optional)
@@ -102,7 +112,7 @@ pub fn testbed() -> &'static TestBed {
             .lines()
             .filter_map(|l| l.strip_prefix("export "))
             .filter_map(|l| l.split_once('='))
-            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .map(|(k, v)| (k.to_owned(), v.trim_matches('"').to_owned()))
             .collect();
         from_exports(&vars)
     })

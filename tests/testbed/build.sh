@@ -15,6 +15,8 @@
 # The Key Vault side is tests/testbed/kvstandin.py (python3 only): Lowkey Vault's app jar
 # (com.github.nagyesta.lowkey-vault:lowkey-vault-app) is not served by this machine's Maven
 # registry; see that file's header.
+# `bed`: only what `testbed up` runs (etcd, the control plane, the node's parts); `all`
+# adds helm and the CRDs (the chart tests also build what they use on demand).
 # Prints nothing on a warm cache. Each binary is written to a temp name and renamed.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -84,10 +86,12 @@ case $what in
   helm) build_go helm helm helm.sh/helm/v3/cmd/helm "$(helm_ldflags)" ;;
   promtool) build_go promtool promtool github.com/prometheus/prometheus/cmd/promtool "-s -w" ;;
   crds) fetch_crds ;;
-  all)
+  bed|all)
     build_go etcd etcd go.etcd.io/etcd/server/v3 "-s -w"
-    build_go helm helm helm.sh/helm/v3/cmd/helm "$(helm_ldflags)"
-    fetch_crds
+    if [[ $what == all ]]; then
+      build_go helm helm helm.sh/helm/v3/cmd/helm "$(helm_ldflags)"
+      fetch_crds
+    fi
     build_go kube kube-apiserver k8s.io/kubernetes/cmd/kube-apiserver "$(kube_ldflags)"
     build_go kube kube-controller-manager k8s.io/kubernetes/cmd/kube-controller-manager "$(kube_ldflags)"
     build_go kube kube-scheduler k8s.io/kubernetes/cmd/kube-scheduler "$(kube_ldflags)"
@@ -95,5 +99,5 @@ case $what in
     build_go kube kubectl k8s.io/kubernetes/cmd/kubectl "$(kube_ldflags)"
     build_go pause pause kvinject.test/pause "-s -w"
     ;;
-  *) echo "usage: $0 [all|etcd|kube-apiserver|kube-controller-manager|kube-scheduler|kubelet|kubectl|pause|helm|promtool|crds]" >&2; exit 2 ;;
+  *) echo "usage: $0 [all|bed|etcd|kube-apiserver|kube-controller-manager|kube-scheduler|kubelet|kubectl|pause|helm|promtool|crds]" >&2; exit 2 ;;
 esac

@@ -1,16 +1,18 @@
-# The test bed's node: a kube-scheduler, a kubelet and containerd (Debian's containerd and
-# runc), so pods really run. Sourced by tests/testbed/testbed, which defines run, cache,
+# The test bed's nodes: a kube-scheduler, and two nodes, each a kubelet with a containerd
+# of its own (Debian's containerd and runc), so pods really run, and two replicas of
+# kvinject on the node network can run side by side (one per node, as the chart spreads
+# them). Sourced by tests/testbed/testbed, which defines run, cache,
 # start, alive, wait_for, stop_one, log and die.
 #
 # What this machine needs (../shared/node-notes.md has the errors behind each):
 # - cgroup v1 only: the kubelet runs with failCgroupV1: false;
 # - no CAP_SYS_RESOURCE: containerd clamps oom_score_adj (restrict_oom_score_adj), else runc
 #   fails with "can't get final child's PID from pipe: EOF";
-# - a loopback node IP is refused: the node's address is a /32 on lo (NODE_IP), removed by
-#   `down`; the kubelet listens only there;
+# - a loopback node IP is refused: each node's address is a /32 on lo (10.244.76.N),
+#   removed by `down`; each kubelet listens only there;
 # - makeIPTablesUtilChains: false, so the host's iptables stay untouched.
 #
-# The node is registered with the taint kvinject.test/node=real:NoSchedule: only pods that
+# The nodes are registered with the taint kvinject.test/node=real:NoSchedule: only pods that
 # tolerate it (the real-node tests, the chart's pods on the bed) run there. Every other
 # test's pods stay Pending, as they were on a bed without a node, and those tests report
 # them Ready by hand (tests/support ReadyPods): they test admission and rollouts, not
@@ -24,14 +26,16 @@
 # in $run/node-host-state written before anything changed): sysctls the kubelet and the
 # bridge plugin set (vm.overcommit_memory, kernel.panic, kernel.panic_on_oops,
 # net.ipv4.ip_forward); fixed paths (/var/lib/kubelet, /var/log/containers, /var/lib/cni,
-# /run/containerd); the cgroups under each hierarchy's kvinject-bed/; the bridge kvbed0; the
-# /32 on lo; mounts under $run. One node per machine: a second bed runs without one.
+# /run/containerd); the cgroups under each hierarchy's kvinject-bed/; the bridges kvbedN;
+# the /32s on lo; mounts under $run. One bed per machine has nodes: a second runs without.
+# Two kubelets share one fixed path, /var/lib/kubelet/device-plugins (no device plugin is
+# used here).
 
-NODE_NAME=kvinject-bed-node
-NODE_IP=10.244.76.1
+NODES=${KVINJECT_TESTBED_NODES:-2}
+node_name() { echo "kvinject-bed-node-$1"; }
+node_ip() { echo "10.244.76.$1"; }
+node_dir() { echo "$run/nodes/$(node_name "$1")"; }
 NODE_TAINT=kvinject.test/node=real:NoSchedule
-NODE_BRIDGE=kvbed0
-NODE_SUBNET=10.244.77.0/24
 NODE_CGROUP=kvinject-bed
 NODE_LOCK=/run/kvinject-testbed-node
 NODE_SYSCTLS="vm.overcommit_memory kernel.panic kernel.panic_on_oops net.ipv4.ip_forward"
@@ -54,12 +58,15 @@ node_wanted() {
   return 0
 }
 
+# node_certs N: the node's own client certificate (system:node:NAME in system:nodes, for
+# Node authorization and NodeRestriction), its serving certificate and its kubeconfig.
 node_certs() {
-  local d=$run/pki
-  leaf kubelet-client "/O=system:nodes/CN=system:node:$NODE_NAME" "DNS:$NODE_NAME" clientAuth
-  leaf kubelet-serving "/CN=$NODE_NAME" "IP:$NODE_IP,DNS:$NODE_NAME" serverAuth
+  local d=$run/pki n=$1 name ip nd
+  name=$(node_name "$1") ip=$(node_ip "$1") nd=$(node_dir "$1")
+  leaf "kubelet-client-$n" "/O=system:nodes/CN=system:node:$name" "DNS:$name" clientAuth
+  leaf "kubelet-serving-$n" "/CN=$name" "IP:$ip,DNS:$name" serverAuth
   local b64="base64 -w0"
-  cat >"$run/kubelet.kubeconfig" <<EOF
+  cat >"$nd/kubelet.kubeconfig" <<EOF
 apiVersion: v1
 kind: Config
 clusters:
@@ -70,8 +77,8 @@ clusters:
 users:
 - name: kubelet
   user:
-    client-certificate-data: $($b64 "$d/kubelet-client.crt")
-    client-key-data: $($b64 "$d/kubelet-client.key")
+    client-certificate-data: $($b64 "$d/kubelet-client-$n.crt")
+    client-key-data: $($b64 "$d/kubelet-client-$n.key")
 contexts:
 - name: testbed
   context: {cluster: testbed, user: kubelet}
@@ -85,22 +92,26 @@ node_save_host_state() {
   : >"$s.tmp"
   for k in $NODE_SYSCTLS; do echo "sysctl $k $(sysctl -n "$k")" >>"$s.tmp"; done
   for p in $NODE_PATHS; do [[ -e $p ]] || echo "path $p" >>"$s.tmp"; done
+  echo "nodes $NODES" >>"$s.tmp"
   mv "$s.tmp" "$s"
   mkdir -p "$NODE_LOCK" && echo "$run" >"$NODE_LOCK/owner"
 }
 
+# node_config N: containerd's, the CNI network's and the kubelet's configuration.
 node_config() {
-  mkdir -p "$run/containerd" "$run/cni/net.d" "$run/cni/data" "$run/pod-logs" "$run/kubelet"
-  cat >"$run/containerd/config.toml" <<EOF
+  local n=$1 nd ip
+  nd=$(node_dir "$1") ip=$(node_ip "$1")
+  mkdir -p "$nd/containerd" "$nd/cni/net.d" "$nd/cni/data" "$nd/pod-logs" "$nd/kubelet"
+  cat >"$nd/containerd/config.toml" <<EOF
 version = 2
-root = "$run/containerd/root"
-state = "$run/containerd/state"
+root = "$nd/containerd/root"
+state = "$nd/containerd/state"
 [grpc]
-  address = "$run/containerd.sock"
+  address = "$nd/containerd.sock"
 [ttrpc]
-  address = "$run/containerd.sock.ttrpc"
+  address = "$nd/containerd.sock.ttrpc"
 [plugins."io.containerd.internal.v1.opt"]
-  path = "$run/containerd/opt"
+  path = "$nd/containerd/opt"
 [plugins."io.containerd.grpc.v1.cri"]
   sandbox_image = "$PAUSE_IMAGE"
   restrict_oom_score_adj = true
@@ -113,32 +124,32 @@ state = "$run/containerd/state"
       runtime_type = "io.containerd.runc.v2"
       [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
         SystemdCgroup = false
-        Root = "$run/runc"
+        Root = "$nd/runc"
   [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = "/usr/lib/cni"
-    conf_dir = "$run/cni/net.d"
+    conf_dir = "$nd/cni/net.d"
 EOF
   # Only for the node's network readiness and any pod without hostNetwork: a bridge with
   # no masquerading (so no iptables rule), addresses kept under $run.
-  cat >"$run/cni/net.d/10-kvinject-bed.conflist" <<EOF
+  cat >"$nd/cni/net.d/10-kvinject-bed.conflist" <<EOF
 {"cniVersion": "0.4.0", "name": "kvinject-bed", "plugins": [
-  {"type": "bridge", "bridge": "$NODE_BRIDGE", "isGateway": true, "ipMasq": false,
-   "ipam": {"type": "host-local", "dataDir": "$run/cni/data", "ranges": [[{"subnet": "$NODE_SUBNET"}]]}}]}
+  {"type": "bridge", "bridge": "kvbed$n", "isGateway": true, "ipMasq": false,
+   "ipam": {"type": "host-local", "dataDir": "$nd/cni/data", "ranges": [[{"subnet": "10.244.$((76 + n)).0/24"}]]}}]}
 EOF
-  cat >"$run/kubelet.yaml" <<EOF
+  cat >"$nd/kubelet.yaml" <<EOF
 apiVersion: kubelet.config.k8s.io/v1beta1
 kind: KubeletConfiguration
 failCgroupV1: false
 cgroupDriver: cgroupfs
-cgroupRoot: /$NODE_CGROUP
-containerRuntimeEndpoint: unix://$run/containerd.sock
-address: $NODE_IP
-port: $(cat "$run/kubelet.port")
+cgroupRoot: /$NODE_CGROUP/n$n
+containerRuntimeEndpoint: unix://$nd/containerd.sock
+address: $ip
+port: $(cat "$run/kubelet-$n.port")
 readOnlyPort: 0
 healthzBindAddress: 127.0.0.1
-healthzPort: $(cat "$run/kubelet-healthz.port")
-tlsCertFile: $run/pki/kubelet-serving.crt
-tlsPrivateKeyFile: $run/pki/kubelet-serving.key
+healthzPort: $(cat "$run/kubelet-healthz-$n.port")
+tlsCertFile: $run/pki/kubelet-serving-$n.crt
+tlsPrivateKeyFile: $run/pki/kubelet-serving-$n.key
 authentication:
   anonymous: {enabled: false}
   webhook: {enabled: false}
@@ -146,7 +157,7 @@ authentication:
 authorization: {mode: AlwaysAllow}
 # Secret volumes follow updates within about this (kubelet's sync period).
 syncFrequency: 5s
-podLogsDir: $run/pod-logs
+podLogsDir: $nd/pod-logs
 evictionHard: {memory.available: 100Mi, nodefs.available: "1%", imagefs.available: "1%", nodefs.inodesFree: "1%"}
 makeIPTablesUtilChains: false
 protectKernelDefaults: false
@@ -184,6 +195,7 @@ PY
   rm -rf "$d/bundle"
 }
 
+# The bed's images, made once per bed, imported into every node's containerd.
 node_images() {
   mkdir -p "$run/images"
   local r=$run/images/rootfs
@@ -195,67 +207,88 @@ node_images() {
   for a in $(/bin/busybox --list); do [[ $a == busybox ]] || ln -s busybox "$r/busybox/bin/$a"; done
   oci_image busybox "$BUSYBOX_IMAGE" "$r/busybox" --config.entrypoint /bin/sh --config.env PATH=/bin
   rm -rf "$r"
-  ctr_node images import "$run/images/pause.tar" >/dev/null
-  ctr_node images import "$run/images/busybox.tar" >/dev/null
 }
 
-ctr_node() { ctr --address "$run/containerd.sock" -n k8s.io "$@"; }
+# ctr_node N ARGS...: ctr against node N's containerd.
+ctr_node() { local n=$1; shift; ctr --address "$(node_dir "$n")/containerd.sock" -n k8s.io "$@"; }
 
 start_node() {
-  local b=$cache/bin p
-  for p in scheduler kubelet kubelet-healthz; do free_port >"$run/$p.port"; done
+  local b=$cache/bin p n h
+  free_port >"$run/scheduler.port"
+  for ((n = 1; n <= NODES; n++)); do
+    for p in kubelet kubelet-healthz; do free_port >"$run/$p-$n.port"; done
+  done
   node_save_host_state
-  ip addr replace "$NODE_IP/32" dev lo
-  # The kubelet's cgroupRoot, in every v1 hierarchy (cpuset's needs its CPUs and memory
+  # Each kubelet's cgroupRoot, in every v1 hierarchy (cpuset's needs its CPUs and memory
   # nodes set before it can hold a process).
-  local h
   for h in /sys/fs/cgroup/*/; do
     [[ -L ${h%/} || ! -d $h || $h == /sys/fs/cgroup/unified/ ]] && continue
-    mkdir -p "$h$NODE_CGROUP"
+    for ((n = 1; n <= NODES; n++)); do mkdir -p "$h$NODE_CGROUP/n$n"; done
   done
   if [[ -d /sys/fs/cgroup/cpuset/$NODE_CGROUP ]]; then
-    cat /sys/fs/cgroup/cpuset/cpuset.cpus >"/sys/fs/cgroup/cpuset/$NODE_CGROUP/cpuset.cpus"
-    cat /sys/fs/cgroup/cpuset/cpuset.mems >"/sys/fs/cgroup/cpuset/$NODE_CGROUP/cpuset.mems"
+    local c=/sys/fs/cgroup/cpuset
+    local d
+    for d in "" $(seq -f "/n%g" 1 "$NODES"); do
+      cat "$c/cpuset.cpus" >"$c/$NODE_CGROUP$d/cpuset.cpus"
+      cat "$c/cpuset.mems" >"$c/$NODE_CGROUP$d/cpuset.mems"
+    done
   fi
-  node_certs
-  node_config
   start kube-scheduler "$b/kube-scheduler" \
     --kubeconfig "$run/kubeconfig" --authentication-kubeconfig "$run/kubeconfig" \
     --authorization-kubeconfig "$run/kubeconfig" --leader-elect=false \
     --bind-address 127.0.0.1 --secure-port "$(cat "$run/scheduler.port")"
-  start containerd containerd --config "$run/containerd/config.toml"
-  wait_for containerd 30 ctr_node version
   node_images
-  start kubelet "$b/kubelet" --config "$run/kubelet.yaml" --kubeconfig "$run/kubelet.kubeconfig" \
-    --root-dir "$run/kubelet" --cert-dir "$run/kubelet-certs" \
-    --hostname-override "$NODE_NAME" --node-ip "$NODE_IP"
+  for ((n = 1; n <= NODES; n++)); do
+    local nd; nd=$(node_dir "$n")
+    mkdir -p "$nd"
+    ip addr replace "$(node_ip "$n")/32" dev lo
+    node_certs "$n"
+    node_config "$n"
+    start "containerd-$n" containerd --config "$nd/containerd/config.toml"
+    wait_for "containerd-$n" 30 ctr_node "$n" version
+    ctr_node "$n" images import "$run/images/pause.tar" >/dev/null
+    ctr_node "$n" images import "$run/images/busybox.tar" >/dev/null
+    start "kubelet-$n" "$b/kubelet" --config "$nd/kubelet.yaml" --kubeconfig "$nd/kubelet.kubeconfig" \
+      --root-dir "$nd/kubelet" --cert-dir "$nd/kubelet-certs" \
+      --hostname-override "$(node_name "$n")" --node-ip "$(node_ip "$n")"
+  done
   wait_for kube-scheduler 60 curl -skf "https://127.0.0.1:$(cat "$run/scheduler.port")/healthz"
-  wait_for kubelet 60 node_ready
+  for ((n = 1; n <= NODES; n++)); do wait_for "kubelet-$n" 60 node_ready "$n"; done
 }
 
 node_ready() {
-  "$cache/bin/kubectl" --kubeconfig "$run/kubeconfig" get node "$NODE_NAME" \
+  "$cache/bin/kubectl" --kubeconfig "$run/kubeconfig" get node "$(node_name "$1")" \
     -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}' 2>/dev/null | grep -qx True
 }
 
-# Stops the node and puts the host back, from the record up wrote; safe to run twice and
-# after any of the node's processes died or were killed.
+# The nodes' names, space-separated, when this bed runs them.
+node_names() {
+  [[ -f $run/node-host-state ]] || return 0
+  local n out=()
+  for ((n = 1; n <= NODES; n++)); do out+=("$(node_name "$n")"); done
+  echo "${out[*]}"
+}
+
+# Stops the nodes and puts the host back, from the record up wrote; safe to run twice and
+# after any of the nodes' processes died or were killed.
 node_down() {
   local s=$run/node-host-state
   [[ -f $s ]] || return 0
-  stop_one kubelet
+  NODES=$(awk '$1 == "nodes" {print $2}' "$s")
+  NODES=${NODES:-1}
+  local n pid h
+  for ((n = 1; n <= NODES; n++)); do stop_one "kubelet-$n"; done
   stop_one kube-scheduler
-  # Pods' processes (shims and containers) live in the node's cgroups, not in the
+  # Pods' processes (shims and containers) live in the nodes' cgroups, not in the
   # processes' sessions: kill what is left there, then remove the cgroups.
-  local h pid
   for _ in 1 2 3; do
     for pid in $(find /sys/fs/cgroup/*/"$NODE_CGROUP" -name cgroup.procs -exec cat {} + 2>/dev/null || true) \
-               $(pgrep -f "containerd-shim-runc-v2 .*-address $run/containerd.sock" || true); do
+               $(pgrep -f "containerd-shim-runc-v2 .*-address $run/nodes/" || true); do
       kill -KILL "$pid" 2>/dev/null || true
     done
     sleep 0.2
   done
-  stop_one containerd
+  for ((n = 1; n <= NODES; n++)); do stop_one "containerd-$n"; done
   # Mounts under $run (pods' volumes, sandboxes' namespaces, snapshots), deepest first.
   local m
   for m in $(awk -v r="$run/" 'index($2, r) == 1 {print $2}' /proc/self/mounts | sort -r); do
@@ -264,13 +297,16 @@ node_down() {
   for h in /sys/fs/cgroup/*/"$NODE_CGROUP"; do
     [[ -d $h ]] && { find "$h" -depth -type d -exec rmdir {} + 2>/dev/null || true; }
   done
-  ip link delete "$NODE_BRIDGE" 2>/dev/null || true
-  ip addr del "$NODE_IP/32" dev lo 2>/dev/null || true
+  for ((n = 1; n <= NODES; n++)); do
+    ip link delete "kvbed$n" 2>/dev/null || true
+    ip addr del "$(node_ip "$n")/32" dev lo 2>/dev/null || true
+  done
   local kind a b
   while read -r kind a b; do
     case $kind in
       sysctl) sysctl -qw "$a=$b" || true ;;
       path) rm -rf "$a" || true ;;
+      nodes) NODES=$a ;;
     esac
   done <"$s"
   rm -f "$s"
