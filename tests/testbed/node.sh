@@ -51,11 +51,29 @@ node_wanted() {
   command -v containerd >/dev/null && command -v runc >/dev/null && command -v umoci >/dev/null &&
     [[ -x /usr/lib/cni/bridge && -x /bin/busybox ]] ||
     die "the node needs Debian's containerd runc containernetworking-plugins busybox-static umoci (apt-get install them, or KVINJECT_TESTBED_NODE=0)"
-  if [[ -f $NODE_LOCK/owner && $(cat "$NODE_LOCK/owner") != "$run" && -d $(cat "$NODE_LOCK/owner") ]]; then
-    log "no node: the bed in $(cat "$NODE_LOCK/owner") runs this machine's node"
-    return 1
+  local owner
+  owner=$(cat "$NODE_LOCK/owner" 2>/dev/null || true)
+  if [[ -n $owner && $owner != "$run" ]]; then
+    if node_lock_live "$owner"; then
+      log "no node: the bed in $owner runs this machine's node"
+      return 1
+    fi
+    log "node: taking over a stale node lock (the bed in $owner runs no node process)"
   fi
   return 0
+}
+
+# node_lock_live RUN: whether a node process of the bed in RUN is alive. A lock whose owner
+# runs none is stale (a bed killed outright, or a machine copied with its /run), so a pid
+# file alone does not count: the process must be that bed's (its command line names RUN).
+node_lock_live() {
+  local f pid
+  for f in "$1"/containerd-*.pid "$1"/kubelet-*.pid; do
+    [[ -f $f ]] || continue
+    pid=$(cat "$f")
+    [[ -r /proc/$pid/cmdline ]] && tr '\0' ' ' <"/proc/$pid/cmdline" | grep -qF "$1/" && return 0
+  done
+  return 1
 }
 
 # node_certs N: the node's own client certificate (system:node:NAME in system:nodes, for
