@@ -29,12 +29,24 @@ use tracing::{error, info, warn};
 /// How long in-flight requests get to finish after SIGTERM.
 const DRAIN: Duration = Duration::from_secs(10);
 
+/// kvinject's client of the apiserver, without kube's own retry. kube 5 retries a 429, 503
+/// or 504 inside one call, up to 15 times with a backoff that grows to 1000 s: an eviction a
+/// PodDisruptionBudget refuses (429) then blocks for minutes, past the rollout's deadline and
+/// past a lost Lease, and a refused write waits unseen. Each caller retries as it decides
+/// instead: evictions every 2 s until their deadline, rotation writes on their next pass,
+/// admissions within their deadline, watches with the watcher's backoff.
+async fn apiserver_client() -> anyhow::Result<kube::Client> {
+    let mut config = kube::Config::infer().await?;
+    config.default_retry = false;
+    Ok(kube::Client::try_from(config)?)
+}
+
 pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     let stop = CancellationToken::new();
     let ready = admin::Readiness::default();
     let metrics = Metrics::default();
 
-    let client = kube::Client::try_default()
+    let client = apiserver_client()
         .await
         .context("connecting to the Kubernetes API")?;
     let server_tls = match &config.client_ca {
