@@ -200,12 +200,6 @@ async fn the_global_flag_opts_workloads_in_and_a_workloads_own_false_wins() {
 #[tokio::test]
 async fn retry_after_is_honoured_when_it_fits_the_deadline() {
     let _vault = support::VAULT.write().await; // a vault fault
-    struct EndFaults;
-    impl Drop for EndFaults {
-        fn drop(&mut self) {
-            support::end_vault_faults_blocking();
-        }
-    }
     let s = support::setup("retry-after", &[]).await;
     let name = support::unique("throttled");
     support::seed_secret(&name, &support::distinctive_value()).await;
@@ -213,7 +207,7 @@ async fn retry_after_is_honoured_when_it_fits_the_deadline() {
         json!({"status": 429, "retry_after": 1, "times": 1, "name": name}),
     ))
     .await;
-    let _end = EndFaults;
+    let _end = support::EndVaultFaults;
     let started = Instant::now();
     create(&s, &pod("throttled", &[("X", &reference(&name))], json!({})))
         .await

@@ -21,18 +21,10 @@ const DEADLINE: Duration = Duration::from_secs(6);
 /// First uses tried during each fault: a leak of one task per request would show as this many.
 const FIRST_USES: usize = 5;
 
-/// Ends the bed's faults when the test ends, however it ends.
-struct Fault;
-impl Fault {
-    async fn on(fault: Value) -> Fault {
-        support::vault_fault(Some(fault)).await;
-        Fault
-    }
-}
-impl Drop for Fault {
-    fn drop(&mut self) {
-        support::end_vault_faults_blocking();
-    }
+/// Sets a vault fault, ended when the guard is dropped (however the test ends).
+async fn fault_on(fault: Value) -> support::EndVaultFaults {
+    support::vault_fault(Some(fault)).await;
+    support::EndVaultFaults
 }
 
 /// What a fault must do to kvinject.
@@ -81,7 +73,7 @@ async fn survive(fault: Value, expect: Expect) {
     let (ok, stderr, _) = kubectl_create(&s.ns, "before", &reference(&known));
     assert!(ok, "admitted while the vault is fine: {stderr}");
 
-    let _fault = Fault::on(fault.clone()).await;
+    let _fault = fault_on(fault.clone()).await;
     if expect.restart_during {
         // A rescheduled replica: it has no token, so it must ask Entra ID.
         s.kvinject

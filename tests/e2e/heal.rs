@@ -52,21 +52,6 @@ fn annotation<'a>(secret: &'a Secret, name: &str) -> Option<&'a str> {
 }
 
 /// Starts the bed's vault again when the test ends, however it ends.
-struct RestartVault;
-impl Drop for RestartVault {
-    fn drop(&mut self) {
-        support::testbed_cmd("vault-start");
-    }
-}
-
-/// Ends the bed's vault faults when the test ends, however it ends.
-struct EndFaults;
-impl Drop for EndFaults {
-    fn drop(&mut self) {
-        support::end_vault_faults_blocking();
-    }
-}
-
 #[tokio::test]
 async fn a_secret_deleted_by_hand_comes_back_within_a_reconcile_interval() {
     let _vault = support::VAULT.read().await;
@@ -151,7 +136,7 @@ async fn with_the_vault_stopped_recreation_fails_visibly_and_succeeds_when_it_re
     let before = secrets.get(&secret_name).await.unwrap();
 
     support::testbed_cmd("vault-stop");
-    let restart = RestartVault;
+    let restart = support::RestartVault;
     secrets
         .delete(&secret_name, &DeleteParams::default())
         .await
@@ -241,7 +226,7 @@ async fn a_secret_nothing_uses_is_not_recreated_even_when_unused_mid_recreation(
     // A Secret in use is deleted, and its only pod goes while kvinject reads the vault to
     // recreate it (every vault answer takes 1.5 s now).
     support::vault_fault(Some(json!({"latency": 1.5}))).await;
-    let _end = EndFaults;
+    let _end = support::EndVaultFaults;
     secrets
         .delete(&kept_secret, &DeleteParams::default())
         .await

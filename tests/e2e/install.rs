@@ -15,7 +15,7 @@ use k8s_openapi::api::{
     admissionregistration::v1::MutatingWebhookConfiguration,
     apps::v1::Deployment,
     coordination::v1::Lease,
-    core::v1::{Namespace, Pod, Secret, ServiceAccount},
+    core::v1::{Pod, Secret, ServiceAccount},
     events::v1::Event,
     policy::v1::PodDisruptionBudget,
 };
@@ -37,7 +37,7 @@ const NAME: &str = "kvinject";
 const SA: &str = "system:serviceaccount:kvinject:kvinject";
 const OPT_IN: (&str, &str) = ("kvinject.io/injection", "enabled");
 
-fn repo() -> &'static Path {
+pub(crate) fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
@@ -366,14 +366,6 @@ fn no_permission_errors(k: &Kvinject) {
     );
 }
 
-/// Deletes the test's namespace when dropped.
-struct NsGuard(String);
-impl Drop for NsGuard {
-    fn drop(&mut self) {
-        support::delete_from_drop::<Namespace>(self.0.clone());
-    }
-}
-
 #[tokio::test]
 async fn the_apiserver_accepts_the_manifests_and_kvinject_works_on_the_charts_permissions_alone() {
     let _vault = support::VAULT.read().await;
@@ -561,7 +553,7 @@ async fn the_apiserver_accepts_the_manifests_and_kvinject_works_on_the_charts_pe
     .await;
 
     let ns = support::namespace(&client, "install", &[OPT_IN]).await;
-    let _guard = NsGuard(ns.clone());
+    let _guard = support::NamespaceGuard(ns.clone());
     // The chart requires access policies: kvinject reads them with the chart's RBAC.
     let _policy = support::grant_all(&client, &ns).await;
     support::wait_for_webhook(&client, &ns).await;
@@ -872,7 +864,7 @@ async fn the_charts_policies_fence_kvinjects_own_permissions() {
     let pp = PostParams::default();
     let opted = support::namespace(&client, "fenced", &[OPT_IN]).await;
     let outside = support::namespace(&client, "unfenced", &[]).await;
-    let _cleanup = [opted.clone(), outside.clone()].map(NsCleanup);
+    let _cleanup = [opted.clone(), outside.clone()].map(support::NamespaceGuard);
     let labelled = |type_: &str, annotations: serde_json::Value| -> Secret {
         serde_json::from_value(json!({
             "metadata": {"name": support::unique("kvi-fenced"), "labels": {"app.kubernetes.io/managed-by": "kvinject"}, "annotations": annotations},
@@ -1080,15 +1072,6 @@ async fn the_charts_policies_fence_kvinjects_own_permissions() {
         .expect("a token in an opted-in namespace");
 }
 
-/// Deletes a namespace when dropped.
-struct NsCleanup(String);
-
-impl Drop for NsCleanup {
-    fn drop(&mut self) {
-        support::delete_from_drop::<Namespace>(self.0.clone());
-    }
-}
-
 /// A client acting as the chart's ServiceAccount.
 async fn service_account_client() -> Client {
     let kubeconfig = kube::config::Kubeconfig::read_from(service_account_kubeconfig()).unwrap();
@@ -1121,7 +1104,7 @@ async fn replicas_starting_together_share_one_bootstrapped_certificate_and_renew
     assert_eq!(served_certificate(b_port).await, first);
 
     let ns = support::namespace(&client, "bootstrap", &[OPT_IN]).await;
-    let _guard = NsGuard(ns.clone());
+    let _guard = support::NamespaceGuard(ns.clone());
     support::wait_for_webhook(&client, &ns).await;
 
     // With a third of its 30 s left, the serving certificate is renewed by the same CA and
@@ -1156,7 +1139,7 @@ async fn kvinjects_own_namespace_and_kube_system_are_never_sent_to_the_webhook()
     // kvinject is stopped: nothing listens where the registration points.
     point_webhook_at(&client, support::free_port()).await;
     let opted_in = support::namespace(&client, "stopped", &[OPT_IN]).await;
-    let _guard = NsGuard(opted_in.clone());
+    let _guard = support::NamespaceGuard(opted_in.clone());
     // Even carrying the opt-in label, kvinject's own namespace stays excluded.
     let (ok, _, err) = support::kubectl(
         &[
@@ -1209,7 +1192,7 @@ async fn kvinjects_own_namespace_and_kube_system_are_never_sent_to_the_webhook()
 async fn bootstrap_never_overwrites_a_secret_it_did_not_create() {
     let client = support::kube().await;
     let ns = support::namespace(&client, "foreign-tls", &[]).await;
-    let _guard = NsGuard(ns.clone());
+    let _guard = support::NamespaceGuard(ns.clone());
     let foreign: Secret = serde_json::from_value(
         json!({"metadata": {"name": "kvinject-tls"}, "stringData": {"tls.crt": "someone else's"}}),
     )
@@ -1302,7 +1285,7 @@ async fn certificates_from_kvinject_certs_are_trusted_by_the_apiserver() {
     let client = support::kube().await;
     let label = support::unique("certs");
     let ns = support::namespace(&client, "certs", &[("kvinject.test/suite", &label)]).await;
-    let _guard = NsGuard(ns.clone());
+    let _guard = support::NamespaceGuard(ns.clone());
     let _webhook =
         support::register_webhook(&client, &label, &k.url(), ("kvinject.test/suite", &label)).await;
     let patch: json_patch::Patch = serde_json::from_value(
@@ -1356,7 +1339,7 @@ async fn optional_cert_manager_and_service_monitor_objects_match_their_crds() {
 
     let client = support::kube().await;
     let ns = support::namespace(&client, "optional", &[]).await;
-    let _guard = NsGuard(ns.clone());
+    let _guard = support::NamespaceGuard(ns.clone());
     for extra in [
         &[][..],
         &[
@@ -1493,7 +1476,7 @@ async fn the_charts_permissions_cover_kvinjects_live_reads_of_namespaces_and_ser
     let admin = support::kube().await;
     apply_manifests();
     let ns = support::namespace(&admin, "liveread", &[("kvinject.test/suite", "x")]).await;
-    let _ns = NsCleanup(ns.clone());
+    let _ns = support::NamespaceGuard(ns.clone());
     let mut sa = ServiceAccount::default();
     sa.metadata.name = Some("own-identity".into());
     sa.metadata.annotations = Some([("kvinject.io/identity".to_owned(), "workload".to_owned())].into());

@@ -19,9 +19,8 @@ use crate::{
     support,
 };
 use k8s_openapi::api::{
-    admissionregistration::v1::MutatingWebhookConfiguration,
-    apps::v1::Deployment,
-    core::v1::{Namespace, Pod},
+    admissionregistration::v1::MutatingWebhookConfiguration, apps::v1::Deployment, core::v1::Pod,
+    policy::v1::PodDisruptionBudget,
 };
 use kube::{
     Api,
@@ -36,17 +35,13 @@ use std::{
 
 const NS: &str = "kvinject";
 
-fn repo() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
 fn helm(args: &[&str]) -> (bool, String) {
     let bed = support::testbed();
     let out = Command::new(crate::install::helm_bin())
         .args(args)
         .arg("--kubeconfig")
         .arg(&bed.kubeconfig)
-        .current_dir(repo())
+        .current_dir(crate::install::repo())
         .output()
         .expect("running helm");
     (
@@ -141,7 +136,7 @@ impl Drop for Uninstall {
 /// caller holds VAULT, ROTATION and INSTALL); uninstalls when dropped.
 async fn install_chart() -> Uninstall {
     let bed = support::testbed();
-    let out = Command::new(repo().join("tests/testbed/image"))
+    let out = Command::new(crate::install::repo().join("tests/testbed/image"))
         .output()
         .expect("running tests/testbed/image");
     assert!(
@@ -245,7 +240,7 @@ async fn helm_install_runs_kvinjects_image_on_the_nodes_and_a_deployment_gets_it
 
     // A team's namespace opts in; its AccessPolicy grants; its Deployment starts with the value.
     let ns = support::namespace(&client, "installed", &[("kvinject.io/injection", "enabled")]).await;
-    let _ns = NsGuard(ns.clone());
+    let _ns = support::NamespaceGuard(ns.clone());
     let _policy = support::grant_all(&client, &ns).await;
     let name = support::unique("installed");
     let value = support::distinctive_value();
@@ -275,14 +270,6 @@ async fn helm_install_runs_kvinjects_image_on_the_nodes_and_a_deployment_gets_it
     );
 }
 
-/// Deletes the test's namespace when dropped.
-struct NsGuard(String);
-impl Drop for NsGuard {
-    fn drop(&mut self) {
-        support::delete_from_drop::<Namespace>(self.0.clone());
-    }
-}
-
 /// The Dockerfile's runtime stage, as the lines that shape the image.
 struct Runtime {
     files: Vec<String>,
@@ -293,7 +280,7 @@ struct Runtime {
 }
 
 fn dockerfile_runtime() -> Runtime {
-    let text = std::fs::read_to_string(repo().join("Dockerfile")).unwrap();
+    let text = std::fs::read_to_string(crate::install::repo().join("Dockerfile")).unwrap();
     let stage = text.rsplit("\nFROM ").next().unwrap();
     assert!(stage.starts_with("scratch"), "the runtime stage is FROM scratch");
     let mut r = Runtime {
@@ -326,7 +313,7 @@ fn blob(layout: &Path, digest: &str) -> PathBuf {
 
 #[tokio::test]
 async fn the_image_built_here_is_what_the_dockerfile_describes() {
-    let out = Command::new(repo().join("tests/testbed/image"))
+    let out = Command::new(crate::install::repo().join("tests/testbed/image"))
         .arg("--no-import")
         .output()
         .expect("running tests/testbed/image");
@@ -335,7 +322,7 @@ async fn the_image_built_here_is_what_the_dockerfile_describes() {
         "building kvinject's image:\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let layout = repo().join("target/image/kvinject-oci");
+    let layout = crate::install::repo().join("target/image/kvinject-oci");
     let read = |p: PathBuf| serde_json::from_slice::<serde_json::Value>(&std::fs::read(p).unwrap()).unwrap();
     let index = read(layout.join("index.json"));
     let manifest = read(blob(&layout, index["manifests"][0]["digest"].as_str().unwrap()));
@@ -373,7 +360,7 @@ async fn the_image_built_here_is_what_the_dockerfile_describes() {
     assert_eq!(files, expected);
 
     // The binary is static: it needs nothing from an empty base.
-    let binary = repo().join("target/image/x86_64-unknown-linux-gnu/dist/kvinject");
+    let binary = crate::install::repo().join("target/image/x86_64-unknown-linux-gnu/dist/kvinject");
     let ldd = Command::new("ldd").arg(&binary).output().unwrap();
     let said = format!(
         "{}{}",
@@ -384,4 +371,128 @@ async fn the_image_built_here_is_what_the_dockerfile_describes() {
         said.contains("statically linked") || said.contains("not a dynamic executable"),
         "{said}"
     );
+}
+
+/// The chart's PodDisruptionBudget's status, for a message: generation seen, healthy pods,
+/// evictions allowed, pods being disrupted.
+async fn budget(client: &kube::Client) -> (bool, i32, i32, usize) {
+    let pdb = Api::<PodDisruptionBudget>::namespaced(client.clone(), NS)
+        .get("kvinject")
+        .await
+        .unwrap();
+    let status = pdb.status.unwrap_or_default();
+    (
+        status.observed_generation >= pdb.metadata.generation,
+        status.current_healthy,
+        status.disruptions_allowed,
+        status.disrupted_pods.map_or(0, |d| d.len()),
+    )
+}
+
+#[tokio::test]
+async fn a_drained_replica_is_replaced_while_the_other_keeps_admitting_and_the_budget_holds() {
+    let _vault = support::VAULT.read().await;
+    let _rotation = support::ROTATION.lock().await;
+    let _install = INSTALL.lock().await;
+    let _uninstall = install_chart().await;
+    let client = support::kube().await;
+    let ns = support::namespace(&client, "drained", &[("kvinject.io/injection", "enabled")]).await;
+    let _ns = support::NamespaceGuard(ns.clone());
+    let _policy = support::grant_all(&client, &ns).await;
+    let name = support::unique("drained");
+    support::seed_secret(&name, &support::distinctive_value()).await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let reference = crate::inject::reference(&name);
+    let pod = move |i: usize| -> Pod {
+        serde_json::from_value(json!({
+            "metadata": {"name": format!("load-{i}")},
+            "spec": {"containers": [{"name": "app", "image": "registry.invalid/app:1",
+                      "env": [{"name": "X", "value": reference}]}]}
+        }))
+        .unwrap()
+    };
+    // The first admission materializes; then a steady load of pod creations.
+    support::eventually(Duration::from_secs(30), "the first pod admitted", || async {
+        pods.create(&PostParams::default(), &pod(0)).await.is_ok()
+    })
+    .await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = tokio::spawn({
+        let (pods, stop) = (pods.clone(), stop.clone());
+        let pod = pod.clone();
+        async move {
+            let (mut ok, mut failed) = (0usize, vec![]);
+            let mut i = 1;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match pods.create(&PostParams::default(), &pod(i)).await {
+                    Ok(_) => ok += 1,
+                    Err(e) => failed.push(e.to_string()),
+                }
+                i += 1;
+            }
+            (ok, failed)
+        }
+    });
+
+    // What `kubectl drain` meets: both replicas Ready, and the budget's status computed by
+    // the disruption controller (the eviction API judges by that status, and refuses with
+    // 429 while it is not yet computed, which drain retries).
+    support::eventually(
+        Duration::from_secs(60),
+        "the budget to allow one eviction",
+        || async {
+            let ready = kvinject_pods(&client)
+                .await
+                .iter()
+                .filter(|p| crate::node::is_ready(p))
+                .count();
+            ready == 2 && budget(&client).await == (true, 2, 1, 0)
+        },
+    )
+    .await;
+    let ours: Vec<String> = kvinject_pods(&client)
+        .await
+        .iter()
+        .filter(|p| crate::node::is_ready(p))
+        .filter_map(|p| p.metadata.name.clone())
+        .collect();
+    // Each eviction's own answer: kube's client would retry the 429 until it is allowed.
+    let ours_api: Api<Pod> = Api::namespaced(support::kube_without_retry().await, NS);
+    let evict = |name: String| {
+        let api = ours_api.clone();
+        async move { api.evict(&name, &Default::default()).await }
+    };
+    let (first, second) = (ours[0].clone(), ours[1].clone());
+    // A drain evicts one replica: allowed (two healthy, the budget keeps one).
+    evict(first.clone()).await.expect("the first eviction is allowed");
+    // The other may not go while the first is being replaced: the budget refuses it.
+    match evict(second.clone()).await {
+        Err(kube::Error::Api(s)) => assert_eq!(s.code, 429, "refused by the budget: {}", s.message),
+        other => panic!(
+            "the second eviction must be refused, got {other:?}; the budget (observed, healthy, allowed, disrupted): {:?}",
+            budget(&client).await
+        ),
+    }
+    // The replacement becomes Ready (on the node the evicted replica left).
+    support::eventually(Duration::from_secs(90), "a Ready replacement", || async {
+        let now = kvinject_pods(&client).await;
+        now.iter()
+            .filter(|p| p.metadata.name.as_deref() != Some(first.as_str()))
+            .filter(|p| crate::node::is_ready(p))
+            .count()
+            == 2
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failed) = load.await.unwrap();
+    assert!(
+        failed.is_empty(),
+        "{} of {} admissions failed during the drain: {:?}",
+        failed.len(),
+        ok + failed.len(),
+        &failed[..failed.len().min(3)]
+    );
+    assert!(ok >= 20, "a load was running: {ok} pods admitted");
+    eprintln!("{ok} pods admitted during the drain, none refused");
 }

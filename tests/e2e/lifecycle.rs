@@ -22,14 +22,6 @@ use kube::{
 use serde_json::json;
 use std::time::Duration;
 
-/// Starts the bed's vault again when the test ends, however it ends.
-struct RestartVault;
-impl Drop for RestartVault {
-    fn drop(&mut self) {
-        support::testbed_cmd("vault-start");
-    }
-}
-
 fn annotations(secret: &Secret) -> std::collections::BTreeMap<String, String> {
     secret.metadata.annotations.clone().unwrap_or_default()
 }
@@ -140,7 +132,7 @@ async fn a_cronjobs_secret_outlives_its_runs_and_serves_the_next_run_with_the_va
 
     // The next run, with Key Vault stopped, starts from the materialized Secret.
     support::testbed_cmd("vault-stop");
-    let _restart = RestartVault;
+    let _restart = support::RestartVault;
     run("run-2");
     assert_eq!(
         secret_of_pod(&s.client, &s.ns, "job-name=run-2").await,

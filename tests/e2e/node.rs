@@ -80,7 +80,7 @@ pub(crate) fn node_deployment(app: &str, replicas: i32, template: Value, annotat
     .unwrap()
 }
 
-fn is_ready(p: &Pod) -> bool {
+pub(crate) fn is_ready(p: &Pod) -> bool {
     p.metadata.deletion_timestamp.is_none()
         && p.status
             .as_ref()
@@ -167,14 +167,6 @@ pub(crate) async fn ready_with_in(
     ready_pods_in(client, ns, app).await
 }
 
-/// Starts the bed's vault again when the test ends, however it ends.
-struct RestartVault;
-impl Drop for RestartVault {
-    fn drop(&mut self) {
-        support::testbed_cmd("vault-start");
-    }
-}
-
 /// Kills the container's process from the runtime, as an OOM kill or a crash would.
 fn kill_container(p: &Pod) {
     let id = p.status.as_ref().unwrap().container_statuses.as_ref().unwrap()[0]
@@ -199,6 +191,35 @@ fn kill_container(p: &Pod) {
         "ctr tasks kill: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// Creates Deployment `app` (`replicas` pods of `template`, the Deployment annotated with
+/// `annotations`) and waits until that many of its pods run Ready and print `value`.
+async fn deployed(
+    s: &Setup,
+    app: &str,
+    replicas: i32,
+    template: Value,
+    annotations: Value,
+    value: &str,
+) -> (Api<Deployment>, Vec<Pod>) {
+    let deployments: Api<Deployment> = Api::namespaced(s.client.clone(), &s.ns);
+    deployments
+        .create(
+            &PostParams::default(),
+            &node_deployment(app, replicas, template, annotations),
+        )
+        .await
+        .unwrap();
+    let ready = ready_with(
+        s,
+        app,
+        usize::try_from(replicas).unwrap(),
+        value,
+        Duration::from_secs(60),
+    )
+    .await;
+    (deployments, ready)
 }
 
 #[tokio::test]
@@ -241,19 +262,11 @@ async fn with_the_vault_stopped_kubelet_restarts_a_killed_container_and_new_repl
     let name = support::unique("node-offline");
     let value = support::distinctive_value();
     support::seed_secret(&name, &value).await;
-    let deployments: Api<Deployment> = Api::namespaced(s.client.clone(), &s.ns);
     let template = node_template("offline", &name, json!({}), json!({}));
-    deployments
-        .create(
-            &PostParams::default(),
-            &node_deployment("offline", 1, template, json!({})),
-        )
-        .await
-        .unwrap();
-    let first = ready_with(&s, "offline", 1, &value, Duration::from_secs(60)).await;
+    let (deployments, first) = deployed(&s, "offline", 1, template, json!({}), &value).await;
 
     support::testbed_cmd("vault-stop");
-    let _restart = RestartVault;
+    let _restart = support::RestartVault;
     let pods: Api<Pod> = Api::namespaced(s.client.clone(), &s.ns);
     let pod_name = first[0].metadata.name.clone().unwrap();
     kill_container(&first[0]);
@@ -300,14 +313,7 @@ async fn after_a_rotation_the_file_changes_in_place_and_the_container_keeps_runn
         json!({"kvinject.io/refresh-interval": "1s"}),
         json!({}),
     );
-    Api::<Deployment>::namespaced(s.client.clone(), &s.ns)
-        .create(
-            &PostParams::default(),
-            &node_deployment("files", 1, template, json!({})),
-        )
-        .await
-        .unwrap();
-    let before = ready_with(&s, "files", 1, &first, Duration::from_secs(60)).await;
+    let (_, before) = deployed(&s, "files", 1, template, json!({}), &first).await;
     let pod_name = before[0].metadata.name.clone().unwrap();
 
     support::seed_secret(&name, &second).await;
@@ -345,19 +351,8 @@ async fn a_rotation_with_the_restart_strategy_rolls_to_ready_pods_holding_the_ne
         json!({"kvinject.io/refresh-interval": "1s"}),
         json!({}),
     );
-    Api::<Deployment>::namespaced(s.client.clone(), &s.ns)
-        .create(
-            &PostParams::default(),
-            &node_deployment(
-                "roll",
-                2,
-                template,
-                json!({"kvinject.io/rollout-on-rotation": "true"}),
-            ),
-        )
-        .await
-        .unwrap();
-    let before = ready_with(&s, "roll", 2, &first, Duration::from_secs(60)).await;
+    let rolled = json!({"kvinject.io/rollout-on-rotation": "true"});
+    let (_, before) = deployed(&s, "roll", 2, template, rolled, &first).await;
 
     support::seed_secret(&name, &second).await;
     let after = ready_with(&s, "roll", 2, &second, Duration::from_secs(120)).await;
@@ -398,20 +393,8 @@ async fn evict_waits_for_ready_replacements_and_one_that_never_becomes_ready_hal
                                "timeoutSeconds": 5, "failureThreshold": 3}
         }),
     );
-    let deployments: Api<Deployment> = Api::namespaced(s.client.clone(), &s.ns);
-    deployments
-        .create(
-            &PostParams::default(),
-            &node_deployment(
-                "evict",
-                2,
-                template,
-                json!({"kvinject.io/rollout-on-rotation": "true", "kvinject.io/rollout-strategy": "evict"}),
-            ),
-        )
-        .await
-        .unwrap();
-    let originals = ready_with(&s, "evict", 2, &first, Duration::from_secs(60)).await;
+    let evicted = json!({"kvinject.io/rollout-on-rotation": "true", "kvinject.io/rollout-strategy": "evict"});
+    let (_, originals) = deployed(&s, "evict", 2, template, evicted, &first).await;
 
     // A good value: each eviction waits for the previous replacement to be Ready. Sampled
     // every 200 ms: when the last original is seen evicted, a replacement is already Ready.

@@ -7,14 +7,6 @@ use crate::{
 use serde_json::json;
 use std::time::Duration;
 
-/// Starts the bed's vault again when the test ends, however it ends.
-struct RestartVault;
-impl Drop for RestartVault {
-    fn drop(&mut self) {
-        support::testbed_cmd("vault-start");
-    }
-}
-
 #[tokio::test]
 async fn with_the_vault_down_materialized_pods_are_admitted_with_a_warning_and_new_references_denied() {
     let _vault = support::VAULT.write().await; // no other test may use the vault meanwhile
@@ -28,7 +20,7 @@ async fn with_the_vault_down_materialized_pods_are_admitted_with_a_warning_and_n
         .expect("admitted while the vault is up");
 
     support::testbed_cmd("vault-stop");
-    let _restart = RestartVault;
+    let _restart = support::RestartVault;
     let up = |k: &Kvinject| {
         let port = k.admin_port;
         async move {

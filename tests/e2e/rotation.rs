@@ -408,14 +408,8 @@ async fn with_the_vault_stopped_secrets_stay_and_staleness_rises() {
     }
     tokio::time::sleep(Duration::from_secs(3)).await; // the controller follows all six
 
-    struct RestartVault;
-    impl Drop for RestartVault {
-        fn drop(&mut self) {
-            support::testbed_cmd("vault-start");
-        }
-    }
     support::testbed_cmd("vault-stop");
-    let _restart = RestartVault;
+    let _restart = support::RestartVault;
     support::eventually(Duration::from_secs(20), "staleness above 4 s", || async {
         s.kvinject.metric("kvinject_secret_sync_age_seconds", &[]).await > 4.0
     })
@@ -816,4 +810,83 @@ async fn statefulsets_and_daemonsets_roll_like_deployments() {
     })
     .await;
     assert_eq!(s.kvinject.metric("kvinject_rollouts_total", &[]).await, 2.0);
+}
+
+#[tokio::test]
+async fn an_eviction_the_budget_refuses_ends_at_its_deadline_with_an_event() {
+    let _vault = support::VAULT.read().await;
+    let _rotation = support::ROTATION.lock().await;
+    let s = rotation_setup("budget", &["--evict-ready-timeout", "3s"]).await;
+    // Reported Ready by hand, as in the test above: this is about the eviction API's answer.
+    let _kubelet = support::ReadyPods::start(&s.client, &s.ns);
+    let name = support::unique("budgeted");
+    support::seed_secret(&name, &support::distinctive_value()).await;
+    let deployments: Api<Deployment> = Api::namespaced(s.client.clone(), &s.ns);
+    let mut d = deployment(
+        "budgeted",
+        &name,
+        json!({"kvinject.io/rollout-on-rotation": "true", "kvinject.io/rollout-strategy": "evict"}),
+    );
+    d.spec.as_mut().unwrap().replicas = Some(2);
+    deployments.create(&PostParams::default(), &d).await.unwrap();
+    // A budget that allows no eviction at all: the eviction API answers 429 to each.
+    let budget: k8s_openapi::api::policy::v1::PodDisruptionBudget = serde_json::from_value(json!({
+        "metadata": {"name": "budgeted"},
+        "spec": {"minAvailable": 2, "selector": {"matchLabels": {"app": "budgeted"}}}
+    }))
+    .unwrap();
+    let budgets =
+        Api::<k8s_openapi::api::policy::v1::PodDisruptionBudget>::namespaced(s.client.clone(), &s.ns);
+    budgets.create(&PostParams::default(), &budget).await.unwrap();
+    let pods: Api<Pod> = Api::namespaced(s.client.clone(), &s.ns);
+    let selector = ListParams::default().labels("app=budgeted");
+    support::eventually(
+        Duration::from_secs(30),
+        "two Ready pods and the budget computed",
+        || async {
+            let status = budgets.get("budgeted").await.unwrap().status.unwrap_or_default();
+            pods.list(&selector).await.unwrap().items.len() == 2 && status.current_healthy == 2
+        },
+    )
+    .await;
+    let initial: Vec<_> = pods
+        .list(&selector)
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .map(|p| p.metadata.uid)
+        .collect();
+    support::eventually(Duration::from_secs(20), "the baseline", || async {
+        stored_hash(&deployments.get("budgeted").await.unwrap()).is_some()
+    })
+    .await;
+
+    support::seed_secret(&name, &support::distinctive_value()).await;
+    // kvinject retries the refused eviction every 2 s for 30 s (its floor), then says so and
+    // leaves the rollout to a later pass. (kube's own retry of 429s, which kvinject turns off,
+    // held the one call for minutes, so no Event came in this time.)
+    support::eventually(Duration::from_secs(60), "an EvictionFailed Event", || async {
+        !support::events_about(&s.client, &s.ns, "EvictionFailed", "budgeted")
+            .await
+            .is_empty()
+    })
+    .await;
+    let note = support::events_about(&s.client, &s.ns, "EvictionFailed", "budgeted").await[0]
+        .note
+        .clone()
+        .unwrap_or_default();
+    assert!(
+        note.contains("429") || note.contains("disruption budget"),
+        "{note}"
+    );
+    let now: Vec<_> = pods
+        .list(&selector)
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .map(|p| p.metadata.uid)
+        .collect();
+    assert_eq!(now, initial, "the budget held: no pod was evicted");
 }

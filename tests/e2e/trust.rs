@@ -54,7 +54,7 @@ async fn labelled_secrets_kvinject_did_not_seal_are_never_filled_used_or_deleted
 
     // 1. A namespace that is not opted in, a Secret shaped like kvinject's, no version.
     let outside = support::namespace(&s.client, "outside", &[]).await;
-    let _outside = NsGuard(outside.clone());
+    let _outside = support::NamespaceGuard(outside.clone());
     let bait: Secret = serde_json::from_value(json!({
         "metadata": {"name": "bait", "labels": {"app.kubernetes.io/managed-by": "kvinject"},
                      "annotations": {"kvinject.io/reference": inject::reference(&prod)}},
@@ -273,7 +273,7 @@ async fn a_review_posted_for_a_namespace_kvinject_does_not_act_for_writes_nothin
     let name = support::unique("prod-db");
     support::seed_secret(&name, &support::distinctive_value()).await;
     let outside = support::namespace(&s.client, "unlabelled", &[]).await;
-    let _outside = NsGuard(outside.clone());
+    let _outside = support::NamespaceGuard(outside.clone());
     for ns in ["kube-system", "kvinject", outside.as_str()] {
         let answer = support::post_review(&s.kvinject, &support::review(ns, &inject::reference(&name))).await;
         let response = &answer["response"];
@@ -381,14 +381,6 @@ async fn first_use_reads_are_bounded_per_namespace() {
     )
     .await
     .expect("a materialized reference needs no read");
-}
-
-/// Deletes a namespace when dropped.
-struct NsGuard(String);
-impl Drop for NsGuard {
-    fn drop(&mut self) {
-        support::delete_from_drop::<k8s_openapi::api::core::v1::Namespace>(self.0.clone());
-    }
 }
 
 #[tokio::test]

@@ -129,12 +129,24 @@ pub fn testbed_cmd(arg: &str) {
 }
 
 pub async fn kube() -> Client {
+    Client::try_from(bed_config().await).expect("kube client")
+}
+
+/// A client that shows each answer as the apiserver gave it: without kube's own retry of
+/// 429, 503 and 504 (which holds an eviction a PodDisruptionBudget refuses until it is
+/// allowed), as kvinject runs (`app::apiserver_client`).
+pub async fn kube_without_retry() -> Client {
+    let mut config = bed_config().await;
+    config.default_retry = false;
+    Client::try_from(config).expect("kube client")
+}
+
+async fn bed_config() -> Config {
     let bed = testbed();
     let kubeconfig = Kubeconfig::read_from(&bed.kubeconfig).expect("reading the test bed kubeconfig");
-    let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+    Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
         .await
-        .expect("kubeconfig");
-    Client::try_from(config).expect("kube client")
+        .expect("kubeconfig")
 }
 
 /// How kvinject (and the tests) reach the test bed's vault: a service principal against
@@ -286,6 +298,30 @@ pub async fn vault_fault(fault: Option<serde_json::Value>) {
 }
 
 /// Ends every fault of the bed's vault, from a `Drop` (no async runtime there).
+/// Starts the bed's vault again when dropped, however the test ends.
+pub struct RestartVault;
+impl Drop for RestartVault {
+    fn drop(&mut self) {
+        testbed_cmd("vault-start");
+    }
+}
+
+/// Ends the bed's vault faults when dropped, however the test ends.
+pub struct EndVaultFaults;
+impl Drop for EndVaultFaults {
+    fn drop(&mut self) {
+        end_vault_faults_blocking();
+    }
+}
+
+/// Deletes a namespace (the test's own) when dropped, however the test ends.
+pub struct NamespaceGuard(pub String);
+impl Drop for NamespaceGuard {
+    fn drop(&mut self) {
+        delete_from_drop::<k8s_openapi::api::core::v1::Namespace>(self.0.clone());
+    }
+}
+
 pub fn end_vault_faults_blocking() {
     let bed = testbed();
     let _ = Command::new("curl")
@@ -1001,9 +1037,10 @@ impl Drop for WebhookGuard {
     }
 }
 
-/// Reports every pod of a namespace Ready, as kubelet would once its containers pass their
-/// readiness checks, for pods that never run: they do not tolerate the bed node's taint
-/// (tests/testbed/node.sh) and their images do not exist. Stops when dropped.
+/// Reports every pod of a namespace Running and Ready, as kubelet would once its containers
+/// pass their readiness checks, for pods that never run: they do not tolerate the bed node's
+/// taint (tests/testbed/node.sh) and their images do not exist. Running matters to the
+/// eviction API: it ignores PodDisruptionBudgets for Pending pods. Stops when dropped.
 pub struct ReadyPods(tokio::task::JoinHandle<()>);
 
 impl ReadyPods {
@@ -1011,7 +1048,7 @@ impl ReadyPods {
         use k8s_openapi::api::core::v1::Pod;
         let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
         ReadyPods(tokio::spawn(async move {
-            let ready = serde_json::json!({"status": {"conditions": [
+            let ready = serde_json::json!({"status": {"phase": "Running", "conditions": [
                 {"type": "Ready", "status": "True", "lastTransitionTime": k8s_openapi::jiff::Timestamp::now().to_string()}
             ]}});
             loop {
