@@ -51,6 +51,11 @@ node_wanted() {
   command -v containerd >/dev/null && command -v runc >/dev/null && command -v umoci >/dev/null &&
     [[ -x /usr/lib/cni/bridge && -x /bin/busybox ]] ||
     die "the node needs Debian's containerd runc containernetworking-plugins busybox-static umoci (apt-get install them, or KVINJECT_TESTBED_NODE=0)"
+  # kubelet listens on sockets under its root directory, inside the bed's, and a socket's
+  # path holds at most 107 bytes (its longest: pod-resources/ and a 10-digit number).
+  local sock; sock="$(node_dir "$NODES")/kubelet/pod-resources/4294967295"
+  ((${#sock} <= 107)) ||
+    die "the bed's directory $run is too deep for the node: kubelet's socket $sock would be ${#sock} bytes, and a socket path holds at most 107; clone kvinject to a shorter path (or KVINJECT_TESTBED_NODE=0)"
   local owner
   owner=$(cat "$NODE_LOCK/owner" 2>/dev/null || true)
   if [[ -n $owner && $owner != "$run" ]]; then
