@@ -51,6 +51,22 @@ pub(crate) async fn rotation_setup_every(prefix: &str, refresh: &str, extra: &[&
     support::setup(prefix, &args.iter().map(String::as_str).collect::<Vec<_>>()).await
 }
 
+/// A Deployment `app` of two replicas that rolls by eviction, its pods referring to a new
+/// secret (seeded): its Api and the secret's name.
+async fn two_evicting_replicas(s: &Setup, app: &str, prefix: &str) -> (Api<Deployment>, String) {
+    let name = support::unique(prefix);
+    support::seed_secret(&name, &support::distinctive_value()).await;
+    let deployments: Api<Deployment> = Api::namespaced(s.client.clone(), &s.ns);
+    let mut d = deployment(
+        app,
+        &name,
+        json!({"kvinject.io/rollout-on-rotation": "true", "kvinject.io/rollout-strategy": "evict"}),
+    );
+    d.spec.as_mut().unwrap().replicas = Some(2);
+    deployments.create(&PostParams::default(), &d).await.unwrap();
+    (deployments, name)
+}
+
 pub(crate) fn deployment(name: &str, secret: &str, annotations: serde_json::Value) -> Deployment {
     workload(name, secret, annotations, json!({"replicas": 1}))
 }
@@ -549,16 +565,7 @@ async fn evict_replaces_pods_without_touching_the_deployment_spec() {
     // Deployment's spec staying untouched; node::evict_waits_for_ready_replacements_...
     // evicts real pods that must pass their readiness probe.
     let _kubelet = support::ReadyPods::start(&s.client, &s.ns);
-    let name = support::unique("evicting");
-    support::seed_secret(&name, &support::distinctive_value()).await;
-    let deployments: Api<Deployment> = Api::namespaced(s.client.clone(), &s.ns);
-    let mut d = deployment(
-        "gitops",
-        &name,
-        json!({"kvinject.io/rollout-on-rotation": "true", "kvinject.io/rollout-strategy": "evict"}),
-    );
-    d.spec.as_mut().unwrap().replicas = Some(2);
-    deployments.create(&PostParams::default(), &d).await.unwrap();
+    let (deployments, name) = two_evicting_replicas(&s, "gitops", "evicting").await;
     let pods: Api<Pod> = Api::namespaced(s.client.clone(), &s.ns);
     let selector = ListParams::default().labels("app=gitops");
     support::eventually(Duration::from_secs(30), "two pods", || async {
@@ -819,16 +826,7 @@ async fn an_eviction_the_budget_refuses_ends_at_its_deadline_with_an_event() {
     let s = rotation_setup("budget", &["--evict-ready-timeout", "3s"]).await;
     // Reported Ready by hand, as in the test above: this is about the eviction API's answer.
     let _kubelet = support::ReadyPods::start(&s.client, &s.ns);
-    let name = support::unique("budgeted");
-    support::seed_secret(&name, &support::distinctive_value()).await;
-    let deployments: Api<Deployment> = Api::namespaced(s.client.clone(), &s.ns);
-    let mut d = deployment(
-        "budgeted",
-        &name,
-        json!({"kvinject.io/rollout-on-rotation": "true", "kvinject.io/rollout-strategy": "evict"}),
-    );
-    d.spec.as_mut().unwrap().replicas = Some(2);
-    deployments.create(&PostParams::default(), &d).await.unwrap();
+    let (deployments, name) = two_evicting_replicas(&s, "budgeted", "budgeted").await;
     // A budget that allows no eviction at all: the eviction API answers 429 to each.
     let budget: k8s_openapi::api::policy::v1::PodDisruptionBudget = serde_json::from_value(json!({
         "metadata": {"name": "budgeted"},
